@@ -1,0 +1,77 @@
+"""`vdep make-tokenizer`: train a small SentencePiece tokenizer on the texts of a shard directory.
+
+For tiny models (tests, the demo) that have no pretrained tokenizer. The result is a Hugging Face
+tokenizer folder (a Llama-style BPE tokenizer with byte fallback, BOS `<s>`, EOS `</s>`, UNK `<unk>`)
+that `AutoTokenizer.from_pretrained` loads; `vdep train` adds `<image>` and `<pad>` on top.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import sentencepiece as spm
+import webdataset as wds
+
+from vdep.data.conversation import IMAGE_MARKER
+from vdep.data.shards import discover_shards
+from vdep.data.templates import VICUNA_SYSTEM
+from vdep.errors import DataError
+
+# Byte fallback needs 256 byte pieces plus the characters seen plus the special tokens.
+MIN_VOCAB_SIZE = 300
+# Text every template writes, so the tokenizer covers it even if the shards never contain it.
+TEMPLATE_TEXTS = [VICUNA_SYSTEM + " USER: ASSISTANT:"] * 10
+
+
+def shard_texts(shard_dir: str) -> Iterator[str]:
+    for shard in discover_shards([shard_dir]):
+        for sample in wds.tariterators.tarfile_samples([{"url": shard.path}]):
+            if "json" not in sample:
+                continue
+            try:
+                conversations = json.loads(sample["json"]).get("conversations", [])
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            for turn in conversations:
+                if isinstance(turn, dict) and isinstance(turn.get("value"), str):
+                    yield turn["value"].replace(IMAGE_MARKER, "").strip()
+
+
+def make_tokenizer(shard_dirs: list[str], vocab_size: int, out: Path) -> Path:
+    """Train the tokenizer and write a Hugging Face tokenizer folder to `out`."""
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise DataError(f"--vocab-size {vocab_size} is too small: byte fallback needs at least {MIN_VOCAB_SIZE}")
+    texts = [t for d in shard_dirs for t in shard_texts(d) if t] + TEMPLATE_TEXTS
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type="bpe",
+            character_coverage=1.0,
+            byte_fallback=True,
+            split_digits=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            normalization_rule_name="identity",
+            hard_vocab_limit=False,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:
+        raise DataError(f"SentencePiece training failed: {exc}") from None
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tokenizer.model").write_bytes(model.getvalue())
+        tokenizer = LlamaTokenizer.from_pretrained(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(str(out))
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    return out

@@ -1,0 +1,154 @@
+"""The `vdep` command.
+
+    vdep train RECIPE.yaml [key=value ...]        # both stages, or stage=align|finetune
+    vdep demo [--out DIR] [--nproc N] [--no-vdep]
+    vdep build-shards INPUT... --image-root DIR --out DIR [--samples-per-shard N]
+    vdep make-tokenizer --shards DIR --vocab-size N --out DIR
+
+Heavy imports happen inside the subcommands, so `vdep --help` answers at once. Errors caused by the
+user's input (`VdepError`) are printed as one message without a traceback, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import VdepError
+
+TRAIN_EXAMPLES = """\
+examples:
+  vdep train llava15-7b-vdep model.language_model.path=/models/vicuna-7b-v1.5 \\
+      model.vision_tower.path=/models/clip-vit-large-patch14-336
+  vdep train my-recipe.yaml stage=align stages.align.lr=2e-3
+  torchrun --nproc-per-node 8 -m vdep train my-recipe.yaml
+  deepspeed --num_gpus 8 --module vdep train my-recipe.yaml
+  vdep train my-recipe.yaml --print-config        # show the resolved config and exit
+
+RECIPE is a YAML file or the name of a shipped recipe (llava15-7b-vdep, demo-tiny).
+Overrides use dotted keys of the config (docs/config.md); values are YAML (1e-3, true, [a, b]).
+"""
+
+DEMO_EXAMPLES = """\
+examples:
+  vdep demo                       # 2 CPU ranks under ZeRO-3, output in ./vdep-demo
+  vdep demo --nproc 1 --out /tmp/demo
+  vdep demo --no-vdep             # the same run without the VDEP objective, for comparison
+"""
+
+BUILD_EXAMPLES = """\
+examples:
+  vdep build-shards llava_v1_5_mix665k.json --image-root /data/llava/images --out /data/shards/mix665k
+  vdep build-shards part1.jsonl part2.json --image-root imgs --out shards --samples-per-shard 2000
+"""
+
+TOKENIZER_EXAMPLES = """\
+examples:
+  vdep make-tokenizer --shards vdep-demo/data/shards/align --vocab-size 1000 --out my-tokenizer
+"""
+
+
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    """Remove `--local_rank=N` / `--local-rank N`, which the deepspeed launcher inserts (LOCAL_RANK is set too)."""
+    cleaned: list[str] = []
+    skip_next = False
+    for index, arg in enumerate(argv):
+        if skip_next:
+            skip_next = False
+            continue
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+            continue
+        if arg in ("--local_rank", "--local-rank") and index + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[index + 1])
+            skip_next = True
+            continue
+        cleaned.append(arg)
+    return cleaned
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vdep", description="Train LLaVA-style multimodal LLMs with VDEP under DeepSpeed."
+    )
+    parser.add_argument("--version", action="version", version=f"vdep {__import__('vdep').__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    formatter = argparse.RawDescriptionHelpFormatter
+
+    train = commands.add_parser("train", help="train with a recipe (both stages, or one)", epilog=TRAIN_EXAMPLES, formatter_class=formatter)
+    train.add_argument("recipe", help="recipe YAML file or shipped recipe name")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    demo = commands.add_parser("demo", help="generate data and train a tiny model on CPU, then evaluate it", epilog=DEMO_EXAMPLES, formatter_class=formatter)
+    demo.add_argument("--out", type=Path, default=Path("vdep-demo"), help="output folder (default: ./vdep-demo)")
+    demo.add_argument("--nproc", type=int, default=2, help="number of CPU ranks (default: 2)")
+    demo.add_argument("--no-vdep", action="store_true", help="train without the VDEP objective")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the data and the run")
+
+    build = commands.add_parser("build-shards", help="LLaVA JSON/JSONL + images → WebDataset shards", epilog=BUILD_EXAMPLES, formatter_class=formatter)
+    build.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="LLaVA-style .json or .jsonl files")
+    build.add_argument("--image-root", type=Path, required=True, help="folder the records' 'image' paths are relative to")
+    build.add_argument("--out", type=Path, required=True, help="output folder for the shards")
+    build.add_argument("--samples-per-shard", type=int, default=1000)
+
+    tokenizer = commands.add_parser("make-tokenizer", help="train a small SentencePiece tokenizer on shard texts", epilog=TOKENIZER_EXAMPLES, formatter_class=formatter)
+    tokenizer.add_argument("--shards", nargs="+", required=True, help="shard folder(s) to read texts from")
+    tokenizer.add_argument("--vocab-size", type=int, required=True)
+    tokenizer.add_argument("--out", type=Path, required=True, help="output tokenizer folder")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import config_to_yaml, load_config
+
+    config = load_config(args.recipe, args.overrides)
+    if args.print_config:
+        print(config_to_yaml(config), end="")
+        return 0
+    from .train.run import train
+
+    train(config)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    if args.nproc < 1:
+        raise VdepError("--nproc must be at least 1")
+    return run_demo(args.out, nproc=args.nproc, vdep_enabled=not args.no_vdep, seed=args.seed)
+
+
+def _build_shards(args: argparse.Namespace) -> int:
+    from data_tools.build_shards import build_shards
+
+    report = build_shards(args.inputs, args.image_root, args.out, args.samples_per_shard)
+    print(report.summary())
+    return 0 if report.written else 1
+
+
+def _make_tokenizer(args: argparse.Namespace) -> int:
+    from data_tools.make_tokenizer import make_tokenizer
+
+    out = make_tokenizer(args.shards, args.vocab_size, args.out)
+    print(f"tokenizer written to {out}")
+    return 0
+
+
+COMMANDS = {"train": _train, "demo": _demo, "build-shards": _build_shards, "make-tokenizer": _make_tokenizer}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(_strip_launcher_args(list(sys.argv[1:] if argv is None else argv)))
+    try:
+        return COMMANDS[args.command](args)
+    except VdepError as exc:
+        rank = os.environ.get("RANK")
+        prefix = f"vdep: error (rank {rank}): " if rank not in (None, "0") else "vdep: error: "
+        print(prefix + str(exc), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

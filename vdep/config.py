@@ -1,0 +1,404 @@
+"""The training configuration: typed dataclasses, recipe loading, `key=value` overrides, validation.
+
+A recipe is a YAML file (or the name of one shipped in `vdep/recipes/`). Loading applies command-line
+overrides to the parsed YAML, then builds the dataclasses below, so an override is checked exactly like
+a key in the file. Defaults that belong to a published recipe (learning rates, batch sizes, the ZeRO
+stage) are not defaults here: they live in the recipe YAML, the single place that states them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from .errors import ConfigError
+from .structured import closest_key, dotted_keys, set_dotted, structure, unstructure
+
+STAGE_NAMES: tuple[str, ...] = ("align", "finetune")
+TRAINABLE_PARTS: tuple[str, ...] = ("projector", "language_model")
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+# ----------------------------------------------------------------------------------------------- model
+@dataclass
+class TinyVisionTowerConfig:
+    """Sizes of a randomly initialised vision tower (tests, the demo)."""
+
+    architecture: Literal["clip", "siglip"] = "clip"
+    hidden_size: int = 64
+    num_layers: int = 3
+    num_heads: int = 4
+    intermediate_size: int = 128
+    image_size: int = 64
+    patch_size: int = 8
+
+
+@dataclass
+class VisionTowerConfig:
+    """A CLIP or SigLIP vision encoder: a local Hugging Face folder, or tiny random-init sizes."""
+
+    path: str | None = None
+    tiny: TinyVisionTowerConfig | None = None
+    # Which hidden layer feeds the projector (LLaVA-1.5: the penultimate one).
+    feature_layer: int = -2
+    # "default" drops the CLS token (CLIP, as LLaVA-1.5); "full" keeps every token. "auto" picks
+    # "default" for towers with a CLS token and "full" for SigLIP, which has none.
+    feature_select: Literal["auto", "default", "full"] = "auto"
+
+
+@dataclass
+class TinyLanguageModelConfig:
+    """Sizes of a randomly initialised decoder LLM (tests, the demo)."""
+
+    architecture: Literal["llama", "qwen2", "mistral"] = "llama"
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 352
+    max_position_embeddings: int = 1024
+
+
+@dataclass
+class LanguageModelConfig:
+    """The decoder LLM: a local Hugging Face folder (AutoModelForCausalLM), or tiny random-init sizes."""
+
+    path: str | None = None
+    tiny: TinyLanguageModelConfig | None = None
+
+
+@dataclass
+class ModelConfig:
+    vision_tower: VisionTowerConfig = field(default_factory=VisionTowerConfig)
+    language_model: LanguageModelConfig = field(default_factory=LanguageModelConfig)
+    # Tokenizer folder; defaults to the language model's folder.
+    tokenizer: str | None = None
+    projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    gradient_checkpointing: bool = False
+    # Seed for every randomly initialised weight (tiny towers, the projector).
+    init_seed: int = 0
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass
+class DataConfig:
+    # LLaVA-1.5 pads each image to a square with the processor's mean colour before resizing.
+    pad_to_square: bool = True
+    max_length: int = 2048
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    # How the shards of an epoch are divided among ranks and loader workers: "shards" gives each
+    # consumer whole shards (needs at least as many shards as consumers); "samples" makes every
+    # consumer read every shard and keep every k-th sample; "auto" picks "shards" when possible.
+    split: Literal["auto", "shards", "samples"] = "auto"
+
+
+# ------------------------------------------------------------------------------------------------ vdep
+@dataclass
+class VdepConfig:
+    """The VDEP objective's knobs (docs/vdep.md). Settable for both stages and per stage."""
+
+    enabled: bool = True
+    alpha: float = 1.0
+    mode_ratio: float = 0.5
+    text_loss_in_vdep_mode: bool = False
+    layout: Literal["image_first", "text_first"] = "image_first"
+    detach_target: bool = True
+    head: Literal["identity", "linear"] = "identity"
+    target_norm: Literal["none", "layernorm", "l2"] = "none"
+    skip_first_image_token: bool = False
+    kernel: Literal["auto", "fused", "reference"] = "auto"
+
+
+# ---------------------------------------------------------------------------------------------- stages
+@dataclass
+class StageConfig:
+    """One training stage. Optimisation values have no defaults: the recipe states them."""
+
+    shards: list[str]
+    template: Literal["plain", "vicuna_v1"]
+    trainable: list[str]
+    lr: float
+    global_batch_size: int
+    micro_batch_size: int
+    # Separate learning rate for the projector (and the VDEP head); null means `lr`.
+    projector_lr: float | None = None
+    epochs: float = 1.0
+    # Stop after this many optimizer steps (overrides `epochs` when set).
+    max_steps: int | None = None
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    # A preset name from ds_configs/ (zero2, zero3, zero3_offload) or a path to a DeepSpeed JSON.
+    zero: str = "zero2"
+    # Where the stage's starting weights come from, on top of the base model: "previous" (the
+    # previous stage's final weights in this run; nothing for the first stage), "none", or a path
+    # to a stage's `final/` folder or its `trainable.safetensors`.
+    init_from: str = "previous"
+    # Save a resumable checkpoint every N optimizer steps (0: only at the end of the stage).
+    save_every: int = 0
+    vdep: VdepConfig = field(default_factory=VdepConfig)
+
+
+@dataclass
+class StagesConfig:
+    align: StageConfig | None = None
+    finetune: StageConfig | None = None
+
+
+# ------------------------------------------------------------------------------------------ deepspeed
+@dataclass
+class DeepSpeedConfig:
+    # "auto": bf16 on a GPU that supports it, fp32 on CPU.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # Collective timeout; a hung collective fails after this long instead of waiting forever.
+    timeout_minutes: float = 30.0
+
+
+# ------------------------------------------------------------------------------------------------- run
+@dataclass
+class RunConfig:
+    name: str = "vdep-run"
+    # The run directory is output_dir/name.
+    output_dir: str = "runs"
+    seed: int = 0
+    log_every: int = 10
+    # "auto": continue from the latest checkpoint in the run directory; "never": refuse to reuse one.
+    resume: Literal["auto", "never"] = "auto"
+    keep_last: int = 2
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+@dataclass
+class TrainConfig:
+    """Everything `vdep train` needs. Written, fully resolved, to RUN_DIR/config.yaml."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # VDEP settings for every stage; `stages.<name>.vdep` overrides single keys for one stage.
+    vdep: VdepConfig = field(default_factory=VdepConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    # Which stages to run: both in order, or one.
+    stage: Literal["all", "align", "finetune"] = "all"
+
+    def stages_to_run(self) -> list[tuple[str, StageConfig]]:
+        names = STAGE_NAMES if self.stage == "all" else (self.stage,)
+        return [(name, getattr(self.stages, name)) for name in names if getattr(self.stages, name) is not None]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def find_recipe(name_or_path: str) -> Path:
+    """A recipe file path, or the recipe shipped with vdep under that name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    raise ConfigError(
+        f"recipe '{name_or_path}' is neither a file nor a shipped recipe; shipped recipes: {', '.join(names)}"
+    )
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, object]]:
+    """Parse `key=value` strings; values are YAML scalars or flow collections."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. stages.align.lr=2e-3)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': cannot parse the value: {exc}") from None
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def load_config(recipe: str, overrides: list[str] | None = None) -> TrainConfig:
+    """Load a recipe, apply overrides, merge per-stage VDEP settings, build and check the dataclasses."""
+    path = find_recipe(recipe)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections (model, data, stages, ...)")
+    valid = dotted_keys(TrainConfig)
+    for key, value in parse_overrides(overrides or []):
+        if not _is_valid_override(key, valid):
+            suggestion = closest_key(key, valid)
+            hint = f"; did you mean '{suggestion}'?" if suggestion else ""
+            raise ConfigError(f"unknown key '{key}' in command-line override{hint}")
+        set_dotted(raw, key, value)
+    _merge_stage_vdep(raw, str(path))
+    config = structure(TrainConfig, raw, source=str(path))
+    check_config(config, source=str(path))
+    return config
+
+
+def _is_valid_override(key: str, valid: list[str]) -> bool:
+    # Keys of optional sections (stages.align.*, model.*.tiny.*) exist in `valid` as dotted paths.
+    return key in valid
+
+
+def _merge_stage_vdep(raw: dict, source: str) -> None:
+    """Give every stage the top-level `vdep` section, overridden key by key by the stage's own."""
+    shared = raw.get("vdep") or {}
+    if not isinstance(shared, dict):
+        raise ConfigError(f"'vdep' in {source}: expected a mapping of VDEP settings")
+    for name, stage in (raw.get("stages") or {}).items():
+        if isinstance(stage, dict):
+            own = stage.get("vdep") or {}
+            if not isinstance(own, dict):
+                raise ConfigError(f"'stages.{name}.vdep' in {source}: expected a mapping of VDEP settings")
+            stage["vdep"] = {**shared, **own}
+
+
+# ------------------------------------------------------------------------------------------- validation
+def check_config(config: TrainConfig, source: str = "config") -> None:
+    """Cross-field checks that need no knowledge of the launch (files, ranges, combinations)."""
+    model = config.model
+    _exactly_one(model.vision_tower.path, model.vision_tower.tiny, "model.vision_tower", source)
+    _exactly_one(model.language_model.path, model.language_model.tiny, "model.language_model", source)
+    if model.language_model.tiny is not None and model.tokenizer is None:
+        raise ConfigError(
+            f"'model.tokenizer' in {source}: a tiny language model needs a tokenizer folder "
+            "(make one with `vdep make-tokenizer --shards DIR --vocab-size N --out DIR`)"
+        )
+    for key, value in (
+        ("model.vision_tower.path", model.vision_tower.path),
+        ("model.language_model.path", model.language_model.path),
+    ):
+        if value is not None:
+            _require_hf_folder(value, key, source)
+    tokenizer = model.tokenizer or model.language_model.path
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise ConfigError(f"'model.tokenizer' in {source}: tokenizer folder {tokenizer} does not exist")
+    if config.data.max_length < 16:
+        raise ConfigError(f"'data.max_length' in {source}: {config.data.max_length} is too small")
+    if config.data.num_workers < 0:
+        raise ConfigError(f"'data.num_workers' in {source}: must be 0 or more")
+    if config.run.log_every < 1:
+        raise ConfigError(f"'run.log_every' in {source}: must be at least 1")
+    if not config.stages_to_run():
+        raise ConfigError(
+            f"{source}: no stage to run: stage={config.stage} but 'stages.{config.stage}' is not defined"
+            if config.stage != "all" else f"{source}: 'stages' defines neither align nor finetune"
+        )
+    for name, stage in config.stages_to_run():
+        _check_stage(name, stage, source)
+
+
+def _exactly_one(path: str | None, tiny: object, key: str, source: str) -> None:
+    if (path is None) == (tiny is None):
+        raise ConfigError(
+            f"'{key}' in {source}: set exactly one of '{key}.path' (a local Hugging Face folder) "
+            f"and '{key}.tiny' (sizes of a random-init model)"
+        )
+
+
+def _require_hf_folder(path: str, key: str, source: str) -> None:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ConfigError(
+            f"'{key}' in {source}: {path} does not exist; point it at a local Hugging Face model folder "
+            "(vdep never downloads weights at run time)"
+        )
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"'{key}' in {source}: {path} has no config.json; is it a Hugging Face model folder?")
+
+
+def _check_stage(name: str, stage: StageConfig, source: str) -> None:
+    key = f"stages.{name}"
+    unknown = [part for part in stage.trainable if part not in TRAINABLE_PARTS]
+    if unknown:
+        extra = " (the vision tower is always frozen)" if "vision_tower" in unknown else ""
+        raise ConfigError(
+            f"'{key}.trainable' in {source}: unknown part(s) {unknown}{extra}; choose from {list(TRAINABLE_PARTS)}"
+        )
+    if not stage.trainable:
+        raise ConfigError(f"'{key}.trainable' in {source}: nothing to train; list at least 'projector'")
+    for field_name in ("lr", "global_batch_size", "micro_batch_size", "epochs"):
+        if getattr(stage, field_name) <= 0:
+            raise ConfigError(f"'{key}.{field_name}' in {source}: must be positive, got {getattr(stage, field_name)}")
+    if stage.global_batch_size % stage.micro_batch_size:
+        raise ConfigError(
+            f"'{key}.global_batch_size' in {source}: {stage.global_batch_size} is not a multiple of "
+            f"micro_batch_size {stage.micro_batch_size}"
+        )
+    if stage.max_steps is not None and stage.max_steps <= 0:
+        raise ConfigError(f"'{key}.max_steps' in {source}: must be positive or null")
+    if not 0.0 <= stage.warmup_ratio < 1.0:
+        raise ConfigError(f"'{key}.warmup_ratio' in {source}: must be in [0, 1)")
+    if stage.grad_clip < 0:
+        raise ConfigError(f"'{key}.grad_clip' in {source}: must be 0 (off) or positive")
+    if not stage.shards:
+        raise ConfigError(f"'{key}.shards' in {source}: list at least one shard directory")
+    for shard_dir in stage.shards:
+        if not Path(shard_dir).exists():
+            raise ConfigError(
+                f"'{key}.shards' in {source}: {shard_dir} does not exist; build shards with "
+                "`vdep build-shards INPUT --image-root DIR --out DIR`"
+            )
+    vdep = stage.vdep
+    if vdep.alpha < 0:
+        raise ConfigError(f"'{key}.vdep.alpha' in {source}: must be 0 or more, got {vdep.alpha}")
+    if not 0.0 <= vdep.mode_ratio <= 1.0:
+        raise ConfigError(f"'{key}.vdep.mode_ratio' in {source}: must be within [0, 1], got {vdep.mode_ratio}")
+
+
+def check_batch_geometry(name: str, stage: StageConfig, world_size: int) -> int:
+    """Gradient accumulation steps for this world size; an error if the global batch does not split."""
+    per_step = stage.micro_batch_size * world_size
+    if stage.global_batch_size % per_step:
+        raise ConfigError(
+            f"stages.{name}.global_batch_size={stage.global_batch_size} is not divisible by "
+            f"micro_batch_size × world size = {stage.micro_batch_size} × {world_size} = {per_step}; "
+            f"change stages.{name}.micro_batch_size or the number of processes"
+        )
+    return stage.global_batch_size // per_step
+
+
+# ------------------------------------------------------------------------------------------------ saving
+def config_to_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(unstructure(config), sort_keys=False)
+
+
+def config_fingerprint(config: TrainConfig) -> str:
+    """A short hash of the settings that decide the model's shape and the data, for resume checks."""
+    material = {
+        "model": unstructure(config.model),
+        "stages": {name: {"shards": s.shards, "template": s.template} for name, s in config.stages_to_run()},
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_resolved_config(config: TrainConfig, run_dir: Path) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / "config.yaml"
+    tmp = target.with_suffix(".yaml.tmp")
+    tmp.write_text(
+        "# Fully resolved vdep config: every setting of this run, defaults included.\n"
+        "# `vdep train THIS_FILE` reproduces the run.\n" + config_to_yaml(config)
+    )
+    os.replace(tmp, target)
+    return target
+
+
+def replace(config: TrainConfig, **changes: object) -> TrainConfig:
+    return dataclasses.replace(config, **changes)

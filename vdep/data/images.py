@@ -1,0 +1,162 @@
+"""Image preprocessing that reproduces the vision tower's Hugging Face image processor.
+
+The settings come from the tower's `preprocessor_config.json` (CLIP: resize the shortest edge, centre
+crop; SigLIP: resize to a fixed size), and the arithmetic follows transformers' PIL backend step by
+step (PIL bicubic resize, crop offsets `(h - crop) // 2`, rescale in float64 then float32, normalise in
+float32), so the pixels equal what `CLIPImageProcessor` / `SiglipImageProcessor` produce; a test pins
+that. LLaVA-1.5's `pad` mode first pads the image to a square filled with the mean colour.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .conversation import SampleError
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Refuse images whose decoded size would exceed this many pixels (decompression bombs).
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default limit
+
+
+@dataclass(frozen=True)
+class ImageProcessing:
+    """What the vision tower's processor does to an image, as plain numbers."""
+
+    # Resize the shortest edge to `shortest_edge` keeping the aspect ratio, or resize to `size` exactly.
+    shortest_edge: int | None
+    size: tuple[int, int] | None  # (height, width)
+    crop: tuple[int, int] | None  # (height, width) of the centre crop, if any
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    rescale_factor: float = 1 / 255
+    resample: int = int(Image.Resampling.BICUBIC)
+    pad_to_square: bool = True
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        if self.crop is not None:
+            return self.crop
+        if self.size is not None:
+            return self.size
+        return (self.shortest_edge, self.shortest_edge)  # type: ignore[return-value]
+
+    @property
+    def pad_colour(self) -> tuple[int, int, int]:
+        # LLaVA: tuple(int(x * 255) for x in image_processor.image_mean)
+        return tuple(int(m * 255) for m in self.mean)  # type: ignore[return-value]
+
+    @classmethod
+    def from_hf_dict(cls, config: dict, pad_to_square: bool) -> "ImageProcessing":
+        size = config.get("size", {})
+        if isinstance(size, int):
+            size = {"shortest_edge": size}
+        crop = config.get("crop_size") if config.get("do_center_crop", False) else None
+        if isinstance(crop, int):
+            crop = {"height": crop, "width": crop}
+        return cls(
+            shortest_edge=size.get("shortest_edge"),
+            size=(size["height"], size["width"]) if "height" in size else None,
+            crop=(crop["height"], crop["width"]) if crop else None,
+            mean=tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),  # type: ignore[arg-type]
+            std=tuple(config.get("image_std", OPENAI_CLIP_STD)),  # type: ignore[arg-type]
+            rescale_factor=float(config.get("rescale_factor", 1 / 255)),
+            resample=int(config.get("resample", int(Image.Resampling.BICUBIC))),
+            pad_to_square=pad_to_square,
+        )
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, pad_to_square: bool) -> "ImageProcessing":
+        path = Path(folder) / "preprocessor_config.json"
+        if not path.is_file():
+            raise FileNotFoundError(path)
+        return cls.from_hf_dict(json.loads(path.read_text()), pad_to_square)
+
+    def to_hf_dict(self, processor_type: str = "CLIPImageProcessor") -> dict:
+        """The `preprocessor_config.json` content that reproduces this processing (without padding)."""
+        config: dict = {
+            "image_processor_type": processor_type,
+            "do_resize": True,
+            "resample": self.resample,
+            "do_rescale": True,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": True,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+            "do_convert_rgb": True,
+            "do_center_crop": self.crop is not None,
+        }
+        if self.shortest_edge is not None:
+            config["size"] = {"shortest_edge": self.shortest_edge}
+        else:
+            config["size"] = {"height": self.size[0], "width": self.size[1]}  # type: ignore[index]
+        if self.crop is not None:
+            config["crop_size"] = {"height": self.crop[0], "width": self.crop[1]}
+        return config
+
+
+def expand_to_square(image: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
+    """LLaVA-1.5's pad mode: centre the image on a square canvas of the mean colour."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), colour)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def _resize_target(processing: ImageProcessing, width: int, height: int) -> tuple[int, int]:
+    """(width, height) after resizing, with transformers' rounding."""
+    if processing.size is not None:
+        return processing.size[1], processing.size[0]
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = processing.shortest_edge, int(processing.shortest_edge * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def preprocess_image(image: Image.Image, processing: ImageProcessing) -> torch.Tensor:
+    """A decoded image → the (3, H, W) float32 tensor the vision tower reads."""
+    image = image.convert("RGB")
+    if processing.pad_to_square:
+        image = expand_to_square(image, processing.pad_colour)
+    target = _resize_target(processing, *image.size)
+    if image.size != target:
+        image = image.resize(target, resample=processing.resample)
+    pixels = np.asarray(image)  # (H, W, 3) uint8
+    if processing.crop is not None:
+        crop_h, crop_w = processing.crop
+        height, width = pixels.shape[:2]
+        if crop_h > height or crop_w > width:
+            raise SampleError("bad_image", f"image of {width}x{height} is smaller than the crop {crop_w}x{crop_h}")
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        pixels = pixels[top : top + crop_h, left : left + crop_w]
+    scaled = (pixels.astype(np.float64) * processing.rescale_factor).astype(np.float32)
+    mean = np.asarray(processing.mean, dtype=np.float32)
+    std = np.asarray(processing.std, dtype=np.float32)
+    normalised = (scaled - mean) / std
+    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode image bytes fully, refusing truncated files and decompression bombs."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise SampleError("bad_image", f"image of {image.width}x{image.height} exceeds the pixel limit")
+            image.load()
+    except SampleError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise SampleError("bad_image", f"cannot decode the image: {exc}") from None
+    return image

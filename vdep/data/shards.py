@@ -1,0 +1,110 @@
+"""Shard discovery and the per-epoch shard plan.
+
+A shard directory holds `NNNNNN.tar` files and a `sizes.json` (`{"000000.tar": 1000, ...}`) written
+by `vdep build-shards`. The plan for an epoch is a pure function of (shards, seed, epoch, number of
+consumers), where a consumer is one DataLoader worker of one rank: every rank computes every
+consumer's plan, so all ranks agree on the epoch length without talking to each other.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ..errors import DataError
+
+SIZES_FILE = "sizes.json"
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: str
+    num_samples: int
+
+
+@dataclass(frozen=True)
+class ConsumerPlan:
+    """What one consumer reads in one epoch: these shards in order, keeping samples i with i % stride == offset."""
+
+    shards: tuple[Shard, ...]
+    stride: int
+    offset: int
+
+    @property
+    def num_samples(self) -> int:
+        total = sum(s.num_samples for s in self.shards)
+        return len(range(self.offset, total, self.stride))
+
+
+def discover_shards(specs: list[str]) -> list[Shard]:
+    """All shards of the given directories (or single .tar files), with sizes from sizes.json."""
+    shards: list[Shard] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            tars = sorted(path.glob("*.tar"))
+            if not tars:
+                raise DataError(f"shard directory {path} holds no .tar files; build them with `vdep build-shards`")
+            sizes = _read_sizes(path)
+        elif path.is_file() and path.suffix == ".tar":
+            tars = [path]
+            sizes = _read_sizes(path.parent)
+        else:
+            raise DataError(f"{spec} is neither a shard directory nor a .tar shard")
+        for tar in tars:
+            if tar.name not in sizes:
+                raise DataError(
+                    f"{tar} is not listed in {tar.parent / SIZES_FILE}; rebuild the shards or add its sample count"
+                )
+            shards.append(Shard(str(tar), int(sizes[tar.name])))
+    return shards
+
+
+def _read_sizes(directory: Path) -> dict[str, int]:
+    path = directory / SIZES_FILE
+    if not path.is_file():
+        raise DataError(
+            f"{directory} has no {SIZES_FILE} (shard name → sample count), which vdep needs to plan epochs; "
+            "shards written by `vdep build-shards` have one"
+        )
+    try:
+        sizes = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(sizes, dict) or not all(isinstance(v, int) and v >= 0 for v in sizes.values()):
+        raise DataError(f"{path} must map shard file names to non-negative sample counts")
+    return sizes
+
+
+def resolve_split(split: Literal["auto", "shards", "samples"], num_shards: int, num_consumers: int) -> str:
+    if split == "auto":
+        return "shards" if num_shards >= num_consumers else "samples"
+    if split == "shards" and num_shards < num_consumers:
+        raise DataError(
+            f"data.split=shards needs at least one shard per consumer, but there are {num_shards} shards for "
+            f"{num_consumers} consumers (ranks × loader workers); use more shards or data.split=samples"
+        )
+    return split
+
+
+def plan_epoch(shards: list[Shard], seed: int, epoch: int, num_consumers: int, split: str) -> list[ConsumerPlan]:
+    """Every consumer's reading plan for one epoch (identical on every rank)."""
+    order = list(shards)
+    random.Random(f"vdep-shards-{seed}-{epoch}").shuffle(order)
+    if split == "shards":
+        return [ConsumerPlan(tuple(order[c::num_consumers]), 1, 0) for c in range(num_consumers)]
+    return [ConsumerPlan(tuple(order), num_consumers, c) for c in range(num_consumers)]
+
+
+def micro_batches_per_rank(
+    plans: list[ConsumerPlan], world_size: int, num_workers: int, micro_batch_size: int
+) -> list[int]:
+    """Full micro-batches each rank's loader yields in the epoch (each worker drops its last partial batch)."""
+    workers = max(num_workers, 1)
+    return [
+        sum(plans[rank * workers + w].num_samples // micro_batch_size for w in range(workers))
+        for rank in range(world_size)
+    ]

@@ -1,0 +1,24 @@
+"""User-facing errors.
+
+A `VdepError` is a problem with something the user gave us (a config, a file, a shard, a CLI argument).
+Its message names the file, key or sample and says what to do; the CLI prints it without a traceback.
+Anything else that escapes is a bug in vdep and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class VdepError(Exception):
+    """An error caused by user input, with a message that says how to fix it."""
+
+
+class ConfigError(VdepError):
+    """An invalid recipe, override or combination of settings."""
+
+
+class DataError(VdepError):
+    """Unusable training data (shards, sizes.json, tokenizer/template combination)."""
+
+
+class CheckpointError(VdepError):
+    """A missing, incomplete or incompatible checkpoint or stage artefact."""

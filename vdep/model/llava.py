@@ -1,0 +1,90 @@
+"""The multimodal model and its explicit forward.
+
+Parameter names mirror transformers' Llava layout (`vision_tower`, `multi_modal_projector`,
+`language_model`, `lm_head`), so exporting is a key mapping. The forward is ours rather than
+`LlavaForConditionalGeneration.forward` because training needs three things it does not give:
+
+1. the vision path on every rank at every step, before the LLM, even when the micro-batch has no image
+   (ZeRO-3 gathers parameters module by module and all ranks must run the same modules in the same
+   order; a batch without images feeds one zero image and scatters a zero-length slice of it);
+2. the last hidden states, for the VDEP term;
+3. named loss sums, with the LM head applied only to supervised positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..objectives.losses import LossSums, text_loss_sum
+from ..objectives.supervision import ModelInputs
+from .vision import image_features
+
+VdepSumFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MultimodalSpec:
+    """Facts about the model that the forward needs and that do not live in any submodule."""
+
+    image_token_id: int
+    num_image_tokens: int
+    feature_layer: int
+    feature_select: str
+    # VDEP term settings that shape the computation (alpha only weights the sum: see batch_loss).
+    target_norm: str = "none"
+    detach_target: bool = True
+
+
+class VdepLlava(nn.Module):
+    def __init__(
+        self,
+        vision_tower: nn.Module,
+        multi_modal_projector: nn.Module,
+        language_model: nn.Module,
+        lm_head: nn.Module,
+        vdep_head: nn.Module,
+        spec: MultimodalSpec,
+        vdep_sum: VdepSumFn,
+    ):
+        super().__init__()
+        self.vision_tower = vision_tower
+        self.multi_modal_projector = multi_modal_projector
+        self.language_model = language_model
+        self.lm_head = lm_head
+        self.vdep_head = vdep_head
+        self.spec = spec
+        self.vdep_sum = vdep_sum
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, num_images: int) -> torch.Tensor:
+        """Token embeddings with the projector outputs scattered into the image placeholders."""
+        spec = self.spec
+        features = image_features(self.vision_tower, pixel_values, spec.feature_layer, spec.feature_select)
+        image_embeds = self.multi_modal_projector(features)
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        placeholders = (input_ids == spec.image_token_id).unsqueeze(-1)
+        # With num_images == 0 this scatters a zero-length slice of the dummy image's embeddings: the
+        # projector stays in the graph (zero gradient), as ZeRO-3 requires.
+        return embeds.masked_scatter(placeholders, image_embeds[:num_images].to(embeds.dtype))
+
+    def hidden_states(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The LLM's last-layer hidden states, after its final norm (what the LM head reads)."""
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def forward(self, inputs: ModelInputs) -> LossSums:
+        embeds = self.embed(inputs.input_ids, inputs.pixel_values, inputs.num_images)
+        hidden = self.hidden_states(embeds, inputs.attention_mask)
+        text = text_loss_sum(hidden, inputs.text_labels, self.lm_head)
+        # Always computed, also with nothing to supervise (an empty selection sums to a zero that is
+        # still connected to `hidden`): every rank must run the same backward hooks under ZeRO-3.
+        vdep = self.vdep_sum(
+            hidden, embeds, inputs.image_targets, self.vdep_head, self.spec.target_norm, self.spec.detach_target
+        )
+        with torch.no_grad():
+            predictors = inputs.image_positions[:, 1:]
+            hidden_norm = hidden[:, :-1][predictors].float().norm(dim=-1).sum()
+            target_norm = embeds[inputs.image_positions].float().norm(dim=-1).sum()
+        return LossSums(text=text, vdep=vdep, hidden_norm=hidden_norm, target_norm=target_norm)

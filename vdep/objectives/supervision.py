@@ -1,0 +1,105 @@
+"""What each token of a micro-batch is trained on, once the samples' modes are known.
+
+Given a collated micro-batch and each row's mode, this builds the model's inputs:
+- `text_labels`: the template's labels, blanked for VDEP-mode rows unless `text_loss_in_vdep_mode`;
+- `image_targets`: the set I' of docs/vdep.md for VDEP-mode rows: image placeholder positions `t` whose
+  predecessor `t-1` belongs to the same sample (minus each span's first position with
+  `skip_first_image_token`); the hidden state at `t-1` is trained to predict the embedding at `t`;
+- `image_positions`: the same positions for every image row, whatever its mode, only for the logged
+  norms of h and e (their ratio is what `alpha` has to balance);
+- for `layout: text_first`, VDEP-mode rows are reordered so that all text precedes the image.
+Everything here runs on CPU tensors before the batch moves to the device.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..config import VdepConfig
+from ..data.batch import Batch
+from ..data.templates import IGNORE_INDEX
+
+
+class ModelInputs(NamedTuple):
+    """The model's forward input. A NamedTuple, not a dataclass, so that DeepSpeed's ZeRO-3 hooks
+    can find the tensors in it (they look into tuples, lists and dicts only)."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    pixel_values: torch.Tensor  # (max(1, num_images), 3, H, W)
+    num_images: int
+    text_labels: torch.Tensor  # (B, T), IGNORE_INDEX where no text loss
+    image_targets: torch.Tensor  # (B, T) bool: I' of VDEP-mode rows
+    image_positions: torch.Tensor  # (B, T) bool: I' of all image rows (statistics only)
+
+    @property
+    def num_text_targets(self) -> int:
+        """Supervised text tokens: labels after the first position (position 0 has no predecessor)."""
+        return int((self.text_labels[:, 1:] != IGNORE_INDEX).sum())
+
+    @property
+    def num_image_targets(self) -> int:
+        return int(self.image_targets.sum())
+
+    def to(self, device: torch.device, float_dtype: torch.dtype) -> "ModelInputs":
+        return ModelInputs(*(
+            value.to(device, dtype=float_dtype if value.is_floating_point() else None, non_blocking=True)
+            if isinstance(value, torch.Tensor) else value
+            for value in self
+        ))
+
+
+def text_first_order(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """Per row, the stable order that puts every text token before every image placeholder (padding last)."""
+    length = input_ids.shape[1]
+    position = torch.arange(length).expand_as(input_ids)
+    is_image = input_ids == image_token_id
+    is_padding = attention_mask == 0
+    key = position + length * is_image.long() + 2 * length * is_padding.long()
+    return torch.argsort(key, dim=1)
+
+
+def supervised_image_positions(input_ids: torch.Tensor, image_token_id: int, skip_first: bool) -> torch.Tensor:
+    """I': image positions whose previous position exists in the same sample (rows are single samples)."""
+    is_image = input_ids == image_token_id
+    has_previous = torch.zeros_like(is_image)
+    has_previous[:, 1:] = True
+    positions = is_image & has_previous
+    if skip_first:
+        first_of_span = is_image.clone()
+        first_of_span[:, 1:] &= ~is_image[:, :-1]
+        positions &= ~first_of_span
+    return positions
+
+
+def prepare_inputs(batch: Batch, vdep_mode: torch.Tensor, config: VdepConfig, image_token_id: int, num_image_tokens: int) -> ModelInputs:
+    """Apply the rows' modes (bool per row) to a micro-batch."""
+    placeholders = int((batch.input_ids == image_token_id).sum())
+    if placeholders != batch.num_images * num_image_tokens:
+        raise ValueError(
+            f"micro-batch {batch.keys}: {placeholders} image placeholders for {batch.num_images} image(s) of "
+            f"{num_image_tokens} tokens"
+        )  # the data path guarantees this; a mismatch is a vdep bug
+    input_ids, labels = batch.input_ids, batch.labels
+    if config.layout == "text_first" and bool(vdep_mode.any()):
+        order = text_first_order(input_ids, batch.attention_mask, image_token_id)
+        rows = vdep_mode.nonzero().flatten()
+        input_ids, labels = input_ids.clone(), labels.clone()
+        input_ids[rows] = torch.gather(batch.input_ids[rows], 1, order[rows])
+        labels[rows] = torch.gather(batch.labels[rows], 1, order[rows])
+    text_labels = labels
+    if not config.text_loss_in_vdep_mode and bool(vdep_mode.any()):
+        text_labels = labels.clone()
+        text_labels[vdep_mode] = IGNORE_INDEX
+    image_positions = supervised_image_positions(input_ids, image_token_id, config.skip_first_image_token)
+    return ModelInputs(
+        input_ids=input_ids,
+        attention_mask=batch.attention_mask,
+        pixel_values=batch.pixel_values,
+        num_images=batch.num_images,
+        text_labels=text_labels,
+        image_targets=image_positions & vdep_mode[:, None],
+        image_positions=image_positions,
+    )

@@ -1,0 +1,199 @@
+"""Turn nested dicts (parsed YAML) into typed dataclasses, and back.
+
+Every error names the dotted key and the source it came from, and suggests the closest valid key for a
+misspelling. The supported field types are what configs need: bool, int, float, str, `X | None`,
+`Literal[...]`, `list[...]` and nested dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from .errors import ConfigError
+
+_MISSING = dataclasses.MISSING
+
+
+def structure(cls: type, data: Any, key: str = "", source: str = "config") -> Any:
+    """Build dataclass `cls` from `data` (a dict), recursively, validating keys and types."""
+    return _convert(cls, data, key, source)
+
+
+def unstructure(obj: Any) -> Any:
+    """The plain-data (YAML-ready) form of a config dataclass."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: unstructure(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [unstructure(v) for v in obj]
+    return obj
+
+
+def dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every valid dotted key of dataclass `cls` (used to suggest corrections)."""
+    keys: list[str] = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        full = f"{prefix}{f.name}"
+        keys.append(full)
+        inner = _dataclass_in(hints[f.name])
+        if inner is not None:
+            keys.extend(dotted_keys(inner, full + "."))
+    return keys
+
+
+def closest_key(key: str, candidates: list[str]) -> str | None:
+    """The candidate most similar to `key`, compared on the last component first."""
+    matches = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if matches:
+        return matches[0]
+    leaf = key.rsplit(".", 1)[-1]
+    by_leaf = {c.rsplit(".", 1)[-1]: c for c in candidates}
+    leaf_matches = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+    return by_leaf[leaf_matches[0]] if leaf_matches else None
+
+
+def _dataclass_in(tp: Any) -> type | None:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if _is_union(tp):
+        for arg in get_args(tp):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    return None
+
+
+def _is_union(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType)
+
+
+def _describe(tp: Any) -> str:
+    if _is_union(tp):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) is list:
+        return f"a list of {_describe(get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _where(key: str, source: str) -> str:
+    return f"'{key}' in {source}" if key else source
+
+
+def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _convert_dataclass(tp, value, key, source)
+    if _is_union(tp):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        candidates = [arg for arg in args if arg is not type(None)]
+        if len(candidates) == 1:  # `X | None`: X's own error is the informative one
+            return _convert(candidates[0], value, key, source)
+        for arg in candidates:
+            try:
+                return _convert(arg, value, key, source)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{_where(key, source)}: expected {_describe(tp)}, got {value!r}")
+    origin = get_origin(tp)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value in allowed:
+            return value
+        hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ConfigError(
+            f"{_where(key, source)}: {value!r} is not allowed; use one of "
+            + ", ".join(repr(a) for a in allowed) + suggestion
+        )
+    if origin is list:
+        (item_type,) = get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item_type is str:
+            value = [value]  # a single path where a list of paths is expected
+        if not isinstance(value, list):
+            raise ConfigError(f"{_where(key, source)}: expected {_describe(tp)}, got {value!r}")
+        return [_convert(item_type, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{_where(key, source)}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+                if number.is_integer():
+                    return int(number)
+            except ValueError:
+                pass
+        raise ConfigError(f"{_where(key, source)}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML reads "1e-3" (no dot) as a string; accept any spelling float() accepts.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{_where(key, source)}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{_where(key, source)}: expected a string, got {value!r}")
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config field type {tp!r} at {key}")  # a bug in the schema
+
+
+def _convert_dataclass(cls: type, value: Any, key: str, source: str) -> Any:
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{_where(key, source)}: expected a mapping of keys to values, got {value!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    prefix = f"{key}." if key else ""
+    for name in value:
+        if name not in fields:
+            candidates = [prefix + k for k in dotted_keys(cls)]
+            suggestion = closest_key(prefix + str(name), candidates)
+            hint = f"; did you mean '{suggestion}'?" if suggestion else f"; valid keys here: {', '.join(fields)}"
+            raise ConfigError(f"unknown key '{prefix}{name}' in {source}{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in value:
+            kwargs[name] = _convert(hints[name], value[name], prefix + name, source)
+        elif f.default is _MISSING and f.default_factory is _MISSING:  # type: ignore[misc]
+            raise ConfigError(f"missing required key '{prefix}{name}' in {source} ({_describe(hints[name])})")
+    return cls(**kwargs)
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """Set `tree[a][b][c] = value` for `dotted == "a.b.c"`, creating mappings on the way."""
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+

@@ -1,0 +1,52 @@
+"""Importing DeepSpeed the same way everywhere.
+
+DeepSpeed chooses its accelerator when it is first imported, so the choice is made here, before that
+import: CUDA when a GPU is visible, otherwise the CPU accelerator (gloo). Its CPU communication op is
+compiled on first use into a vdep-owned extensions folder; `prebuild_ops` compiles it once under a file
+lock, so ranks started together do not race on the build ("cannot open shared object file").
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+
+def default_extensions_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "vdep" / "torch_extensions"
+
+
+def configure_environment() -> None:
+    """Set DS_ACCELERATOR and TORCH_EXTENSIONS_DIR unless the user already did."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(default_extensions_dir()))
+
+
+def import_deepspeed():
+    configure_environment()
+    import deepspeed
+
+    return deepspeed
+
+
+def prebuild_ops() -> None:
+    """Compile (or load) the CPU accelerator's communication op once, serialised across processes."""
+    configure_environment()
+    if os.environ["DS_ACCELERATOR"] != "cpu":
+        return
+    extensions = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    extensions.mkdir(parents=True, exist_ok=True)
+    import_deepspeed()
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    with open(extensions / ".vdep-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            ShareMemCommBuilder().load(verbose=False)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

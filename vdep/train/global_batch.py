@@ -1,0 +1,83 @@
+"""Planning one optimizer step over the whole global batch.
+
+Before any forward pass of a step, the ranks exchange one small tensor each: whether they have a full
+share of the global batch, their token statistics, and which of their sample slots hold an image.
+From that, every rank computes the same VDEP-mode assignment (a function of seed and step), builds
+its micro-batches' model inputs, and one all-reduce gives the global token counts N_text and N_img
+that normalise the loss. If any rank ran out of data, every rank learns it at the same step and the
+epoch ends everywhere at once (no rank is left waiting in a collective).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import VdepConfig
+from ..data.batch import Batch
+from ..model.llava import MultimodalSpec
+from ..objectives.losses import GlobalCounts
+from ..objectives.modes import assign_vdep_modes
+from ..objectives.supervision import ModelInputs, prepare_inputs
+from .distributed import all_gather_rows, all_reduce_sum
+
+# Layout of the per-rank row exchanged at the start of a step.
+_READY, _TOKENS, _SQUARED_LENGTHS, _IMAGES = 0, 1, 2, 3
+_HEADER = 3
+
+
+@dataclass
+class StepPlan:
+    inputs: list[ModelInputs]  # this rank's micro-batches, on CPU
+    counts: GlobalCounts  # N_text and N_img of the global batch
+    samples: int  # global batch: samples,
+    image_samples: int  # ... of which with an image,
+    vdep_samples: int  # ... of which in VDEP mode,
+    tokens: int  # ... real tokens,
+    squared_lengths: int  # ... and the sum of squared sequence lengths (attention FLOPs)
+
+
+def plan_step(
+    micro_batches: list[Batch] | None,
+    *,
+    step: int,
+    seed: int,
+    slots_per_rank: int,
+    vdep: VdepConfig,
+    spec: MultimodalSpec,
+    device: torch.device,
+) -> StepPlan | None:
+    """None when some rank has no full share left in this epoch (the same answer on every rank)."""
+    row = torch.zeros(_HEADER + slots_per_rank, dtype=torch.long)
+    if micro_batches is not None:
+        lengths = torch.cat([b.attention_mask.sum(dim=1) for b in micro_batches])
+        row[_READY] = 1
+        row[_TOKENS] = int(lengths.sum())
+        row[_SQUARED_LENGTHS] = int((lengths * lengths).sum())
+        row[_HEADER:] = torch.cat([b.has_image for b in micro_batches]).long()
+    table = all_gather_rows(row.to(device)).cpu()
+    if not bool(table[:, _READY].all()):
+        return None
+    has_image = table[:, _HEADER:].bool()
+    ratio = vdep.mode_ratio if vdep.enabled else 0.0
+    modes = assign_vdep_modes(has_image.flatten(), ratio, seed, step).view_as(has_image)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    my_modes = modes[rank]
+    inputs = []
+    offset = 0
+    for batch in micro_batches:  # type: ignore[union-attr]
+        rows = len(batch.keys)
+        inputs.append(prepare_inputs(batch, my_modes[offset : offset + rows], vdep, spec.image_token_id, spec.num_image_tokens))
+        offset += rows
+    local = torch.tensor([sum(i.num_text_targets for i in inputs), sum(i.num_image_targets for i in inputs)])
+    text, image = all_reduce_sum(local.to(device)).cpu().tolist()
+    return StepPlan(
+        inputs=inputs,
+        counts=GlobalCounts(text=int(text), image=int(image)),
+        samples=has_image.numel(),
+        image_samples=int(has_image.sum()),
+        vdep_samples=int(modes.sum()),
+        tokens=int(table[:, _TOKENS].sum()),
+        squared_lengths=int(table[:, _SQUARED_LENGTHS].sum()),
+    )

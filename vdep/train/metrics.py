@@ -1,0 +1,120 @@
+"""What a stage reports: TensorBoard scalars, a progress bar or log lines, throughput and MFU.
+
+Only rank 0 writes. Scalars (see docs/design.md for the full list): `loss/text`, `loss/vdep`,
+`loss/total`, `lr/<group>`, `grad_norm`, `tokens/text`, `tokens/image`, `norm/hidden_at_image`,
+`norm/target_at_image`, `throughput/samples_per_s`, `throughput/tokens_per_s`, `perf/mfu` and
+`memory/max_allocated_gib` (GPU only), `data/skipped/<reason>`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from ..log import get_logger
+
+log = get_logger("metrics")
+
+# Dense bf16/fp16 tensor-core peak per GPU, FLOP/s, by a substring of the device name.
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "V100": 125e12,
+}
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """The device's peak for the training precision, or None where MFU would be meaningless (CPU, fp32)."""
+    if device.type != "cuda" or precision not in ("bf16", "fp16"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    """Parameter counts that decide a step's FLOPs (PaLM-style estimate, matmuls only)."""
+
+    llm_params: int  # decoder + LM head, without the input embeddings
+    llm_layers: int
+    llm_hidden: int
+    vision_params: int
+    vision_tokens_per_image: int
+    projector_params: int
+    llm_trainable: bool
+
+    def step_flops(self, tokens: int, squared_lengths: int, images: int) -> float:
+        # Forward 2·N per token; backward 4·N when the LLM trains, 2·N when it only passes
+        # gradients through to the projector. Causal attention: 2·L·d·T² forward per sequence.
+        llm_factor = 6 if self.llm_trainable else 4
+        llm = llm_factor * self.llm_params * tokens + llm_factor * self.llm_layers * self.llm_hidden * squared_lengths
+        vision = 2 * self.vision_params * self.vision_tokens_per_image * images  # frozen: forward only
+        projector = 6 * self.projector_params * self.vision_tokens_per_image * images
+        return float(llm + vision + projector)
+
+
+class StageMetrics:
+    """Rank 0's reporter for one stage; on other ranks every method does nothing."""
+
+    def __init__(self, run_dir: Path, stage: str, total_steps: int, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.stage = stage
+        self.total_steps = total_steps
+        self.start_time = time.monotonic()
+        self.start_step = start_step
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard" / stage))
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=stage, dynamic_ncols=True)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)  # type: ignore[union-attr]
+        self.writer.flush()  # type: ignore[union-attr]
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(self._short(scalars), refresh=True)
+        else:
+            log.info("%s step %d/%d | %s | eta %s", self.stage, step, self.total_steps, self._short(scalars), self._eta(step))
+
+    def _short(self, s: dict[str, float]) -> str:
+        parts = [f"loss {s['loss/total']:.4f} (text {s['loss/text']:.4f}, vdep {s['loss/vdep']:.4f})"]
+        if "grad_norm" in s:
+            parts.append(f"gnorm {s['grad_norm']:.3f}")
+        lr = next((v for k, v in s.items() if k.startswith("lr/")), None)
+        if lr is not None:
+            parts.append(f"lr {lr:.2e}")
+        parts.append(f"{s['throughput/samples_per_s']:.1f} samples/s")
+        if "perf/mfu" in s:
+            parts.append(f"mfu {100 * s['perf/mfu']:.1f}%")
+        return " | ".join(parts)
+
+    def _eta(self, step: int) -> str:
+        done = step - self.start_step
+        if done <= 0:
+            return "?"
+        remaining = (time.monotonic() - self.start_time) / done * (self.total_steps - step)
+        return str(timedelta(seconds=round(remaining)))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
