@@ -36,6 +36,7 @@ examples:
   vdep demo                       # 2 CPU ranks under ZeRO-3, output in ./vdep-demo
   vdep demo --nproc 1 --out /tmp/demo
   vdep demo --no-vdep             # the same run without the VDEP objective, for comparison
+  vdep demo vdep.alpha=0.5 run.name=alpha05   # extra config overrides for the training run
 """
 
 BUILD_EXAMPLES = """\
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nproc", type=int, default=2, help="number of CPU ranks (default: 2)")
     demo.add_argument("--no-vdep", action="store_true", help="train without the VDEP objective")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data and the run")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo-tiny recipe")
 
     build = commands.add_parser("build-shards", help="LLaVA JSON/JSONL + images → WebDataset shards", epilog=BUILD_EXAMPLES, formatter_class=formatter)
     build.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="LLaVA-style .json or .jsonl files")
@@ -119,7 +121,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise VdepError("--nproc must be at least 1")
-    return run_demo(args.out, nproc=args.nproc, vdep_enabled=not args.no_vdep, seed=args.seed)
+    return run_demo(args.out, nproc=args.nproc, vdep_enabled=not args.no_vdep, seed=args.seed, overrides=args.overrides)
 
 
 def _build_shards(args: argparse.Namespace) -> int:

@@ -112,6 +112,9 @@ class VdepConfig:
     text_loss_in_vdep_mode: bool = False
     layout: Literal["image_first", "text_first"] = "image_first"
     detach_target: bool = True
+    # Not in the paper's text (docs/vdep.md): VDEP-mode samples feed stop-gradient image embeddings
+    # into the LLM, so the image term cannot train the projector to make its outputs predictable.
+    detach_input: bool = False
     head: Literal["identity", "linear"] = "identity"
     target_norm: Literal["none", "layernorm", "l2"] = "none"
     skip_first_image_token: bool = False

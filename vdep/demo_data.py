@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS = {
@@ -55,8 +56,8 @@ def chance_accuracy() -> float:
 
 def draw_scene(scene: Scene, rng: random.Random) -> Image.Image:
     width, height = rng.choice(((80, 64), (64, 80), (72, 72), (96, 72)))
-    noise = bytes(rng.randrange(200, 256) for _ in range(width * height * 3))
-    image = Image.frombytes("RGB", (width, height), noise)
+    noise = np.random.default_rng(rng.getrandbits(64)).integers(200, 256, (height, width, 3), dtype=np.uint8)
+    image = Image.fromarray(noise, "RGB")
     draw = ImageDraw.Draw(image)
     size = rng.randint(min(width, height) // 4, min(width, height) // 3)
     right = scene.position.endswith("right")

@@ -59,11 +59,19 @@ class VdepLlava(nn.Module):
         self.spec = spec
         self.vdep_sum = vdep_sum
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, num_images: int) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        num_images: int,
+        detached_images: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Token embeddings with the projector outputs scattered into the image placeholders."""
         spec = self.spec
         features = image_features(self.vision_tower, pixel_values, spec.feature_layer, spec.feature_select)
         image_embeds = self.multi_modal_projector(features)
+        if detached_images is not None:
+            image_embeds = torch.where(detached_images[:, None, None], image_embeds.detach(), image_embeds)
         embeds = self.language_model.get_input_embeddings()(input_ids)
         placeholders = (input_ids == spec.image_token_id).unsqueeze(-1)
         # With num_images == 0 this scatters a zero-length slice of the dummy image's embeddings: the
@@ -75,7 +83,7 @@ class VdepLlava(nn.Module):
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
     def forward(self, inputs: ModelInputs) -> LossSums:
-        embeds = self.embed(inputs.input_ids, inputs.pixel_values, inputs.num_images)
+        embeds = self.embed(inputs.input_ids, inputs.pixel_values, inputs.num_images, inputs.detached_images)
         hidden = self.hidden_states(embeds, inputs.attention_mask)
         text = text_loss_sum(hidden, inputs.text_labels, self.lm_head)
         # Always computed, also with nothing to supervise (an empty selection sums to a zero that is

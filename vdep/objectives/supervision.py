@@ -33,6 +33,9 @@ class ModelInputs(NamedTuple):
     text_labels: torch.Tensor  # (B, T), IGNORE_INDEX where no text loss
     image_targets: torch.Tensor  # (B, T) bool: I' of VDEP-mode rows
     image_positions: torch.Tensor  # (B, T) bool: I' of all image rows (statistics only)
+    # (max(1, num_images),) bool: feed this image's embeddings to the LLM without gradient
+    # (VDEP-mode images when `detach_input` is on).
+    detached_images: torch.Tensor
 
     @property
     def num_text_targets(self) -> int:
@@ -94,6 +97,9 @@ def prepare_inputs(batch: Batch, vdep_mode: torch.Tensor, config: VdepConfig, im
         text_labels = labels.clone()
         text_labels[vdep_mode] = IGNORE_INDEX
     image_positions = supervised_image_positions(input_ids, image_token_id, config.skip_first_image_token)
+    detached_images = torch.zeros(batch.pixel_values.shape[0], dtype=torch.bool)
+    if config.detach_input and batch.num_images:
+        detached_images = vdep_mode[batch.has_image]
     return ModelInputs(
         input_ids=input_ids,
         attention_mask=batch.attention_mask,
@@ -102,4 +108,5 @@ def prepare_inputs(batch: Batch, vdep_mode: torch.Tensor, config: VdepConfig, im
         text_labels=text_labels,
         image_targets=image_positions & vdep_mode[:, None],
         image_positions=image_positions,
+        detached_images=detached_images,
     )

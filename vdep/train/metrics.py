@@ -1,6 +1,7 @@
 """What a stage reports: TensorBoard scalars, a progress bar or log lines, throughput and MFU.
 
-Only rank 0 writes. Scalars (see docs/design.md for the full list): `loss/text`, `loss/vdep`,
+Only rank 0 writes: TensorBoard events in RUN_DIR/tensorboard/<stage>/ and the same scalars, one JSON
+object per logged step, in RUN_DIR/<stage>/metrics.jsonl. Scalars (see docs/design.md for the full list): `loss/text`, `loss/vdep`,
 `loss/total`, `lr/<group>`, `grad_norm`, `tokens/text`, `tokens/image`, `norm/hidden_at_image`,
 `norm/target_at_image`, `throughput/samples_per_s`, `throughput/tokens_per_s`, `perf/mfu` and
 `memory/max_allocated_gib` (GPU only), `data/skipped/<reason>`.
@@ -8,6 +9,7 @@ Only rank 0 writes. Scalars (see docs/design.md for the full list): `loss/text`,
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -72,8 +74,10 @@ class StageMetrics:
         self.start_step = start_step
         self.writer = None
         self.bar = None
+        self.jsonl = run_dir / stage / "metrics.jsonl"
         if not enabled:
             return
+        self.jsonl.parent.mkdir(parents=True, exist_ok=True)
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard" / stage))
@@ -88,6 +92,8 @@ class StageMetrics:
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)  # type: ignore[union-attr]
         self.writer.flush()  # type: ignore[union-attr]
+        with self.jsonl.open("a") as lines:
+            lines.write(json.dumps({"step": step, **scalars}) + "\n")
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(self._short(scalars), refresh=True)

@@ -1,0 +1,114 @@
+"""`vdep demo`: the whole system on a laptop CPU, on data it generates itself.
+
+1. Generate the procedural shapes data (demo_data.py), build shards, train a tokenizer on them.
+2. Train `align` then `finetune` with VDEP on a tiny model: `nproc` CPU ranks under ZeRO-3, through the
+   same `vdep train` a cluster user runs (the shipped `demo-tiny` recipe plus path overrides).
+3. Answer held-out questions by greedy decoding and report accuracy against chance.
+Re-running reuses the data and, like any `vdep train`, the completed stages.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .demo_data import chance_accuracy, write_demo_data
+from .errors import VdepError
+
+
+@dataclass(frozen=True)
+class DemoSizes:
+    align: int = 4096
+    finetune: int = 9216
+    held_out: int = 300
+    samples_per_shard: int = 512
+    vocab_size: int = 1000
+
+
+SIZES = DemoSizes()
+
+
+def prepare_data(data: Path, seed: int, sizes: DemoSizes = SIZES) -> dict[str, Path]:
+    """Raw data, shards and tokenizer under `data`; reused when a previous run made them with this seed."""
+    from data_tools.build_shards import build_shards
+    from data_tools.make_tokenizer import make_tokenizer
+
+    stamp = data / "demo-data.json"
+    wanted = {"seed": seed, **sizes.__dict__}
+    raw = data / "raw"
+    if not stamp.is_file() or json.loads(stamp.read_text()) != wanted:
+        if data.exists() and any(data.iterdir()):
+            raise VdepError(f"{data} holds other data; remove it or choose another --out")
+        write_demo_data(raw, seed, sizes.align, sizes.finetune, sizes.held_out)
+        for stage in ("align", "finetune"):
+            report = build_shards([raw / f"{stage}.json"], raw / "images", data / "shards" / stage, sizes.samples_per_shard)
+            print(f"  {stage} shards: {report.summary()}")
+        make_tokenizer([str(data / "shards" / s) for s in ("align", "finetune")], sizes.vocab_size, data / "tokenizer")
+        stamp.write_text(json.dumps(wanted))
+    return {
+        "align": data / "shards" / "align",
+        "finetune": data / "shards" / "finetune",
+        "tokenizer": data / "tokenizer",
+        "held_out": raw / "eval.json",
+        "images": raw / "images",
+    }
+
+
+def train_arguments(
+    paths: dict[str, Path], out: Path, run_name: str, seed: int, vdep_enabled: bool, overrides: list[str]
+) -> list[str]:
+    return [
+        "train", "demo-tiny",
+        f"model.tokenizer={paths['tokenizer']}",
+        f"stages.align.shards=[{paths['align']}]",
+        f"stages.finetune.shards=[{paths['finetune']}]",
+        f"run.output_dir={out}",
+        f"run.name={run_name}",
+        f"run.seed={seed}",
+        f"vdep.enabled={'true' if vdep_enabled else 'false'}",
+        *overrides,
+    ]
+
+
+def run_demo(out: Path, nproc: int, vdep_enabled: bool, seed: int, overrides: list[str] | None = None) -> int:
+    from .evaluate import answer_questions, load_trained_model, write_answers
+    from .train.launch import launch_local
+
+    started = time.monotonic()
+    out = out.resolve()
+    print(f"[1/3] data: generating shapes images, shards and a tokenizer in {out / 'data'}", flush=True)
+    paths = prepare_data(out / "data", seed)
+    from .config import load_config
+
+    overrides = list(overrides or [])
+    run_name = "vdep" if vdep_enabled else "no-vdep"
+    arguments = train_arguments(paths, out, run_name, seed, vdep_enabled, overrides)
+    run_dir = load_config(arguments[1], arguments[2:]).run.directory  # overrides may rename the run
+    print(f"[2/3] training align then finetune on {nproc} CPU rank(s) under ZeRO-3:\n      vdep {' '.join(arguments)}", flush=True)
+    code = launch_local(nproc, arguments)
+    if code != 0:
+        raise VdepError(f"training failed with exit code {code}; see the messages above and {run_dir / 'logs' / 'train.log'}")
+    print("[3/3] evaluating held-out questions by greedy decoding", flush=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    trained = load_trained_model(run_dir)
+    records = json.loads(paths["held_out"].read_text())
+    result = answer_questions(trained, records, paths["images"], "vicuna_v1")
+    write_answers(result, run_dir / "held_out_answers.json")
+    summaries = {name: json.loads((run_dir / name / "final" / "summary.json").read_text()) for name in trained.stages}
+    elapsed = time.monotonic() - started
+    print()
+    print(f"held-out accuracy: {100 * result.accuracy:.1f}% (chance: {100 * chance_accuracy():.1f}%)")
+    kinds = ", ".join(f"{k} {100 * c / n:.0f}%" for k, (c, n) in sorted(result.by_kind.items()))
+    print(f"  by question ({result.total} questions): {kinds}")
+    for name, summary in summaries.items():
+        final = summary["final"]
+        print(f"final losses, {name}: text {final['loss/text']:.4f}, vdep {final['loss/vdep']:.4f} ({summary['steps']} steps)")
+    print(f"VDEP: {'on' if vdep_enabled else 'off'}; answers in {run_dir / 'held_out_answers.json'}")
+    print(f"TensorBoard logs: tensorboard --logdir {run_dir / 'tensorboard'}")
+    print(f"checkpoints: {run_dir}/{{align,finetune}}/checkpoints, final weights in {run_dir}/*/final")
+    print(f"time: {elapsed / 60:.1f} min")
+    return 0

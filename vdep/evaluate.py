@@ -1,0 +1,131 @@
+"""Loading a trained run for inference, and exact-match question answering accuracy.
+
+`load_trained_model` rebuilds the model from the run directory alone (its resolved config, tokenizer,
+base weights and each completed stage's final weights), in one process without DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from .config import STAGE_NAMES, TrainConfig, VdepConfig
+from .data.conversation import Turn, parse_conversation
+from .data.images import ImageProcessing, decode_image, preprocess_image
+from .data.templates import ConversationTemplate, TemplateTokenizer, make_template
+from .errors import CheckpointError
+from .model.attention import AttentionChoice
+from .model.build import BasePaths, build_model, load_image_processing, load_weights_file
+from .model.generate import greedy_generate
+from .model.llava import MultimodalSpec, VdepLlava
+from .model.tokenizer import load_tokenizer
+from .structured import structure
+from .train.checkpoint import FINAL_WEIGHTS, stage_is_complete
+
+
+@dataclass
+class TrainedModel:
+    model: VdepLlava
+    tokenizer: object
+    spec: MultimodalSpec
+    image_processing: ImageProcessing
+    config: TrainConfig
+    stages: list[str]
+
+
+def load_trained_model(run_dir: Path, device: torch.device = torch.device("cpu")) -> TrainedModel:
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise CheckpointError(f"{run_dir} is not a vdep run directory (no config.yaml)")
+    config = structure(TrainConfig, yaml.safe_load(config_path.read_text()), source=str(config_path))
+    stages = [name for name in STAGE_NAMES if stage_is_complete(run_dir / name)]
+    if not stages:
+        raise CheckpointError(f"{run_dir} has no completed stage (no */final/{FINAL_WEIGHTS})")
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    base = BasePaths.for_run(config.model, run_dir)
+    built = build_model(
+        config.model, VdepConfig(), tokenizer, base, AttentionChoice("sdpa", "evaluation"), torch.float32, device
+    )
+    for name in stages:
+        load_weights_file(built.model, run_dir / name / "final" / FINAL_WEIGHTS)
+    built.model.to(device).eval()
+    return TrainedModel(
+        built.model, tokenizer, built.spec, load_image_processing(base, config.data.pad_to_square), config, stages
+    )
+
+
+def normalise_answer(text: str) -> str:
+    return " ".join(text.strip().lower().rstrip(".").split())
+
+
+@dataclass
+class QAResult:
+    correct: int = 0
+    total: int = 0
+    by_kind: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+    answers: list[dict] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.total, 1)
+
+
+def _prompt(template: ConversationTemplate, encoder: TemplateTokenizer, turns: list[Turn], has_image: bool) -> list[int]:
+    return encoder.encode_segments(template.prompt_segments(turns, has_image)).input_ids
+
+
+def answer_questions(
+    trained: TrainedModel,
+    records: list[dict],
+    image_root: Path,
+    template_name: str,
+    batch_size: int = 32,
+    max_new_tokens: int = 10,
+) -> QAResult:
+    """Greedy answers to the last user turn of each record, scored by exact match with the reference."""
+    tokenizer = trained.tokenizer
+    template = make_template(template_name, tokenizer)
+    encoder = TemplateTokenizer(tokenizer, trained.spec.image_token_id, trained.spec.num_image_tokens)
+    device = next(trained.model.parameters()).device
+    result = QAResult()
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        prompts, images = [], []
+        for record in chunk:
+            turns = parse_conversation(record["conversations"])
+            has_image = "image" in record
+            prompts.append(_prompt(template, encoder, turns[:-1], has_image))
+            if has_image:
+                image = decode_image((image_root / record["image"]).read_bytes())
+                images.append(preprocess_image(image, trained.image_processing))
+        pixel_values = torch.stack(images) if images else torch.zeros((1, 3, *trained.image_processing.output_size))
+        outputs = greedy_generate(
+            trained.model, prompts, pixel_values.to(device), len(images), max_new_tokens,
+            tokenizer.eos_token_id, tokenizer.pad_token_id,
+        )
+        for record, output in zip(chunk, outputs):
+            text = tokenizer.decode(output, skip_special_tokens=True)
+            if template.stop_text:
+                text = text.split(template.stop_text)[0]
+            reference = record["conversations"][-1]["value"]
+            hit = normalise_answer(text) == normalise_answer(reference)
+            kind = record.get("kind", "all")
+            result.correct += hit
+            result.total += 1
+            result.by_kind[kind][0] += hit
+            result.by_kind[kind][1] += 1
+            result.answers.append({"id": record.get("id"), "kind": kind, "answer": text, "reference": reference, "correct": hit})
+    return result
+
+
+def write_answers(result: QAResult, path: Path) -> None:
+    path.write_text(json.dumps({
+        "accuracy": result.accuracy,
+        "by_kind": {k: v[0] / v[1] for k, v in result.by_kind.items()},
+        "answers": result.answers,
+    }, indent=1))

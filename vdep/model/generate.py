@@ -1,0 +1,59 @@
+"""Greedy decoding with the KV cache, for evaluation (single process, no DeepSpeed)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from .llava import VdepLlava
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: VdepLlava,
+    prompts: list[list[int]],
+    pixel_values: torch.Tensor,
+    num_images: int,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> list[list[int]]:
+    """Continue each prompt greedily; returns the new tokens of each, up to and without EOS.
+
+    Prompts are left-padded into one batch; `pixel_values` holds the images of the prompts that have
+    one, in prompt order (plus a dummy row when none has).
+    """
+    device = pixel_values.device
+    length = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - len(prompt):] = torch.tensor(prompt, device=device)
+        attention_mask[row, length - len(prompt):] = 1
+    embeds = model.embed(input_ids, pixel_values, num_images)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.language_model.config)
+    decoder = model.language_model
+    outputs = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=cache, use_cache=True)
+    next_token = model.lm_head(outputs.last_hidden_state[:, -1]).argmax(dim=-1)
+    generated = [next_token]
+    finished = next_token == eos_token_id
+    for _ in range(max_new_tokens - 1):
+        if bool(finished.all()):
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+        outputs = decoder(
+            inputs_embeds=decoder.get_input_embeddings()(next_token[:, None]),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=outputs.past_key_values,
+            use_cache=True,
+        )
+        next_token = model.lm_head(outputs.last_hidden_state[:, -1]).argmax(dim=-1)
+        next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
+        generated.append(next_token)
+        finished |= next_token == eos_token_id
+    tokens = torch.stack(generated, dim=1).tolist()
+    return [row[: row.index(eos_token_id)] if eos_token_id in row else row for row in tokens]
