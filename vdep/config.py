@@ -8,7 +8,6 @@ stage) are not defaults here: they live in the recipe YAML, the single place tha
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -24,6 +23,25 @@ from .structured import closest_key, dotted_keys, set_dotted, structure, unstruc
 STAGE_NAMES: tuple[str, ...] = ("align", "finetune")
 TRAINABLE_PARTS: tuple[str, ...] = ("projector", "language_model")
 RECIPES_DIR = Path(__file__).parent / "recipes"
+# Names users bring from the HF Trainer and LLaVA's scripts → ours (for "did you mean" hints).
+KEY_ALIASES = {
+    "learning_rate": "lr",
+    "mm_projector_lr": "projector_lr",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "micro_batch_size",
+    "batch_size": "global_batch_size",
+    "train_batch_size": "global_batch_size",
+    "max_grad_norm": "grad_clip",
+    "gradient_clipping": "grad_clip",
+    "model_max_length": "max_length",
+    "image_aspect_ratio": "pad_to_square",
+    "mm_vision_select_layer": "feature_layer",
+    "mm_projector_type": "projector",
+    "dataloader_num_workers": "num_workers",
+    "logging_steps": "log_every",
+    "save_steps": "save_every",
+    "save_total_limit": "keep_last",
+}
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -243,20 +261,15 @@ def load_config(recipe: str, overrides: list[str] | None = None) -> TrainConfig:
         raise ConfigError(f"{path}: a recipe must be a mapping of sections (model, data, stages, ...)")
     valid = dotted_keys(TrainConfig)
     for key, value in parse_overrides(overrides or []):
-        if not _is_valid_override(key, valid):
-            suggestion = closest_key(key, valid)
+        if key not in valid:
+            suggestion = closest_key(key, valid, KEY_ALIASES)
             hint = f"; did you mean '{suggestion}'?" if suggestion else ""
             raise ConfigError(f"unknown key '{key}' in command-line override{hint}")
         set_dotted(raw, key, value)
     _merge_stage_vdep(raw, str(path))
-    config = structure(TrainConfig, raw, source=str(path))
+    config = structure(TrainConfig, raw, source=str(path), aliases=KEY_ALIASES)
     check_config(config, source=str(path))
     return config
-
-
-def _is_valid_override(key: str, valid: list[str]) -> bool:
-    # Keys of optional sections (stages.align.*, model.*.tiny.*) exist in `valid` as dotted paths.
-    return key in valid
 
 
 def _merge_stage_vdep(raw: dict, source: str) -> None:
@@ -402,6 +415,3 @@ def save_resolved_config(config: TrainConfig, run_dir: Path) -> Path:
     os.replace(tmp, target)
     return target
 
-
-def replace(config: TrainConfig, **changes: object) -> TrainConfig:
-    return dataclasses.replace(config, **changes)

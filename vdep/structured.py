@@ -1,7 +1,7 @@
 """Turn nested dicts (parsed YAML) into typed dataclasses, and back.
 
-Every error names the dotted key and the source it came from, and suggests the closest valid key for a
-misspelling. The supported field types are what configs need: bool, int, float, str, `X | None`,
+Every error names the dotted key and the source it came from, and suggests the valid key the user
+most likely meant. The supported field types are what configs need: bool, int, float, str, `X | None`,
 `Literal[...]`, `list[...]` and nested dataclasses.
 """
 
@@ -17,9 +17,13 @@ from .errors import ConfigError
 _MISSING = dataclasses.MISSING
 
 
-def structure(cls: type, data: Any, key: str = "", source: str = "config") -> Any:
-    """Build dataclass `cls` from `data` (a dict), recursively, validating keys and types."""
-    return _convert(cls, data, key, source)
+def structure(cls: type, data: Any, key: str = "", source: str = "config", aliases: dict[str, str] | None = None) -> Any:
+    """Build dataclass `cls` from `data` (a dict), recursively, validating keys and types.
+
+    `aliases` maps names users bring from other tools (e.g. `learning_rate`) to ours (`lr`), for the
+    "did you mean" hint of an unknown key.
+    """
+    return _Converter(source, aliases or {}).convert(cls, data, key)
 
 
 def unstructure(obj: Any) -> Any:
@@ -32,7 +36,7 @@ def unstructure(obj: Any) -> Any:
 
 
 def dotted_keys(cls: type, prefix: str = "") -> list[str]:
-    """Every valid dotted key of dataclass `cls` (used to suggest corrections)."""
+    """Every valid dotted key of dataclass `cls`."""
     keys: list[str] = []
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -44,15 +48,33 @@ def dotted_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def closest_key(key: str, candidates: list[str]) -> str | None:
-    """The candidate most similar to `key`, compared on the last component first."""
+def closest_key(key: str, candidates: list[str], aliases: dict[str, str] | None = None) -> str | None:
+    """The valid key a user most likely meant: via a known alias of the last component, else by similarity."""
+    prefix, _, leaf = key.rpartition(".")
+    prefix = prefix + "." if prefix else ""
+    aliases = aliases or {}
+    alias = difflib.get_close_matches(leaf, list(aliases), n=1, cutoff=0.8)
+    if alias and prefix + aliases[alias[0]] in candidates:
+        return prefix + aliases[alias[0]]
     matches = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     if matches:
         return matches[0]
-    leaf = key.rsplit(".", 1)[-1]
     by_leaf = {c.rsplit(".", 1)[-1]: c for c in candidates}
     leaf_matches = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
     return by_leaf[leaf_matches[0]] if leaf_matches else None
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """Set `tree[a][b][c] = value` for `dotted == "a.b.c"`, creating mappings on the way."""
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
 
 
 def _dataclass_in(tp: Any) -> type | None:
@@ -83,117 +105,109 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _where(key: str, source: str) -> str:
-    return f"'{key}' in {source}" if key else source
+class _Converter:
+    def __init__(self, source: str, aliases: dict[str, str]):
+        self.source = source
+        self.aliases = aliases
 
+    def where(self, key: str) -> str:
+        return f"'{key}' in {self.source}" if key else self.source
 
-def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return _convert_dataclass(tp, value, key, source)
-    if _is_union(tp):
+    def convert(self, tp: Any, value: Any, key: str) -> Any:
+        if dataclasses.is_dataclass(tp):
+            return self.convert_dataclass(tp, value, key)
+        if _is_union(tp):
+            return self.convert_union(tp, value, key)
+        origin = get_origin(tp)
+        if origin is Literal:
+            return self.convert_literal(tp, value, key)
+        if origin is list:
+            (item_type,) = get_args(tp)
+            if item_type is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                value = [value]  # a single path where a list of paths is expected
+            if not isinstance(value, list):
+                raise ConfigError(f"{self.where(key)}: expected {_describe(tp)}, got {value!r}")
+            return [self.convert(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        if tp in (bool, int, float, str):
+            return self.convert_scalar(tp, value, key)
+        if tp is Any:
+            return value
+        raise TypeError(f"unsupported config field type {tp!r} at {key}")  # a bug in the schema
+
+    def convert_dataclass(self, cls: type, value: Any, key: str) -> Any:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self.where(key)}: expected a mapping of keys to values, got {value!r}")
+        hints = get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        prefix = f"{key}." if key else ""
+        for name in value:
+            if name not in fields:
+                candidates = [prefix + k for k in dotted_keys(cls)]
+                suggestion = closest_key(prefix + str(name), candidates, self.aliases)
+                hint = f"; did you mean '{suggestion}'?" if suggestion else f"; valid keys here: {', '.join(fields)}"
+                raise ConfigError(f"unknown key '{prefix}{name}' in {self.source}{hint}")
+        kwargs = {}
+        for name, f in fields.items():
+            if name in value:
+                kwargs[name] = self.convert(hints[name], value[name], prefix + name)
+            elif f.default is _MISSING and f.default_factory is _MISSING:  # type: ignore[misc]
+                raise ConfigError(f"missing required key '{prefix}{name}' in {self.source} ({_describe(hints[name])})")
+        return cls(**kwargs)
+
+    def convert_union(self, tp: Any, value: Any, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
         candidates = [arg for arg in args if arg is not type(None)]
         if len(candidates) == 1:  # `X | None`: X's own error is the informative one
-            return _convert(candidates[0], value, key, source)
+            return self.convert(candidates[0], value, key)
         for arg in candidates:
             try:
-                return _convert(arg, value, key, source)
+                return self.convert(arg, value, key)
             except ConfigError:
                 continue
-        raise ConfigError(f"{_where(key, source)}: expected {_describe(tp)}, got {value!r}")
-    origin = get_origin(tp)
-    if origin is Literal:
+        raise ConfigError(f"{self.where(key)}: expected {_describe(tp)}, got {value!r}")
+
+    def convert_literal(self, tp: Any, value: Any, key: str) -> Any:
         allowed = get_args(tp)
         if value in allowed:
             return value
         hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
         suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise ConfigError(
-            f"{_where(key, source)}: {value!r} is not allowed; use one of "
-            + ", ".join(repr(a) for a in allowed) + suggestion
+            f"{self.where(key)}: {value!r} is not allowed; use one of " + ", ".join(repr(a) for a in allowed) + suggestion
         )
-    if origin is list:
-        (item_type,) = get_args(tp)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item_type is str:
-            value = [value]  # a single path where a list of paths is expected
-        if not isinstance(value, list):
-            raise ConfigError(f"{_where(key, source)}: expected {_describe(tp)}, got {value!r}")
-        return [_convert(item_type, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ConfigError(f"{_where(key, source)}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                number = float(value)
-                if number.is_integer():
-                    return int(number)
-            except ValueError:
-                pass
-        raise ConfigError(f"{_where(key, source)}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+
+    def convert_scalar(self, tp: type, value: Any, key: str) -> Any:
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            raise ConfigError(f"{self.where(key)}: expected true or false, got {value!r}")
+        if tp is int:
+            number = _parse_float(value) if isinstance(value, str) else (float(value) if is_number else None)
+            if number is not None and number.is_integer():
+                return int(number)
+            raise ConfigError(f"{self.where(key)}: expected an integer, got {value!r}")
+        if tp is float:
             # PyYAML reads "1e-3" (no dot) as a string; accept any spelling float() accepts.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{_where(key, source)}: expected a number, got {value!r}")
-    if tp is str:
+            number = _parse_float(value) if isinstance(value, str) else (float(value) if is_number else None)
+            if number is not None:
+                return number
+            raise ConfigError(f"{self.where(key)}: expected a number, got {value!r}")
         if isinstance(value, str):
             return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if is_number:
             return str(value)
-        raise ConfigError(f"{_where(key, source)}: expected a string, got {value!r}")
-    if tp is Any:
-        return value
-    raise TypeError(f"unsupported config field type {tp!r} at {key}")  # a bug in the schema
+        raise ConfigError(f"{self.where(key)}: expected a string, got {value!r}")
 
 
-def _convert_dataclass(cls: type, value: Any, key: str, source: str) -> Any:
-    if value is None:
-        value = {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{_where(key, source)}: expected a mapping of keys to values, got {value!r}")
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    prefix = f"{key}." if key else ""
-    for name in value:
-        if name not in fields:
-            candidates = [prefix + k for k in dotted_keys(cls)]
-            suggestion = closest_key(prefix + str(name), candidates)
-            hint = f"; did you mean '{suggestion}'?" if suggestion else f"; valid keys here: {', '.join(fields)}"
-            raise ConfigError(f"unknown key '{prefix}{name}' in {source}{hint}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in value:
-            kwargs[name] = _convert(hints[name], value[name], prefix + name, source)
-        elif f.default is _MISSING and f.default_factory is _MISSING:  # type: ignore[misc]
-            raise ConfigError(f"missing required key '{prefix}{name}' in {source} ({_describe(hints[name])})")
-    return cls(**kwargs)
-
-
-def set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    """Set `tree[a][b][c] = value` for `dotted == "a.b.c"`, creating mappings on the way."""
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[parts[-1]] = value
-
-
+def _parse_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None

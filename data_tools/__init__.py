@@ -1,0 +1,1 @@
+"""Shard building and inspection tools (`vdep build-shards`, `vdep make-tokenizer`)."""

@@ -1,0 +1,97 @@
+"""Shared fixtures: a small procedural dataset, its shards, a tokenizer, and tiny model settings.
+
+Everything is real: shards written by `build_shards`, a SentencePiece tokenizer trained by
+`make_tokenizer`, models built by vdep's own builder from random-init weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
+
+from data_tools.build_shards import build_shards  # noqa: E402
+from data_tools.make_tokenizer import make_tokenizer  # noqa: E402
+from vdep.demo_data import write_demo_data  # noqa: E402
+
+# A tiny model (16 image tokens, 2-layer LLM) that trains in seconds on a CPU.
+TINY_MODEL_OVERRIDES = [
+    "model.vision_tower.tiny.hidden_size=32",
+    "model.vision_tower.tiny.num_layers=2",
+    "model.vision_tower.tiny.num_heads=2",
+    "model.vision_tower.tiny.intermediate_size=64",
+    "model.vision_tower.tiny.image_size=32",
+    "model.vision_tower.tiny.patch_size=8",
+    "model.language_model.tiny.hidden_size=64",
+    "model.language_model.tiny.num_layers=2",
+    "model.language_model.tiny.num_heads=4",
+    "model.language_model.tiny.num_kv_heads=2",
+    "model.language_model.tiny.intermediate_size=128",
+    "data.max_length=256",
+]
+
+
+@dataclass(frozen=True)
+class SmallData:
+    root: Path
+    raw: Path
+    align_shards: Path
+    finetune_shards: Path
+    tokenizer: Path
+
+    def overrides(self, run_dir: Path) -> list[str]:
+        """Overrides of the demo-tiny recipe that point it at this data and shrink the model."""
+        return [
+            f"model.tokenizer={self.tokenizer}",
+            f"stages.align.shards=[{self.align_shards}]",
+            f"stages.finetune.shards=[{self.finetune_shards}]",
+            f"run.output_dir={run_dir.parent}",
+            f"run.name={run_dir.name}",
+            "deepspeed.timeout_minutes=2",  # a hang becomes a failure
+            *TINY_MODEL_OVERRIDES,
+        ]
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> SmallData:
+    root = tmp_path_factory.mktemp("small-data")
+    raw = root / "raw"
+    paths = write_demo_data(raw, seed=7, num_align=64, num_finetune=64, num_eval=12)
+    build_shards([paths["align"]], raw / "images", root / "align", samples_per_shard=16)
+    build_shards([paths["finetune"]], raw / "images", root / "finetune", samples_per_shard=16)
+    make_tokenizer([str(root / "align"), str(root / "finetune")], 400, root / "tokenizer")
+    return SmallData(root, raw, root / "align", root / "finetune", root / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(small_data):
+    from vdep.model.tokenizer import prepare_tokenizer
+
+    return prepare_tokenizer(small_data.tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(small_data, tokenizer, tmp_path_factory):
+    """A built tiny VdepLlava (fp32, CPU, no DeepSpeed) with its spec and image processing."""
+    from vdep.config import load_config
+    from vdep.model.attention import AttentionChoice
+    from vdep.model.build import build_model, load_image_processing, materialize_base
+
+    run_dir = tmp_path_factory.mktemp("tiny-run")
+    config = load_config("demo-tiny", small_data.overrides(run_dir))
+    base = materialize_base(config.model, tokenizer, run_dir)
+    built = build_model(
+        config.model, config.vdep, tokenizer, base, AttentionChoice("sdpa", "test"), torch.float32, torch.device("cpu")
+    )
+    return built, load_image_processing(base, True), config
+
+
+def read_metrics(run_dir: Path, stage: str) -> list[dict]:
+    path = run_dir / stage / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]

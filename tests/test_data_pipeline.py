@@ -1,0 +1,157 @@
+"""Shard building with broken inputs, the shard plan, and the streaming loader."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from data_tools.build_shards import build_shards
+from vdep.data.dataset import SamplePreprocessor
+from vdep.data.loader import StageLoader
+from vdep.data.shards import discover_shards, plan_epoch, resolve_split
+from vdep.data.templates import TemplateTokenizer, make_template
+from vdep.errors import DataError
+from vdep.model.tokenizer import image_token_id
+
+
+def png_bytes(colour=(200, 10, 10), size=(40, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def conversation(question: str, answer: str) -> list[dict]:
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+def test_build_shards_counts_and_explains_every_rejection(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "good.png").write_bytes(png_bytes())
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(jpeg, format="JPEG")
+    (images / "truncated.jpg").write_bytes(jpeg.getvalue()[:100])
+    (images / "text.png").write_bytes(b"this is not a png")
+    (images / "anim.gif").write_bytes(b"GIF89a")
+    records = [
+        {"id": "ok-image", "image": "good.png", "conversations": conversation("<image>\nWhat?", "red")},
+        {"id": "ok-text", "conversations": conversation("Hi?", "hello")},
+        {"id": "missing", "image": "nope.png", "conversations": conversation("<image>\nWhat?", "red")},
+        {"id": "truncated", "image": "truncated.jpg", "conversations": conversation("<image>\nWhat?", "blue")},
+        {"id": "not-image", "image": "text.png", "conversations": conversation("<image>\nWhat?", "red")},
+        {"id": "gif", "image": "anim.gif", "conversations": conversation("<image>\nWhat?", "red")},
+        {"id": "no-marker", "image": "good.png", "conversations": conversation("What?", "red")},
+        {"id": "marker-no-image", "conversations": conversation("<image>\nWhat?", "red")},
+        {"id": "bad-turns", "conversations": [{"from": "gpt", "value": "x"}]},
+        "not a record",
+    ]
+    (tmp_path / "part1.json").write_text(json.dumps(records))
+    (tmp_path / "part2.jsonl").write_text(
+        json.dumps({"id": "ok-line", "conversations": conversation("Q?", "A")}) + "\n{broken json\n"
+    )
+    report = build_shards([tmp_path / "part1.json", tmp_path / "part2.jsonl"], images, tmp_path / "out", samples_per_shard=2)
+    assert (report.written, report.with_image, report.text_only) == (3, 1, 2)
+    assert dict(report.rejected) == {
+        "missing_image": 1, "bad_image": 2, "unsupported_image_format": 1, "image_marker_mismatch": 2,
+        "bad_conversation": 1, "bad_record": 1, "bad_json": 1,
+    }
+    errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert len(errors) == 9
+    assert {e["id"] for e in errors if e["reason"] == "bad_image"} == {"truncated", "not-image"}
+    assert any(e["file"].endswith("part2.jsonl") and e["index"] == 1 for e in errors)
+    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"000000.tar": 2, "000001.tar": 1}
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["samples"] == 3 and stats["rejected"]["bad_image"] == 2
+    shards = discover_shards([str(tmp_path / "out")])
+    keys = [s["__key__"] for shard in shards for s in wds.tariterators.tarfile_samples([{"url": shard.path}])]
+    assert keys == ["000000000", "000000001", "000000002"]
+    with pytest.raises(DataError, match="already holds shards"):
+        build_shards([tmp_path / "part1.json"], images, tmp_path / "out")
+
+
+def test_shard_plan_is_deterministic_and_covers_every_shard_once(small_data):
+    shards = discover_shards([str(small_data.finetune_shards)])
+    assert len(shards) == 4 and sum(s.num_samples for s in shards) == 64
+    plans = plan_epoch(shards, seed=1, epoch=0, num_consumers=2, split="shards")
+    assert plans == plan_epoch(shards, seed=1, epoch=0, num_consumers=2, split="shards")
+    assert sorted(s.path for p in plans for s in p.shards) == sorted(s.path for s in shards)
+    assert plan_epoch(shards, 1, 1, 2, "shards") != plans  # a new order each epoch
+    assert resolve_split("auto", 4, 8) == "samples" and resolve_split("auto", 4, 2) == "shards"
+    with pytest.raises(DataError, match="at least one shard per consumer"):
+        resolve_split("shards", 4, 8)
+
+
+def make_loader(small_data, tokenizer, rank: int, world: int, split: str, workers: int = 0, micro: int = 4, seed: int = 0,
+                shard_dir: Path | None = None, shuffle_buffer: int = 8):
+    """The loader `vdep train` builds for a vicuna_v1 stage of the tiny test model (16 image tokens)."""
+    from vdep.data.images import ImageProcessing, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    processing = ImageProcessing(32, None, (32, 32), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    encoder = TemplateTokenizer(tokenizer, image_token_id(tokenizer), 16)
+    preprocess = SamplePreprocessor(make_template("vicuna_v1", tokenizer), encoder, processing, 256)
+    return StageLoader.create(
+        discover_shards([str(shard_dir or small_data.finetune_shards)]), preprocess, rank=rank, world_size=world,
+        num_workers=workers, micro_batch_size=micro, grad_accum_steps=1, seed=seed, split=split,
+        shuffle_buffer=shuffle_buffer, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+@pytest.mark.parametrize("split", ["shards", "samples"])
+def test_ranks_read_disjoint_samples_in_a_reproducible_order(small_data, tokenizer, split):
+    keys = []
+    for rank in range(2):
+        loader = make_loader(small_data, tokenizer, rank, 2, split)
+        first = [k for b in loader.micro_batches(0) for k in b.keys]
+        again = [k for b in make_loader(small_data, tokenizer, rank, 2, split).micro_batches(0) for k in b.keys]
+        assert first == again
+        keys.append(set(first))
+    assert not keys[0] & keys[1]
+    assert len(keys[0] | keys[1]) == 64  # 64 samples, 2 ranks × 8 batches × 4
+    assert make_loader(small_data, tokenizer, 0, 2, split).steps_in_epoch(0) == 8
+
+
+def test_loader_workers_split_a_ranks_share(small_data, tokenizer):
+    single = make_loader(small_data, tokenizer, 0, 1, "shards", workers=0)
+    double = make_loader(small_data, tokenizer, 0, 1, "shards", workers=2)
+    a = {k for b in single.micro_batches(0) for k in b.keys}
+    b = [k for batch in double.micro_batches(0) for k in batch.keys]
+    assert len(b) == len(set(b)) == 64 and set(b) == a
+    assert double.total_steps(1.0, None) == 16 and double.total_steps(1.5, None) == 24
+    assert double.total_steps(1.0, max_steps=5) == 5
+
+
+def test_corrupt_samples_are_skipped_counted_and_named(small_data, tokenizer, tmp_path):
+    out = tmp_path / "shards"
+    out.mkdir()
+    good = json.dumps({"conversations": conversation("Hi?", "hello")}).encode()
+    with wds.TarWriter(str(out / "000000.tar")) as tar:
+        for index in range(6):
+            tar.write({"__key__": f"{index:09d}", "json": good})
+        tar.write({"__key__": "000000006", "json": b"{not json"})
+        tar.write({"__key__": "000000007", "json": good, "png": b"garbage"})  # image without marker + bad bytes
+        tar.write({"__key__": "000000008", "json": json.dumps({"conversations": conversation("<image>\nq", "a")}).encode(),
+                   "png": png_bytes()[:50]})  # truncated image
+    (out / "sizes.json").write_text(json.dumps({"000000.tar": 9}))
+    loader = make_loader(small_data, tokenizer, 0, 1, "shards", micro=3, shard_dir=out)
+    batches = list(loader.micro_batches(0))
+    assert sum(len(b.keys) for b in batches) == 6
+    skipped = {}
+    for batch in batches:
+        for reason, count in batch.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    assert skipped == {"bad_json": 1, "image_marker_mismatch": 1, "bad_image": 1}
+    messages = [m for b in batches for m in b.skip_messages]
+    assert any("000000006" in m and "bad_json" in m for m in messages)
+
+
+def test_missing_sizes_file_is_explained(tmp_path):
+    (tmp_path / "000000.tar").write_bytes(b"")
+    with pytest.raises(DataError, match="no sizes.json"):
+        discover_shards([str(tmp_path)])
+    with pytest.raises(DataError, match="holds no .tar files"):
+        discover_shards([str(Path(tmp_path / "empty").mkdir() or tmp_path / "empty")])

@@ -1,0 +1,136 @@
+"""The multimodal model: projector scatter, the dummy-image path, names, accumulation, generation."""
+
+from __future__ import annotations
+
+import torch
+
+from vdep.config import VdepConfig
+from vdep.data.batch import collate
+from vdep.data.dataset import SamplePreprocessor
+from vdep.data.templates import TemplateTokenizer, make_template
+from vdep.model.generate import greedy_generate
+from vdep.model.vision import image_features, num_image_tokens
+from vdep.objectives.losses import GlobalCounts, batch_loss
+from vdep.objectives.supervision import prepare_inputs
+from vdep.train.freezing import apply_trainable
+
+
+def samples(tiny_model, tokenizer, small_data, template: str = "vicuna_v1", count: int = 4):
+    """Real preprocessed samples from the test shards (mixed image and text-only for vicuna_v1)."""
+    import webdataset as wds
+
+    from vdep.data.shards import discover_shards
+
+    built, processing, config = tiny_model
+    encoder = TemplateTokenizer(tokenizer, built.spec.image_token_id, built.spec.num_image_tokens)
+    preprocess = SamplePreprocessor(make_template(template, tokenizer), encoder, processing, 256)
+    shard_dir = small_data.finetune_shards if template == "vicuna_v1" else small_data.align_shards
+    raw = wds.tariterators.tarfile_samples([{"url": s.path} for s in discover_shards([str(shard_dir)])])
+    out = []
+    for sample in raw:
+        out.append(preprocess(sample))
+        if len(out) == count:
+            return out
+    raise AssertionError("not enough samples")
+
+
+def test_parameter_names_mirror_the_llava_layout(tiny_model):
+    built, _, _ = tiny_model
+    names = [name for name, _ in built.model.named_parameters()]
+    prefixes = {name.split(".")[0] for name in names}
+    assert prefixes == {"vision_tower", "multi_modal_projector", "language_model", "lm_head"}
+    assert "multi_modal_projector.linear_1.weight" in names and "multi_modal_projector.linear_2.weight" in names
+    # transformers' own CLIPVisionModel naming (in memory, 5.x: no `vision_model.` level)
+    assert any(name.startswith("vision_tower.encoder.layers.0.") for name in names)
+    assert "language_model.embed_tokens.weight" in names and "lm_head.weight" in names
+    assert built.model.language_model.get_input_embeddings().weight.shape[0] % 64 == 0  # padded vocabulary
+
+
+def test_image_token_counts_follow_the_feature_selection(tiny_model):
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    clip = CLIPVisionConfig(image_size=336, patch_size=14)
+    assert num_image_tokens(clip, "clip", "default") == 576  # LLaVA-1.5: CLS dropped
+    assert num_image_tokens(clip, "clip", "full") == 577
+    assert num_image_tokens(SiglipVisionConfig(image_size=384, patch_size=14), "siglip", "full") == 729
+    assert tiny_model[0].spec.num_image_tokens == 16
+
+
+def test_projector_outputs_fill_the_placeholders_in_order(tiny_model, tokenizer, small_data):
+    built, _, _ = tiny_model
+    model, spec = built.model, built.spec
+    batch = collate(samples(tiny_model, tokenizer, small_data, "plain", 3), tokenizer.pad_token_id, (32, 32))
+    with torch.no_grad():
+        embeds = model.embed(batch.input_ids, batch.pixel_values, batch.num_images)
+        features = image_features(model.vision_tower, batch.pixel_values, spec.feature_layer, spec.feature_select)
+        projected = model.multi_modal_projector(features)
+        tokens = model.language_model.get_input_embeddings()(batch.input_ids)
+    placeholders = batch.input_ids == spec.image_token_id
+    assert torch.equal(embeds[placeholders], projected.reshape(-1, projected.shape[-1]))
+    assert torch.equal(embeds[~placeholders], tokens[~placeholders])
+
+
+def test_a_batch_without_images_still_runs_the_vision_path(tiny_model, tokenizer, small_data):
+    built, _, _ = tiny_model
+    model = built.model
+    text_only = [s for s in samples(tiny_model, tokenizer, small_data, "vicuna_v1", 64) if s.pixel_values is None][:2]
+    batch = collate(text_only, tokenizer.pad_token_id, (32, 32))
+    assert batch.num_images == 0 and batch.pixel_values.shape[0] == 1  # one dummy image
+    apply_trainable(model, ["projector", "language_model"])
+    model.zero_grad(set_to_none=True)
+    inputs = prepare_inputs(batch, torch.zeros(2, dtype=torch.bool), VdepConfig(), built.spec.image_token_id, built.spec.num_image_tokens)
+    sums = model(inputs)
+    batch_loss(sums, GlobalCounts(inputs.num_text_targets, 0), 1.0).backward()
+    for name, param in model.multi_modal_projector.named_parameters():
+        assert param.grad is not None, name  # in the graph, as ZeRO-3 needs
+        assert param.grad.abs().sum() == 0, name  # but with no effect
+    assert model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_accumulating_micro_batches_equals_one_batch(tiny_model, tokenizer, small_data):
+    """Two micro-batches normalised by the batch's counts give the gradient of the whole batch."""
+    built, _, _ = tiny_model
+    model, spec = built.model, built.spec
+    apply_trainable(model, ["projector", "language_model"])
+    data = samples(tiny_model, tokenizer, small_data, "vicuna_v1", 4)
+    modes = torch.tensor([True, False, True, False]) & torch.tensor([s.pixel_values is not None for s in data])
+    config = VdepConfig()
+
+    def inputs_of(part, part_modes):
+        return prepare_inputs(collate(part, tokenizer.pad_token_id, (32, 32)), part_modes, config, spec.image_token_id, spec.num_image_tokens)
+
+    whole = inputs_of(data, modes)
+    model.zero_grad(set_to_none=True)
+    batch_loss(model(whole), GlobalCounts(whole.num_text_targets, whole.num_image_targets), 0.7).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    halves = [inputs_of(data[:2], modes[:2]), inputs_of(data[2:], modes[2:])]
+    counts = GlobalCounts(sum(h.num_text_targets for h in halves), sum(h.num_image_targets for h in halves))
+    assert counts == GlobalCounts(whole.num_text_targets, whole.num_image_targets)
+    model.zero_grad(set_to_none=True)
+    for half in halves:
+        batch_loss(model(half), counts, 0.7).backward()
+    for name, grad in expected.items():
+        assert torch.allclose(model.get_parameter(name).grad, grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_greedy_generation_with_the_cache_matches_recomputing(tiny_model, tokenizer, small_data):
+    built, _, _ = tiny_model
+    model = built.model.eval()
+    data = samples(tiny_model, tokenizer, small_data, "plain", 3)
+    prompts = [s.input_ids[: 1 + built.spec.num_image_tokens + i].tolist() for i, s in enumerate(data)]  # ragged
+    pixel_values = torch.stack([s.pixel_values for s in data])
+    eos = tokenizer.eos_token_id
+    cached = greedy_generate(model, prompts, pixel_values, 3, 6, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):
+            ids = list(prompt)
+            for _ in range(len(cached[row]) + (1 if len(cached[row]) < 6 else 0)):
+                input_ids = torch.tensor([ids])
+                embeds = model.embed(input_ids, pixel_values[row : row + 1], 1)
+                hidden = model.hidden_states(embeds, torch.ones_like(input_ids))
+                ids.append(int(model.lm_head(hidden[0, -1]).argmax()))
+            produced = ids[len(prompt):]
+            if eos in produced:
+                produced = produced[: produced.index(eos)]
+            assert produced[:6] == cached[row], row
+    model.train()

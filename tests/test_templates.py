@@ -1,0 +1,152 @@
+"""Templates and labels: token ids built turn by turn, supervised spans, and what is rejected."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+
+from vdep.data.conversation import SampleError, Turn, check_image_markers, parse_conversation
+from vdep.data.dataset import truncate
+from vdep.data.templates import (
+    IGNORE_INDEX,
+    VICUNA_SYSTEM,
+    TemplateTokenizer,
+    TokenizedConversation,
+    check_template_tokenizer,
+    make_template,
+)
+from vdep.errors import DataError
+from vdep.model.tokenizer import image_token_id
+
+N_IMAGE = 5
+
+
+@pytest.fixture
+def encoder(tokenizer) -> TemplateTokenizer:
+    return TemplateTokenizer(tokenizer, image_token_id(tokenizer), N_IMAGE)
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def supervised(tokens: TokenizedConversation) -> list[int]:
+    return [label for label in tokens.labels if label != IGNORE_INDEX]
+
+
+def test_plain_is_image_then_supervised_caption_and_newline(tokenizer, encoder):
+    turns = [Turn("user", "<image>\nDescribe it."), Turn("assistant", "a red circle.")]
+    tokens = encoder.encode_segments(make_template("plain", tokenizer).segments(turns, has_image=True))
+    image = image_token_id(tokenizer)
+    caption = ids(tokenizer, "a red circle.\n")
+    assert tokens.input_ids == [tokenizer.bos_token_id] + [image] * N_IMAGE + caption
+    assert tokens.labels == [IGNORE_INDEX] * (1 + N_IMAGE) + caption  # the user's words are dropped, as LLaVA
+
+
+def test_vicuna_supervises_each_answer_and_its_eos(tokenizer, encoder):
+    turns = parse_conversation([
+        {"from": "human", "value": "<image>\nWhat color is the shape?"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "What shape is it?"},
+        {"from": "gpt", "value": "circle"},
+    ])
+    tokens = encoder.encode_segments(make_template("vicuna_v1", tokenizer).segments(turns, has_image=True))
+    eos, image = tokenizer.eos_token_id, image_token_id(tokenizer)
+    first_user = ids(tokenizer, f"{VICUNA_SYSTEM} USER: ") + [image] * N_IMAGE + ids(tokenizer, "\nWhat color is the shape? ASSISTANT:")
+    second_user = ids(tokenizer, "USER: What shape is it? ASSISTANT:")
+    expected = [tokenizer.bos_token_id] + first_user + ids(tokenizer, "red") + [eos] + second_user + ids(tokenizer, "circle") + [eos]
+    assert tokens.input_ids == expected
+    assert supervised(tokens) == ids(tokenizer, "red") + [eos] + ids(tokenizer, "circle") + [eos]
+    # Labels sit exactly on their tokens: every supervised label equals the input id at its position.
+    assert all(label == token for label, token in zip(tokens.labels, tokens.input_ids) if label != IGNORE_INDEX)
+    assert tokenizer.decode(supervised(tokens)).replace(" ", "") == "red</s>circle</s>"
+
+
+def test_generation_prompt_is_the_training_prefix(tokenizer, encoder):
+    template = make_template("vicuna_v1", tokenizer)
+    turns = [Turn("user", "<image>\nWhat shape is it?"), Turn("assistant", "square")]
+    full = encoder.encode_segments(template.segments(turns, has_image=True)).input_ids
+    prompt = encoder.encode_segments(template.prompt_segments(turns[:1], has_image=True)).input_ids
+    assert full[: len(prompt)] == prompt
+    assert full[len(prompt):] == ids(tokenizer, "square") + [tokenizer.eos_token_id]
+
+
+def test_text_only_vicuna_sample_has_no_image_tokens(tokenizer, encoder):
+    turns = [Turn("user", "What is two plus two?"), Turn("assistant", "four")]
+    tokens = encoder.encode_segments(make_template("vicuna_v1", tokenizer).segments(turns, has_image=False))
+    assert image_token_id(tokenizer) not in tokens.input_ids
+    assert supervised(tokens) == ids(tokenizer, "four") + [tokenizer.eos_token_id]
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ([], "bad_conversation"),
+        ([{"from": "gpt", "value": "hi"}], "bad_conversation"),
+        ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], "bad_conversation"),
+        ([{"from": "human", "value": "a"}], "bad_conversation"),
+        ([{"from": "robot", "value": "a"}, {"from": "gpt", "value": "b"}], "bad_conversation"),
+        ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "  "}], "empty_answer"),
+        ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "<image> b"}], "image_marker_mismatch"),
+    ],
+)
+def test_malformed_conversations_are_rejected_with_a_reason(raw, reason):
+    with pytest.raises(SampleError) as error:
+        parse_conversation(raw)
+    assert error.value.reason == reason
+
+
+def test_image_markers_must_match_the_image():
+    with_marker = [Turn("user", "<image>\nq"), Turn("assistant", "a")]
+    without = [Turn("user", "q"), Turn("assistant", "a")]
+    check_image_markers(with_marker, has_image=True)
+    check_image_markers(without, has_image=False)
+    for turns, has_image in ((without, True), (with_marker, False), ([Turn("user", "<image><image>"), Turn("assistant", "a")], True)):
+        with pytest.raises(SampleError, match="marker") as error:
+            check_image_markers(turns, has_image)
+        assert error.value.reason == "image_marker_mismatch"
+
+
+def test_plain_template_rejects_what_it_cannot_lay_out(tokenizer):
+    plain = make_template("plain", tokenizer)
+    with pytest.raises(SampleError, match="needs an image"):
+        plain.segments([Turn("user", "q"), Turn("assistant", "a")], has_image=False)
+    with pytest.raises(SampleError, match="one question and one answer"):
+        plain.segments([Turn("user", "<image>q"), Turn("assistant", "a"), Turn("user", "q"), Turn("assistant", "a")], True)
+
+
+def test_truncation_cuts_text_but_never_the_image():
+    image = 99
+    tokens = TokenizedConversation([1, image, image, 5, 6, 7, 8], [-100, -100, -100, 5, 6, 7, 8])
+    cut = truncate(tokens, 5, image)
+    assert cut.input_ids == [1, image, image, 5, 6] and cut.labels == [-100, -100, -100, 5, 6]
+    assert truncate(tokens, 7, image) is tokens
+    with pytest.raises(SampleError, match="would cut the image") as error:
+        truncate(tokens, 2, image)
+    assert error.value.reason == "too_long"
+
+
+def test_template_and_tokenizer_consistency_check(tokenizer, encoder):
+    for name in ("plain", "vicuna_v1"):
+        check_template_tokenizer(make_template(name, tokenizer), encoder)
+    # A real tokenizer without byte fallback that never saw capitals maps the template's "USER:" to
+    # <unk>: training on that would teach text the template never wrote, so it is refused at start.
+    from transformers import LlamaTokenizer
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["a chat between a curious human and an assistant. what is shown? a red circle."] * 20),
+        model_writer=model, vocab_size=60, model_type="bpe", byte_fallback=False, character_coverage=1.0,
+        minloglevel=2, hard_vocab_limit=False,
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "tokenizer.model").write_bytes(model.getvalue())
+        lowercase = LlamaTokenizer.from_pretrained(folder)
+        lowercase.add_tokens(["<image>"], special_tokens=True)
+        lowercase_encoder = TemplateTokenizer(lowercase, lowercase.convert_tokens_to_ids("<image>"), N_IMAGE)
+        with pytest.raises(DataError, match="disagree.*decodes back as"):
+            check_template_tokenizer(make_template("vicuna_v1", lowercase), lowercase_encoder)
