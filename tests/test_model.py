@@ -134,3 +134,57 @@ def test_greedy_generation_with_the_cache_matches_recomputing(tiny_model, tokeni
                 produced = produced[: produced.index(eos)]
             assert produced[:6] == cached[row], row
     model.train()
+
+
+def build_tiny(tokenizer, tmp_path, small_data, *overrides: str):
+    from vdep.config import load_config
+    from vdep.model.attention import AttentionChoice
+    from vdep.model.build import build_model, materialize_base
+
+    config = load_config("demo-tiny", small_data.overrides(tmp_path / "run") + list(overrides))
+    base = materialize_base(config.model, tokenizer, tmp_path / "run")
+    return build_model(config.model, config.vdep, tokenizer, base, AttentionChoice("sdpa", "test"),
+                       torch.float32, torch.device("cpu"))
+
+
+def test_siglip_towers_and_qwen2_or_mistral_llms_take_the_same_path(tokenizer, small_data, tmp_path):
+    for index, (tower, llm) in enumerate((("siglip", "qwen2"), ("clip", "mistral"))):
+        built = build_tiny(tokenizer, tmp_path / str(index), small_data,
+                           f"model.vision_tower.tiny.architecture={tower}", f"model.language_model.tiny.architecture={llm}")
+        assert built.family == tower
+        assert built.spec.feature_select == ("full" if tower == "siglip" else "default")
+        assert built.spec.num_image_tokens == 16  # 32 px / 8 px patches; SigLIP has no CLS token to drop
+        assert type(built.model.language_model).__name__.lower().startswith(llm)
+        ids = torch.tensor([[tokenizer.bos_token_id] + [built.spec.image_token_id] * 16 + [5, 6, 7]])
+        labels = torch.full_like(ids, -100)
+        labels[0, -3:] = ids[0, -3:]
+        from vdep.data.batch import Batch
+
+        batch = Batch(ids, labels, torch.ones_like(ids), torch.zeros(1, 3, 32, 32), torch.tensor([True]), ["x"])
+        inputs = prepare_inputs(batch, torch.tensor([False]), VdepConfig(), built.spec.image_token_id, 16)
+        sums = built.model(inputs)
+        assert torch.isfinite(sums.text) and sums.text > 0
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tokenizer, small_data, tmp_path):
+    grads = []
+    for index, checkpointing in enumerate((False, True)):
+        built = build_tiny(tokenizer, tmp_path / str(index), small_data, f"model.gradient_checkpointing={str(checkpointing).lower()}")
+        model = built.model
+        assert model.language_model.is_gradient_checkpointing == checkpointing
+        apply_trainable(model, ["projector", "language_model"])
+        model.train()
+        ids = torch.tensor([[tokenizer.bos_token_id] + [built.spec.image_token_id] * 16 + [5, 6, 7, 8]])
+        labels = torch.full_like(ids, -100)
+        labels[0, -4:] = ids[0, -4:]
+        from vdep.data.batch import Batch
+
+        pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        batch = Batch(ids, labels, torch.ones_like(ids), pixels, torch.tensor([True]), ["x"])
+        inputs = prepare_inputs(batch, torch.tensor([True]), VdepConfig(text_loss_in_vdep_mode=True), built.spec.image_token_id, 16)
+        sums = model(inputs)
+        batch_loss(sums, GlobalCounts(inputs.num_text_targets, inputs.num_image_targets), 1.0).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5), name

@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .demo_data import chance_accuracy, write_demo_data
 from .errors import VdepError
 
@@ -93,7 +91,6 @@ def run_demo(out: Path, nproc: int, vdep_enabled: bool, seed: int, overrides: li
     if code != 0:
         raise VdepError(f"training failed with exit code {code}; see the messages above and {run_dir / 'logs' / 'train.log'}")
     print("[3/3] evaluating held-out questions by greedy decoding", flush=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     trained = load_trained_model(run_dir)
     records = json.loads(paths["held_out"].read_text())
     result = answer_questions(trained, records, paths["images"], "vicuna_v1")

@@ -38,7 +38,7 @@ class TrainedModel:
     stages: list[str]
 
 
-def load_trained_model(run_dir: Path, device: torch.device = torch.device("cpu")) -> TrainedModel:
+def load_trained_model(run_dir: Path, device: torch.device | None = None) -> TrainedModel:
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise CheckpointError(f"{run_dir} is not a vdep run directory (no config.yaml)")
@@ -49,11 +49,12 @@ def load_trained_model(run_dir: Path, device: torch.device = torch.device("cpu")
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     base = BasePaths.for_run(config.model, run_dir)
     built = build_model(
-        config.model, VdepConfig(), tokenizer, base, AttentionChoice("sdpa", "evaluation"), torch.float32, device
+        config.model, VdepConfig(), tokenizer, base, AttentionChoice("sdpa", "evaluation"), torch.float32,
+        device or torch.device("cpu"),
     )
     for name in stages:
         load_weights_file(built.model, run_dir / name / "final" / FINAL_WEIGHTS)
-    built.model.to(device).eval()
+    built.model.to(device or torch.device("cpu")).eval()
     return TrainedModel(
         built.model, tokenizer, built.spec, load_image_processing(base, config.data.pad_to_square), config, stages
     )

@@ -42,7 +42,7 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
-    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "Batch":
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> Batch:
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -53,7 +53,7 @@ class Batch:
             moved[f.name] = value
         return Batch(**moved)
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         pinned = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in pinned.items():
             if isinstance(value, torch.Tensor):

@@ -55,7 +55,7 @@ class ImageProcessing:
         return tuple(int(m * 255) for m in self.mean)  # type: ignore[return-value]
 
     @classmethod
-    def from_hf_dict(cls, config: dict, pad_to_square: bool) -> "ImageProcessing":
+    def from_hf_dict(cls, config: dict, pad_to_square: bool) -> ImageProcessing:
         size = config.get("size", {})
         if isinstance(size, int):
             size = {"shortest_edge": size}
@@ -74,7 +74,7 @@ class ImageProcessing:
         )
 
     @classmethod
-    def from_folder(cls, folder: str | Path, pad_to_square: bool) -> "ImageProcessing":
+    def from_folder(cls, folder: str | Path, pad_to_square: bool) -> ImageProcessing:
         path = Path(folder) / "preprocessor_config.json"
         if not path.is_file():
             raise FileNotFoundError(path)

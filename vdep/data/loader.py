@@ -39,7 +39,7 @@ class StageLoader:
         shuffle_buffer: int,
         pad_token_id: int,
         pin_memory: bool = False,
-    ) -> "StageLoader":
+    ) -> StageLoader:
         split = resolve_split(split, len(shards), world_size * max(num_workers, 1))  # type: ignore[arg-type]
         stream = ShardStream(
             shards,

@@ -53,7 +53,7 @@ class BasePaths:
     projector_init: Path
 
     @classmethod
-    def for_run(cls, config: ModelConfig, run_dir: Path) -> "BasePaths":
+    def for_run(cls, config: ModelConfig, run_dir: Path) -> BasePaths:
         base = run_dir / "base"
         return cls(
             vision_tower=Path(config.vision_tower.path) if config.vision_tower.path else base / "vision_tower",

@@ -46,7 +46,7 @@ class ModelInputs(NamedTuple):
     def num_image_targets(self) -> int:
         return int(self.image_targets.sum())
 
-    def to(self, device: torch.device, float_dtype: torch.dtype) -> "ModelInputs":
+    def to(self, device: torch.device, float_dtype: torch.dtype) -> ModelInputs:
         return ModelInputs(*(
             value.to(device, dtype=float_dtype if value.is_floating_point() else None, non_blocking=True)
             if isinstance(value, torch.Tensor) else value

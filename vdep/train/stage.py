@@ -174,6 +174,7 @@ class IntervalStats:
 
     device: torch.device
     sums: torch.Tensor = field(init=False)
+    image_positions: int = 0
     text_targets: int = 0
     image_targets: int = 0
     samples: int = 0
@@ -183,17 +184,12 @@ class IntervalStats:
     started: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        # text loss sum, vdep loss sum, ||h|| sum, ||e|| sum, number of image positions
-        self.sums = torch.zeros(5, dtype=torch.float64, device=self.device)
+        # text loss sum, vdep loss sum, ||h|| sum, ||e|| sum
+        self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)
 
     def add_micro(self, sums: LossSums, image_positions: int) -> None:
-        self.sums += torch.stack([
-            sums.text.detach().double(),
-            sums.vdep.detach().double(),
-            sums.hidden_norm.double(),
-            sums.target_norm.double(),
-            torch.tensor(float(image_positions), dtype=torch.float64, device=self.device),
-        ])
+        self.sums += torch.stack([sums.text.detach(), sums.vdep.detach(), sums.hidden_norm, sums.target_norm]).double()
+        self.image_positions += image_positions
 
     def add_step(self, plan: StepPlan, flops: float) -> None:
         self.text_targets += plan.counts.text
@@ -205,7 +201,8 @@ class IntervalStats:
 
     def scalars(self, alpha: float) -> dict[str, float]:
         """Collective (all ranks): global averages over the interval."""
-        text, vdep, hidden_norm, target_norm, positions = all_reduce_sum(self.sums.clone()).tolist()
+        local = torch.cat([self.sums, torch.tensor([float(self.image_positions)], dtype=torch.float64, device=self.device)])
+        text, vdep, hidden_norm, target_norm, positions = all_reduce_sum(local).tolist()
         elapsed = max(time.monotonic() - self.started, 1e-9)
         loss_text = text / max(self.text_targets, 1)
         loss_vdep = vdep / max(self.image_targets, 1)
@@ -282,6 +279,10 @@ def run_stage(ctx: RunContext, name: str, stage: StageConfig) -> dict:
     tag = latest_tag(checkpoints)
     if tag is not None:
         state = load_checkpoint(engine, checkpoints, tag)
+        if state.config_fingerprint != fingerprint:
+            raise CheckpointError(
+                f"{checkpoints / tag} was written with a different model or data config; use a new run.name"
+            )
         if state.world_size != world:
             raise CheckpointError(
                 f"{checkpoints / tag} was written by {state.world_size} rank(s); this run has {world}. "
