@@ -95,6 +95,14 @@ def test_single_process_zero2_zero3_and_accumulation_give_the_same_losses(small_
         assert values == pytest.approx(reference, rel=1e-4), name
 
 
+def test_optimizer_offload_matches_zero3(small_data, tmp_path):
+    """zero3_offload (parameters and optimizer on the CPU, DeepSpeed's CPU Adam) trains like zero3."""
+    common = ["stage=align", "stages.align.max_steps=3", "run.log_every=1", "data.shuffle_buffer=0"]
+    train(2, small_data, tmp_path / "zero3", *common, "stages.align.zero=zero3")
+    train(2, small_data, tmp_path / "offload", *common, "stages.align.zero=zero3_offload")
+    assert losses(tmp_path / "offload", "align") == pytest.approx(losses(tmp_path / "zero3", "align"), rel=1e-4)
+
+
 def test_two_stages_end_to_end_with_logs_checkpoints_and_rerun(small_data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -34,19 +34,25 @@ def import_deepspeed():
     return deepspeed
 
 
-def prebuild_ops() -> None:
-    """Compile (or load) the CPU accelerator's communication op once, serialised across processes."""
+def load_op(builder) -> object:
+    """Compile (or load) a DeepSpeed op, one process at a time (ranks started together would race)."""
     configure_environment()
-    if os.environ["DS_ACCELERATOR"] != "cpu":
-        return
     extensions = Path(os.environ["TORCH_EXTENSIONS_DIR"])
     extensions.mkdir(parents=True, exist_ok=True)
-    import_deepspeed()
-    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
-
     with open(extensions / ".vdep-build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            ShareMemCommBuilder().load(verbose=False)
+            return builder.load(verbose=False)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def prebuild_ops() -> None:
+    """Build the CPU accelerator's communication op before any rank initialises its process group."""
+    configure_environment()
+    if os.environ["DS_ACCELERATOR"] != "cpu":
+        return
+    import_deepspeed()
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    load_op(ShareMemCommBuilder())

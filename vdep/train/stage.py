@@ -49,7 +49,7 @@ from .checkpoint import (
 )
 from .deepspeed_config import fill_config, load_preset, offloads_optimizer, zero_stage
 from .distributed import LaunchEnv, all_reduce_sum, sum_counters
-from .ds import import_deepspeed
+from .ds import import_deepspeed, load_op
 from .freezing import apply_trainable, format_table, numel, param_groups, trainable_table
 from .global_batch import StepPlan, plan_step
 from .metrics import FlopModel, StageMetrics, peak_flops
@@ -134,7 +134,9 @@ def make_loader(ctx: RunContext, stage: StageConfig, spec: MultimodalSpec, grad_
 def make_optimizer(groups: list[dict], ds_config: dict, device: torch.device) -> torch.optim.Optimizer:
     if offloads_optimizer(ds_config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.op_builder import CPUAdamBuilder
 
+        load_op(CPUAdamBuilder())  # compiled on first use; serialised across ranks
         return DeepSpeedCPUAdam(groups, adamw_mode=True, betas=(0.9, 0.999), eps=1e-8)
     return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
 
