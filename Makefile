@@ -33,7 +33,7 @@ test-unit: $(STAMP)
 
 # Each test starts several ranks that share the CPU: run them one at a time.
 test-distributed: $(STAMP)
-	$(BIN)/python -m pytest -m distributed -q
+	$(BIN)/python -m pytest -m distributed -q --durations=10
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache vdep-demo

@@ -11,6 +11,7 @@ import random
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,7 +162,8 @@ def test_torchrun_and_deepspeed_launchers(small_data, tmp_path):
     quick = ["stage=align", "stages.align.max_steps=1", "stages.align.global_batch_size=8", "stages.align.micro_batch_size=4"]
     launchers = {
         "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "vdep"],
-        "deepspeed": [shutil.which("deepspeed") or "deepspeed", "--num_accelerators", "2", "--module", "vdep"],
+        # the launcher script installed beside this interpreter (the virtualenv need not be activated)
+        "deepspeed": [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2", "--module", "vdep"],
     }
     for name, command in launchers.items():
         run_dir = tmp_path / name

@@ -103,7 +103,8 @@ def run_demo(out: Path, nproc: int, vdep_enabled: bool, seed: int, overrides: li
     print(f"  by question ({result.total} questions): {kinds}")
     for name, summary in summaries.items():
         final = summary["final"]
-        print(f"final losses, {name}: text {final['loss/text']:.4f}, vdep {final['loss/vdep']:.4f} ({summary['steps']} steps)")
+        if final:  # empty only for a stage resumed from its very last checkpoint
+            print(f"final losses, {name}: text {final['loss/text']:.4f}, vdep {final['loss/vdep']:.4f} ({summary['steps']} steps)")
     print(f"VDEP: {'on' if vdep_enabled else 'off'}; answers in {run_dir / 'held_out_answers.json'}")
     print(f"TensorBoard logs: tensorboard --logdir {run_dir / 'tensorboard'}")
     print(f"checkpoints: {run_dir}/{{align,finetune}}/checkpoints, final weights in {run_dir}/*/final")

@@ -1,10 +1,10 @@
 """What a stage reports: TensorBoard scalars, a progress bar or log lines, throughput and MFU.
 
 Only rank 0 writes: TensorBoard events in RUN_DIR/tensorboard/<stage>/ and the same scalars, one JSON
-object per logged step, in RUN_DIR/<stage>/metrics.jsonl. Scalars (see docs/design.md for the full list): `loss/text`, `loss/vdep`,
+object per logged step, in RUN_DIR/<stage>/metrics.jsonl. The scalars: `loss/text`, `loss/vdep`,
 `loss/total`, `lr/<group>`, `grad_norm`, `tokens/text`, `tokens/image`, `norm/hidden_at_image`,
-`norm/target_at_image`, `throughput/samples_per_s`, `throughput/tokens_per_s`, `perf/mfu` and
-`memory/max_allocated_gib` (GPU only), `data/skipped/<reason>`.
+`norm/target_at_image`, `throughput/samples_per_s`, `throughput/tokens_per_s`,
+`throughput/flops_per_s`, `perf/mfu` and `memory/max_allocated_gib` (GPU only), `data/skipped/<reason>`.
 """
 
 from __future__ import annotations
@@ -12,15 +12,23 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 
+from ..data.batch import Batch
 from ..log import get_logger
+from ..objectives.losses import LossSums
+from .distributed import all_reduce_sum
+from .global_batch import StepPlan
 
 log = get_logger("metrics")
+
+# Skipped samples are named in the log this many times per stage; after that they are only counted.
+MAX_SKIP_WARNINGS = 20
 
 # Dense bf16/fp16 tensor-core peak per GPU, FLOP/s, by a substring of the device name.
 PEAK_FLOPS = {
@@ -124,3 +132,73 @@ class StageMetrics:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+@dataclass
+class IntervalStats:
+    """Sums over the steps since the last log line (device tensors: no host sync per step)."""
+
+    device: torch.device
+    sums: torch.Tensor = field(init=False)
+    image_positions: int = 0
+    text_targets: int = 0
+    image_targets: int = 0
+    samples: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    steps: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        # text loss sum, vdep loss sum, ||h|| sum, ||e|| sum
+        self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+
+    def add_micro(self, sums: LossSums, image_positions: int) -> None:
+        self.sums += torch.stack([sums.text.detach(), sums.vdep.detach(), sums.hidden_norm, sums.target_norm]).double()
+        self.image_positions += image_positions
+
+    def add_step(self, plan: StepPlan, flops: float) -> None:
+        self.text_targets += plan.counts.text
+        self.image_targets += plan.counts.image
+        self.samples += plan.samples
+        self.tokens += plan.tokens
+        self.flops += flops
+        self.steps += 1
+
+    def scalars(self, alpha: float) -> dict[str, float]:
+        """Collective (all ranks): global averages over the interval."""
+        local = torch.cat([self.sums, torch.tensor([float(self.image_positions)], dtype=torch.float64, device=self.device)])
+        text, vdep, hidden_norm, target_norm, positions = all_reduce_sum(local).tolist()
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        loss_text = text / max(self.text_targets, 1)
+        loss_vdep = vdep / max(self.image_targets, 1)
+        return {
+            "loss/text": loss_text,
+            "loss/vdep": loss_vdep,
+            "loss/total": loss_text + alpha * loss_vdep,
+            "tokens/text": self.text_targets / self.steps,
+            "tokens/image": self.image_targets / self.steps,
+            "norm/hidden_at_image": hidden_norm / max(positions, 1),
+            "norm/target_at_image": target_norm / max(positions, 1),
+            "throughput/samples_per_s": self.samples / elapsed,
+            "throughput/tokens_per_s": self.tokens / elapsed,
+            "throughput/flops_per_s": self.flops / elapsed,
+        }
+
+
+class SkipReport:
+    """This rank's skipped samples by reason; the first few are named in the log."""
+
+    def __init__(self, counts: dict[str, int]):
+        self.counts: Counter[str] = Counter(counts)
+        self.warnings_left = MAX_SKIP_WARNINGS
+
+    def add(self, batches: list[Batch]) -> None:
+        for batch in batches:
+            self.counts.update(batch.skipped)
+            for message in batch.skip_messages:
+                if self.warnings_left > 0:
+                    log.warning("skipped sample %s", message)
+                    self.warnings_left -= 1
+                    if self.warnings_left == 0:
+                        log.warning("further skipped samples are counted, not named (see data/skipped in TensorBoard)")

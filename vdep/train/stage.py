@@ -14,11 +14,10 @@ from __future__ import annotations
 import functools
 import gc
 import itertools
-import time
-from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -36,7 +35,7 @@ from ..log import get_logger
 from ..model.attention import choose_attention
 from ..model.build import BasePaths, build_model, load_weights_file
 from ..model.llava import MultimodalSpec, VdepLlava
-from ..objectives.losses import LossSums, batch_loss
+from ..objectives.losses import batch_loss
 from .checkpoint import (
     FINAL_WEIGHTS,
     TrainState,
@@ -48,18 +47,16 @@ from .checkpoint import (
     stage_is_complete,
 )
 from .deepspeed_config import fill_config, load_preset, offloads_optimizer, zero_stage
-from .distributed import LaunchEnv, all_reduce_sum, sum_counters
+from .distributed import LaunchEnv, sum_counters
 from .ds import import_deepspeed, load_op
 from .freezing import apply_trainable, format_table, numel, param_groups, trainable_table
-from .global_batch import StepPlan, plan_step
-from .metrics import FlopModel, StageMetrics, peak_flops
+from .global_batch import plan_step
+from .metrics import FlopModel, IntervalStats, SkipReport, StageMetrics, peak_flops
 from .schedule import lr_factor, warmup_steps
 
 log = get_logger("train")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Skipped samples are named in the log this many times per stage; after that they are only counted.
-MAX_SKIP_WARNINGS = 20
 
 
 @dataclass
@@ -171,67 +168,25 @@ def skip(batches: Iterator[Batch], count: int) -> Iterator[Batch]:
 
 
 @dataclass
-class IntervalStats:
-    """Sums over the steps since the last log line (device tensors: no host sync per step)."""
+class StageEngine:
+    """Everything a stage's loop needs, built once."""
 
-    device: torch.device
-    sums: torch.Tensor = field(init=False)
-    image_positions: int = 0
-    text_targets: int = 0
-    image_targets: int = 0
-    samples: int = 0
-    tokens: int = 0
-    flops: float = 0.0
-    steps: int = 0
-    started: float = field(default_factory=time.monotonic)
-
-    def __post_init__(self) -> None:
-        # text loss sum, vdep loss sum, ||h|| sum, ||e|| sum
-        self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)
-
-    def add_micro(self, sums: LossSums, image_positions: int) -> None:
-        self.sums += torch.stack([sums.text.detach(), sums.vdep.detach(), sums.hidden_norm, sums.target_norm]).double()
-        self.image_positions += image_positions
-
-    def add_step(self, plan: StepPlan, flops: float) -> None:
-        self.text_targets += plan.counts.text
-        self.image_targets += plan.counts.image
-        self.samples += plan.samples
-        self.tokens += plan.tokens
-        self.flops += flops
-        self.steps += 1
-
-    def scalars(self, alpha: float) -> dict[str, float]:
-        """Collective (all ranks): global averages over the interval."""
-        local = torch.cat([self.sums, torch.tensor([float(self.image_positions)], dtype=torch.float64, device=self.device)])
-        text, vdep, hidden_norm, target_norm, positions = all_reduce_sum(local).tolist()
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        loss_text = text / max(self.text_targets, 1)
-        loss_vdep = vdep / max(self.image_targets, 1)
-        return {
-            "loss/text": loss_text,
-            "loss/vdep": loss_vdep,
-            "loss/total": loss_text + alpha * loss_vdep,
-            "tokens/text": self.text_targets / self.steps,
-            "tokens/image": self.image_targets / self.steps,
-            "norm/hidden_at_image": hidden_norm / max(positions, 1),
-            "norm/target_at_image": target_norm / max(positions, 1),
-            "throughput/samples_per_s": self.samples / elapsed,
-            "throughput/tokens_per_s": self.tokens / elapsed,
-            "throughput/flops_per_s": self.flops / elapsed,
-        }
+    engine: Any  # deepspeed.DeepSpeedEngine wrapping the VdepLlava
+    spec: MultimodalSpec
+    loader: StageLoader
+    total_steps: int
+    schedule: Callable[[int], float]  # LR multiplier by step
+    base_lrs: dict[str, float]  # peak LR by parameter group
+    grad_accum: int
+    flops: FlopModel
 
 
-def run_stage(ctx: RunContext, name: str, stage: StageConfig) -> dict:
-    stage_dir = ctx.run_dir / name
-    if stage_is_complete(stage_dir):
-        log.info("stage %s: already complete in %s; skipping it", name, stage_dir / "final")
-        return read_summary(stage_dir)
+def build_stage(ctx: RunContext, name: str, stage: StageConfig) -> StageEngine:
+    """Model with its starting weights, data, optimizer, schedule and DeepSpeed engine; logs the setup."""
     deepspeed = import_deepspeed()
     world = ctx.launch.world_size
     grad_accum = check_batch_geometry(name, stage, world)
     preset, preset_path = load_preset(stage.zero)
-    hidden_size = AutoConfig.from_pretrained(ctx.base.language_model).hidden_size
     ds_config = fill_config(
         preset,
         preset_path,
@@ -240,13 +195,12 @@ def run_stage(ctx: RunContext, name: str, stage: StageConfig) -> dict:
         world_size=world,
         grad_clip=stage.grad_clip,
         precision=ctx.precision,
-        hidden_size=hidden_size,
+        hidden_size=AutoConfig.from_pretrained(ctx.base.language_model).hidden_size,
     )
     zero = zero_stage(ds_config)
     attention = choose_attention(ctx.config.model.attn_implementation, ctx.device)
-    dtype = DTYPES[ctx.precision]
     built = build_model(
-        ctx.config.model, stage.vdep, ctx.tokenizer, ctx.base, attention, dtype, ctx.device,
+        ctx.config.model, stage.vdep, ctx.tokenizer, ctx.base, attention, DTYPES[ctx.precision], ctx.device,
         zero3_config=ds_config if zero == 3 else None,
     )
     model, spec = built.model, built.spec
@@ -258,9 +212,8 @@ def run_stage(ctx: RunContext, name: str, stage: StageConfig) -> dict:
     loader = make_loader(ctx, stage, spec, grad_accum)
     total = loader.total_steps(stage.epochs, stage.max_steps)
     warmup = warmup_steps(total, stage.warmup_ratio)
-    groups = param_groups(model, stage.lr, stage.projector_lr, stage.weight_decay)
-    base_lrs = {g["name"]: g["lr"] for g in groups}
     schedule = functools.partial(lr_factor, warmup=warmup, total=total)
+    groups = param_groups(model, stage.lr, stage.projector_lr, stage.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=make_optimizer(groups, ds_config, ctx.device),
@@ -274,97 +227,124 @@ def run_stage(ctx: RunContext, name: str, stage: StageConfig) -> dict:
         stage.micro_batch_size, grad_accum, stage.global_batch_size, total, warmup, stage.template,
         format_table(trainable_table(model)),
     )
+    return StageEngine(
+        engine=engine,
+        spec=spec,
+        loader=loader,
+        total_steps=total,
+        schedule=schedule,
+        base_lrs={group["name"]: group["lr"] for group in groups},
+        grad_accum=grad_accum,
+        flops=flop_model(model, spec, llm_trainable="language_model" in stage.trainable),
+    )
 
-    checkpoints = stage_dir / "checkpoints"
+
+def restore_state(ctx: RunContext, name: str, stage: StageEngine, checkpoints: Path) -> TrainState:
+    """The state to start from: the latest checkpoint of this stage, or step 0."""
+    world = ctx.launch.world_size
     fingerprint = config_fingerprint(ctx.config)
-    state = TrainState(name, 0, 0, 0, world, fingerprint)
     tag = latest_tag(checkpoints)
-    if tag is not None:
-        state = load_checkpoint(engine, checkpoints, tag)
-        if state.config_fingerprint != fingerprint:
-            raise CheckpointError(
-                f"{checkpoints / tag} was written with a different model or data config; use a new run.name"
-            )
-        if state.world_size != world:
-            raise CheckpointError(
-                f"{checkpoints / tag} was written by {state.world_size} rank(s); this run has {world}. "
-                "Resume with the same number of processes"
-            )
-        log.info("stage %s: resumed from %s (step %d of %d)", name, checkpoints / tag, state.step, total)
+    if tag is None:
+        return TrainState(name, 0, 0, 0, world, fingerprint)
+    state = load_checkpoint(stage.engine, checkpoints, tag)
+    if state.config_fingerprint != fingerprint:
+        raise CheckpointError(f"{checkpoints / tag} was written with a different model or data config; use a new run.name")
+    if state.world_size != world:
+        raise CheckpointError(
+            f"{checkpoints / tag} was written by {state.world_size} rank(s); this run has {world}. "
+            "Resume with the same number of processes"
+        )
+    log.info("stage %s: resumed from %s (step %d of %d)", name, checkpoints / tag, state.step, stage.total_steps)
+    return state
 
-    metrics = StageMetrics(ctx.run_dir, name, total, state.step, enabled=ctx.is_main)
-    flops = flop_model(model, spec, llm_trainable="language_model" in stage.trainable)
+
+def step_scalars(ctx: RunContext, stage: StageEngine, interval: IntervalStats, skips: SkipReport, step: int,
+                 alpha: float) -> dict[str, float]:
+    """Collective: the scalars logged after `step` (losses and counts over the interval, rates, LR)."""
+    scalars = interval.scalars(alpha)
+    scalars["grad_norm"] = float(stage.engine.get_global_grad_norm() or 0.0)
+    for group, lr in stage.base_lrs.items():
+        scalars[f"lr/{group}"] = lr * stage.schedule(step - 1)
     peak = peak_flops(ctx.device, ctx.precision)
-    skipped = Counter(state.skipped_samples)
-    warnings_left = MAX_SKIP_WARNINGS
-    batches = skip(iter(loader.micro_batches(state.epoch)), state.micro_batches_in_epoch)
+    if peak is not None:
+        scalars["perf/mfu"] = scalars["throughput/flops_per_s"] / (peak * ctx.launch.world_size)
+    if ctx.device.type == "cuda":
+        scalars["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
+    for reason, count in sum_counters(skips.counts).items():
+        scalars[f"data/skipped/{reason}"] = float(count)
+    return scalars
+
+
+def train_steps(ctx: RunContext, name: str, config: StageConfig, stage: StageEngine, state: TrainState,
+                checkpoints: Path) -> dict[str, float]:
+    """Run optimizer steps until the stage's total; returns the last logged scalars."""
+    engine, world = stage.engine, ctx.launch.world_size
+    dtype = DTYPES[ctx.precision]
+    metrics = StageMetrics(ctx.run_dir, name, stage.total_steps, state.step, enabled=ctx.is_main)
+    skips = SkipReport(state.skipped_samples)
+    batches = skip(iter(stage.loader.micro_batches(state.epoch)), state.micro_batches_in_epoch)
     interval = IntervalStats(ctx.device)
     last_scalars: dict[str, float] = {}
-    slots = stage.micro_batch_size * grad_accum
-    while state.step < total:
-        micro_batches = take(batches, grad_accum)
+    while state.step < stage.total_steps:
+        micro_batches = take(batches, stage.grad_accum)
         plan = plan_step(
-            micro_batches, step=state.step, seed=ctx.config.run.seed, slots_per_rank=slots,
-            vdep=stage.vdep, spec=spec, device=ctx.device,
+            micro_batches, step=state.step, seed=ctx.config.run.seed,
+            slots_per_rank=config.micro_batch_size * stage.grad_accum, vdep=config.vdep, spec=stage.spec,
+            device=ctx.device,
         )
-        if plan is None:
+        if plan is None:  # some rank has no full share left: every rank starts the next epoch
             if state.micro_batches_in_epoch == 0:
                 raise DataError(f"stage {name}: epoch {state.epoch} produced no complete step; see the skipped samples")
             state.epoch += 1
             state.micro_batches_in_epoch = 0
-            batches = iter(loader.micro_batches(state.epoch))
+            batches = iter(stage.loader.micro_batches(state.epoch))
             continue
-        for batch in micro_batches:  # type: ignore[union-attr]
-            skipped.update(batch.skipped)
-            for message in batch.skip_messages:
-                if warnings_left > 0:
-                    log.warning("skipped sample %s", message)
-                    warnings_left -= 1
-                    if warnings_left == 0:
-                        log.warning("further skipped samples are counted, not named (see data/skipped in TensorBoard)")
+        skips.add(micro_batches)  # type: ignore[arg-type]
         for inputs in plan.inputs:
             sums = engine(inputs.to(ctx.device, dtype))
-            engine.backward(batch_loss(sums, plan.counts, stage.vdep.alpha) * world, scale_wrt_gas=False)
+            engine.backward(batch_loss(sums, plan.counts, config.vdep.alpha) * world, scale_wrt_gas=False)
             engine.step()
             interval.add_micro(sums, int(inputs.image_positions.sum()))
-        step_flops = flops.step_flops(plan.tokens, plan.squared_lengths, plan.image_samples)
-        interval.add_step(plan, step_flops)
+        interval.add_step(plan, stage.flops.step_flops(plan.tokens, plan.squared_lengths, plan.image_samples))
         state.step += 1
-        state.micro_batches_in_epoch += grad_accum
-        if state.step % ctx.config.run.log_every == 0 or state.step == total:
-            scalars = interval.scalars(stage.vdep.alpha)
-            scalars["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
-            for group, lr in base_lrs.items():
-                scalars[f"lr/{group}"] = lr * schedule(state.step - 1)
-            if peak is not None:
-                scalars["perf/mfu"] = scalars["throughput/flops_per_s"] / (peak * world)
-            if ctx.device.type == "cuda":
-                scalars["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
-            for reason, count in sum_counters(skipped).items():
-                scalars[f"data/skipped/{reason}"] = float(count)
-            metrics.log(state.step, scalars)
-            last_scalars = scalars
+        state.micro_batches_in_epoch += stage.grad_accum
+        if state.step % ctx.config.run.log_every == 0 or state.step == stage.total_steps:
+            last_scalars = step_scalars(ctx, stage, interval, skips, state.step, config.vdep.alpha)
+            metrics.log(state.step, last_scalars)
             interval = IntervalStats(ctx.device)
-        if stage.save_every and state.step % stage.save_every == 0 and state.step < total:
-            state.skipped_samples = dict(skipped)
+        if config.save_every and state.step % config.save_every == 0 and state.step < stage.total_steps:
+            state.skipped_samples = dict(skips.counts)
             save_checkpoint(engine, checkpoints, state, ctx.config.run.keep_last)
-    state.skipped_samples = dict(skipped)
-    save_checkpoint(engine, checkpoints, state, ctx.config.run.keep_last)
-    total_skipped = sum_counters(skipped)
-    if total_skipped:
-        log.warning("stage %s: skipped %d sample(s): %s", name, sum(total_skipped.values()), total_skipped)
+    state.skipped_samples = dict(skips.counts)
+    metrics.close()
+    return last_scalars
+
+
+def run_stage(ctx: RunContext, name: str, config: StageConfig) -> dict:
+    """Train one stage (or find it complete); returns its summary."""
+    stage_dir = ctx.run_dir / name
+    if stage_is_complete(stage_dir):
+        log.info("stage %s: already complete in %s; skipping it", name, stage_dir / "final")
+        return read_summary(stage_dir)
+    stage = build_stage(ctx, name, config)
+    checkpoints = stage_dir / "checkpoints"
+    state = restore_state(ctx, name, stage, checkpoints)
+    last_scalars = train_steps(ctx, name, config, stage, state, checkpoints)
+    save_checkpoint(stage.engine, checkpoints, state, ctx.config.run.keep_last)
+    skipped = sum_counters(state.skipped_samples)
+    if skipped:
+        log.warning("stage %s: skipped %d sample(s): %s", name, sum(skipped.values()), skipped)
     summary = {
         "stage": name,
         "steps": state.step,
         "epochs_started": state.epoch + 1,
         "final": {k: v for k, v in last_scalars.items() if k.startswith(("loss/", "norm/", "tokens/"))},
-        "skipped_samples": total_skipped,
-        "vdep": stage.vdep.__dict__,
+        "skipped_samples": skipped,
+        "vdep": asdict(config.vdep),
     }
-    save_final_weights(engine.module, stage_dir / "final", summary)
-    metrics.close()
+    save_final_weights(stage.engine.module, stage_dir / "final", summary)
     log.info("stage %s: done after %d steps; weights in %s", name, state.step, stage_dir / "final")
-    _release(engine)
+    _release(stage.engine)
     return summary
 
 
