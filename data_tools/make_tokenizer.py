@@ -70,7 +70,8 @@ def make_tokenizer(shard_dirs: list[str], vocab_size: int, out: Path) -> Path:
 
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "tokenizer.model").write_bytes(model.getvalue())
-        tokenizer = LlamaTokenizer.from_pretrained(tmp)
+        # Like Llama/Vicuna's tokenizer, it adds BOS to every encoded text (templates rely on the tokenizer for it).
+        tokenizer = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False)
         out.mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(str(out))
     (out / "tokenizer.model").write_bytes(model.getvalue())

@@ -38,48 +38,70 @@ def supervised(tokens: TokenizedConversation) -> list[int]:
     return [label for label in tokens.labels if label != IGNORE_INDEX]
 
 
+def expand(ids: list[int], image: int) -> list[int]:
+    return [i for token in ids for i in ([token] * N_IMAGE if token == image else [token])]
+
+
 def test_plain_is_image_then_supervised_caption_and_newline(tokenizer, encoder):
     turns = [Turn("user", "<image>\nDescribe it."), Turn("assistant", "a red circle.")]
-    tokens = encoder.encode_segments(make_template("plain", tokenizer).segments(turns, has_image=True))
+    tokens = encoder.encode(make_template("plain", tokenizer).segments(turns, has_image=True))
     image = image_token_id(tokenizer)
-    caption = ids(tokenizer, "a red circle.\n")
-    assert tokens.input_ids == [tokenizer.bos_token_id] + [image] * N_IMAGE + caption
-    assert tokens.labels == [IGNORE_INDEX] * (1 + N_IMAGE) + caption  # the user's words are dropped, as LLaVA
+    # The user's words are dropped, as in LLaVA: BOS, the image, then the caption and its newline.
+    assert tokens.input_ids == expand(tokenizer("<image>a red circle.\n").input_ids, image)
+    assert tokens.input_ids[: 1 + N_IMAGE] == [tokenizer.bos_token_id] + [image] * N_IMAGE
+    assert tokens.labels[: 1 + N_IMAGE] == [IGNORE_INDEX] * (1 + N_IMAGE)
+    assert supervised(tokens) == tokens.input_ids[1 + N_IMAGE:]
+    assert tokenizer.decode(supervised(tokens)) == "a red circle.\n"
 
 
-def test_vicuna_supervises_each_answer_and_its_eos(tokenizer, encoder):
+def test_vicuna_ids_equal_the_whole_prompt_tokenized_and_answers_are_supervised(tokenizer, encoder):
     turns = parse_conversation([
         {"from": "human", "value": "<image>\nWhat color is the shape?"},
         {"from": "gpt", "value": "red"},
         {"from": "human", "value": "What shape is it?"},
         {"from": "gpt", "value": "circle"},
     ])
-    tokens = encoder.encode_segments(make_template("vicuna_v1", tokenizer).segments(turns, has_image=True))
-    eos, image = tokenizer.eos_token_id, image_token_id(tokenizer)
-    first_user = ids(tokenizer, f"{VICUNA_SYSTEM} USER: ") + [image] * N_IMAGE + ids(tokenizer, "\nWhat color is the shape? ASSISTANT:")
-    second_user = ids(tokenizer, "USER: What shape is it? ASSISTANT:")
-    expected = [tokenizer.bos_token_id] + first_user + ids(tokenizer, "red") + [eos] + second_user + ids(tokenizer, "circle") + [eos]
-    assert tokens.input_ids == expected
-    assert supervised(tokens) == ids(tokenizer, "red") + [eos] + ids(tokenizer, "circle") + [eos]
-    # Labels sit exactly on their tokens: every supervised label equals the input id at its position.
+    tokens = encoder.encode(make_template("vicuna_v1", tokenizer).segments(turns, has_image=True))
+    image = image_token_id(tokenizer)
+    text = (f"{VICUNA_SYSTEM} USER: <image>\nWhat color is the shape? ASSISTANT: red</s>"
+            "USER: What shape is it? ASSISTANT: circle</s>")
+    # Exactly what a Hugging Face processor gives for the rendered prompt (BOS from the tokenizer).
+    assert tokens.input_ids == expand(tokenizer(text).input_ids, image)
+    assert tokens.input_ids[0] == tokenizer.bos_token_id
+    # Labels sit on their tokens, and only the answers with their </s> are supervised.
     assert all(label == token for label, token in zip(tokens.labels, tokens.input_ids) if label != IGNORE_INDEX)
     assert tokenizer.decode(supervised(tokens)).replace(" ", "") == "red</s>circle</s>"
+    assert tokens.labels.count(tokenizer.eos_token_id) == 2
 
 
 def test_generation_prompt_is_the_training_prefix(tokenizer, encoder):
     template = make_template("vicuna_v1", tokenizer)
     turns = [Turn("user", "<image>\nWhat shape is it?"), Turn("assistant", "square")]
-    full = encoder.encode_segments(template.segments(turns, has_image=True)).input_ids
-    prompt = encoder.encode_segments(template.prompt_segments(turns[:1], has_image=True)).input_ids
+    full = encoder.encode(template.segments(turns, has_image=True)).input_ids
+    prompt = encoder.encode(template.prompt_segments(turns[:1], has_image=True)).input_ids
     assert full[: len(prompt)] == prompt
-    assert full[len(prompt):] == ids(tokenizer, "square") + [tokenizer.eos_token_id]
+    assert tokenizer.decode(full[len(prompt):]).strip() == "square</s>"
 
 
 def test_text_only_vicuna_sample_has_no_image_tokens(tokenizer, encoder):
     turns = [Turn("user", "What is two plus two?"), Turn("assistant", "four")]
-    tokens = encoder.encode_segments(make_template("vicuna_v1", tokenizer).segments(turns, has_image=False))
+    tokens = encoder.encode(make_template("vicuna_v1", tokenizer).segments(turns, has_image=False))
     assert image_token_id(tokenizer) not in tokens.input_ids
-    assert supervised(tokens) == ids(tokenizer, "four") + [tokenizer.eos_token_id]
+    assert tokenizer.decode(supervised(tokens)).strip() == "four</s>"
+
+
+def test_a_token_joining_template_and_answer_text_is_refused(tokenizer, encoder):
+    """A token made of template characters and answer characters: a counted skip, never a guess."""
+    from vdep.data.templates import Segment
+
+    word = next(
+        piece[1:] for piece in sorted(tokenizer.get_vocab())
+        if piece.startswith("▁") and len(piece) >= 3 and piece[1:].isalpha()
+        and tokenizer(piece[1:], add_special_tokens=False).input_ids == [tokenizer.convert_tokens_to_ids(piece)]
+    )
+    with pytest.raises(SampleError, match="joins template text and answer text") as error:
+        encoder.encode([Segment(word[0], False), Segment(word[1:], True)])  # one token across the boundary
+    assert error.value.reason == "template_mismatch"
 
 
 @pytest.mark.parametrize(
@@ -148,5 +170,5 @@ def test_template_and_tokenizer_consistency_check(tokenizer, encoder):
         lowercase = LlamaTokenizer.from_pretrained(folder)
         lowercase.add_tokens(["<image>"], special_tokens=True)
         lowercase_encoder = TemplateTokenizer(lowercase, lowercase.convert_tokens_to_ids("<image>"), N_IMAGE)
-        with pytest.raises(DataError, match="disagree.*decodes back as"):
+        with pytest.raises(DataError, match="disagree"):
             check_template_tokenizer(make_template("vicuna_v1", lowercase), lowercase_encoder)

@@ -77,7 +77,7 @@ class QAResult:
 
 
 def _prompt(template: ConversationTemplate, encoder: TemplateTokenizer, turns: list[Turn], has_image: bool) -> list[int]:
-    return encoder.encode_segments(template.prompt_segments(turns, has_image)).input_ids
+    return encoder.encode(template.prompt_segments(turns, has_image)).input_ids
 
 
 def answer_questions(

@@ -60,7 +60,7 @@ class SamplePreprocessor:
         has_image = image_bytes is not None
         check_image_markers(turns, has_image)
         pixel_values = preprocess_image(decode_image(image_bytes), self.image_processing) if has_image else None
-        tokens = self.encoder.encode_segments(self.template.segments(turns, has_image))
+        tokens = self.encoder.encode(self.template.segments(turns, has_image))
         tokens = truncate(tokens, self.max_length, self.encoder.image_token_id)
         if all(label == IGNORE_INDEX for label in tokens.labels):
             raise SampleError("no_supervised_tokens", "no token of the sample is supervised")

@@ -1,13 +1,16 @@
-"""Conversation templates: a conversation becomes token ids and labels, turn by turn.
+"""Conversation templates: a conversation becomes token ids and labels.
 
-A template lays a conversation out as a list of segments (text or special token ids), each marked
-supervised or not. Every segment is tokenized on its own and the ids are concatenated, so the labels
-line up with the input ids by construction: there is no re-tokenization step that could drift and
-silently mask a sample (LLaVA's "tokenization mismatch"). `<image>` markers inside a segment become
-`num_image_tokens` placeholder ids; the model scatters projector outputs into them.
+A template lays a conversation out as segments of text, each marked supervised (the answers) or not.
+The segments are joined into one string, which is tokenized once, exactly as a Hugging Face processor
+or a chat template tokenizes a prompt at inference (BOS from the tokenizer, `</s>` written as text and
+read as the special token). A token is supervised when it lies in an answer's characters; a token that
+reaches from template text into an answer may only do so with whitespace (Llama's `▁red` covers the
+space before `red`), anything else is a `template_mismatch` and the sample is skipped and counted, never
+silently masked. Then each `<image>` id becomes `num_image_tokens` placeholder ids, into which the model
+scatters projector outputs.
 
-Generation uses the same segments up to the assistant's answer (`encode_prompt`), so a prompt at
-inference is tokenized exactly as in training.
+Generation tokenizes the same segments up to the assistant's answer (`prompt_segments`), so a prompt
+at inference equals the training prefix.
 """
 
 from __future__ import annotations
@@ -27,18 +30,9 @@ VICUNA_SYSTEM = (
 
 
 @dataclass(frozen=True)
-class TextSegment:
+class Segment:
     text: str
     supervised: bool
-
-
-@dataclass(frozen=True)
-class TokenSegment:
-    token_id: int
-    supervised: bool
-
-
-Segment = TextSegment | TokenSegment
 
 
 @dataclass
@@ -47,44 +41,66 @@ class TokenizedConversation:
     labels: list[int]
 
 
+def render(segments: list[Segment]) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation's text and the character spans of its supervised segments."""
+    text, spans, position = [], [], 0
+    for segment in segments:
+        if segment.supervised and segment.text:
+            spans.append((position, position + len(segment.text)))
+        text.append(segment.text)
+        position += len(segment.text)
+    return "".join(text), spans
+
+
 class TemplateTokenizer:
-    """Tokenizes template text; each `<image>` becomes `num_image_tokens` copies of the image id."""
+    """Tokenizes rendered conversations; each `<image>` becomes `num_image_tokens` image ids."""
 
     def __init__(self, tokenizer, image_token_id: int, num_image_tokens: int):
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens
 
-    def encode_text(self, text: str) -> list[int]:
-        pieces = text.split(IMAGE_MARKER)
-        ids: list[int] = []
-        for index, piece in enumerate(pieces):
-            if index:
-                ids.extend([self.image_token_id] * self.num_image_tokens)
-            if piece:
-                ids.extend(self.tokenizer(piece, add_special_tokens=False).input_ids)
-        return ids
-
-    def encode_segments(self, segments: list[Segment]) -> TokenizedConversation:
+    def encode(self, segments: list[Segment]) -> TokenizedConversation:
+        text, spans = render(segments)
+        try:
+            encoded = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        except NotImplementedError:
+            raise DataError(f"tokenizer {self.tokenizer.name_or_path} gives no character offsets; use a fast tokenizer") from None
         input_ids: list[int] = []
         labels: list[int] = []
-        for segment in segments:
-            ids = [segment.token_id] if isinstance(segment, TokenSegment) else self.encode_text(segment.text)
-            input_ids.extend(ids)
-            labels.extend(ids if segment.supervised else [IGNORE_INDEX] * len(ids))
+        span_index = 0
+        for token_id, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+            while span_index < len(spans) and spans[span_index][1] <= start:
+                span_index += 1
+            supervised = False
+            if span_index < len(spans) and end > start:
+                span_start, span_end = spans[span_index]
+                if start < span_end and end > span_start:  # the token overlaps an answer
+                    if text[start:span_start].strip() or text[span_end:end].strip():
+                        raise SampleError(
+                            "template_mismatch",
+                            f"token {text[start:end]!r} joins template text and answer text; the labels "
+                            "cannot follow the answer exactly",
+                        )
+                    supervised = True
+            if token_id == self.image_token_id:
+                input_ids.extend([token_id] * self.num_image_tokens)
+                labels.extend([IGNORE_INDEX] * self.num_image_tokens)
+            else:
+                input_ids.append(token_id)
+                labels.append(token_id if supervised else IGNORE_INDEX)
         return TokenizedConversation(input_ids, labels)
 
 
 class ConversationTemplate(ABC):
-    """How a conversation is laid out as segments."""
+    """How a conversation is laid out as text segments."""
 
     name: str
-    # The text that ends an answer during generation: the EOS token, or a separator string.
+    # Text that ends an answer during generation besides EOS (the plain template's newline).
     stop_text: str | None = None
 
     def __init__(self, tokenizer):
-        self.bos_id: int | None = tokenizer.bos_token_id
-        self.eos_id: int | None = tokenizer.eos_token_id
+        self.eos_text: str | None = tokenizer.eos_token
 
     @abstractmethod
     def segments(self, turns: list[Turn], has_image: bool) -> list[Segment]:
@@ -94,15 +110,12 @@ class ConversationTemplate(ABC):
     def prompt_segments(self, turns: list[Turn], has_image: bool) -> list[Segment]:
         """Everything before the answer to the last user turn (`turns` ends with that user turn)."""
 
-    def _bos(self) -> list[Segment]:
-        return [TokenSegment(self.bos_id, False)] if self.bos_id is not None else []
-
 
 class PlainTemplate(ConversationTemplate):
-    """LLaVA's `plain` alignment template: `<image>` then the caption and a newline, nothing else.
+    """LLaVA's `plain` alignment template: `<image>`, then the caption and a newline.
 
     As in LLaVA, the user's words are dropped (alignment data pairs a generic instruction with a
-    caption); only the image and the caption remain, and the caption plus its newline is supervised.
+    caption); only the image and the caption remain, and the caption with its newline is supervised.
     """
 
     name = "plain"
@@ -115,42 +128,39 @@ class PlainTemplate(ConversationTemplate):
             raise SampleError(
                 "template_mismatch", f"the plain template takes one question and one answer, got {len(turns)} turns"
             )
-        return self.prompt_segments(turns[:1], has_image) + [TextSegment(turns[1].text + "\n", True)]
+        return self.prompt_segments(turns[:1], has_image) + [Segment(turns[1].text + "\n", True)]
 
     def prompt_segments(self, turns: list[Turn], has_image: bool) -> list[Segment]:
-        return self._bos() + [TextSegment(IMAGE_MARKER, False)]
+        return [Segment(IMAGE_MARKER, False)]
 
 
 class VicunaV1Template(ConversationTemplate):
     """LLaVA-1.5's `vicuna_v1`: `SYSTEM USER: q ASSISTANT: a</s>USER: q ASSISTANT: a</s>`.
 
-    The user part of each round is one unsupervised segment ending with `ASSISTANT:`; the answer and
-    its `</s>` are supervised.
+    Each user part ends with `ASSISTANT:` (the generation prompt ends there, as in LLaVA); the answer,
+    with the space before it, and its `</s>` are supervised.
     """
 
     name = "vicuna_v1"
 
     def __init__(self, tokenizer):
         super().__init__(tokenizer)
-        if self.eos_id is None:
+        if self.eos_text is None:
             raise DataError("the vicuna_v1 template ends every answer with EOS, but the tokenizer has no eos_token")
 
-    def _user(self, index: int, turn: Turn) -> TextSegment:
+    def _user(self, index: int, turn: Turn) -> Segment:
         prefix = f"{VICUNA_SYSTEM} USER: " if index == 0 else "USER: "
-        return TextSegment(f"{prefix}{turn.text} ASSISTANT:", False)
+        return Segment(f"{prefix}{turn.text} ASSISTANT:", False)
 
     def segments(self, turns: list[Turn], has_image: bool) -> list[Segment]:
-        segments = self._bos()
+        segments = []
         for index in range(0, len(turns), 2):
             segments.append(self._user(index, turns[index]))
-            segments.append(TextSegment(turns[index + 1].text, True))
-            segments.append(TokenSegment(self.eos_id, True))
+            segments.append(Segment(f" {turns[index + 1].text}{self.eos_text}", True))
         return segments
 
     def prompt_segments(self, turns: list[Turn], has_image: bool) -> list[Segment]:
-        segments = self.segments(turns[:-1], has_image) if len(turns) > 1 else self._bos()
-        segments.append(self._user(len(turns) - 1, turns[-1]))
-        return segments
+        return self.segments(turns[:-1], has_image) + [self._user(len(turns) - 1, turns[-1])]
 
 
 TEMPLATES: dict[str, type[ConversationTemplate]] = {t.name: t for t in (PlainTemplate, VicunaV1Template)}
@@ -165,23 +175,31 @@ def make_template(name: str, tokenizer) -> ConversationTemplate:
 def check_template_tokenizer(template: ConversationTemplate, encoder: TemplateTokenizer) -> None:
     """Fail at start-up when the tokenizer cannot represent what the template writes.
 
-    Each text segment of a probe conversation must tokenize to something that decodes back to the
-    same characters (whitespace aside): a tokenizer that lowercases, drops characters or maps them to
-    <unk> would otherwise train on text the template never meant.
+    A probe conversation must tokenize to ids that decode back to the same characters (whitespace
+    aside), and its answers must be labelled: a tokenizer that lowercases, drops characters or maps
+    them to <unk> would otherwise train on text the template never meant.
     """
     tokenizer = encoder.tokenizer
     probe = [Turn("user", f"{IMAGE_MARKER}\nWhat is shown?"), Turn("assistant", "A red circle.")]
-    probe_ids = tokenizer("a", add_special_tokens=False).input_ids
-    if tokenizer.bos_token_id is not None and probe_ids[:1] == [tokenizer.bos_token_id]:
-        raise DataError(f"tokenizer {tokenizer.name_or_path} adds BOS even with add_special_tokens=False")
-    for segment in template.segments(probe, has_image=True):
-        if isinstance(segment, TokenSegment):
-            continue
-        text = segment.text.replace(IMAGE_MARKER, "")
-        ids = encoder.encode_text(text)
-        decoded = tokenizer.decode(ids, skip_special_tokens=False)
-        if "".join(decoded.split()) != "".join(text.split()):
-            raise DataError(
-                f"template {template.name!r} and tokenizer {tokenizer.name_or_path} disagree: the segment "
-                f"{text!r} decodes back as {decoded!r}; use a tokenizer that covers the template's text"
-            )
+    segments = template.segments(probe, has_image=True)
+    text, _ = render(segments)
+    try:
+        tokens = encoder.encode(segments)
+    except SampleError as exc:
+        raise DataError(f"template {template.name!r} and tokenizer {tokenizer.name_or_path} disagree: {exc}") from None
+    ids = [i for i in tokens.input_ids if i != encoder.image_token_id]
+    decoded = tokenizer.decode(ids, skip_special_tokens=False)
+    if tokenizer.bos_token and decoded.startswith(tokenizer.bos_token):
+        decoded = decoded[len(tokenizer.bos_token):]
+    expected = text.replace(IMAGE_MARKER, "")
+    if "".join(decoded.split()) != "".join(expected.split()):
+        raise DataError(
+            f"template {template.name!r} and tokenizer {tokenizer.name_or_path} disagree: the text "
+            f"{expected!r} decodes back as {decoded!r}; use a tokenizer that covers the template's text"
+        )
+    answer = "".join(tokenizer.decode([t for t in tokens.labels if t != IGNORE_INDEX], skip_special_tokens=True).split())
+    if answer != "".join(probe[1].text.split()):
+        raise DataError(
+            f"template {template.name!r} with tokenizer {tokenizer.name_or_path}: the labelled tokens of the probe "
+            f"answer {probe[1].text!r} decode as {answer!r}"
+        )
