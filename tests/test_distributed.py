@@ -126,6 +126,12 @@ def test_two_stages_end_to_end_with_logs_checkpoints_and_rerun(small_data, tmp_p
             assert tag in tags, (stage, tag)
         assert any(tag.startswith("lr/") for tag in tags)
         assert [e.step for e in events.Scalars("loss/vdep")] == [1, 2, 3]
+    # The logged LR is the one each step used: peak × warmup/cosine factor (demo-tiny: warmup of 1 step).
+    from vdep.train.schedule import lr_factor
+
+    for stage, peak in (("align", 2e-3), ("finetune", 1e-3)):
+        logged = [m["lr/projector"] for m in read_metrics(run_dir, stage)]
+        assert logged == pytest.approx([peak * lr_factor(step, 1, 3) for step in range(3)]), stage
     trained = load_trained_model(run_dir)
     assert trained.stages == ["align", "finetune"]
     records = json.loads((small_data.raw / "eval.json").read_text())

@@ -188,3 +188,37 @@ def test_gradient_checkpointing_changes_memory_not_results(tokenizer, small_data
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5), name
+
+
+def test_a_vdep_head_from_an_earlier_stage_loads_only_where_the_model_has_one(tokenizer, small_data, tmp_path):
+    import dataclasses
+
+    import pytest
+
+    from vdep.config import load_config
+    from vdep.errors import CheckpointError
+    from vdep.model.attention import AttentionChoice
+    from vdep.model.build import build_model, load_weights, materialize_base
+
+    config = load_config("demo-tiny", small_data.overrides(tmp_path))
+    base = materialize_base(config.model, tokenizer, tmp_path)
+
+    def model_with_head(head: str):
+        vdep = dataclasses.replace(config.vdep, head=head)
+        return build_model(
+            config.model, vdep, tokenizer, base, AttentionChoice("sdpa", "test"), torch.float32, torch.device("cpu")
+        ).model
+
+    without_head, with_head = model_with_head("identity"), model_with_head("linear")
+    projector = without_head.multi_modal_projector.linear_1.weight
+    trained = {name: torch.randn_like(value) for name, value in with_head.named_parameters() if "linear_1" in name or "vdep_head" in name}
+    assert "vdep_head.weight" in trained and "vdep_head.bias" in trained
+    # No head here: the head stays behind, reported; everything else loads.
+    assert load_weights(without_head, trained, "align/final") == ["vdep_head.bias", "vdep_head.weight"]
+    assert torch.equal(projector, trained["multi_modal_projector.linear_1.weight"])
+    # The same head kind: it continues from the trained values.
+    assert load_weights(with_head, trained, "align/final") == []
+    assert torch.equal(with_head.vdep_head.weight, trained["vdep_head.weight"])
+    # Any other unknown name is still an error.
+    with pytest.raises(CheckpointError, match="does not have.*language_model.extra"):
+        load_weights(without_head, {"language_model.extra.weight": torch.zeros(1)}, "bad.safetensors")

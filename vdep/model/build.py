@@ -76,6 +76,15 @@ def atomic_folder(target: Path) -> Iterator[Path]:
 def materialize_base(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> BasePaths:
     """Write the run's random-init weights once (rank 0 only): tiny towers and the projector init."""
     paths = BasePaths.for_run(config, run_dir)
+    if config.init_from is not None:
+        from ..export.importer import import_llava_folder, write_projector_init
+
+        source = Path(config.init_from)
+        if config.imports_llava_folder():
+            if not (paths.vision_tower.is_dir() and paths.language_model.is_dir() and paths.projector_init.is_file()):
+                import_llava_folder(source, paths.vision_tower, paths.language_model, paths.projector_init)
+        elif not paths.projector_init.is_file():
+            write_projector_init(source, config.projector, paths.projector_init)
     with torch.random.fork_rng(devices=[]):
         if config.vision_tower.tiny is not None and not paths.vision_tower.is_dir():
             tiny = config.vision_tower.tiny
@@ -164,10 +173,26 @@ def gathered(params: list[torch.Tensor], modifier_rank: int | None = None):
         yield
 
 
-def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy named tensors into the model's parameters (partitioned ones one at a time)."""
+# The VDEP head belongs to a stage's objective, not to the multimodal model: a later stage (or an
+# evaluation) that has no head, or a different kind, starts without it rather than failing.
+OBJECTIVE_ONLY_PREFIXES = ("vdep_head.",)
+
+
+def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Copy named tensors into the model's parameters (partitioned ones one at a time).
+
+    Returns the names of objective-only weights (a VDEP head) that this model has no place for and
+    that were therefore not loaded; any other unknown name is an error.
+    """
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
+    own_head = {name for name in params if name.startswith(OBJECTIVE_ONLY_PREFIXES)}
+    head_in_file = {name for name in tensors if name.startswith(OBJECTIVE_ONLY_PREFIXES)}
+    skipped = []
+    if head_in_file and not head_in_file <= own_head:  # another head kind, or none: all of it stays behind
+        skipped = sorted(head_in_file)
+        tensors = {name: value for name, value in tensors.items() if name not in head_in_file}
+        unknown = [name for name in unknown if name not in head_in_file]
     if unknown:
         raise CheckpointError(f"{source} holds weights this model does not have: {unknown[:5]}")
     for name, value in tensors.items():
@@ -180,12 +205,13 @@ def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str
                 )
             with torch.no_grad():
                 param.copy_(value.to(param.dtype))
+    return skipped
 
 
-def load_weights_file(model: nn.Module, path: Path) -> None:
+def load_weights_file(model: nn.Module, path: Path) -> list[str]:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
-    load_weights(model, load_file(str(path)), str(path))
+    return load_weights(model, load_file(str(path)), str(path))
 
 
 def resize_embeddings(language_model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:

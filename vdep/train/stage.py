@@ -23,7 +23,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
-from ..config import STAGE_NAMES, StageConfig, TrainConfig, check_batch_geometry, config_fingerprint
+from ..config import StageConfig, TrainConfig, check_batch_geometry, config_fingerprint
 from ..data.batch import Batch
 from ..data.dataset import SamplePreprocessor
 from ..data.images import ImageProcessing
@@ -37,7 +37,6 @@ from ..model.build import BasePaths, build_model, load_weights_file
 from ..model.llava import MultimodalSpec, VdepLlava
 from ..objectives.losses import batch_loss
 from .checkpoint import (
-    FINAL_WEIGHTS,
     TrainState,
     latest_tag,
     load_checkpoint,
@@ -45,6 +44,7 @@ from .checkpoint import (
     save_checkpoint,
     save_final_weights,
     stage_is_complete,
+    starting_weights,
 )
 from .deepspeed_config import fill_config, load_preset, offloads_optimizer, zero_stage
 from .distributed import LaunchEnv, sum_counters
@@ -76,33 +76,6 @@ class RunContext:
 
 
 # ------------------------------------------------------------------------------------------------ setup
-def starting_weights(ctx: RunContext, name: str, stage: StageConfig) -> list[Path]:
-    """Trainable weights to load on top of the base model before this stage starts."""
-    if stage.init_from == "none":
-        return []
-    if stage.init_from == "previous":
-        files = []
-        for earlier in STAGE_NAMES[: STAGE_NAMES.index(name)]:
-            if getattr(ctx.config.stages, earlier) is None:
-                continue
-            stage_dir = ctx.run_dir / earlier
-            if not stage_is_complete(stage_dir):
-                raise CheckpointError(
-                    f"stage {name} starts from the {earlier} stage's result, but {stage_dir / 'final'} has none; "
-                    f"run stage={earlier} first, or set stages.{name}.init_from=none (or to another run's result)"
-                )
-            files.append(stage_dir / "final" / FINAL_WEIGHTS)
-        return files
-    path = Path(stage.init_from)
-    for candidate in (path, path / FINAL_WEIGHTS, path / "final" / FINAL_WEIGHTS):
-        if candidate.is_file():
-            return [candidate]
-    raise CheckpointError(
-        f"stages.{name}.init_from={stage.init_from}: no {FINAL_WEIGHTS} there (give a stage folder, its final/ "
-        "folder or the file itself)"
-    )
-
-
 def make_loader(ctx: RunContext, stage: StageConfig, spec: MultimodalSpec, grad_accum_steps: int) -> StageLoader:
     template = make_template(stage.template, ctx.tokenizer)
     encoder = TemplateTokenizer(ctx.tokenizer, spec.image_token_id, spec.num_image_tokens)
@@ -204,9 +177,14 @@ def build_stage(ctx: RunContext, name: str, stage: StageConfig) -> StageEngine:
         zero3_config=ds_config if zero == 3 else None,
     )
     model, spec = built.model, built.spec
-    for path in starting_weights(ctx, name, stage):
-        load_weights_file(model, path)
+    for path in starting_weights(ctx.config, ctx.run_dir, name):
+        skipped = load_weights_file(model, path)
         log.info("stage %s: loaded starting weights from %s", name, path)
+        if skipped:
+            log.info(
+                "stage %s: the VDEP head in %s (%s) does not match this stage's vdep.head=%s; it starts afresh",
+                name, path, ", ".join(skipped), stage.vdep.head,
+            )
     apply_trainable(model, stage.trainable)
 
     loader = make_loader(ctx, stage, spec, grad_accum)
@@ -214,6 +192,7 @@ def build_stage(ctx: RunContext, name: str, stage: StageConfig) -> StageEngine:
     warmup = warmup_steps(total, stage.warmup_ratio)
     schedule = functools.partial(lr_factor, warmup=warmup, total=total)
     groups = param_groups(model, stage.lr, stage.projector_lr, stage.weight_decay)
+    base_lrs = {group["name"]: group["lr"] for group in groups}  # before LambdaLR rescales the groups
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=make_optimizer(groups, ds_config, ctx.device),
@@ -233,7 +212,7 @@ def build_stage(ctx: RunContext, name: str, stage: StageConfig) -> StageEngine:
         loader=loader,
         total_steps=total,
         schedule=schedule,
-        base_lrs={group["name"]: group["lr"] for group in groups},
+        base_lrs=base_lrs,
         grad_accum=grad_accum,
         flops=flop_model(model, spec, llm_trainable="language_model" in stage.trainable),
     )
