@@ -16,7 +16,7 @@ def vdep(*args: str, cwd=None) -> subprocess.CompletedProcess:
 def test_help_lists_every_subcommand_with_examples():
     result = vdep("--help")
     assert result.returncode == 0
-    for command in ("train", "demo", "build-shards", "make-tokenizer"):
+    for command in ("train", "demo", "build-shards", "export-hf", "make-tokenizer"):
         assert command in result.stdout
         sub = vdep(command, "--help")
         assert sub.returncode == 0 and "examples:" in sub.stdout, command

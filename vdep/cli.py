@@ -3,6 +3,7 @@
     vdep train RECIPE.yaml [key=value ...]        # both stages, or stage=align|finetune
     vdep demo [--out DIR] [--nproc N] [--no-vdep]
     vdep build-shards INPUT... --image-root DIR --out DIR [--samples-per-shard N]
+    vdep export-hf --checkpoint PATH --out DIR [--dtype bf16|fp16|fp32] [--verify]
     vdep make-tokenizer --shards DIR --vocab-size N --out DIR
 
 Heavy imports happen inside the subcommands, so `vdep --help` answers at once. Errors caused by the
@@ -43,6 +44,16 @@ BUILD_EXAMPLES = """\
 examples:
   vdep build-shards llava_v1_5_mix665k.json --image-root /data/llava/images --out /data/shards/mix665k
   vdep build-shards part1.jsonl part2.json --image-root imgs --out shards --samples-per-shard 2000
+"""
+
+EXPORT_EXAMPLES = """\
+examples:
+  vdep export-hf --checkpoint runs/llava15-7b-vdep --out exports/llava15-7b-vdep
+  vdep export-hf --checkpoint runs/my-run/finetune/checkpoints --out exports/step --dtype fp32 --verify
+  vdep export-hf --checkpoint runs/my-run/align/final --out exports/align-only
+
+CHECKPOINT is a run directory (its newest result), a stage folder or its final/ folder, or a DeepSpeed
+checkpoint (a stage's checkpoints/ folder or one step folder) written by any number of ranks.
 """
 
 TOKENIZER_EXAMPLES = """\
@@ -96,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", type=Path, required=True, help="output folder for the shards")
     build.add_argument("--samples-per-shard", type=int, default=1000)
 
+    export = commands.add_parser("export-hf", help="export a checkpoint as a Hugging Face Llava folder", epilog=EXPORT_EXAMPLES, formatter_class=formatter)
+    export.add_argument("--checkpoint", type=Path, required=True, help="run dir, stage dir, final/ or DeepSpeed checkpoint")
+    export.add_argument("--out", type=Path, required=True, help="new folder for the export")
+    export.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    export.add_argument("--max-shard-size", default="5GB", help="largest weight file (default: 5GB)")
+    export.add_argument("--verify", action="store_true", help="load the export with transformers and check parity")
+
     tokenizer = commands.add_parser("make-tokenizer", help="train a small SentencePiece tokenizer on shard texts", epilog=TOKENIZER_EXAMPLES, formatter_class=formatter)
     tokenizer.add_argument("--shards", nargs="+", required=True, help="shard folder(s) to read texts from")
     tokenizer.add_argument("--vocab-size", type=int, required=True)
@@ -132,6 +150,22 @@ def _build_shards(args: argparse.Namespace) -> int:
     return 0 if report.written else 1
 
 
+def _export_hf(args: argparse.Namespace) -> int:
+    from .export.hf import export_hf
+    from .log import setup_logging
+
+    setup_logging(0, 1)
+    result = export_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    print(f"exported {result.source.description} to {result.out}")
+    if not args.verify:
+        return 0
+    from .export.verify import verify_export
+
+    report = verify_export(result)
+    print(report.summary())
+    return 0 if report.passed else 1
+
+
 def _make_tokenizer(args: argparse.Namespace) -> int:
     from data_tools.make_tokenizer import make_tokenizer
 
@@ -140,7 +174,13 @@ def _make_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "demo": _demo, "build-shards": _build_shards, "make-tokenizer": _make_tokenizer}
+COMMANDS = {
+    "train": _train,
+    "demo": _demo,
+    "build-shards": _build_shards,
+    "export-hf": _export_hf,
+    "make-tokenizer": _make_tokenizer,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

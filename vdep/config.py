@@ -103,6 +103,19 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     # Seed for every randomly initialised weight (tiny towers, the projector).
     init_seed: int = 0
+    # Start from existing weights: a Hugging Face Llava folder (then leave vision_tower/language_model
+    # unset), or an original LLaVA-1.5 mm_projector.bin for the projector. See docs/export.md.
+    init_from: str | None = None
+
+    def tokenizer_source(self) -> str | None:
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self.init_from is not None and Path(self.init_from).is_dir():
+            return self.init_from
+        return self.language_model.path
+
+    def imports_llava_folder(self) -> bool:
+        return self.init_from is not None and Path(self.init_from).is_dir()
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -289,8 +302,11 @@ def _merge_stage_vdep(raw: dict, source: str) -> None:
 def check_config(config: TrainConfig, source: str = "config") -> None:
     """Cross-field checks that need no knowledge of the launch (files, ranges, combinations)."""
     model = config.model
-    _exactly_one(model.vision_tower.path, model.vision_tower.tiny, "model.vision_tower", source)
-    _exactly_one(model.language_model.path, model.language_model.tiny, "model.language_model", source)
+    if model.init_from is not None:
+        _check_init_from(model, source)
+    if not model.imports_llava_folder():
+        _exactly_one(model.vision_tower.path, model.vision_tower.tiny, "model.vision_tower", source)
+        _exactly_one(model.language_model.path, model.language_model.tiny, "model.language_model", source)
     if model.language_model.tiny is not None and model.tokenizer is None:
         raise ConfigError(
             f"'model.tokenizer' in {source}: a tiny language model needs a tokenizer folder "
@@ -302,7 +318,7 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
     ):
         if value is not None:
             _require_hf_folder(value, key, source)
-    tokenizer = model.tokenizer or model.language_model.path
+    tokenizer = model.tokenizer_source()
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise ConfigError(f"'model.tokenizer' in {source}: tokenizer folder {tokenizer} does not exist")
     if config.data.max_length < 16:
@@ -318,6 +334,23 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
         )
     for name, stage in config.stages_to_run():
         _check_stage(name, stage, source)
+
+
+def _check_init_from(model: ModelConfig, source: str) -> None:
+    path = Path(model.init_from)  # type: ignore[arg-type]
+    where = f"'model.init_from' in {source}"
+    if not path.exists():
+        raise ConfigError(f"{where}: {path} does not exist")
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.is_file() or json.loads(config.read_text()).get("model_type") != "llava":
+            raise ConfigError(f"{where}: {path} is not a Hugging Face Llava folder (config.json with model_type llava)")
+        for part in ("vision_tower", "language_model"):
+            section = getattr(model, part)
+            if section.path is not None or section.tiny is not None:
+                raise ConfigError(f"{where}: a Llava folder provides the {part}; leave model.{part}.path/tiny unset")
+    elif path.suffix not in (".bin", ".pt", ".safetensors"):
+        raise ConfigError(f"{where}: {path} is neither a Llava folder nor an mm_projector .bin/.safetensors file")
 
 
 def _exactly_one(path: str | None, tiny: object, key: str, source: str) -> None:

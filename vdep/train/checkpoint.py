@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..config import STAGE_NAMES, TrainConfig
 from ..errors import CheckpointError
 from ..model.build import gathered
 from .distributed import barrier
@@ -130,3 +131,35 @@ def stage_is_complete(stage_dir: Path) -> bool:
 
 def read_summary(stage_dir: Path) -> dict:
     return json.loads((stage_dir / "final" / SUMMARY).read_text())
+
+
+def starting_weights(config: TrainConfig, run_dir: Path, name: str) -> list[Path]:
+    """Final weights to load, in order, on top of the base model before stage `name` starts.
+
+    `init_from: previous` means every earlier stage of this run (each must be complete), `none` means
+    nothing, and a path names one stage result (its folder, its final/ folder or the file itself).
+    """
+    stage = getattr(config.stages, name)
+    if stage.init_from == "none":
+        return []
+    if stage.init_from == "previous":
+        files = []
+        for earlier in STAGE_NAMES[: STAGE_NAMES.index(name)]:
+            if getattr(config.stages, earlier) is None:
+                continue
+            stage_dir = run_dir / earlier
+            if not stage_is_complete(stage_dir):
+                raise CheckpointError(
+                    f"stage {name} starts from the {earlier} stage's result, but {stage_dir / 'final'} has none; "
+                    f"run stage={earlier} first, or set stages.{name}.init_from=none (or to another run's result)"
+                )
+            files.append(stage_dir / "final" / FINAL_WEIGHTS)
+        return files
+    path = Path(stage.init_from)
+    for candidate in (path, path / FINAL_WEIGHTS, path / "final" / FINAL_WEIGHTS):
+        if candidate.is_file():
+            return [candidate]
+    raise CheckpointError(
+        f"stages.{name}.init_from={stage.init_from}: no {FINAL_WEIGHTS} there (give a stage folder, its final/ "
+        "folder or the file itself)"
+    )

@@ -84,8 +84,7 @@ def prepare_run_dir(config: TrainConfig, run_dir: Path) -> None:
     save_resolved_config(config, run_dir)
     tokenizer_dir = run_dir / "tokenizer"
     if not tokenizer_dir.is_dir():
-        source = config.model.tokenizer or config.model.language_model.path
-        tokenizer = prepare_tokenizer(source)  # type: ignore[arg-type]
+        tokenizer = prepare_tokenizer(config.model.tokenizer_source())  # type: ignore[arg-type]
         tmp = tokenizer_dir.with_name("tokenizer.tmp")
         tokenizer.save_pretrained(str(tmp))
         os.replace(tmp, tokenizer_dir)

@@ -1,0 +1,197 @@
+"""Hugging Face export and import: real checkpoints from 2-rank ZeRO runs, parity, round trip."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoTokenizer
+
+from vdep.config import load_config
+from vdep.data.conversation import Turn
+from vdep.data.templates import make_template, render
+from vdep.export.chat_templates import CHAT_TEMPLATES
+from vdep.export.hf import export_hf
+from vdep.export.importer import projector_from_llava_bin
+from vdep.export.verify import verify_export
+from vdep.train.launch import launch_local
+
+
+def exported_tensors(folder) -> dict[str, torch.Tensor]:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for file in sorted(set(index["weight_map"].values())):
+        with safe_open(str(folder / file), framework="pt") as weights:
+            for name in weights.keys():  # noqa: SIM118
+                tensors[name] = weights.get_tensor(name)
+    assert set(tensors) == set(index["weight_map"])
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_data, tmp_path_factory):
+    """align under ZeRO-2 and finetune under ZeRO-3, each on 2 gloo ranks, with mid-stage checkpoints."""
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    code = launch_local(2, [
+        "train", "demo-tiny", *small_data.overrides(run_dir), "stages.align.zero=zero2", "stages.finetune.zero=zero3",
+        "stages.align.max_steps=2", "stages.finetune.max_steps=4", "stages.finetune.save_every=2", "run.keep_last=3",
+        "stages.align.vdep.head=linear",  # a VDEP head is trained, and must not be exported
+    ])
+    assert code == 0
+    return run_dir
+
+
+@pytest.mark.distributed
+def test_export_of_a_zero3_run_loads_in_transformers_with_parity(trained_run, tmp_path):
+    result = export_hf(trained_run, tmp_path / "hf", dtype="fp32")
+    report = verify_export(result)
+    assert report.passed, report.summary()
+    assert report.max_abs_logit_diff <= 1e-4 and report.vdep_tokens == report.hf_tokens
+    names = set(exported_tensors(tmp_path / "hf"))
+    assert "language_model.lm_head.weight" in names and "multi_modal_projector.linear_2.weight" in names
+    assert any(n.startswith("vision_tower.vision_model.encoder.") for n in names)
+    assert any(n.startswith("language_model.model.layers.") for n in names)
+    assert not any("vdep_head" in n for n in names)
+    config_text = (tmp_path / "hf" / "config.json").read_text()
+    assert str(trained_run) not in config_text  # no machine-local paths travel with the export
+    config = json.loads(config_text)
+    assert config["model_type"] == "llava" and config["image_seq_length"] == 16
+    assert config["vision_feature_layer"] == -2 and config["vision_feature_select_strategy"] == "default"
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert tokenizer.convert_tokens_to_ids("<image>") == config["image_token_index"] and tokenizer.pad_token == "<pad>"
+    assert (tmp_path / "hf" / "preprocessor_config.json").is_file()
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "vdep 0.1.0" in card and "| finetune | vicuna_v1 |" in card and '"mode_ratio": 0.5' in card
+
+
+@pytest.mark.distributed
+def test_deepspeed_checkpoints_of_any_stage_export_like_the_final_weights(trained_run, tmp_path):
+    final = exported_tensors(export_hf(trained_run, tmp_path / "final", dtype="fp32").out)
+    # The last finetune checkpoint (2 ranks, ZeRO-3) holds the same weights as finetune/final.
+    from_zero3 = export_hf(trained_run / "finetune" / "checkpoints", tmp_path / "zero3", dtype="fp32")
+    assert from_zero3.source.step == 4
+    assert all(torch.equal(final[n], t) for n, t in exported_tensors(from_zero3.out).items())
+    # A mid-stage checkpoint is a different model; a ZeRO-2 stage result exports on its own too.
+    middle = exported_tensors(export_hf(trained_run / "finetune" / "checkpoints" / "step_00000002", tmp_path / "mid", dtype="fp32").out)
+    assert not torch.equal(middle["language_model.lm_head.weight"], final["language_model.lm_head.weight"])
+    align = export_hf(trained_run / "align" / "final", tmp_path / "align", dtype="bf16")
+    assert align.template == "plain" and align.source.stages == ["align"]
+    # align ran under ZeRO-2 on 2 ranks: its DeepSpeed checkpoint exports like its final weights.
+    align_zero2 = exported_tensors(export_hf(trained_run / "align" / "checkpoints", tmp_path / "zero2", dtype="bf16").out)
+    assert all(torch.equal(t, align_zero2[n]) for n, t in exported_tensors(align.out).items())
+    report = verify_export(align)
+    assert report.passed, report.summary()
+    assert all(t.dtype == torch.bfloat16 for t in exported_tensors(align.out).values())
+
+
+@pytest.mark.distributed
+def test_export_import_export_round_trip_is_exact(trained_run, small_data, tmp_path):
+    from vdep.train.run import prepare_run_dir
+
+    first = export_hf(trained_run, tmp_path / "first", dtype="fp32").out
+    run_dir = tmp_path / "imported"
+    overrides = small_data.overrides(run_dir) + [
+        f"model.init_from={first}", "model.vision_tower.tiny=null", "model.language_model.tiny=null", "model.tokenizer=null",
+    ]
+    config = load_config("demo-tiny", overrides)
+    prepare_run_dir(config, run_dir)  # splits the Llava folder into the run's base weights
+    second = export_hf(run_dir, tmp_path / "second", dtype="fp32")
+    assert second.source.description == "base weights (no stage trained)"
+    a, b = exported_tensors(first), exported_tensors(second.out)
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    config_a = json.loads((first / "config.json").read_text())
+    config_b = json.loads((second.out / "config.json").read_text())
+    assert config_a["text_config"] == config_b["text_config"] and config_a["vision_config"] == config_b["vision_config"]
+
+
+@pytest.mark.distributed
+def test_llava15_mm_projector_bin_starts_the_projector(trained_run, small_data, tmp_path):
+    from vdep.train.run import prepare_run_dir
+
+    projector = {}
+    with safe_open(str(trained_run / "finetune" / "final" / "trainable.safetensors"), framework="pt") as weights:
+        for name in weights.keys():  # noqa: SIM118
+            if name.startswith("multi_modal_projector."):
+                projector[name] = weights.get_tensor(name)
+    llava_names = {"linear_1": "0", "linear_2": "2"}
+    original = {
+        f"model.mm_projector.{llava_names[n.split('.')[1]]}.{n.split('.')[2]}": t for n, t in projector.items()
+    }
+    torch.save(original, tmp_path / "mm_projector.bin")
+    run_dir = tmp_path / "run"
+    overrides = small_data.overrides(run_dir) + [
+        f"model.init_from={tmp_path / 'mm_projector.bin'}",
+        f"model.vision_tower.path={trained_run / 'base' / 'vision_tower'}", "model.vision_tower.tiny=null",
+        f"model.language_model.path={trained_run / 'base' / 'language_model'}", "model.language_model.tiny=null",
+    ]
+    prepare_run_dir(load_config("demo-tiny", overrides), run_dir)
+    with safe_open(str(run_dir / "base" / "projector_init.safetensors"), framework="pt") as weights:
+        for name, tensor in projector.items():
+            assert torch.equal(weights.get_tensor(name.removeprefix("multi_modal_projector.")), tensor)
+    with pytest.raises(Exception, match="needs"):
+        projector_from_llava_bin(tmp_path / "mm_projector.bin", "linear")
+
+
+def test_chat_templates_render_the_training_text(tokenizer):
+    conversations = [
+        [Turn("user", "<image>\nWhat color is the shape?"), Turn("assistant", "red")],
+        [Turn("user", "<image>\nWhat color?"), Turn("assistant", "red"), Turn("user", "And the shape?"), Turn("assistant", "a circle")],
+        [Turn("user", "What is two plus two?"), Turn("assistant", "four")],
+    ]
+    for name in ("vicuna_v1", "plain"):
+        template = make_template(name, tokenizer)
+        for turns in conversations:
+            has_image = "<image>" in turns[0].text
+            if name == "plain" and (not has_image or len(turns) != 2):
+                continue
+            messages = []
+            for turn in turns:
+                text = turn.text.replace("<image>\n", "")
+                content = ([{"type": "image"}] if "<image>" in turn.text else []) + [{"type": "text", "text": text}]
+                messages.append({"role": turn.role, "content": content})
+            full = tokenizer.apply_chat_template(messages, chat_template=CHAT_TEMPLATES[name], tokenize=False)
+            assert full == render(template.segments(turns, has_image))[0], (name, turns)
+            prompt = tokenizer.apply_chat_template(messages[:-1], chat_template=CHAT_TEMPLATES[name], tokenize=False,
+                                                   add_generation_prompt=True)
+            assert prompt == render(template.prompt_segments(turns[:-1], has_image))[0], (name, turns)
+            # Plain-string content, as LLaVA's JSON has it, renders the same.
+            as_strings = [{"role": t.role, "content": t.text} for t in turns]
+            assert tokenizer.apply_chat_template(as_strings, chat_template=CHAT_TEMPLATES[name], tokenize=False) == full
+
+
+def test_export_refuses_bad_targets(small_data, tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "file").write_text("x")
+    result = subprocess.run([sys.executable, "-m", "vdep", "export-hf", "--checkpoint", str(tmp_path), "--out", str(busy)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "is not empty" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "vdep", "export-hf", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no vdep run directory" in result.stderr and "Traceback" not in result.stderr
+    shutil.rmtree(busy)
+
+
+def test_streamed_safetensors_read_back_with_the_official_loader(tmp_path):
+    from safetensors.torch import load_file
+
+    from vdep.export.writer import ShardedWriter, write_safetensors
+
+    tensors = {"f32": torch.randn(3, 5), "bf16": torch.randn(7).to(torch.bfloat16), "f16": torch.randn(2, 2).half(),
+               "i64": torch.arange(4), "empty": torch.zeros(0, 3), "strided": torch.randn(4, 6)[:, ::2]}
+    write_safetensors(tmp_path / "one.safetensors", tensors)
+    back = load_file(str(tmp_path / "one.safetensors"))
+    assert back.keys() == tensors.keys()
+    assert all(torch.equal(back[k], t) and back[k].dtype == t.dtype for k, t in tensors.items())
+    writer = ShardedWriter(tmp_path / "sharded", max_shard_bytes=100)
+    (tmp_path / "sharded").mkdir()
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    files = writer.close()
+    assert len(files) > 1 and files[0].name == f"model-00001-of-{len(files):05d}.safetensors"
+    assert all(torch.equal(exported_tensors(tmp_path / "sharded")[k], t) for k, t in tensors.items())

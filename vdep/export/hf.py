@@ -1,0 +1,218 @@
+"""`vdep export-hf`: a vdep checkpoint → a Hugging Face `LlavaForConditionalGeneration` folder.
+
+The model is rebuilt from the run's base weights in the output dtype (one copy of the model), the
+checkpoint's trainable weights are copied in one tensor at a time, and the parameters are written in
+shards under the llava-hf on-disk names. Beside them: `config.json` (`LlavaConfig`), the tokenizer with
+`<image>` and pad, an image processor that reproduces the training preprocessing (pad-to-square
+included; the PIL backend, whose arithmetic vdep reproduces), a processor with a chat template that
+renders the training template, `generation_config.json` and a model card. Everything is written into a
+temporary folder that is renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, LlavaProcessor
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+from .. import __version__
+from ..config import STAGE_NAMES, VdepConfig
+from ..data.images import ImageProcessing
+from ..data.shards import SIZES_FILE
+from ..errors import CheckpointError
+from ..log import get_logger
+from ..model.attention import AttentionChoice
+from ..model.build import BasePaths, BuiltModel, build_model, load_image_processing
+from ..model.tokenizer import load_tokenizer
+from ..structured import unstructure
+from .chat_templates import CHAT_TEMPLATES
+from .layout import NOT_EXPORTED, llava_config, num_additional_image_tokens, to_hf_name
+from .sources import ExportSource, resolve_source
+from .writer import ShardedWriter, parse_size
+
+log = get_logger("export")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    source: ExportSource
+    built: BuiltModel
+    tokenizer: object
+    image_processing: ImageProcessing
+    template: str
+
+
+def exported_template(source: ExportSource) -> str:
+    """The conversation template of the last stage the export contains."""
+    names = source.stages or [next(n for n in STAGE_NAMES if getattr(source.config.stages, n) is not None)]
+    return getattr(source.config.stages, names[-1]).template
+
+
+def image_processor_for(processing: ImageProcessing) -> LlavaImageProcessorPil:
+    kwargs = {
+        "do_pad": processing.pad_to_square,
+        "do_center_crop": processing.crop is not None,
+        "image_mean": list(processing.mean),
+        "image_std": list(processing.std),
+        "resample": processing.resample,
+        "rescale_factor": processing.rescale_factor,
+        "size": ({"shortest_edge": processing.shortest_edge} if processing.shortest_edge is not None
+                 else {"height": processing.size[0], "width": processing.size[1]}),  # type: ignore[index]
+    }
+    if processing.crop is not None:
+        kwargs["crop_size"] = {"height": processing.crop[0], "width": processing.crop[1]}
+    return LlavaImageProcessorPil(**kwargs)
+
+
+def apply_layers(built: BuiltModel, source: ExportSource) -> None:
+    params = dict(built.model.named_parameters())
+    for layer in source.layers:
+        for name, tensor in layer.items():
+            if name.startswith(NOT_EXPORTED):
+                continue
+            if name not in params:
+                raise CheckpointError(f"{layer.description} holds '{name}', which the model of {source.run_dir} does not have")
+            param = params[name]
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise CheckpointError(
+                    f"{layer.description}: '{name}' has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
+                )
+            with torch.no_grad():
+                param.copy_(tensor)
+            del tensor
+        log.info("export: applied %s", layer.description)
+
+
+def write_weights(built: BuiltModel, out: Path, max_shard_bytes: int, tied_lm_head: bool) -> int:
+    writer = ShardedWriter(out, max_shard_bytes)
+    seen: set[int] = set()
+    for name, param in built.model.named_parameters():
+        hf_name = to_hf_name(name)
+        if hf_name is None or id(param) in seen or (tied_lm_head and name.startswith("lm_head.")):
+            continue
+        seen.add(id(param))
+        writer.add(hf_name, param.detach())
+    files = writer.close()
+    return len(files)
+
+
+def model_card(source: ExportSource, template: str, dtype: str) -> str:
+    config = source.config
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: image-text-to-text",
+        "tags: [llava, vdep]",
+        "---",
+        "",
+        f"# {config.run.name}",
+        "",
+        "A LLaVA-style model (`LlavaForConditionalGeneration`) trained with [vdep](https://arxiv.org/abs/2502.09093) "
+        f"(VDEP, vision dynamic embedding-guided pretraining). Exported by vdep {__version__} on "
+        f"{datetime.date.today().isoformat()} in {dtype}; contains: {source.description}.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoProcessor, LlavaForConditionalGeneration",
+        "model = LlavaForConditionalGeneration.from_pretrained(PATH)",
+        "processor = AutoProcessor.from_pretrained(PATH)",
+        'conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]',
+        "prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)",
+        'inputs = processor(images=image, text=prompt, return_tensors="pt")',
+        "print(processor.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_special_tokens=True))",
+        "```",
+        "",
+        f"The chat template renders vdep's `{template}` training template; the image processor pads images to a "
+        "square with the mean colour when the model was trained that way (LLaVA-1.5's `pad` mode).",
+        "",
+        "## Model",
+        "",
+        f"- vision tower: `{config.model.vision_tower.path or 'random init (tiny)'}`, feature layer "
+        f"{config.model.vision_tower.feature_layer}",
+        f"- language model: `{config.model.language_model.path or 'random init (tiny)'}`",
+        f"- projector: {config.model.projector}",
+        "",
+        "## Training",
+        "",
+        "| stage | template | trainable | LR | global batch | steps | final text loss | final VDEP loss | samples in shards |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in STAGE_NAMES:
+        stage = getattr(config.stages, name)
+        if stage is None:
+            continue
+        summary_path = source.run_dir / name / "final" / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        final = summary.get("final", {})
+        samples = 0
+        for shard_dir in stage.shards:
+            sizes = Path(shard_dir) / SIZES_FILE
+            if sizes.is_file():
+                samples += sum(json.loads(sizes.read_text()).values())
+        lines.append(
+            f"| {name} | {stage.template} | {', '.join(stage.trainable)} | {stage.lr:g} | {stage.global_batch_size} | "
+            f"{summary.get('steps', '–')} | {final.get('loss/text', float('nan')):.4f} | "
+            f"{final.get('loss/vdep', float('nan')):.4f} | {samples or '–'} |"
+        )
+    lines += ["", "VDEP settings per stage:", "", "```json"]
+    vdep = {name: unstructure(getattr(config.stages, name).vdep) for name in STAGE_NAMES if getattr(config.stages, name)}
+    lines += [json.dumps(vdep, indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def export_hf(checkpoint: Path, out: Path, dtype: str = "bf16", max_shard_size: str | int = "5GB") -> ExportResult:
+    """Write the export; returns what the parity check needs (the model stays in memory, in `dtype`)."""
+    if dtype not in DTYPES:
+        raise CheckpointError(f"--dtype must be one of {', '.join(DTYPES)}")
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} is not empty; choose a new --out folder")
+    source = resolve_source(checkpoint)
+    log.info("export: %s from %s", source.description, source.run_dir)
+    tokenizer = load_tokenizer(source.run_dir / "tokenizer")
+    base = BasePaths.for_run(source.config.model, source.run_dir)
+    built = build_model(
+        source.config.model, VdepConfig(), tokenizer, base, AttentionChoice("sdpa", "export"), DTYPES[dtype],
+        torch.device("cpu"),
+    )
+    config = llava_config(built.model, built.spec, built.family, tokenizer)
+    apply_layers(built, source)
+    template = exported_template(source)
+    image_processing = load_image_processing(base, source.config.data.pad_to_square)
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards = write_weights(built, tmp, parse_size(max_shard_size), config.tie_word_embeddings)
+    config.torch_dtype = dtype_name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    config.save_pretrained(tmp)
+    tokenizer.chat_template = CHAT_TEMPLATES[template]
+    processor = LlavaProcessor(
+        image_processor=image_processor_for(image_processing),
+        tokenizer=tokenizer,
+        patch_size=built.model.vision_tower.config.patch_size,
+        vision_feature_select_strategy=built.spec.feature_select,
+        chat_template=CHAT_TEMPLATES[template],
+        num_additional_image_tokens=num_additional_image_tokens(built.family),
+    )
+    processor.save_pretrained(tmp)
+    processor.image_processor.save_pretrained(tmp)  # preprocessor_config.json, for readers older than transformers 5
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    ).save_pretrained(tmp)
+    (tmp / "README.md").write_text(model_card(source, template, dtype_name))
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    log.info("export: wrote %s (%d weight shard(s), %s)", out, shards, dtype_name)
+    return ExportResult(out, source, built, tokenizer, image_processing, template)

@@ -1,0 +1,87 @@
+"""vdep's parameter names and the on-disk layout of published llava-hf checkpoints.
+
+vdep's names are transformers' in-memory Llava names without the `model.` level. On disk, published
+llava-hf checkpoints (and transformers 5.x's own `save_pretrained`) use:
+
+    vision_tower.vision_model.*    multi_modal_projector.*    language_model.model.*
+    language_model.lm_head.weight
+
+which transformers 4.x and 5.x both load. The VDEP head is a training device and is never exported.
+"""
+
+from __future__ import annotations
+
+from transformers import LlavaConfig, PreTrainedTokenizerBase
+
+from ..errors import CheckpointError
+from ..model.llava import MultimodalSpec, VdepLlava
+
+NOT_EXPORTED = ("vdep_head.",)
+
+
+def to_hf_name(name: str) -> str | None:
+    """The llava-hf on-disk name of a vdep parameter (None: not exported)."""
+    if name.startswith(NOT_EXPORTED):
+        return None
+    if name.startswith("vision_tower."):
+        rest = name[len("vision_tower."):]
+        # transformers 4.x keeps a `vision_model.` level in memory, 5.x does not; on disk it is there.
+        return "vision_tower.vision_model." + rest.removeprefix("vision_model.")
+    if name.startswith("multi_modal_projector."):
+        return name
+    if name.startswith("language_model."):
+        return "language_model.model." + name[len("language_model."):]
+    if name.startswith("lm_head."):
+        return "language_model." + name
+    raise ValueError(f"no llava-hf name for parameter {name!r}")  # a new top-level module: update this table
+
+
+def from_hf_name(name: str) -> str:
+    """The vdep name of a parameter stored in either Llava layout (published on-disk, or in-memory 5.x)."""
+    for hf_prefix, ours in (
+        ("vision_tower.vision_model.", "vision_tower."),
+        ("model.vision_tower.vision_model.", "vision_tower."),
+        ("model.vision_tower.", "vision_tower."),
+        ("language_model.model.", "language_model."),
+        ("model.language_model.", "language_model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("multi_modal_projector.", "multi_modal_projector."),
+        ("lm_head.", "lm_head."),
+    ):
+        if name.startswith(hf_prefix):
+            return ours + name[len(hf_prefix):]
+    raise CheckpointError(f"weight {name!r} is not part of a Llava checkpoint")
+
+
+def llava_config(model: VdepLlava, spec: MultimodalSpec, family: str, tokenizer: PreTrainedTokenizerBase) -> LlavaConfig:
+    """The `LlavaConfig` that makes transformers build exactly this model."""
+    projector = model.multi_modal_projector
+    if getattr(projector, "kind", "mlp2x_gelu") != "mlp2x_gelu":
+        raise CheckpointError(
+            "transformers' Llava has a Linear-GELU-Linear projector; a model trained with model.projector=linear "
+            "cannot be exported to it"
+        )
+    text_config = model.language_model.config
+    return LlavaConfig(
+        vision_config=portable(model.vision_tower.config.to_dict()),
+        text_config=portable(text_config.to_dict()),
+        image_token_index=spec.image_token_id,
+        image_seq_length=spec.num_image_tokens,
+        vision_feature_layer=spec.feature_layer,
+        vision_feature_select_strategy=spec.feature_select,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def portable(sub_config: dict) -> dict:
+    """A sub-config without the machine-local folder it was loaded from (the run's base/ copy)."""
+    return {key: value for key, value in sub_config.items() if key != "_name_or_path"}
+
+
+def num_additional_image_tokens(family: str) -> int:
+    """What LlavaProcessor adds to (image / patch)²: the CLS token of CLIP (which "default" then drops)."""
+    return 1 if family == "clip" else 0
