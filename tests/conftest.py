@@ -95,3 +95,17 @@ def tiny_model(small_data, tokenizer, tmp_path_factory):
 def read_metrics(run_dir: Path, stage: str) -> list[dict]:
     path = run_dir / stage / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def exported_tensors(folder: Path) -> dict:
+    """Every tensor of a sharded safetensors export, by name (checks the index covers them all)."""
+    from safetensors import safe_open
+
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for file in sorted(set(index["weight_map"].values())):
+        with safe_open(str(folder / file), framework="pt") as weights:
+            for name in weights.keys():  # noqa: SIM118
+                tensors[name] = weights.get_tensor(name)
+    assert set(tensors) == set(index["weight_map"])
+    return tensors

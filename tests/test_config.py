@@ -137,3 +137,27 @@ def test_resolved_config_round_trips_with_every_vdep_knob(small_data, tmp_path):
     assert reloaded == config
     assert config_to_yaml(reloaded) == config_to_yaml(config)
     assert load_config(str(path)) == config  # `vdep train RUN_DIR/config.yaml` reproduces the run
+
+
+def test_a_resume_may_change_how_it_logs_and_saves_but_not_what_it_computes(small_data, tmp_path, caplog):
+    import logging
+
+    from vdep.config import load_config, save_resolved_config
+    from vdep.errors import CheckpointError
+    from vdep.train.run import check_resume_changes
+
+    run_dir = tmp_path / "run"
+    previous = save_resolved_config(load_config("demo-tiny", small_data.overrides(run_dir)), run_dir)
+    allowed = load_config("demo-tiny", small_data.overrides(run_dir) + ["run.log_every=1", "stages.finetune.save_every=7"])
+    with caplog.at_level(logging.INFO):
+        check_resume_changes(previous, allowed)
+    assert "resume: run.log_every changed from 10 to 1" in caplog.text
+    assert "stages.finetune.save_every changed" in caplog.text
+    # Moving the run directory is not a change of the run.
+    check_resume_changes(previous, load_config("demo-tiny", small_data.overrides(tmp_path / "elsewhere" / "run")))
+    refused = load_config("demo-tiny", small_data.overrides(run_dir) + ["stages.finetune.lr=0.5", "vdep.alpha=2", "run.seed=3"])
+    with pytest.raises(CheckpointError) as error:
+        check_resume_changes(previous, refused)
+    message = str(error.value)
+    assert "stages.finetune.lr: 0.001 → 0.5" in message and "\n  vdep.alpha: 1.0 → 2.0" in message
+    assert "run.seed: 0 → 3" in message and "Use a new run.name" in message

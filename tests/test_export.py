@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
+from tests.conftest import exported_tensors
 from vdep.config import load_config
 from vdep.data.conversation import Turn
 from vdep.data.templates import make_template, render
@@ -20,17 +21,6 @@ from vdep.export.hf import export_hf
 from vdep.export.importer import projector_from_llava_bin
 from vdep.export.verify import verify_export
 from vdep.train.launch import launch_local
-
-
-def exported_tensors(folder) -> dict[str, torch.Tensor]:
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    tensors = {}
-    for file in sorted(set(index["weight_map"].values())):
-        with safe_open(str(folder / file), framework="pt") as weights:
-            for name in weights.keys():  # noqa: SIM118
-                tensors[name] = weights.get_tensor(name)
-    assert set(tensors) == set(index["weight_map"])
-    return tensors
 
 
 @pytest.fixture(scope="module")

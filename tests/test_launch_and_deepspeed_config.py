@@ -50,6 +50,7 @@ def test_presets_get_every_auto_value_filled():
         assert zero_stage(config) == stage
         assert "auto" not in json.dumps(config)
         assert (config["train_batch_size"], config["gradient_clipping"], config["bf16"]["enabled"]) == (64, 1.0, True)
+        assert config["bf16"]["check_grad_overflow"] is True  # non-finite steps are skipped, not applied
         assert config["zero_optimization"]["reduce_bucket_size"] == 4096 * 4096
         if stage == 3:
             assert config["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 4096 * 4096)

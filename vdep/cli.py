@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import VdepError
+from .errors import EXIT_PREEMPTED, TrainingPreempted, VdepError
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -192,5 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         prefix = f"vdep: error (rank {rank}): " if rank not in (None, "0") else "vdep: error: "
         print(prefix + str(exc), file=sys.stderr)
         return 2
+    except TrainingPreempted:  # already logged, with the checkpoint to continue from
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         return 130

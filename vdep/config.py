@@ -208,6 +208,12 @@ class RunConfig:
     # "auto": continue from the latest checkpoint in the run directory; "never": refuse to reuse one.
     resume: Literal["auto", "never"] = "auto"
     keep_last: int = 2
+    # After SIGUSR1/SIGTERM, the step in progress and the checkpoint must finish within this many
+    # seconds, or the process exits anyway (the previous checkpoint stays the latest). Keep it below
+    # the warning time of the scheduler's signal (slurm/train.sbatch: USR1 120 s before the end).
+    stop_timeout_s: float = 100.0
+    # Steps skipped in a row for a non-finite loss or gradient norm before the run stops.
+    max_nonfinite_steps: int = 5
 
     @property
     def directory(self) -> Path:
@@ -327,6 +333,10 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
         raise ConfigError(f"'data.num_workers' in {source}: must be 0 or more")
     if config.run.log_every < 1:
         raise ConfigError(f"'run.log_every' in {source}: must be at least 1")
+    if config.run.max_nonfinite_steps < 1:
+        raise ConfigError(f"'run.max_nonfinite_steps' in {source}: must be at least 1")
+    if config.run.stop_timeout_s <= 0:
+        raise ConfigError(f"'run.stop_timeout_s' in {source}: must be positive (seconds)")
     if not config.stages_to_run():
         raise ConfigError(
             f"{source}: no stage to run: stage={config.stage} but 'stages.{config.stage}' is not defined"

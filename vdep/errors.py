@@ -22,3 +22,16 @@ class DataError(VdepError):
 
 class CheckpointError(VdepError):
     """A missing, incomplete or incompatible checkpoint or stage artefact."""
+
+
+class TrainingHalted(VdepError):
+    """Training stopped itself on purpose (e.g. repeated non-finite steps), after writing a checkpoint."""
+
+
+# EX_TEMPFAIL, "try again later": a stop signal made training save a checkpoint and exit; running the
+# same command again continues the run. slurm/train.sbatch requeues the job on it.
+EXIT_PREEMPTED = 75
+
+
+class TrainingPreempted(Exception):
+    """A stop signal ended training after a checkpoint; the CLI exits with EXIT_PREEMPTED."""

@@ -3,7 +3,9 @@
 Layout of a stage directory (RUN_DIR/<stage>/):
     checkpoints/step_00000100/   DeepSpeed engine state (trainable weights, optimizer, LR schedule),
                                  vdep's client state, and one RNG file per rank
-    checkpoints/latest           the tag of the newest complete checkpoint (written by DeepSpeed)
+    checkpoints/latest           the tag of the newest complete checkpoint: written by rank 0 (tmp file,
+                                 then rename) only after every rank finished its files, so a save
+                                 killed half-way leaves the previous checkpoint selected
     final/trainable.safetensors  the stage's trainable weights, gathered (what the next stage, the
                                  evaluation and the exporter read)
     final/summary.json           steps, final losses, skipped samples
@@ -29,6 +31,7 @@ from ..config import STAGE_NAMES, TrainConfig
 from ..errors import CheckpointError
 from ..model.build import gathered
 from .distributed import barrier
+from .faults import Faults
 
 FINAL_WEIGHTS = "trainable.safetensors"
 SUMMARY = "summary.json"
@@ -45,6 +48,7 @@ class TrainState:
     world_size: int
     config_fingerprint: str
     skipped_samples: dict[str, int] = field(default_factory=dict)
+    nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient norm (no update)
 
 
 def _rank() -> int:
@@ -78,19 +82,28 @@ def latest_tag(checkpoints: Path) -> str | None:
     return tag if (checkpoints / tag).is_dir() else None
 
 
-def save_checkpoint(engine, checkpoints: Path, state: TrainState, keep_last: int) -> Path:
+def save_checkpoint(engine, checkpoints: Path, state: TrainState, keep_last: int, faults: Faults | None = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder."""
     tag = checkpoint_tag(state.step)
     engine.save_checkpoint(
-        str(checkpoints), tag=tag, client_state={"vdep": asdict(state)}, exclude_frozen_parameters=True
+        str(checkpoints), tag=tag, client_state={"vdep": asdict(state)}, exclude_frozen_parameters=True,
+        save_latest=False,  # vdep moves the pointer itself, once every rank is done
     )
     folder = checkpoints / tag
     torch.save(_rng_state(), folder / f"rng_rank{_rank():05d}.pt")
-    barrier()
-    if _rank() == 0 and keep_last > 0:
-        tags = sorted(p.name for p in checkpoints.glob("step_*") if p.is_dir())
-        for old in tags[:-keep_last]:
-            shutil.rmtree(checkpoints / old, ignore_errors=True)
+    if faults is not None:
+        faults.kill_in_save(state.step, _rank(), state.world_size)
+    barrier()  # every rank's files are written
+    if _rank() == 0:
+        pointer = checkpoints / "latest"
+        tmp = pointer.with_name("latest.tmp")
+        tmp.write_text(tag)
+        os.replace(tmp, pointer)
+        if keep_last > 0:
+            tags = sorted(p.name for p in checkpoints.glob("step_*") if p.is_dir())
+            for old in tags[:-keep_last]:
+                if old != tag:
+                    shutil.rmtree(checkpoints / old, ignore_errors=True)
     barrier()
     return folder
 

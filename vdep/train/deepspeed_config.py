@@ -102,6 +102,9 @@ def fill_config(
                 f"(here {value!r}); set it to \"auto\" in the JSON"
             )
         node[path[-1]] = value
+    if precision == "bf16":
+        # A non-finite global gradient norm skips the step (docs/cluster.md); fp32 and ZeRO-3 check it anyway.
+        config["bf16"].setdefault("check_grad_overflow", True)
     config.setdefault("steps_per_print", 10**9)  # vdep logs progress itself
     config.setdefault("wall_clock_breakdown", False)
     zero = config.setdefault("zero_optimization", {})

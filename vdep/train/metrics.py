@@ -10,6 +10,7 @@ object per logged step, in RUN_DIR/<stage>/metrics.jsonl. The scalars: `loss/tex
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -86,6 +87,7 @@ class StageMetrics:
         if not enabled:
             return
         self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+        self._forget_steps_after(start_step)
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard" / stage))
@@ -93,6 +95,15 @@ class StageMetrics:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc=stage, dynamic_ncols=True)
+
+    def _forget_steps_after(self, step: int) -> None:
+        """A resumed stage repeats the steps after its checkpoint: their old lines would be duplicates."""
+        if not self.jsonl.is_file():
+            return
+        kept = [line for line in self.jsonl.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.jsonl.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.jsonl)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:

@@ -11,6 +11,7 @@ RUN_DIR (run.output_dir/run.name) holds:
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,8 @@ from ..model.tokenizer import load_tokenizer, prepare_tokenizer
 from .checkpoint import latest_tag, stage_is_complete
 from .deepspeed_config import resolve_precision
 from .distributed import all_reduce_max, barrier, detect_launch, init_distributed
+from .faults import Faults
+from .preemption import StopRequest
 from .stage import RunContext, run_stage
 
 log = get_logger("run")
@@ -46,16 +49,46 @@ def on_rank_zero(action: Callable[[], None], rank: int, device: torch.device) ->
         raise VdepError("rank 0 failed while preparing the run directory (its error is above)")
 
 
-def _changed_sections(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(old) | set(new))
+# What a resumed run may change: how it logs, saves and stops, not what it computes. Any other
+# difference (model, data, objective, optimisation, precision, seed) would make the continued run
+# a different run than the one checkpointed, so the resume is refused with the list of differences.
+CHANGEABLE_ON_RESUME = (
+    "stages.*.save_every", "run.log_every", "run.keep_last", "run.resume", "run.stop_timeout_s",
+    "run.max_nonfinite_steps", "deepspeed.timeout_minutes", "stage",
+)
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old, new) for every leaf that differs."""
     changed = []
-    for key in keys:
+    for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            changed += _changed_sections(a, b, f"{prefix}{key}.")
+            changed += config_changes(a, b, f"{prefix}{key}.")
         elif a != b:
-            changed.append(f"{prefix}{key}: {a!r} → {b!r}")
+            changed.append((f"{prefix}{key}", a, b))
     return changed
+
+
+def check_resume_changes(previous: Path, config: TrainConfig) -> None:
+    """Refuse a resume whose config changed what the run computes; log the changes it may make."""
+    old = yaml.safe_load(previous.read_text()) or {}
+    new = yaml.safe_load(config_to_yaml(config))
+    for section in ("run",):  # where the run lives is not a change of the run
+        for key in ("name", "output_dir"):
+            old.get(section, {}).pop(key, None)
+            new.get(section, {}).pop(key, None)
+    changes = config_changes(old, new)
+    refused = [c for c in changes if not any(fnmatch.fnmatchcase(c[0], pattern) for pattern in CHANGEABLE_ON_RESUME)]
+    if refused:
+        raise CheckpointError(
+            f"{previous.parent} holds a run with different settings, so it cannot be resumed:\n  "
+            + "\n  ".join(f"{key}: {a!r} → {b!r}" for key, a, b in refused[:20])
+            + "\nUse a new run.name, or restore those settings (only "
+            + ", ".join(CHANGEABLE_ON_RESUME) + " may change on resume)"
+        )
+    for key, a, b in changes:
+        log.info("resume: %s changed from %r to %r", key, a, b)
 
 
 def prepare_run_dir(config: TrainConfig, run_dir: Path) -> None:
@@ -69,18 +102,7 @@ def prepare_run_dir(config: TrainConfig, run_dir: Path) -> None:
             "or set run.resume=auto to continue it"
         )
     if has_results and previous.is_file():
-        old = yaml.safe_load(previous.read_text()) or {}
-        new = yaml.safe_load(config_to_yaml(config))
-        changed = [
-            line for section in ("model", "stages")
-            for line in _changed_sections({section: old.get(section)}, {section: new.get(section)})
-            if not line.startswith(("stages.align.save_every", "stages.finetune.save_every"))
-        ]
-        if changed:
-            raise CheckpointError(
-                f"{run_dir} holds a run with a different model or stage config, so it cannot be resumed:\n  "
-                + "\n  ".join(changed[:20]) + "\nUse a new run.name, or restore those settings"
-            )
+        check_resume_changes(previous, config)
     save_resolved_config(config, run_dir)
     tokenizer_dir = run_dir / "tokenizer"
     if not tokenizer_dir.is_dir():
@@ -92,6 +114,13 @@ def prepare_run_dir(config: TrainConfig, run_dir: Path) -> None:
 
 
 def train(config: TrainConfig) -> list[dict]:
+    # From the start, SIGUSR1/SIGTERM only raise a flag: training stops with a checkpoint at the next
+    # step boundary (a signal during setup stops after the first step), never half-way through a save.
+    with StopRequest(config.run.stop_timeout_s) as stop:
+        return _train(config, stop)
+
+
+def _train(config: TrainConfig, stop: StopRequest) -> list[dict]:
     launch = detect_launch()
     device = init_distributed(launch, config.deepspeed.timeout_minutes)
     run_dir = config.run.directory
@@ -99,6 +128,7 @@ def train(config: TrainConfig) -> list[dict]:
     for name, stage in config.stages_to_run():
         check_batch_geometry(name, stage, launch.world_size)  # fail before anything heavy
     precision = resolve_precision(config.deepspeed.precision, device)
+    faults = Faults.from_env()
     log.info(
         "vdep train: %d rank(s) via %s, device %s, precision %s, run directory %s",
         launch.world_size, launch.launcher, device, precision, run_dir,
@@ -116,6 +146,8 @@ def train(config: TrainConfig) -> list[dict]:
         base=base,
         image_processing=load_image_processing(base, config.data.pad_to_square),
         precision=precision,
+        stop=stop,
+        faults=faults,
     )
     summaries = [run_stage(context, name, stage) for name, stage in config.stages_to_run()]
     barrier()

@@ -4,7 +4,10 @@ A step of the loop:
 1. take this rank's `grad_accum_steps` micro-batches;
 2. plan the global batch with the other ranks (VDEP modes, N_text, N_img; see global_batch.py);
 3. for each micro-batch: forward (vision tower → projector → LLM → named loss sums), backward of
-   this micro-batch's share of L, `engine.step()` (DeepSpeed updates at the accumulation boundary).
+   this micro-batch's share of L, `engine.step()` (DeepSpeed updates at the accumulation boundary);
+4. if DeepSpeed found the global gradient norm non-finite (any non-finite loss makes it so), the
+   update was skipped on every rank: count it, and stop after `run.max_nonfinite_steps` in a row;
+5. all ranks agree whether a stop signal arrived (preemption.py); if so, checkpoint and exit.
 DeepSpeed averages gradients over data-parallel ranks, so each rank's share is multiplied by the world
 size: summed over micro-batches and averaged over ranks, the gradient is exactly that of L.
 """
@@ -30,7 +33,7 @@ from ..data.images import ImageProcessing
 from ..data.loader import StageLoader
 from ..data.shards import discover_shards
 from ..data.templates import TemplateTokenizer, check_template_tokenizer, make_template
-from ..errors import CheckpointError, DataError
+from ..errors import CheckpointError, DataError, TrainingHalted, TrainingPreempted
 from ..log import get_logger
 from ..model.attention import choose_attention
 from ..model.build import BasePaths, build_model, load_weights_file
@@ -38,6 +41,7 @@ from ..model.llava import MultimodalSpec, VdepLlava
 from ..objectives.losses import batch_loss
 from .checkpoint import (
     TrainState,
+    checkpoint_tag,
     latest_tag,
     load_checkpoint,
     read_summary,
@@ -48,10 +52,12 @@ from .checkpoint import (
 )
 from .deepspeed_config import fill_config, load_preset, offloads_optimizer, zero_stage
 from .distributed import LaunchEnv, sum_counters
+from .faults import Faults
 from .ds import import_deepspeed, load_op
 from .freezing import apply_trainable, format_table, numel, param_groups, trainable_table
 from .global_batch import plan_step
 from .metrics import FlopModel, IntervalStats, SkipReport, StageMetrics, peak_flops
+from .preemption import StopRequest
 from .schedule import lr_factor, warmup_steps
 
 log = get_logger("train")
@@ -69,6 +75,8 @@ class RunContext:
     base: BasePaths
     image_processing: ImageProcessing
     precision: str
+    stop: StopRequest
+    faults: Faults
 
     @property
     def is_main(self) -> bool:
@@ -242,8 +250,10 @@ def step_scalars(ctx: RunContext, stage: StageEngine, interval: IntervalStats, s
     """Collective: the scalars logged after `step` (losses and counts over the interval, rates, LR)."""
     scalars = interval.scalars(alpha)
     scalars["grad_norm"] = float(stage.engine.get_global_grad_norm() or 0.0)
+    # The LR of the latest update: DeepSpeed does not advance the schedule on a skipped step.
+    scheduler_steps = stage.engine.lr_scheduler.last_epoch
     for group, lr in stage.base_lrs.items():
-        scalars[f"lr/{group}"] = lr * stage.schedule(step - 1)
+        scalars[f"lr/{group}"] = lr * stage.schedule(max(0, scheduler_steps - 1))
     peak = peak_flops(ctx.device, ctx.precision)
     if peak is not None:
         scalars["perf/mfu"] = scalars["throughput/flops_per_s"] / (peak * ctx.launch.world_size)
@@ -264,6 +274,7 @@ def train_steps(ctx: RunContext, name: str, config: StageConfig, stage: StageEng
     batches = skip(iter(stage.loader.micro_batches(state.epoch)), state.micro_batches_in_epoch)
     interval = IntervalStats(ctx.device)
     last_scalars: dict[str, float] = {}
+    nonfinite_in_a_row = 0
     while state.step < stage.total_steps:
         micro_batches = take(batches, stage.grad_accum)
         plan = plan_step(
@@ -279,24 +290,62 @@ def train_steps(ctx: RunContext, name: str, config: StageConfig, stage: StageEng
             batches = iter(stage.loader.micro_batches(state.epoch))
             continue
         skips.add(micro_batches)  # type: ignore[arg-type]
+        poison = ctx.faults.nan_loss(state.step + 1)
         for inputs in plan.inputs:
             sums = engine(inputs.to(ctx.device, dtype))
-            engine.backward(batch_loss(sums, plan.counts, config.vdep.alpha) * world, scale_wrt_gas=False)
+            loss = batch_loss(sums, plan.counts, config.vdep.alpha) * world
+            engine.backward(loss * float("nan") if poison else loss, scale_wrt_gas=False)
             engine.step()
             interval.add_micro(sums, int(inputs.image_positions.sum()))
         interval.add_step(plan, stage.flops.step_flops(plan.tokens, plan.squared_lengths, plan.image_samples))
         state.step += 1
         state.micro_batches_in_epoch += stage.grad_accum
+        nonfinite_in_a_row = 0 if engine.was_step_applied() else nonfinite_in_a_row + 1
+        if nonfinite_in_a_row:
+            state.nonfinite_steps += 1
+            log.warning(
+                "stage %s: step %d had a non-finite loss or gradient norm; its update was skipped (%d in a row, "
+                "%d in this stage)", name, state.step, nonfinite_in_a_row, state.nonfinite_steps,
+            )
         if state.step % ctx.config.run.log_every == 0 or state.step == stage.total_steps:
             last_scalars = step_scalars(ctx, stage, interval, skips, state.step, config.vdep.alpha)
+            last_scalars["train/nonfinite_steps"] = float(state.nonfinite_steps)
             metrics.log(state.step, last_scalars)
             interval = IntervalStats(ctx.device)
+        state.skipped_samples = dict(skips.counts)
+        saved = False
         if config.save_every and state.step % config.save_every == 0 and state.step < stage.total_steps:
-            state.skipped_samples = dict(skips.counts)
-            save_checkpoint(engine, checkpoints, state, ctx.config.run.keep_last)
-    state.skipped_samples = dict(skips.counts)
+            save_checkpoint(engine, checkpoints, state, ctx.config.run.keep_last, ctx.faults)
+            saved = True
+        if nonfinite_in_a_row >= ctx.config.run.max_nonfinite_steps:
+            halt_on_nonfinite(ctx, name, stage, state, checkpoints, nonfinite_in_a_row, saved)
+        if ctx.stop.agreed(ctx.device):
+            if not saved:
+                save_checkpoint(engine, checkpoints, state, ctx.config.run.keep_last, ctx.faults)
+            metrics.close()
+            message = (
+                f"stage {name}: stopped by {ctx.stop.signal_name or 'a signal to another rank'} after step "
+                f"{state.step}; checkpoint {checkpoints / checkpoint_tag(state.step)}. Run the same command to continue"
+            )
+            log.warning(message)
+            raise TrainingPreempted(message)
     metrics.close()
     return last_scalars
+
+
+def halt_on_nonfinite(ctx: RunContext, name: str, stage: StageEngine, state: TrainState, checkpoints: Path,
+                      in_a_row: int, saved: bool) -> None:
+    """Checkpoint (skipped steps changed no weight: they are those from before the fault) and stop."""
+    if not saved:
+        save_checkpoint(stage.engine, checkpoints, state, ctx.config.run.keep_last, ctx.faults)
+    first = state.step - in_a_row + 1
+    raise TrainingHalted(
+        f"stage {name}: steps {first}-{state.step} all had a non-finite loss or gradient norm "
+        f"(run.max_nonfinite_steps={ctx.config.run.max_nonfinite_steps}); stopped. "
+        f"{checkpoints / checkpoint_tag(state.step)} holds the weights and optimizer state from before step {first}, "
+        "with the data position after the skipped batches. Lower the learning rate or inspect the data of those "
+        "steps, then run the same command to continue from there"
+    )
 
 
 def run_stage(ctx: RunContext, name: str, config: StageConfig) -> dict:
@@ -309,7 +358,7 @@ def run_stage(ctx: RunContext, name: str, config: StageConfig) -> dict:
     checkpoints = stage_dir / "checkpoints"
     state = restore_state(ctx, name, stage, checkpoints)
     last_scalars = train_steps(ctx, name, config, stage, state, checkpoints)
-    save_checkpoint(stage.engine, checkpoints, state, ctx.config.run.keep_last)
+    save_checkpoint(stage.engine, checkpoints, state, ctx.config.run.keep_last, ctx.faults)
     skipped = sum_counters(state.skipped_samples)
     if skipped:
         log.warning("stage %s: skipped %d sample(s): %s", name, sum(skipped.values()), skipped)
