@@ -15,6 +15,7 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -129,7 +130,27 @@ def init_distributed(launch: LaunchEnv, timeout_minutes: float) -> torch.device:
     if not dist.is_initialized():
         deepspeed = import_deepspeed()
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
+        if device.type == "cpu":
+            release_shm_buffer_name(launch)
     return device
+
+
+def shm_buffer_path(launch: LaunchEnv) -> Path:
+    return Path("/dev/shm") / (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{launch.master_addr}_{launch.master_port}_{launch.rank}"
+    )
+
+
+def release_shm_buffer_name(launch: LaunchEnv) -> None:
+    """Unlink this rank's /dev/shm all-reduce buffer name; the mappings stay valid.
+
+    DeepSpeed's CPU all-reduce creates one ~70 MB shared-memory file per rank and never removes it, so
+    every run (and every killed one) would leave them behind until /dev/shm, which is RAM, is full.
+    Its initialisation maps every rank's buffer before returning, so after a barrier no rank needs the
+    names any more.
+    """
+    barrier()
+    shm_buffer_path(launch).unlink(missing_ok=True)
 
 
 def barrier() -> None:
