@@ -77,8 +77,14 @@ def test_sigkill_at_a_random_step_then_resume_repeats_every_loss(small_data, uni
         process.send_signal(signal.SIGKILL)
     assert all(process.wait() == -signal.SIGKILL for process in ranks)
     assert not (run_dir / "finetune" / "final").exists()
+    pointer = run_dir / "finetune" / "checkpoints" / "latest"
+    checkpointed = pointer.read_text().strip() if pointer.is_file() else None  # the kill may precede the first save
     assert launch_local(2, argv(small_data, run_dir)) == 0
-    assert "resumed from" in (run_dir / "logs" / "train.log").read_text()
+    log_text = (run_dir / "logs" / "train.log").read_text()
+    if checkpointed is None:
+        assert "resumed from" not in log_text  # started again from step 0
+    else:
+        assert f"resumed from {run_dir / 'finetune' / 'checkpoints' / checkpointed}" in log_text
     assert_same_losses(run_dir, uninterrupted)
     # DeepSpeed's /dev/shm all-reduce buffers are unlinked right after start: killed ranks leave none.
     leftovers = [p for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*") if p.stat().st_mtime >= started]
