@@ -15,6 +15,9 @@ import pytest
 import torch
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
+# Triton kernels run in Triton's interpreter on this CPU-only machine; it must be set before a kernel
+# module is imported (triton.jit decides at decoration time).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from data_tools.build_shards import build_shards  # noqa: E402
 from data_tools.make_tokenizer import make_tokenizer  # noqa: E402

@@ -1,11 +1,15 @@
 """Implementations of the VDEP term, chosen by `vdep.kernel`.
 
 `reference` is `vdep.objectives.losses.reference_vdep_sum`, plain PyTorch and the ground truth.
-`auto` takes a fused kernel where one is available for the device, the reference elsewhere.
+`fused` is the Triton kernel in `fused_vdep.py` (identity head; forward and backward read each
+selected row once). `auto` takes the fused kernel on a CUDA device when Triton is installed and the
+head is the identity, the reference elsewhere, and says why.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Callable
 
 import torch
@@ -14,10 +18,26 @@ from ..errors import ConfigError
 from ..objectives.losses import reference_vdep_sum
 
 
-def select_vdep_sum(requested: str, device: torch.device) -> tuple[Callable[..., torch.Tensor], str]:
-    """(function computing the VDEP sum, name of the implementation)."""
-    if requested == "fused":
-        raise ConfigError(
-            "vdep.kernel=fused: this build of vdep has no fused VDEP kernel yet; use vdep.kernel=auto or reference"
-        )
-    return reference_vdep_sum, "reference"
+def fused_unavailable_reason(device: torch.device, head: str) -> str | None:
+    """Why the fused kernel cannot run here (None: it can)."""
+    if head != "identity":
+        return f"vdep.head={head} is not fused (only the identity head is)"
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install 'vdep[triton]')"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device (on CPU, Triton's interpreter runs it with TRITON_INTERPRET=1, for testing)"
+    return None
+
+
+def select_vdep_sum(requested: str, device: torch.device, head: str = "identity") -> tuple[Callable[..., torch.Tensor], str]:
+    """(function computing the VDEP sum, description of the implementation)."""
+    if requested == "reference":
+        return reference_vdep_sum, "reference"
+    why_not = fused_unavailable_reason(device, head)
+    if requested == "fused" and why_not is not None:
+        raise ConfigError(f"vdep.kernel=fused: {why_not}; use vdep.kernel=auto or reference")
+    if requested == "auto" and (why_not is not None or device.type != "cuda"):
+        return reference_vdep_sum, f"reference ({why_not or 'CPU: the interpreter is for tests'})"
+    from .fused_vdep import fused_vdep_sum
+
+    return fused_vdep_sum, "fused (Triton)"

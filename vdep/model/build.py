@@ -268,7 +268,7 @@ def build_model(
     text_hidden = causal_lm.config.hidden_size
     projector = MultiModalProjector(vision_tower.config.hidden_size, text_hidden, config.projector)
     load_weights_file(projector, paths.projector_init)
-    vdep_sum, kernel = select_vdep_sum(vdep.kernel, device)
+    vdep_sum, kernel = select_vdep_sum(vdep.kernel, device, vdep.head)
     spec = MultimodalSpec(
         image_token_id=image_token_id(tokenizer),
         num_image_tokens=num_image_tokens(vision_tower.config, family, feature_select),

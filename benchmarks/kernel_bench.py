@@ -1,0 +1,104 @@
+"""The VDEP image term: fused Triton kernel vs eager PyTorch vs torch.compile of the reference.
+
+    python benchmarks/kernel_bench.py                 # on a CUDA GPU: LLaVA-1.5 shapes, bf16
+    TRITON_INTERPRET=1 python benchmarks/kernel_bench.py --smoke   # CPU: tiny shapes, checks it runs
+
+For forward and forward+backward: median time, achieved bandwidth (bytes the fused kernel must move:
+the selected hidden and target rows read once, the gradient rows written once) against a measured
+device-to-device copy, and peak memory above the inputs. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+from torch import nn
+
+
+def make_inputs(batch: int, length: int, hidden: int, image_tokens: int, dtype: torch.dtype, device: torch.device):
+    h = torch.randn(batch, length, hidden, dtype=dtype, device=device, requires_grad=True)
+    e = torch.randn(batch, length, hidden, dtype=dtype, device=device, requires_grad=True)
+    targets = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    targets[:, 2:2 + image_tokens] = True  # LLaVA: the image span after BOS and the first token
+    targets[:, 2] = False  # the first image token has no image predecessor (skip_first_image_token)
+    return h, e, targets
+
+
+def timed(fn, device: torch.device, repeats: int) -> tuple[float, float]:
+    """(median seconds, peak bytes allocated above the start) of fn()."""
+    for _ in range(2):
+        fn()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else float("nan")
+    return statistics.median(times), peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU with TRITON_INTERPRET=1)")
+    parser.add_argument("--norm", default="layernorm", choices=["none", "layernorm", "l2"])
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("no CUDA device: run with TRITON_INTERPRET=1 and --smoke")
+
+    from vdep.kernels.fused_vdep import fused_vdep_sum
+    from vdep.objectives.losses import reference_vdep_sum
+
+    if args.smoke:
+        batch, length, hidden, image_tokens, dtype, repeats = 2, 40, 64, 16, torch.float32, 2
+    else:  # LLaVA-1.5-7B finetune micro-batch: 576 image tokens, hidden 4096, bf16
+        batch, length, hidden, image_tokens, dtype, repeats = 16, 2048, 4096, 576, torch.bfloat16, args.repeats
+    h, e, targets = make_inputs(batch, length, hidden, image_tokens, dtype, device)
+    rows = int(targets.sum())
+    element = h.element_size()
+    forward_bytes = 2 * rows * hidden * element  # one predictor row and one target row per selected position
+    backward_bytes = forward_bytes + 2 * rows * hidden * element  # reread both, write both gradients
+
+    copy_source = torch.empty(rows * hidden * 2, dtype=dtype, device=device)
+    copy_target = torch.empty_like(copy_source)
+    copy_time, _ = timed(lambda: copy_target.copy_(copy_source), device, repeats)
+    copy_bandwidth = 2 * copy_source.numel() * element / copy_time  # read + write
+
+    head = nn.Identity()
+    implementations = {"eager reference": reference_vdep_sum, "fused (Triton)": fused_vdep_sum}
+    if device.type == "cuda":
+        implementations["torch.compile(reference)"] = torch.compile(reference_vdep_sum, dynamic=False)
+
+    print(f"VDEP term: {batch}x{length}x{hidden} {str(dtype).removeprefix('torch.')}, {rows} selected rows, "
+          f"norm {args.norm}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu (interpreter)'}; "
+          f"copy bandwidth {copy_bandwidth / 1e9:.0f} GB/s\n")
+    print("| implementation | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s | % of copy bw (fwd+bwd) | peak MiB (fwd+bwd) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, fn in implementations.items():
+        def forward(fn=fn):
+            with torch.no_grad():
+                fn(h, e, targets, head, target_norm=args.norm, detach_target=False)
+
+        def forward_backward(fn=fn):
+            h.grad = e.grad = None
+            fn(h, e, targets, head, target_norm=args.norm, detach_target=False).backward()
+
+        fwd, _ = timed(forward, device, repeats)
+        both, peak = timed(forward_backward, device, repeats)
+        print(f"| {name} | {fwd * 1e3:.3f} | {forward_bytes / fwd / 1e9:.0f} | {both * 1e3:.3f} | "
+              f"{backward_bytes / both / 1e9:.0f} | {100 * backward_bytes / both / copy_bandwidth:.0f}% | {peak / 2**20:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

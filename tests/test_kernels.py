@@ -1,0 +1,120 @@
+"""The fused VDEP kernel (Triton, run by its interpreter on CPU) against the reference implementation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vdep.errors import ConfigError
+from vdep.kernels import select_vdep_sum
+from vdep.kernels.fused_vdep import fused_vdep_sum
+from vdep.objectives.losses import reference_vdep_sum
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def random_case(batch: int, length: int, hidden: int, dtype: torch.dtype, seed: int, fraction: float = 0.4):
+    generator = torch.Generator().manual_seed(seed)
+    h = (torch.randn(batch, length, hidden, generator=generator) * 2 + 0.5).to(dtype).requires_grad_()
+    e = (torch.randn(batch, length, hidden, generator=generator) - 0.3).to(dtype).requires_grad_()
+    targets = torch.rand(batch, length, generator=generator) < fraction
+    targets[:, 0] = False  # position 0 has no predecessor (guaranteed by the data path)
+    return h, e, targets
+
+
+def value_and_grads(fn, h, e, targets, norm, detach_target):
+    h = h.detach().clone().requires_grad_()
+    e = e.detach().clone().requires_grad_()
+    out = fn(h, e, targets, nn.Identity(), target_norm=norm, detach_target=detach_target)
+    (out * 3.0).backward()  # an upstream gradient other than 1
+    return out.detach(), h.grad, e.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("norm", ["none", "layernorm", "l2"])
+@pytest.mark.parametrize("detach_target", [True, False])
+def test_fused_matches_the_reference_in_value_and_gradients(dtype, norm, detach_target):
+    for seed, (batch, length, hidden) in enumerate([(2, 9, 37), (3, 17, 64), (1, 5, 129)]):  # odd sizes too
+        h, e, targets = random_case(batch, length, hidden, dtype, seed)
+        ref = value_and_grads(reference_vdep_sum, h, e, targets, norm, detach_target)
+        fused = value_and_grads(fused_vdep_sum, h, e, targets, norm, detach_target)
+        tol = TOLERANCE[dtype]
+        torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-5)  # both accumulate in fp32
+        torch.testing.assert_close(fused[1].float(), ref[1].float(), rtol=tol, atol=tol)
+        assert fused[1].dtype == dtype
+        if detach_target:
+            assert fused[2] is None and ref[2] is None
+        else:
+            torch.testing.assert_close(fused[2].float(), ref[2].float(), rtol=tol, atol=tol)
+
+
+def test_an_empty_selection_gives_a_connected_zero():
+    h, e, _ = random_case(2, 6, 33, torch.float32, seed=7)
+    targets = torch.zeros(2, 6, dtype=torch.bool)
+    value, grad_h, _ = value_and_grads(fused_vdep_sum, h, e, targets, "layernorm", True)
+    assert value.item() == 0.0
+    assert grad_h is not None and torch.count_nonzero(grad_h) == 0  # the backward ran (ZeRO-3 hooks fire)
+
+
+def test_two_samples_packed_in_one_row_stay_apart():
+    """Image spans of two packed samples: each target is predicted from its own sample's previous row."""
+    h, e, _ = random_case(1, 20, 48, torch.float32, seed=3)
+    targets = torch.zeros(1, 20, dtype=torch.bool)
+    targets[0, 3:7] = True  # sample A: image tokens 2..6, first one not a target
+    targets[0, 13:16] = True  # sample B starts at 10: image tokens 12..15
+    ref = value_and_grads(reference_vdep_sum, h, e, targets, "none", False)
+    fused = value_and_grads(fused_vdep_sum, h, e, targets, "none", False)
+    torch.testing.assert_close(fused[0], ref[0])
+    torch.testing.assert_close(fused[1], ref[1])
+    touched = fused[1][0].abs().sum(-1) > 0
+    assert touched.nonzero().squeeze(1).tolist() == [2, 3, 4, 5, 12, 13, 14]
+
+
+def test_selection_explains_its_choice():
+    cpu = torch.device("cpu")
+    function, name = select_vdep_sum("auto", cpu)
+    assert function is reference_vdep_sum and name.startswith("reference (")
+    assert select_vdep_sum("fused", cpu)[0] is fused_vdep_sum  # the interpreter, in tests
+    with pytest.raises(ConfigError, match="vdep.head=linear is not fused"):
+        select_vdep_sum("fused", cpu, head="linear")
+    assert select_vdep_sum("reference", cpu) == (reference_vdep_sum, "reference")
+
+
+def test_the_model_trains_the_same_with_the_fused_kernel(tiny_model, tokenizer, small_data):
+    from tests.test_model import samples
+    from vdep.config import VdepConfig
+    from vdep.data.batch import collate
+    from vdep.objectives.supervision import prepare_inputs
+
+    built, _, _ = tiny_model
+    model, spec = built.model, built.spec
+    batch = collate(samples(tiny_model, tokenizer, small_data, "plain", 4), tokenizer.pad_token_id, (32, 32))
+    results = []
+    for vdep_sum in (reference_vdep_sum, fused_vdep_sum):
+        model.vdep_sum = vdep_sum
+        model.zero_grad()
+        modes = torch.ones(len(batch.input_ids), dtype=torch.bool)  # every row in VDEP mode
+        inputs = prepare_inputs(batch, modes, VdepConfig(), spec.image_token_id, spec.num_image_tokens)
+        sums = model(inputs)
+        sums.vdep.backward()
+        results.append((sums.vdep.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    model.vdep_sum = reference_vdep_sum
+    (ref_value, ref_grads), (fused_value, fused_grads) = results
+    torch.testing.assert_close(fused_value, ref_value)
+    assert len(fused_grads) == len(ref_grads) > 0
+    for a, b in zip(fused_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_kernel_benchmark_runs_in_smoke_mode():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_bench.py"
+    result = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| fused (Triton) |" in result.stdout and "| eager reference |" in result.stdout

@@ -1,0 +1,138 @@
+"""Fused VDEP image term: Triton kernels for the forward and backward of `reference_vdep_sum`.
+
+For every target position t in I' (flat index into B·T), the predictor is the hidden state at t − 1
+(position 0 is never a target, so t − 1 stays in the same sample). A program handles one selected
+row: it loads h[t−1] and e[t] straight from the (B·T, D) views — no gathered copies of the selected
+rows — normalises both when asked (layernorm without affine, or l2), and writes the row's
+(1/D)·||ĥ − ê||² in fp32. The backward reloads the same two rows and writes their gradients, again
+in one pass. Inputs may be bf16, fp16 or fp32; all arithmetic is fp32.
+
+Rows are processed whole (one block of next_power_of_2(D) elements), which covers LLM hidden sizes up
+to 16384. The `linear` VDEP head is not fused: the selection in `__init__.py` uses the reference then.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+NORMS = {"none": 0, "layernorm": 1, "l2": 2}
+LAYERNORM_EPS = 1e-5  # F.layer_norm's default
+L2_EPS = 1e-12  # F.normalize's default
+MAX_HIDDEN = 16384
+
+
+@triton.jit
+def _normalise(x, mask, D, NORM: tl.constexpr):
+    """Returns (normalised row, scale) where scale is 1/σ (layernorm) or 1/max(||x||, eps) (l2)."""
+    if NORM == 1:
+        mean = tl.sum(x, axis=0) / D
+        centred = tl.where(mask, x - mean, 0.0)
+        inv = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / D + 1e-5)
+        return centred * inv, inv
+    elif NORM == 2:
+        inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)), 1e-12)
+        return x * inv, inv
+    else:
+        return x, 1.0
+
+
+@triton.jit
+def _normalise_backward(grad_normed, normed, inv, mask, D, NORM: tl.constexpr):
+    """Gradient through `_normalise`, given the normalised row and its scale."""
+    if NORM == 1:
+        mean_grad = tl.sum(grad_normed, axis=0) / D
+        mean_grad_dot = tl.sum(grad_normed * normed, axis=0) / D
+        return tl.where(mask, inv * (grad_normed - mean_grad - normed * mean_grad_dot), 0.0)
+    elif NORM == 2:
+        return inv * (grad_normed - normed * tl.sum(grad_normed * normed, axis=0))
+    else:
+        return grad_normed
+
+
+@triton.jit
+def _vdep_forward_kernel(hidden_ptr, embeds_ptr, rows_ptr, out_ptr, D, stride_h, stride_e,
+                         NORM: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0)
+    target_row = tl.load(rows_ptr + i)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    p = tl.load(hidden_ptr + (target_row - 1) * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+    e = tl.load(embeds_ptr + target_row * stride_e + cols, mask=mask, other=0.0).to(tl.float32)
+    p_hat, _ = _normalise(p, mask, D, NORM)
+    e_hat, _ = _normalise(e, mask, D, NORM)
+    diff = tl.where(mask, p_hat - e_hat, 0.0)
+    tl.store(out_ptr + i, tl.sum(diff * diff, axis=0) / D)
+
+
+@triton.jit
+def _vdep_backward_kernel(hidden_ptr, embeds_ptr, rows_ptr, grad_out_ptr, grad_hidden_ptr, grad_embeds_ptr,
+                          D, stride_h, stride_e, NORM: tl.constexpr, TARGET_GRAD: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    i = tl.program_id(0)
+    target_row = tl.load(rows_ptr + i)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    p = tl.load(hidden_ptr + (target_row - 1) * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+    e = tl.load(embeds_ptr + target_row * stride_e + cols, mask=mask, other=0.0).to(tl.float32)
+    p_hat, p_inv = _normalise(p, mask, D, NORM)
+    e_hat, e_inv = _normalise(e, mask, D, NORM)
+    upstream = tl.load(grad_out_ptr)
+    grad_p_hat = tl.where(mask, (p_hat - e_hat) * (2.0 * upstream / D), 0.0)
+    grad_p = _normalise_backward(grad_p_hat, p_hat, p_inv, mask, D, NORM)
+    tl.store(grad_hidden_ptr + (target_row - 1) * stride_h + cols,
+             grad_p.to(grad_hidden_ptr.dtype.element_ty), mask=mask)
+    if TARGET_GRAD:
+        grad_e = _normalise_backward(-grad_p_hat, e_hat, e_inv, mask, D, NORM)
+        tl.store(grad_embeds_ptr + target_row * stride_e + cols,
+                 grad_e.to(grad_embeds_ptr.dtype.element_ty), mask=mask)
+
+
+def _block(d: int) -> int:
+    if d > MAX_HIDDEN:
+        raise ValueError(f"the fused VDEP kernel handles hidden sizes up to {MAX_HIDDEN}, not {d}")
+    return triton.next_power_of_2(d)
+
+
+class FusedVdepSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, embeds: torch.Tensor, image_targets: torch.Tensor, norm: int,
+                detach_target: bool) -> torch.Tensor:
+        d = hidden.shape[-1]
+        hidden_rows = hidden.reshape(-1, d)
+        embed_rows = embeds.reshape(-1, d)
+        rows = image_targets.reshape(-1).nonzero().squeeze(1)
+        per_row = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
+        if rows.numel():
+            _vdep_forward_kernel[(rows.numel(),)](
+                hidden_rows, embed_rows, rows, per_row, d, hidden_rows.stride(0), embed_rows.stride(0),
+                NORM=norm, BLOCK=_block(d),
+            )
+        ctx.save_for_backward(hidden_rows, embed_rows, rows)
+        ctx.norm, ctx.detach_target, ctx.shape = norm, detach_target, hidden.shape
+        return per_row.sum()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        hidden_rows, embed_rows, rows = ctx.saved_tensors
+        target_grad = not ctx.detach_target and ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(hidden_rows)
+        grad_embeds = torch.zeros_like(embed_rows) if target_grad else None
+        if rows.numel():
+            _vdep_backward_kernel[(rows.numel(),)](
+                hidden_rows, embed_rows, rows, grad_output.float().reshape(1).contiguous(), grad_hidden,
+                grad_embeds if grad_embeds is not None else grad_hidden,  # unused when TARGET_GRAD is off
+                hidden_rows.shape[1], hidden_rows.stride(0), embed_rows.stride(0),
+                NORM=ctx.norm, TARGET_GRAD=target_grad, BLOCK=_block(hidden_rows.shape[1]),
+            )
+        grad_embeds = grad_embeds.view(ctx.shape) if grad_embeds is not None else None
+        return grad_hidden.view(ctx.shape), grad_embeds, None, None, None
+
+
+def fused_vdep_sum(hidden: torch.Tensor, embeds: torch.Tensor, image_targets: torch.Tensor, head: torch.nn.Module,
+                   target_norm: str = "none", detach_target: bool = True) -> torch.Tensor:
+    """Drop-in for `reference_vdep_sum` with an identity head."""
+    if not isinstance(head, torch.nn.Identity):
+        raise ValueError("the fused VDEP kernel has no `linear` head; use vdep.kernel=reference (or auto)")
+    return FusedVdepSum.apply(hidden.contiguous(), embeds.contiguous(), image_targets, NORMS[target_norm], detach_target)
