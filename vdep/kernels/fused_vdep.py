@@ -52,16 +52,23 @@ def _normalise_backward(grad_normed, normed, inv, mask, D, NORM: tl.constexpr):
 
 
 @triton.jit
-def _vdep_forward_kernel(hidden_ptr, embeds_ptr, rows_ptr, out_ptr, D, stride_h, stride_e,
-                         NORM: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.program_id(0)
+def _load_pair(hidden_ptr, embeds_ptr, rows_ptr, i, D, stride_h, stride_e, NORM: tl.constexpr, BLOCK: tl.constexpr):
+    """Selected row i: its target row index, the column block, and both rows normalised (with scales)."""
     target_row = tl.load(rows_ptr + i)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
     p = tl.load(hidden_ptr + (target_row - 1) * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
     e = tl.load(embeds_ptr + target_row * stride_e + cols, mask=mask, other=0.0).to(tl.float32)
-    p_hat, _ = _normalise(p, mask, D, NORM)
-    e_hat, _ = _normalise(e, mask, D, NORM)
+    p_hat, p_inv = _normalise(p, mask, D, NORM)
+    e_hat, e_inv = _normalise(e, mask, D, NORM)
+    return target_row, cols, mask, p_hat, p_inv, e_hat, e_inv
+
+
+@triton.jit
+def _vdep_forward_kernel(hidden_ptr, embeds_ptr, rows_ptr, out_ptr, D, stride_h, stride_e,
+                         NORM: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0)
+    _, cols, mask, p_hat, _, e_hat, _ = _load_pair(hidden_ptr, embeds_ptr, rows_ptr, i, D, stride_h, stride_e, NORM, BLOCK)
     diff = tl.where(mask, p_hat - e_hat, 0.0)
     tl.store(out_ptr + i, tl.sum(diff * diff, axis=0) / D)
 
@@ -71,13 +78,9 @@ def _vdep_backward_kernel(hidden_ptr, embeds_ptr, rows_ptr, grad_out_ptr, grad_h
                           D, stride_h, stride_e, NORM: tl.constexpr, TARGET_GRAD: tl.constexpr,
                           BLOCK: tl.constexpr):
     i = tl.program_id(0)
-    target_row = tl.load(rows_ptr + i)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < D
-    p = tl.load(hidden_ptr + (target_row - 1) * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
-    e = tl.load(embeds_ptr + target_row * stride_e + cols, mask=mask, other=0.0).to(tl.float32)
-    p_hat, p_inv = _normalise(p, mask, D, NORM)
-    e_hat, e_inv = _normalise(e, mask, D, NORM)
+    target_row, cols, mask, p_hat, p_inv, e_hat, e_inv = _load_pair(
+        hidden_ptr, embeds_ptr, rows_ptr, i, D, stride_h, stride_e, NORM, BLOCK
+    )
     upstream = tl.load(grad_out_ptr)
     grad_p_hat = tl.where(mask, (p_hat - e_hat) * (2.0 * upstream / D), 0.0)
     grad_p = _normalise_backward(grad_p_hat, p_hat, p_inv, mask, D, NORM)

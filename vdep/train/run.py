@@ -74,10 +74,9 @@ def check_resume_changes(previous: Path, config: TrainConfig) -> None:
     """Refuse a resume whose config changed what the run computes; log the changes it may make."""
     old = yaml.safe_load(previous.read_text()) or {}
     new = yaml.safe_load(config_to_yaml(config))
-    for section in ("run",):  # where the run lives is not a change of the run
-        for key in ("name", "output_dir"):
-            old.get(section, {}).pop(key, None)
-            new.get(section, {}).pop(key, None)
+    for settings in (old.get("run", {}), new.get("run", {})):  # where the run lives is not a change of it
+        settings.pop("name", None)
+        settings.pop("output_dir", None)
     changes = config_changes(old, new)
     refused = [c for c in changes if not any(fnmatch.fnmatchcase(c[0], pattern) for pattern in CHANGEABLE_ON_RESUME)]
     if refused:

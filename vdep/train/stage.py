@@ -275,6 +275,11 @@ def train_steps(ctx: RunContext, name: str, config: StageConfig, stage: StageEng
     interval = IntervalStats(ctx.device)
     last_scalars: dict[str, float] = {}
     nonfinite_in_a_row = 0
+
+    def save() -> None:
+        state.skipped_samples = dict(skips.counts)
+        save_checkpoint(engine, checkpoints, state, ctx.config.run.keep_last, ctx.faults)
+
     while state.step < stage.total_steps:
         micro_batches = take(batches, stage.grad_accum)
         plan = plan_step(
@@ -312,16 +317,17 @@ def train_steps(ctx: RunContext, name: str, config: StageConfig, stage: StageEng
             last_scalars["train/nonfinite_steps"] = float(state.nonfinite_steps)
             metrics.log(state.step, last_scalars)
             interval = IntervalStats(ctx.device)
-        state.skipped_samples = dict(skips.counts)
-        saved = False
-        if config.save_every and state.step % config.save_every == 0 and state.step < stage.total_steps:
-            save_checkpoint(engine, checkpoints, state, ctx.config.run.keep_last, ctx.faults)
-            saved = True
-        if nonfinite_in_a_row >= ctx.config.run.max_nonfinite_steps:
-            halt_on_nonfinite(ctx, name, stage, state, checkpoints, nonfinite_in_a_row, saved)
-        if ctx.stop.agreed(ctx.device):
+        saved = bool(config.save_every) and state.step % config.save_every == 0 and state.step < stage.total_steps
+        if saved:
+            save()
+        halt = nonfinite_halt(ctx, name, state, checkpoints, nonfinite_in_a_row)
+        if halt is not None:
             if not saved:
-                save_checkpoint(engine, checkpoints, state, ctx.config.run.keep_last, ctx.faults)
+                save()
+            raise halt
+        if ctx.stop.agreed(ctx.device):  # after a periodic save, so a signal during it still stops this step
+            if not saved:
+                save()
             metrics.close()
             message = (
                 f"stage {name}: stopped by {ctx.stop.signal_name or 'a signal to another rank'} after step "
@@ -329,17 +335,21 @@ def train_steps(ctx: RunContext, name: str, config: StageConfig, stage: StageEng
             )
             log.warning(message)
             raise TrainingPreempted(message)
+    state.skipped_samples = dict(skips.counts)
     metrics.close()
     return last_scalars
 
 
-def halt_on_nonfinite(ctx: RunContext, name: str, stage: StageEngine, state: TrainState, checkpoints: Path,
-                      in_a_row: int, saved: bool) -> None:
-    """Checkpoint (skipped steps changed no weight: they are those from before the fault) and stop."""
-    if not saved:
-        save_checkpoint(stage.engine, checkpoints, state, ctx.config.run.keep_last, ctx.faults)
+def nonfinite_halt(ctx: RunContext, name: str, state: TrainState, checkpoints: Path, in_a_row: int) -> TrainingHalted | None:
+    """The error that stops the run after too many non-finite steps in a row (None: go on).
+
+    The checkpoint saved before raising it holds the weights from before the first of them: skipped
+    steps change no weight.
+    """
+    if in_a_row < ctx.config.run.max_nonfinite_steps:
+        return None
     first = state.step - in_a_row + 1
-    raise TrainingHalted(
+    return TrainingHalted(
         f"stage {name}: steps {first}-{state.step} all had a non-finite loss or gradient norm "
         f"(run.max_nonfinite_steps={ctx.config.run.max_nonfinite_steps}); stopped. "
         f"{checkpoints / checkpoint_tag(state.step)} holds the weights and optimizer state from before step {first}, "
