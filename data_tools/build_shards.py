@@ -1,139 +1,401 @@
-"""`vdep build-shards`: LLaVA-style JSON/JSONL + an image folder → WebDataset tar shards.
+"""`vdep build-shards`: LLaVA JSON/JSONL, img2dataset tars and text-only conversations → WebDataset shards.
 
-Each input record is `{"id": ..., "image": "relative/path.jpg" (optional), "conversations": [...]}`.
-Output, in `--out`:
-- `000000.tar`, `000001.tar`, ...: per sample `KEY.<image extension>` (the original bytes) and
-  `KEY.json` (`{"id", "conversations", "source": {"file", "index"}}`); KEY is a 9-digit sequence number;
-- `sizes.json`: shard file name → sample count (the loader plans epochs from it);
-- `stats.json`: totals, the image/text-only mix, and rejections by reason;
-- `errors.jsonl`: one line per rejected record: input file, index, id, reason, message.
-A bad record never stops the build; it is counted and explained.
+The build is planned before anything is written: every input record gets a position in one order
+(input order, or a seeded permutation with `--shuffle`), and shard `i` holds the accepted records among
+positions `[i·N, (i+1)·N)`. A shard is therefore a function of its slice of the plan only, which gives:
+
+- deterministic keys (`KEY` = the record's 9-digit position in the plan) and contents;
+- parallel workers that each build whole shards, with no coordination;
+- atomic shards: a shard is written as `NNNNNN.tar.tmp` and renamed when complete, then its stats file
+  `shard_stats/NNNNNN.json` is written (also atomically): that file is the shard's "done" mark;
+- `--resume` after a crash: shards with a done mark are kept, the rest are built again;
+- disjoint parts of one plan in a SLURM array (`--part K --num-parts P`), all writing into one folder.
+
+Output in `--out`: `NNNNNN.tar` (per sample `KEY.<image extension>` with the original bytes unless a
+mode conversion or `--max-side` re-encoded them, and `KEY.json` with `id`, `conversations` and `source`),
+`sizes.json` (shard → count), `stats.json` (totals, modality mix, rejections by reason, conversions),
+`errors.jsonl` (one line per rejected record with file, index, id, reason and message) and
+`build.json` (the options and input fingerprint that `--resume` checks).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import multiprocessing
+import os
+import random
+import sys
+import tarfile
+import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import webdataset as wds
 
 from vdep.data.conversation import SampleError, check_image_markers, parse_conversation
 from vdep.data.dataset import IMAGE_EXTENSIONS
-from vdep.data.images import decode_image
 from vdep.data.shards import SIZES_FILE
 from vdep.errors import DataError
+
+from .image_fixing import fix_image
+from .sources import DEFAULT_CAPTION_PROMPT, RecordRef, expand_inputs, img2dataset_record, read_inputs, read_member
+
+SHARD_STATS_DIR = "shard_stats"
+BUILD_FILE = "build.json"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    inputs: list[Path]
+    image_root: Path | None
+    out: Path
+    samples_per_shard: int = 1000
+    workers: int = 1
+    shuffle: bool = False
+    seed: int = 0
+    resume: bool = False
+    max_error_rate: float = 0.1
+    max_side: int | None = None
+    caption_prompt: str = DEFAULT_CAPTION_PROMPT
+    part: int = 0
+    num_parts: int = 1
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.samples_per_shard < 1:
+            raise DataError("--samples-per-shard must be at least 1")
+        if self.workers < 1:
+            raise DataError("--workers must be at least 1")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise DataError("--max-error-rate is a fraction between 0 and 1 (0.1 allows 10% rejected records)")
+        if self.max_side is not None and self.max_side < 1:
+            raise DataError("--max-side must be a positive number of pixels")
+        if not 0 <= self.part < self.num_parts:
+            raise DataError(f"--part {self.part} must lie in 0..{self.num_parts - 1} (--num-parts {self.num_parts})")
+
+    def plan_settings(self) -> dict:
+        """What decides the shards' contents; `--resume` refuses to continue a build made with other values."""
+        files = expand_inputs(self.inputs)
+        return {
+            "inputs": [{"file": str(f.resolve()), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files],
+            "image_root": str(self.image_root.resolve()) if self.image_root else None,
+            "samples_per_shard": self.samples_per_shard,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "max_side": self.max_side,
+            "caption_prompt": self.caption_prompt,
+        }
+
+
+@dataclass
+class ShardResult:
+    """One shard's outcome; also the content of its `shard_stats/NNNNNN.json` done mark."""
+
+    shard: int
+    records: int = 0
+    written: int = 0
+    with_image: int = 0
+    text_only: int = 0
+    image_bytes: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    converted: dict[str, int] = field(default_factory=dict)  # original mode → count
+    resized: int = 0
+    errors: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.shard)
 
 
 @dataclass
 class BuildReport:
-    written: int = 0
-    with_image: int = 0
-    text_only: int = 0
-    rejected: Counter = field(default_factory=Counter)
-    shards: dict[str, int] = field(default_factory=dict)
+    shards: list[ShardResult]
+    planned_shards: int
+    reused_shards: int = 0
+    seconds: float = 0.0
+
+    def total(self, attribute: str) -> int:
+        return sum(getattr(s, attribute) for s in self.shards)
+
+    def counter(self, attribute: str) -> Counter:
+        total: Counter = Counter()
+        for shard in self.shards:
+            total.update(getattr(shard, attribute))
+        return total
+
+    @property
+    def written(self) -> int:
+        return self.total("written")
+
+    @property
+    def records(self) -> int:
+        return self.total("records")
+
+    @property
+    def rejected(self) -> Counter:
+        return self.counter("rejected")
+
+    @property
+    def error_rate(self) -> float:
+        return sum(self.rejected.values()) / self.records if self.records else 0.0
 
     def summary(self) -> str:
+        rate = self.records / self.seconds if self.seconds > 0 else 0.0
         lines = [
-            f"wrote {self.written} samples ({self.with_image} with image, {self.text_only} text-only) "
-            f"in {len(self.shards)} shard(s)"
+            f"wrote {self.written} samples ({self.total('with_image')} with image, {self.total('text_only')} "
+            f"text-only) in {sum(1 for s in self.shards if s.written)} shard(s) from {self.records} records "
+            f"({self.reused_shards} shard(s) kept from an earlier run; {rate:.0f} records/s)"
         ]
         if self.rejected:
             reasons = ", ".join(f"{reason}: {count}" for reason, count in self.rejected.most_common())
-            lines.append(f"rejected {sum(self.rejected.values())} record(s): {reasons} (details in errors.jsonl)")
+            lines.append(
+                f"rejected {sum(self.rejected.values())} record(s) ({100 * self.error_rate:.2f}%): {reasons} "
+                "(details in errors.jsonl)"
+            )
+        converted = self.counter("converted")
+        if converted or self.total("resized"):
+            modes = ", ".join(f"{mode}: {count}" for mode, count in converted.most_common())
+            lines.append(f"re-encoded: {self.total('resized')} resized, mode conversions {modes or 'none'}")
         return "\n".join(lines)
 
 
-def read_records(path: Path) -> Iterator[tuple[int, object]]:
-    """(index, record) pairs of a JSON list or a JSONL file; a broken JSONL line yields a `SampleError`."""
-    if path.suffix == ".jsonl":
-        with path.open() as lines:
-            for index, line in enumerate(lines):
-                if not line.strip():
-                    continue
-                try:
-                    yield index, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield index, SampleError("bad_json", f"line {index + 1} is not valid JSON: {exc}")
-        return
-    try:
-        records = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}); for one record per line, name it .jsonl") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path} must hold a JSON list of records")
-    yield from enumerate(records)
+def shard_name(index: int) -> str:
+    return f"{index:06d}.tar"
 
 
-def prepare_record(record: object, image_root: Path) -> tuple[dict, str | None, bytes | None]:
-    """Validate one record; returns (json payload, image extension, image bytes)."""
+def write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+# ------------------------------------------------------------------------------------------ one record
+def prepare_record(ref: RecordRef, image_root: Path | None, options: BuildOptions) -> tuple[dict, str | None, bytes | None, dict]:
+    """Validate one record; returns (json payload, image extension, image bytes, notes about re-encoding)."""
+    record: object = ref.record
+    extension: str | None = None
+    if ref.is_img2dataset:
+        record, extension = img2dataset_record(ref, options.caption_prompt)
     if isinstance(record, SampleError):
         raise record
     if not isinstance(record, dict):
         raise SampleError("bad_record", "the record is not a JSON object")
     turns = parse_conversation(record.get("conversations"))
     image_name = record.get("image")
-    check_image_markers(turns, image_name is not None)
+    has_image = image_name is not None or extension is not None
+    check_image_markers(turns, has_image)
     payload = {"id": record.get("id"), "conversations": record["conversations"]}
-    if image_name is None:
-        return payload, None, None
-    if not isinstance(image_name, str):
-        raise SampleError("bad_record", "'image' must be a relative path string")
-    image_path = image_root / image_name
-    extension = image_path.suffix.lower().lstrip(".")
-    if extension not in IMAGE_EXTENSIONS:
-        raise SampleError("unsupported_image_format", f"{image_name}: use one of {', '.join(IMAGE_EXTENSIONS)}")
-    try:
-        data = image_path.read_bytes()
-    except OSError as exc:
-        raise SampleError("missing_image", f"{image_path}: {exc.strerror or exc}") from None
-    decode_image(data)  # a truncated or non-image file is rejected here, not during training
-    return payload, extension, data
+    if not has_image:
+        return payload, None, None, {}
+    if extension is not None:  # img2dataset
+        data = read_member(ref, extension)
+        payload["source_metadata"] = record["source_metadata"]
+    else:
+        if not isinstance(image_name, str) or not image_name:
+            raise SampleError("bad_record", "'image' must be a relative path string")
+        if image_root is None:
+            raise SampleError("missing_image", f"{image_name}: the record has an image but no --image-root was given")
+        image_path = image_root / image_name
+        extension = image_path.suffix.lower().lstrip(".")
+        if extension not in IMAGE_EXTENSIONS:
+            raise SampleError("unsupported_image_format", f"{image_name}: use one of {', '.join(IMAGE_EXTENSIONS)}")
+        try:
+            data = image_path.read_bytes()
+        except OSError as exc:
+            raise SampleError("missing_image", f"{image_path}: {exc.strerror or exc}") from None
+    fixed = fix_image(data, extension, options.max_side)
+    notes = {"converted_from": fixed.converted_from, "resized": fixed.resized_from is not None}
+    return payload, fixed.extension, fixed.data, notes
 
 
-def build_shards(inputs: list[Path], image_root: Path, out: Path, samples_per_shard: int = 1000) -> BuildReport:
-    if samples_per_shard < 1:
-        raise DataError("--samples-per-shard must be at least 1")
-    for path in inputs:
+# ------------------------------------------------------------------------------------------ one shard
+def build_shard(index: int, refs: list[tuple[int, RecordRef]], options: BuildOptions) -> ShardResult:
+    """Write shard `index` from its (plan position, record) pairs; atomic, then the done mark."""
+    started = time.perf_counter()
+    result = ShardResult(index, records=len(refs))
+    out = options.out
+    final = out / shard_name(index)
+    temporary = final.with_name(final.name + ".tmp")
+    with tarfile.open(temporary, "w") as tar:
+        for position, ref in refs:
+            try:
+                payload, extension, image, notes = prepare_record(ref, options.image_root, options)
+            except SampleError as exc:
+                result.rejected[exc.reason] = result.rejected.get(exc.reason, 0) + 1
+                result.errors.append({"file": ref.file, "index": ref.index, "id": _jsonable(ref.record_id),
+                                      "reason": exc.reason, "message": str(exc)})
+                continue
+            key = f"{position:09d}"
+            payload["source"] = {"file": Path(ref.file).name, "index": ref.index}
+            _add_member(tar, f"{key}.json", json.dumps(payload, ensure_ascii=False).encode())
+            if image is not None:
+                _add_member(tar, f"{key}.{extension}", image)
+                result.with_image += 1
+                result.image_bytes += len(image)
+                if notes["converted_from"]:
+                    result.converted[notes["converted_from"]] = result.converted.get(notes["converted_from"], 0) + 1
+                result.resized += int(notes["resized"])
+            else:
+                result.text_only += 1
+            result.written += 1
+    if result.written:
+        os.replace(temporary, final)
+    else:
+        temporary.unlink()  # nothing accepted: no shard, but the done mark below records why
+    result.seconds = time.perf_counter() - started
+    write_atomically(out / SHARD_STATS_DIR / f"{index:06d}.json", json.dumps(asdict(result)))
+    return result
+
+
+def _jsonable(value: object) -> object:
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    import io
+
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # identical bytes for identical inputs
+    info.mode = 0o444
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _build_shard_task(task: tuple[int, list[tuple[int, RecordRef]], BuildOptions]) -> ShardResult:
+    return build_shard(*task)
+
+
+# ------------------------------------------------------------------------------------------ the build
+def plan_positions(num_records: int, shuffle: bool, seed: int) -> list[int]:
+    """The plan: record indices (into the concatenated inputs) in shard order."""
+    order = list(range(num_records))
+    if shuffle:
+        random.Random(f"vdep-build-{seed}").shuffle(order)
+    return order
+
+
+def load_done_marks(out: Path, shards: range) -> dict[int, ShardResult]:
+    done: dict[int, ShardResult] = {}
+    for index in shards:
+        path = out / SHARD_STATS_DIR / f"{index:06d}.json"
         if not path.is_file():
-            raise DataError(f"input {path} does not exist")
+            continue
+        result = ShardResult(**json.loads(path.read_text()))
+        if result.written and not (out / shard_name(index)).is_file():
+            continue  # the mark outlived its shard (deleted by hand): build it again
+        done[index] = result
+    return done
+
+
+def prepare_out_dir(options: BuildOptions) -> None:
+    out = options.out
     out.mkdir(parents=True, exist_ok=True)
-    if any(out.glob("*.tar")):
-        raise DataError(f"{out} already holds shards; choose an empty --out directory")
-    report = BuildReport()
-    with (out / "errors.jsonl").open("w") as errors, wds.ShardWriter(
-        str(out / "%06d.tar"), maxcount=samples_per_shard, verbose=0
-    ) as writer:
-        for path in inputs:
-            for index, record in read_records(path):
-                try:
-                    payload, extension, image = prepare_record(record, image_root)
-                except SampleError as exc:
-                    report.rejected[exc.reason] += 1
-                    record_id = record.get("id") if isinstance(record, dict) else None
-                    errors.write(json.dumps(
-                        {"file": str(path), "index": index, "id": record_id, "reason": exc.reason, "message": str(exc)}
-                    ) + "\n")
-                    continue
-                payload["source"] = {"file": path.name, "index": index}
-                sample = {"__key__": f"{report.written:09d}", "json": json.dumps(payload).encode()}
-                if image is not None:
-                    sample[extension] = image
-                    report.with_image += 1
-                else:
-                    report.text_only += 1
-                writer.write(sample)
-                shard_name = f"{report.written // samples_per_shard:06d}.tar"
-                report.shards[shard_name] = report.shards.get(shard_name, 0) + 1
-                report.written += 1
-    (out / SIZES_FILE).write_text(json.dumps(report.shards, indent=1))
-    (out / "stats.json").write_text(json.dumps({
-        "samples": report.written,
-        "with_image": report.with_image,
-        "text_only": report.text_only,
-        "rejected": dict(report.rejected),
-        "shards": len(report.shards),
-    }, indent=1))
+    (out / SHARD_STATS_DIR).mkdir(exist_ok=True)
+    settings = options.plan_settings()
+    build_file = out / BUILD_FILE
+    if build_file.is_file():
+        previous = json.loads(build_file.read_text())
+        if not options.resume and options.num_parts == 1:
+            raise DataError(f"{out} already holds a build; choose an empty --out folder, or pass --resume to finish it")
+        if previous != settings:
+            changed = sorted(k for k in settings if previous.get(k) != settings[k])
+            raise DataError(
+                f"{out} holds a build made with different settings ({', '.join(changed)}); --resume continues "
+                "only the same plan: use the original inputs and options, or a new --out folder"
+            )
+    elif any(out.glob("*.tar")):
+        raise DataError(f"{out} already holds shards; choose an empty --out folder")
+    else:
+        write_atomically(build_file, json.dumps(settings, indent=1))
+
+
+def build_shards(options: BuildOptions) -> BuildReport:
+    options.check()
+    started = time.perf_counter()
+    prepare_out_dir(options)
+    refs = read_inputs(options.inputs)
+    order = plan_positions(len(refs), options.shuffle, options.seed)
+    per_shard = options.samples_per_shard
+    planned = math.ceil(len(order) / per_shard)
+    mine = range(planned * options.part // options.num_parts, planned * (options.part + 1) // options.num_parts)
+    done = load_done_marks(options.out, mine) if options.resume or options.num_parts > 1 else {}
+    for stale in options.out.glob("*.tmp"):
+        stale.unlink()  # a shard whose writer died; it is in the plan again below
+    tasks = [
+        (index, [(p, refs[order[p]]) for p in range(index * per_shard, min((index + 1) * per_shard, len(order)))], options)
+        for index in mine if index not in done
+    ]
+    results = dict(done)
+    progress = Progress(sum(len(t[1]) for t in tasks), enabled=options.progress)
+    if options.workers == 1 or len(tasks) <= 1:
+        for task in tasks:
+            result = _build_shard_task(task)
+            results[result.shard] = result
+            progress.advance(result)
+    else:
+        # fork: the workers inherit the imported modules; each task carries its own refs.
+        context = multiprocessing.get_context("fork")
+        with context.Pool(options.workers) as pool:
+            for result in pool.imap_unordered(_build_shard_task, tasks):
+                results[result.shard] = result
+                progress.advance(result)
+    progress.close()
+    report = BuildReport([results[i] for i in sorted(results)], planned, reused_shards=len(done))
+    report.seconds = time.perf_counter() - started
+    write_summary(options.out, planned)
     return report
+
+
+def write_summary(out: Path, planned: int) -> None:
+    """sizes.json, stats.json and errors.jsonl from every done mark in the folder (all parts so far)."""
+    results = load_done_marks(out, range(planned))
+    complete = len(results) == planned
+    sizes = {shard_name(i): r.written for i, r in sorted(results.items()) if r.written}
+    write_atomically(out / SIZES_FILE, json.dumps(sizes, indent=1))
+    report = BuildReport(list(results.values()), planned)
+    stats = {
+        "complete": complete,
+        "planned_shards": planned,
+        "finished_shards": len(results),
+        "records": report.records,
+        "samples": report.written,
+        "with_image": report.total("with_image"),
+        "text_only": report.total("text_only"),
+        "image_bytes": report.total("image_bytes"),
+        "rejected": dict(report.rejected.most_common()),
+        "error_rate": round(report.error_rate, 6),
+        "converted_modes": dict(report.counter("converted").most_common()),
+        "resized": report.total("resized"),
+        "shards": len(sizes),
+    }
+    write_atomically(out / "stats.json", json.dumps(stats, indent=1))
+    lines = [json.dumps(error, ensure_ascii=False) for _, r in sorted(results.items()) for error in r.errors]
+    write_atomically(out / "errors.jsonl", "".join(line + "\n" for line in lines))
+
+
+class Progress:
+    """Records done, rate and ETA on stderr; one line per update when stderr is not a terminal (SLURM logs)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.kept = total, 0, 0
+        self.enabled = enabled and total > 0
+        self.started = self.last = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def advance(self, result: ShardResult) -> None:
+        self.done += result.records
+        self.kept += result.written
+        now = time.perf_counter()
+        if not self.enabled or (not self.tty and now - self.last < 30 and self.done < self.total):
+            return
+        self.last = now
+        rate = self.done / max(now - self.started, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        line = (f"build-shards: {self.done}/{self.total} records ({100 * self.done / self.total:.1f}%), "
+                f"{self.kept} kept, {rate:.0f} records/s, ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            print(file=sys.stderr)

@@ -19,7 +19,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().paren
 # module is imported (triton.jit decides at decoration time).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from data_tools.build_shards import build_shards  # noqa: E402
+from data_tools.build_shards import BuildOptions, build_shards  # noqa: E402
 from data_tools.make_tokenizer import make_tokenizer  # noqa: E402
 from vdep.demo_data import write_demo_data  # noqa: E402
 
@@ -66,8 +66,8 @@ def small_data(tmp_path_factory) -> SmallData:
     root = tmp_path_factory.mktemp("small-data")
     raw = root / "raw"
     paths = write_demo_data(raw, seed=7, num_align=64, num_finetune=64, num_eval=12)
-    build_shards([paths["align"]], raw / "images", root / "align", samples_per_shard=16)
-    build_shards([paths["finetune"]], raw / "images", root / "finetune", samples_per_shard=16)
+    build_shards(BuildOptions([paths["align"]], raw / "images", root / "align", samples_per_shard=16, progress=False))
+    build_shards(BuildOptions([paths["finetune"]], raw / "images", root / "finetune", samples_per_shard=16, progress=False))
     make_tokenizer([str(root / "align"), str(root / "finetune")], 400, root / "tokenizer")
     return SmallData(root, raw, root / "align", root / "finetune", root / "tokenizer")
 

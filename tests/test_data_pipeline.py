@@ -10,7 +10,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_tools.build_shards import build_shards
+from data_tools.build_shards import BuildOptions, build_shards
 from vdep.data.dataset import SamplePreprocessor
 from vdep.data.loader import StageLoader
 from vdep.data.shards import discover_shards, plan_epoch, resolve_split
@@ -54,8 +54,10 @@ def test_build_shards_counts_and_explains_every_rejection(tmp_path):
     (tmp_path / "part2.jsonl").write_text(
         json.dumps({"id": "ok-line", "conversations": conversation("Q?", "A")}) + "\n{broken json\n"
     )
-    report = build_shards([tmp_path / "part1.json", tmp_path / "part2.jsonl"], images, tmp_path / "out", samples_per_shard=2)
-    assert (report.written, report.with_image, report.text_only) == (3, 1, 2)
+    options = BuildOptions([tmp_path / "part1.json", tmp_path / "part2.jsonl"], images, tmp_path / "out", samples_per_shard=2,
+                           progress=False)
+    report = build_shards(options)
+    assert (report.written, report.total("with_image"), report.total("text_only")) == (3, 1, 2)
     assert dict(report.rejected) == {
         "missing_image": 1, "bad_image": 2, "unsupported_image_format": 1, "image_marker_mismatch": 2,
         "bad_conversation": 1, "bad_record": 1, "bad_json": 1,
@@ -64,14 +66,16 @@ def test_build_shards_counts_and_explains_every_rejection(tmp_path):
     assert len(errors) == 9
     assert {e["id"] for e in errors if e["reason"] == "bad_image"} == {"truncated", "not-image"}
     assert any(e["file"].endswith("part2.jsonl") and e["index"] == 1 for e in errors)
-    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"000000.tar": 2, "000001.tar": 1}
+    # Shard i holds the accepted records of plan positions [2i, 2i+2); shards with none are not written.
+    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"000000.tar": 2, "000005.tar": 1}
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
-    assert stats["samples"] == 3 and stats["rejected"]["bad_image"] == 2
+    assert stats["samples"] == 3 and stats["rejected"]["bad_image"] == 2 and stats["complete"]
+    assert stats["records"] == 12 and stats["error_rate"] == pytest.approx(9 / 12, abs=1e-6)
     shards = discover_shards([str(tmp_path / "out")])
     keys = [s["__key__"] for shard in shards for s in wds.tariterators.tarfile_samples([{"url": shard.path}])]
-    assert keys == ["000000000", "000000001", "000000002"]
-    with pytest.raises(DataError, match="already holds shards"):
-        build_shards([tmp_path / "part1.json"], images, tmp_path / "out")
+    assert keys == ["000000000", "000000001", "000000010"]  # the position in the plan
+    with pytest.raises(DataError, match="already holds a build"):
+        build_shards(BuildOptions([tmp_path / "part1.json"], images, tmp_path / "out", progress=False))
 
 
 def test_shard_plan_is_deterministic_and_covers_every_shard_once(small_data):

@@ -35,7 +35,7 @@ def losses(run_dir, stage: str) -> list[float]:
 @pytest.fixture(scope="module")
 def mixed_shards(small_data, tmp_path_factory):
     """Half text-only, half image samples in random order: ranks get different modalities at random steps."""
-    from data_tools.build_shards import build_shards
+    from data_tools.build_shards import BuildOptions, build_shards
 
     records = json.loads((small_data.raw / "finetune.json").read_text())
     images = [r for r in records if "image" in r][:24]
@@ -45,7 +45,7 @@ def mixed_shards(small_data, tmp_path_factory):
     random.Random(0).shuffle(mixed)
     folder = tmp_path_factory.mktemp("mixed")
     (folder / "mixed.json").write_text(json.dumps(mixed))
-    build_shards([folder / "mixed.json"], small_data.raw / "images", folder / "shards", samples_per_shard=8)
+    build_shards(BuildOptions([folder / "mixed.json"], small_data.raw / "images", folder / "shards", samples_per_shard=8, progress=False))
     return folder / "shards"
 
 

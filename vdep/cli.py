@@ -2,7 +2,8 @@
 
     vdep train RECIPE.yaml [key=value ...]        # both stages, or stage=align|finetune
     vdep demo [--out DIR] [--nproc N] [--no-vdep]
-    vdep build-shards INPUT... --image-root DIR --out DIR [--samples-per-shard N]
+    vdep build-shards INPUT... --image-root DIR --out DIR [--workers N] [--shuffle --seed S] [--resume] ...
+    vdep inspect-shards DIR [--tokenizer PATH --template NAME]
     vdep export-hf --checkpoint PATH --out DIR [--dtype bf16|fp16|fp32] [--verify]
     vdep make-tokenizer --shards DIR --vocab-size N --out DIR
 
@@ -42,8 +43,20 @@ examples:
 
 BUILD_EXAMPLES = """\
 examples:
-  vdep build-shards llava_v1_5_mix665k.json --image-root /data/llava/images --out /data/shards/mix665k
-  vdep build-shards part1.jsonl part2.json --image-root imgs --out shards --samples-per-shard 2000
+  vdep build-shards llava_v1_5_mix665k.json --image-root /data/llava/images --out /data/shards/mix665k \\
+      --workers 16 --shuffle --seed 0
+  vdep build-shards blip_laion_cc_sbu_558k.json --image-root /data/llava-pretrain --out /data/shards/558k
+  vdep build-shards /data/cc3m-img2dataset/ --out /data/shards/cc3m --caption-prompt "Describe the image."
+  vdep build-shards part1.jsonl text_only.json --image-root imgs --out shards --resume   # after a crash
+
+INPUT is a LLaVA .json list or .jsonl file (id, image relative to --image-root, conversations; records
+without an image are text-only), an img2dataset .tar, or a folder of them. See docs/data.md.
+"""
+
+INSPECT_EXAMPLES = """\
+examples:
+  vdep inspect-shards /data/shards/mix665k
+  vdep inspect-shards /data/shards/mix665k --tokenizer /models/vicuna-7b-v1.5 --template vicuna_v1
 """
 
 EXPORT_EXAMPLES = """\
@@ -102,10 +115,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo-tiny recipe")
 
     build = commands.add_parser("build-shards", help="LLaVA JSON/JSONL + images → WebDataset shards", epilog=BUILD_EXAMPLES, formatter_class=formatter)
-    build.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="LLaVA-style .json or .jsonl files")
-    build.add_argument("--image-root", type=Path, required=True, help="folder the records' 'image' paths are relative to")
+    build.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="LLaVA .json/.jsonl, img2dataset .tar or folder")
+    build.add_argument("--image-root", type=Path, help="folder the LLaVA records' 'image' paths are relative to")
     build.add_argument("--out", type=Path, required=True, help="output folder for the shards")
-    build.add_argument("--samples-per-shard", type=int, default=1000)
+    build.add_argument("--samples-per-shard", type=int, default=1000, help="records planned per shard (default: 1000)")
+    build.add_argument("--workers", type=int, default=1, help="processes building shards in parallel (default: 1)")
+    build.add_argument("--shuffle", action="store_true", help="write records in a seeded random order")
+    build.add_argument("--seed", type=int, default=0, help="seed of --shuffle (default: 0)")
+    build.add_argument("--resume", action="store_true", help="keep the finished shards of an interrupted build")
+    build.add_argument("--max-error-rate", type=float, default=0.1,
+                       help="exit non-zero when more than this fraction of records is rejected (default: 0.1)")
+    build.add_argument("--max-side", type=int, help="re-encode images whose longer side exceeds this many pixels")
+    from data_tools.sources import DEFAULT_CAPTION_PROMPT  # light: no torch, no PIL
+
+    build.add_argument("--caption-prompt", default=DEFAULT_CAPTION_PROMPT,
+                       help=f"user turn of img2dataset caption samples (default: {DEFAULT_CAPTION_PROMPT!r})")
+    build.add_argument("--part", type=int, default=0, help="build only this part of the plan (SLURM array task id)")
+    build.add_argument("--num-parts", type=int, default=1, help="number of parts the plan is split into")
+    build.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+
+    inspect = commands.add_parser("inspect-shards", help="count, check and sample a shard folder", epilog=INSPECT_EXAMPLES, formatter_class=formatter)
+    inspect.add_argument("folder", type=Path, help="a folder written by vdep build-shards")
+    inspect.add_argument("--tokenizer", help="tokenizer folder or name for the token-length histogram")
+    inspect.add_argument("--template", default="vicuna_v1", help="template for the token lengths (default: vicuna_v1)")
+    inspect.add_argument("--num-image-tokens", type=int, default=576, help="placeholders per image (default: 576)")
+    inspect.add_argument("--examples", type=int, default=3, help="samples to print (default: 3)")
 
     export = commands.add_parser("export-hf", help="export a checkpoint as a Hugging Face Llava folder", epilog=EXPORT_EXAMPLES, formatter_class=formatter)
     export.add_argument("--checkpoint", type=Path, required=True, help="run dir, stage dir, final/ or DeepSpeed checkpoint")
@@ -143,11 +177,33 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _build_shards(args: argparse.Namespace) -> int:
-    from data_tools.build_shards import build_shards
+    from data_tools.build_shards import BuildOptions, build_shards
 
-    report = build_shards(args.inputs, args.image_root, args.out, args.samples_per_shard)
+    options = BuildOptions(
+        inputs=args.inputs, image_root=args.image_root, out=args.out, samples_per_shard=args.samples_per_shard,
+        workers=args.workers, shuffle=args.shuffle, seed=args.seed, resume=args.resume,
+        max_error_rate=args.max_error_rate, max_side=args.max_side, caption_prompt=args.caption_prompt,
+        part=args.part, num_parts=args.num_parts, progress=not args.no_progress,
+    )
+    report = build_shards(options)
     print(report.summary())
-    return 0 if report.written else 1
+    if not report.written:
+        print("vdep: error: no sample was accepted; see errors.jsonl in the output folder", file=sys.stderr)
+        return 1
+    if report.error_rate > args.max_error_rate:
+        print(f"vdep: error: {100 * report.error_rate:.2f}% of the records were rejected, more than "
+              f"--max-error-rate {args.max_error_rate}; the shards are written, see errors.jsonl", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _inspect_shards(args: argparse.Namespace) -> int:
+    from data_tools.inspect_shards import format_report, inspect_shards, make_length_encoder
+
+    encode = make_length_encoder(args.tokenizer, args.template, args.num_image_tokens) if args.tokenizer else None
+    report = inspect_shards(args.folder, encode, args.examples)
+    print(format_report(report))
+    return 0 if report.ok else 1
 
 
 def _export_hf(args: argparse.Namespace) -> int:
@@ -178,6 +234,7 @@ COMMANDS = {
     "train": _train,
     "demo": _demo,
     "build-shards": _build_shards,
+    "inspect-shards": _inspect_shards,
     "export-hf": _export_hf,
     "make-tokenizer": _make_tokenizer,
 }

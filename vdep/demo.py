@@ -32,7 +32,7 @@ SIZES = DemoSizes()
 
 def prepare_data(data: Path, seed: int, sizes: DemoSizes = SIZES) -> dict[str, Path]:
     """Raw data, shards and tokenizer under `data`; reused when a previous run made them with this seed."""
-    from data_tools.build_shards import build_shards
+    from data_tools.build_shards import BuildOptions, build_shards
     from data_tools.make_tokenizer import make_tokenizer
 
     stamp = data / "demo-data.json"
@@ -43,7 +43,7 @@ def prepare_data(data: Path, seed: int, sizes: DemoSizes = SIZES) -> dict[str, P
             raise VdepError(f"{data} holds other data; remove it or choose another --out")
         write_demo_data(raw, seed, sizes.align, sizes.finetune, sizes.held_out)
         for stage in ("align", "finetune"):
-            report = build_shards([raw / f"{stage}.json"], raw / "images", data / "shards" / stage, sizes.samples_per_shard)
+            report = build_shards(BuildOptions([raw / f"{stage}.json"], raw / "images", data / "shards" / stage, sizes.samples_per_shard, progress=False))
             print(f"  {stage} shards: {report.summary()}")
         make_tokenizer([str(data / "shards" / s) for s in ("align", "finetune")], sizes.vocab_size, data / "tokenizer")
         stamp.write_text(json.dumps(wanted))

@@ -1,0 +1,237 @@
+"""`vdep build-shards` and `vdep inspect-shards`: inputs, conversions, determinism, parts, resume, exit codes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from data_tools.build_shards import SHARD_STATS_DIR, BuildOptions, build_shards
+from data_tools.inspect_shards import inspect_shards, make_length_encoder
+from vdep.cli import main
+from vdep.data.images import decode_image
+from vdep.data.shards import discover_shards
+from vdep.errors import DataError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid-looking PNG whose header claims width × height pixels (the data is tiny)."""
+    data = bytearray(encoded(Image.new("L", (4, 4)), "PNG"))
+    ihdr = 8 + 8  # PNG signature, then the IHDR chunk's length and type
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13]))
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def caption(question: str, answer: str) -> list[dict]:
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+def read_samples(folder: Path) -> list[dict]:
+    return [s for shard in discover_shards([str(folder)]) for s in wds.tariterators.tarfile_samples([{"url": shard.path}])]
+
+
+def options(inputs, image_root, out, **kwargs) -> BuildOptions:
+    return BuildOptions(list(inputs), image_root, out, progress=False, **kwargs)
+
+
+@pytest.fixture()
+def image_folder(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    gradient = np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (48, 1, 3))
+    (folder / "rgb.jpg").write_bytes(encoded(Image.fromarray(gradient), "JPEG", quality=90))
+    (folder / "cmyk.jpg").write_bytes(encoded(Image.new("CMYK", (32, 24), (0, 255, 255, 0)), "JPEG"))
+    palette = Image.new("P", (20, 20), 1)
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    (folder / "palette.png").write_bytes(encoded(palette, "PNG"))
+    sixteen = Image.fromarray(np.full((10, 12), 65535, dtype=np.uint16))
+    assert sixteen.mode.startswith("I;16")
+    (folder / "sixteen.png").write_bytes(encoded(sixteen, "PNG"))
+    (folder / "big.png").write_bytes(encoded(Image.new("RGB", (400, 100), (9, 99, 199)), "PNG"))
+    (folder / "bomb.png").write_bytes(png_bomb(30_000, 30_000))
+    (folder / "truncated.jpg").write_bytes((folder / "rgb.jpg").read_bytes()[:200])
+    (folder / "notes.png").write_bytes(b"plain text, not a PNG")
+    return folder
+
+
+def test_image_modes_are_converted_bombs_rejected_and_max_side_applied(tmp_path, image_folder):
+    names = ["rgb.jpg", "cmyk.jpg", "palette.png", "sixteen.png", "big.png", "bomb.png", "truncated.jpg", "notes.png"]
+    records = [{"id": name, "image": name, "conversations": caption("<image>\nWhat?", "it")} for name in names]
+    (tmp_path / "in.json").write_text(json.dumps(records))
+    report = build_shards(options([tmp_path / "in.json"], image_folder, tmp_path / "out", max_side=200, samples_per_shard=4))
+    assert report.written == 5 and report.rejected == {"bad_image": 3}
+    assert report.counter("converted") == {"CMYK": 1, "P": 1, "I;16": 1} and report.total("resized") == 1
+    samples = {json.loads(s["json"])["id"]: s for s in read_samples(tmp_path / "out")}
+    assert samples["rgb.jpg"]["jpg"] == (image_folder / "rgb.jpg").read_bytes()  # untouched: original bytes
+    cmyk = decode_image(samples["cmyk.jpg"]["jpg"])
+    assert cmyk.mode == "RGB" and np.abs(np.asarray(cmyk, dtype=int) - (255, 0, 0)).max() <= 3  # C=0 M=Y=255: red
+    palette = decode_image(samples["palette.png"]["png"])
+    assert palette.mode == "RGB" and palette.getpixel((3, 3)) == (10, 200, 30)
+    sixteen = decode_image(samples["sixteen.png"]["png"])
+    assert sixteen.mode == "L" and sixteen.getpixel((0, 0)) == 255  # scaled, not clipped garbage
+    big = decode_image(samples["big.png"]["png"])
+    assert big.size == (200, 50) and big.getpixel((100, 25)) == (9, 99, 199)
+    errors = {e["id"]: e for e in map(json.loads, (tmp_path / "out" / "errors.jsonl").read_text().splitlines())}
+    assert set(errors) == {"bomb.png", "truncated.jpg", "notes.png"}
+    assert "pixel limit" in errors["bomb.png"]["message"] or "decompression" in errors["bomb.png"]["message"].lower()
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["converted_modes"] == {"CMYK": 1, "P": 1, "I;16": 1} and stats["resized"] == 1
+
+
+def write_img2dataset_tar(path: Path, count: int, broken: bool = True) -> None:
+    with wds.TarWriter(str(path)) as tar:
+        for index in range(count):
+            key = f"{index:09d}"
+            sample = {"__key__": key, "jpg": encoded(Image.new("RGB", (16, 16), (index * 20 % 255, 0, 0)), "JPEG"),
+                      "txt": f"a red square number {index}".encode(),
+                      "json": json.dumps({"url": f"http://example.com/{index}.jpg", "status": "success"}).encode()}
+            if broken and index == 1:
+                del sample["txt"]
+            if broken and index == 2:
+                sample["jpg"] = b"\xff\xd8 broken"
+            tar.write(sample)
+
+
+def test_img2dataset_llava_and_text_only_inputs_mix_in_one_build(tmp_path, image_folder):
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    write_img2dataset_tar(crawl / "00000.tar", 4)
+    llava = [{"id": "l0", "image": "rgb.jpg", "conversations": caption("<image>\nWhat is it?", "A gradient.")}]
+    text = [{"id": f"t{i}", "conversations": caption(f"Say {i}.", f"{i}")} for i in range(2)]
+    (tmp_path / "llava.json").write_text(json.dumps(llava))
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in text))
+    report = build_shards(options([crawl, tmp_path / "llava.json", tmp_path / "text.jsonl"], image_folder,
+                                  tmp_path / "out", caption_prompt="Caption this."))
+    assert (report.written, report.total("with_image"), report.total("text_only")) == (5, 3, 2)
+    assert report.rejected == {"missing_caption": 1, "bad_image": 1}
+    metas = [json.loads(s["json"]) for s in read_samples(tmp_path / "out")]
+    first = metas[0]
+    assert first["conversations"] == caption("<image>\nCaption this.", "a red square number 0")
+    assert first["source"] == {"file": "00000.tar", "index": 0}
+    assert first["source_metadata"]["url"] == "http://example.com/0.jpg"
+    assert [m["id"] for m in metas] == ["000000000", "000000003", "l0", "t0", "t1"]
+
+
+def make_llava_input(tmp_path: Path, image_folder: Path, count: int) -> Path:
+    records = []
+    for index in range(count):
+        kind = index % 5
+        if kind == 0:
+            records.append({"id": f"r{index}", "conversations": caption(f"Count to {index}.", "Done.")})
+        elif kind == 4 and index % 3 == 0:
+            records.append({"id": f"r{index}", "image": "missing.jpg", "conversations": caption("<image>\nQ", "A")})
+        else:
+            records.append({"id": f"r{index}", "image": "rgb.jpg" if kind % 2 else "big.png",
+                            "conversations": caption("<image>\nWhat is this?", f"Answer {index}.")})
+    path = tmp_path / "input.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def tar_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.tar"))}
+
+
+def test_shuffled_builds_are_deterministic_across_workers_and_parts(tmp_path, image_folder):
+    source = make_llava_input(tmp_path, image_folder, 60)
+    serial = build_shards(options([source], image_folder, tmp_path / "serial", samples_per_shard=7, shuffle=True, seed=3))
+    build_shards(options([source], image_folder, tmp_path / "parallel", samples_per_shard=7, shuffle=True, seed=3, workers=2))
+    assert tar_bytes(tmp_path / "serial") == tar_bytes(tmp_path / "parallel")
+    for part in (1, 0, 2):  # an array job's tasks, in any order, into one folder
+        build_shards(options([source], image_folder, tmp_path / "parts", samples_per_shard=7, shuffle=True, seed=3,
+                             part=part, num_parts=3))
+    assert tar_bytes(tmp_path / "serial") == tar_bytes(tmp_path / "parts")
+    for name in ("sizes.json", "stats.json", "errors.jsonl"):
+        assert (tmp_path / "serial" / name).read_text() == (tmp_path / "parts" / name).read_text()
+    ids = [json.loads(s["json"])["id"] for s in read_samples(tmp_path / "serial")]
+    assert len(ids) == len(set(ids)) == serial.written == 60 - serial.rejected["missing_image"]
+    assert ids != sorted(ids, key=lambda i: int(i[1:]))  # shuffled
+    build_shards(options([source], image_folder, tmp_path / "other-seed", samples_per_shard=7, shuffle=True, seed=4))
+    other = [json.loads(s["json"])["id"] for s in read_samples(tmp_path / "other-seed")]
+    assert sorted(other) == sorted(ids) and other != ids
+
+
+def test_resume_after_a_killed_build_gives_the_same_shards(tmp_path, image_folder):
+    source = make_llava_input(tmp_path, image_folder, 400)
+    arguments = [str(source), "--image-root", str(image_folder), "--samples-per-shard", "5", "--max-side", "40",
+                 "--no-progress"]
+    assert main(["build-shards", *arguments, "--out", str(tmp_path / "clean")]) == 0
+    out = tmp_path / "crashed"
+    command = [sys.executable, "-m", "vdep", "build-shards", *arguments, "--out", str(out)]
+    process = subprocess.Popen(command, cwd=REPO)
+    marks = out / SHARD_STATS_DIR
+    while process.poll() is None and len(list(marks.glob("*.json"))) < 3:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = len(list(marks.glob("*.json")))
+    assert 0 < finished < 80, "the kill must land mid-build for this test to mean anything"
+    with pytest.raises(DataError, match="--resume"):
+        build_shards(options([source], image_folder, out, samples_per_shard=5, max_side=40))
+    with pytest.raises(DataError, match="different settings.*samples_per_shard"):
+        build_shards(options([source], image_folder, out, samples_per_shard=6, max_side=40, resume=True))
+    report = build_shards(options([source], image_folder, out, samples_per_shard=5, max_side=40, resume=True))
+    assert report.reused_shards == finished
+    assert not list(out.glob("*.tmp"))
+    assert tar_bytes(out) == tar_bytes(tmp_path / "clean")
+    for name in ("sizes.json", "stats.json", "errors.jsonl"):
+        assert (out / name).read_text() == (tmp_path / "clean" / name).read_text()
+
+
+def test_exit_status_follows_the_error_rate(tmp_path, image_folder, capsys):
+    records = [{"id": "ok", "conversations": caption("Q", "A")}] + [
+        {"id": f"bad{i}", "image": "missing.jpg", "conversations": caption("<image>\nQ", "A")} for i in range(3)
+    ]
+    (tmp_path / "in.json").write_text(json.dumps(records))
+    base = ["build-shards", str(tmp_path / "in.json"), "--image-root", str(image_folder), "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "strict")]) == 1
+    assert "75.00% of the records were rejected" in capsys.readouterr().err
+    assert (tmp_path / "strict" / "000000.tar").is_file()  # written anyway: nothing is lost
+    assert main([*base, "--out", str(tmp_path / "lenient"), "--max-error-rate", "0.8"]) == 0
+    (tmp_path / "none.json").write_text(json.dumps(records[1:]))
+    assert main(["build-shards", str(tmp_path / "none.json"), "--image-root", str(image_folder), "--no-progress",
+                 "--out", str(tmp_path / "empty"), "--max-error-rate", "1"]) == 1
+    assert "no sample was accepted" in capsys.readouterr().err
+    assert main(["build-shards", str(tmp_path / "nope.json"), "--out", str(tmp_path / "x")]) == 2
+    assert "nope.json does not exist" in capsys.readouterr().err
+
+
+def test_inspect_shards_counts_checks_sizes_and_measures_token_lengths(tmp_path, image_folder, small_data, capsys):
+    source = make_llava_input(tmp_path, image_folder, 30)
+    build_shards(options([source], image_folder, tmp_path / "out", samples_per_shard=8))
+    encode = make_length_encoder(str(small_data.tokenizer), "vicuna_v1", num_image_tokens=16)
+    report = inspect_shards(tmp_path / "out", encode)
+    assert report.ok and report.samples == 28 and (report.with_image, report.text_only) == (22, 6)
+    assert len(report.lengths) == 28 and min(report.lengths) > 16  # image samples include 16 placeholders
+    assert main(["inspect-shards", str(tmp_path / "out")]) == 0
+    assert "sizes.json matches the tars" in capsys.readouterr().out
+    sizes = json.loads((tmp_path / "out" / "sizes.json").read_text())
+    sizes["000001.tar"] += 1
+    (tmp_path / "out" / "sizes.json").write_text(json.dumps(sizes))
+    os.remove(tmp_path / "out" / "000002.tar")
+    assert main(["inspect-shards", str(tmp_path / "out")]) == 1
+    output = capsys.readouterr().out
+    assert f"000001.tar holds {sizes['000001.tar'] - 1} samples but sizes.json says {sizes['000001.tar']}" in output
+    assert "000002.tar is listed in sizes.json but missing" in output
