@@ -120,3 +120,32 @@ def test_a_job_preempted_with_usr1_checkpoints_requeues_and_finishes_like_an_uni
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for s, values in uninterrupted.items():
         assert resumed[s] == pytest.approx(values, rel=1e-6, abs=1e-6), f"step {s}"
+
+
+def test_build_shards_array_job_and_finalize_give_the_same_shards_as_one_build(cluster, small_data, tmp_path):
+    from data_tools.build_shards import BuildOptions, build_shards
+
+    source = small_data.raw / "finetune.json"
+    build_shards(BuildOptions([source], small_data.raw / "images", tmp_path / "local", samples_per_shard=10,
+                              shuffle=True, seed=5, progress=False))
+    out = tmp_path / "array-out"
+    env = {**cluster.env, "INPUTS": str(source), "IMAGE_ROOT": str(small_data.raw / "images"), "OUT": str(out),
+           "SAMPLES_PER_SHARD": "10", "SEED": "5", "VENV": str(Path(sys.executable).parent.parent)}
+    common = ["sbatch", "--parsable", "--cpus-per-task=1", "--time=10", f"--chdir={ROOT}", "--export=ALL"]
+    script = str(ROOT / "slurm" / "build_shards.sbatch")
+    parts = subprocess.run([*common, "--array=0-2", f"--output={tmp_path}/part-%a.out", script],
+                           env=env, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    final = subprocess.run([*common, "--array=0", f"--dependency=afterok:{parts}", f"--output={tmp_path}/final.out",
+                            script], env={**env, "FINALIZE": "1"}, capture_output=True, text=True, check=True)
+    final_id = final.stdout.strip().split(";")[0]
+
+    def logs() -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(tmp_path.glob("*.out")))
+
+    wait_until(lambda: not cluster.run("squeue", "-h", "-j", f"{parts},{final_id}").stdout.strip(), 300,
+               "the array and the finalize job", logs)
+    text = logs()
+    assert "building part 2 of 3" in text and "sizes.json matches the tars" in text, text
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == {p.name: p.read_bytes() for p in (tmp_path / "local").glob("*.tar")}
+    for name in ("sizes.json", "stats.json", "errors.jsonl"):
+        assert (out / name).read_text() == (tmp_path / "local" / name).read_text(), name
