@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -91,17 +92,19 @@ def test_shard_plan_is_deterministic_and_covers_every_shard_once(small_data):
 
 
 def make_loader(small_data, tokenizer, rank: int, world: int, split: str, workers: int = 0, micro: int = 4, seed: int = 0,
-                shard_dir: Path | None = None, shuffle_buffer: int = 8):
+                shard_dir: Path | None = None, shuffle_buffer: int = 8, max_length: int = 256, **batching):
     """The loader `vdep train` builds for a vicuna_v1 stage of the tiny test model (16 image tokens)."""
+    from vdep.data.dataset import Batching
     from vdep.data.images import ImageProcessing, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     processing = ImageProcessing(32, None, (32, 32), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     encoder = TemplateTokenizer(tokenizer, image_token_id(tokenizer), 16)
-    preprocess = SamplePreprocessor(make_template("vicuna_v1", tokenizer), encoder, processing, 256)
+    preprocess = SamplePreprocessor(make_template("vicuna_v1", tokenizer), encoder, processing, max_length)
     return StageLoader.create(
-        discover_shards([str(shard_dir or small_data.finetune_shards)]), preprocess, rank=rank, world_size=world,
-        num_workers=workers, micro_batch_size=micro, grad_accum_steps=1, seed=seed, split=split,
-        shuffle_buffer=shuffle_buffer, pad_token_id=tokenizer.pad_token_id,
+        discover_shards([str(shard_dir or small_data.finetune_shards)]), preprocess,
+        Batching(micro, tokenizer.pad_token_id, (32, 32), **{"pack_capacity": max_length, **batching}),
+        rank=rank, world_size=world, num_workers=workers, grad_accum_steps=1, seed=seed, split=split,
+        shuffle_buffer=shuffle_buffer,
     )
 
 
@@ -159,3 +162,98 @@ def test_missing_sizes_file_is_explained(tmp_path):
         discover_shards([str(tmp_path)])
     with pytest.raises(DataError, match="holds no .tar files"):
         discover_shards([str(Path(tmp_path / "empty").mkdir() or tmp_path / "empty")])
+
+
+# ------------------------------------------------------------------------------------- data position
+POSITION_CASES = {
+    "plain, in-process loading": dict(workers=0),
+    "2 workers": dict(workers=2),
+    "2 workers, grouped, packed": dict(workers=2, group_by_modality_length=True, group_window=3, packing=True,
+                                       pack_capacity=400),
+    "grouped, resampled shards": dict(workers=0, group_by_modality_length=True, group_window=4, split="resample"),
+}
+
+
+def loader_for_case(small_data, tokenizer, case: str):
+    settings = dict(POSITION_CASES[case])
+    split = settings.pop("split", "shards")
+    # max_length 148 cuts away every answer of some conversations: the stream skips and counts them.
+    return make_loader(small_data, tokenizer, 1, 2, split, micro=2, seed=5, max_length=148, **settings)
+
+
+def batch_fingerprint(batch) -> list:
+    return [batch.keys, batch.input_ids.tolist(), batch.labels.tolist(), float(batch.pixel_values.sum()),
+            None if batch.position_ids is None else batch.position_ids.tolist(), batch.skipped]
+
+
+def restored_batches_main() -> None:
+    """Run in a fresh process: the batches of a loader restored from a saved position (argv: JSON)."""
+    import sys
+
+    from tests.conftest import SmallData
+    from vdep.data.loader import DataPosition
+    from vdep.model.tokenizer import prepare_tokenizer
+
+    args = json.loads(sys.argv[1])
+    small_data = SmallData(*(Path(p) for p in args["small_data"]))
+    tokenizer = prepare_tokenizer(small_data.tokenizer)
+    loader = loader_for_case(small_data, tokenizer, args["case"])
+    position = DataPosition.from_json(args["position"])
+    print(json.dumps([batch_fingerprint(b) for b in loader.micro_batches(position.epoch, position)]))
+
+
+@pytest.mark.parametrize("case", list(POSITION_CASES))
+def test_a_restored_data_position_continues_with_exactly_the_next_batches(small_data, tokenizer, case):
+    import subprocess
+    import sys
+
+    from vdep.data.loader import DataPosition
+
+    loader = loader_for_case(small_data, tokenizer, case)
+    uninterrupted = [batch_fingerprint(b) for b in loader.micro_batches(0)]
+    assert sum(sum(f[5].values()) for f in uninterrupted) > 0, "the case should skip some samples"
+    consumed = 5
+    position = DataPosition(0)
+    for batch in itertools.islice(loader.micro_batches(0), consumed):
+        position.advance(batch, loader.workers)
+    args = {"small_data": [str(p) for p in (small_data.root, small_data.raw, small_data.align_shards,
+                                            small_data.finetune_shards, small_data.tokenizer)],
+            "case": case, "position": json.loads(json.dumps(position.to_json()))}
+    code = "from tests.test_data_pipeline import restored_batches_main; restored_batches_main()"
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    restored = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(uninterrupted) > consumed + 2
+    assert restored == json.loads(json.dumps(uninterrupted[consumed:]))
+
+
+def test_grouping_makes_single_modality_batches_of_similar_length(small_data, tokenizer):
+    plain = make_loader(small_data, tokenizer, 0, 1, "shards", micro=4)
+    grouped = make_loader(small_data, tokenizer, 0, 1, "shards", micro=4, group_by_modality_length=True, group_window=4)
+    plain_batches, grouped_batches = list(plain.micro_batches(0)), list(grouped.micro_batches(0))
+    assert sorted(k for b in plain_batches for k in b.keys) == sorted(k for b in grouped_batches for k in b.keys)
+
+    def mixed(batches) -> int:
+        return sum(0 < int(b.has_image.sum()) < b.num_samples for b in batches)
+
+    def padding(batches) -> int:
+        return sum(int((b.attention_mask == 0).sum()) for b in batches)
+
+    windows = -(-len(grouped_batches) // 4)
+    assert mixed(grouped_batches) <= windows < mixed(plain_batches)
+    assert padding(grouped_batches) < padding(plain_batches) / 2
+    packed = make_loader(small_data, tokenizer, 0, 1, "shards", micro=4, group_by_modality_length=True,
+                         group_window=4, packing=True, pack_capacity=400)
+    packed_batches = list(packed.micro_batches(0))
+    assert [sorted(b.keys) for b in packed_batches] == [sorted(b.keys) for b in grouped_batches]
+    assert padding(packed_batches) < padding(grouped_batches)
+
+
+def test_resampled_shards_give_every_consumer_its_share_deterministically(small_data):
+    shards = discover_shards([str(small_data.finetune_shards)])
+    plans = plan_epoch(shards, seed=2, epoch=0, num_consumers=3, split="resample")
+    assert [p.num_samples for p in plans] == [64 // 3] * 3
+    assert plans == plan_epoch(shards, seed=2, epoch=0, num_consumers=3, split="resample")
+    assert plans != plan_epoch(shards, seed=2, epoch=1, num_consumers=3, split="resample")
+    assert resolve_split("resample", 1, 8) == "resample"  # fewer shards than consumers is fine

@@ -160,7 +160,7 @@ def test_siglip_towers_and_qwen2_or_mistral_llms_take_the_same_path(tokenizer, s
         labels[0, -3:] = ids[0, -3:]
         from vdep.data.batch import Batch
 
-        batch = Batch(ids, labels, torch.ones_like(ids), torch.zeros(1, 3, 32, 32), torch.tensor([True]), ["x"])
+        batch = Batch(ids, labels, torch.ones_like(ids), torch.zeros(1, 3, 32, 32), torch.tensor([True]), ["x"], torch.zeros_like(ids))
         inputs = prepare_inputs(batch, torch.tensor([False]), VdepConfig(), built.spec.image_token_id, 16)
         sums = built.model(inputs)
         assert torch.isfinite(sums.text) and sums.text > 0
@@ -180,7 +180,7 @@ def test_gradient_checkpointing_changes_memory_not_results(tokenizer, small_data
         from vdep.data.batch import Batch
 
         pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-        batch = Batch(ids, labels, torch.ones_like(ids), pixels, torch.tensor([True]), ["x"])
+        batch = Batch(ids, labels, torch.ones_like(ids), pixels, torch.tensor([True]), ["x"], torch.zeros_like(ids))
         inputs = prepare_inputs(batch, torch.tensor([True]), VdepConfig(text_loss_in_vdep_mode=True), built.spec.image_token_id, 16)
         sums = model(inputs)
         batch_loss(sums, GlobalCounts(inputs.num_text_targets, inputs.num_image_targets), 1.0).backward()

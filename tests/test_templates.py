@@ -172,3 +172,113 @@ def test_template_and_tokenizer_consistency_check(tokenizer, encoder):
         lowercase_encoder = TemplateTokenizer(lowercase, lowercase.convert_tokens_to_ids("<image>"), N_IMAGE)
         with pytest.raises(DataError, match="disagree"):
             check_template_tokenizer(make_template("vicuna_v1", lowercase), lowercase_encoder)
+
+
+# ------------------------------------------------------------------ chat formats of other model families
+LLAMA3_JINJA = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+CHATML_JINJA = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def byte_level_tokenizer(folder: Path, specials: list[str], bos: str | None, eos: str, chat_template: str):
+    """A real byte-level BPE tokenizer (as Llama 3 and Qwen2 use), trained here on a few sentences."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from vdep.model.tokenizer import prepare_tokenizer
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    corpus = ["What color is the shape? The shape is red.", "Describe the image briefly.", "A blue square on grey."] * 20
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if bos:
+        from tokenizers import processors
+
+        core.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, core.token_to_id(bos))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=bos, eos_token=eos, pad_token=specials[-1])
+    fast.chat_template = chat_template
+    fast.save_pretrained(folder)
+    return prepare_tokenizer(folder)
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer(tmp_path_factory):
+    specials = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|finetune_pad|>"]
+    return byte_level_tokenizer(tmp_path_factory.mktemp("llama3"), specials, "<|begin_of_text|>", "<|eot_id|>", LLAMA3_JINJA)
+
+
+@pytest.fixture(scope="module")
+def qwen2_tokenizer(tmp_path_factory):
+    specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+    return byte_level_tokenizer(tmp_path_factory.mktemp("qwen2"), specials, None, "<|im_end|>", CHATML_JINJA)
+
+
+TWO_ROUNDS = [Turn("user", "<image>\nWhat color is the shape?"), Turn("assistant", "The shape is red."),
+              Turn("user", "Describe the image briefly."), Turn("assistant", "A red square on grey.")]
+
+
+@pytest.mark.parametrize("family, expected_text, answers", [
+    ("llama3",
+     "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat color is the shape?<|eot_id|>"
+     "<|start_header_id|>assistant<|end_header_id|>\n\nThe shape is red.<|eot_id|><|start_header_id|>user<|end_header_id|>"
+     "\n\nDescribe the image briefly.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA red square on grey.<|eot_id|>",
+     ["The shape is red.<|eot_id|>", "A red square on grey.<|eot_id|>"]),
+    ("qwen2",
+     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat color is the shape?"
+     "<|im_end|>\n<|im_start|>assistant\nThe shape is red.<|im_end|>\n<|im_start|>user\nDescribe the image briefly."
+     "<|im_end|>\n<|im_start|>assistant\nA red square on grey.<|im_end|>\n",
+     ["The shape is red.<|im_end|>", "A red square on grey.<|im_end|>"]),
+])
+def test_llama3_and_qwen2_layouts_label_each_answer_with_its_end_of_turn(request, family, expected_text, answers):
+    tokenizer = request.getfixturevalue(f"{family}_tokenizer")
+    image = image_token_id(tokenizer)
+    encoder = TemplateTokenizer(tokenizer, image, N_IMAGE)
+    template = make_template(family, tokenizer)
+    check_template_tokenizer(template, encoder)
+    tokens = encoder.encode(template.segments(TWO_ROUNDS, has_image=True))
+    assert tokenizer.decode([t for t in tokens.input_ids if t != image]) == expected_text.replace("<image>", "")
+    assert tokens.input_ids.count(image) == N_IMAGE
+    # The labels are exactly the two answers with their end-of-turn tokens, as contiguous runs.
+    runs, current = [], []
+    for label in tokens.labels:
+        if label == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            current.append(label)
+    if current:
+        runs.append(current)
+    assert [tokenizer.decode(run) for run in runs] == answers
+    # Generation prompts end with the assistant header; training text continues from there.
+    prompt = encoder.encode(template.prompt_segments(TWO_ROUNDS[:3], has_image=True)).input_ids
+    assert tokens.input_ids[: len(prompt)] == prompt
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_the_tokenizers_own_chat_template_gives_the_same_ids_and_labels(request, family):
+    tokenizer = request.getfixturevalue(f"{family}_tokenizer")
+    encoder = TemplateTokenizer(tokenizer, image_token_id(tokenizer), N_IMAGE)
+    ours = encoder.encode(make_template(family, tokenizer).segments(TWO_ROUNDS, has_image=True))
+    chat = make_template("chat_template", tokenizer)
+    check_template_tokenizer(chat, encoder)
+    theirs = encoder.encode(chat.segments(TWO_ROUNDS, has_image=True))
+    assert theirs.input_ids == ours.input_ids and theirs.labels == ours.labels
+    prompt = encoder.encode(chat.prompt_segments(TWO_ROUNDS[:3], has_image=True)).input_ids
+    assert prompt == encoder.encode(make_template(family, tokenizer).prompt_segments(TWO_ROUNDS[:3], True)).input_ids
+
+
+def test_a_family_template_needs_the_familys_special_tokens(tokenizer, qwen2_tokenizer):
+    with pytest.raises(DataError, match="<\\|start_header_id\\|>.*does not have"):
+        make_template("llama3", tokenizer)
+    with pytest.raises(DataError, match="has no chat_template"):
+        make_template("chat_template", tokenizer)

@@ -33,7 +33,13 @@ def make_batch(rows: list[list[int]], labels: list[list[int]] | None = None, ima
             label_tensor[i, : len(row)] = torch.tensor(labels[i])
     has_image = torch.tensor([IMG in r for r in rows])
     n_images = int(has_image.sum())
-    return Batch(input_ids, label_tensor, attention, torch.zeros(max(1, n_images), 3, 4, 4), has_image, [str(i) for i in range(len(rows))])
+    return Batch(input_ids, label_tensor, attention, torch.zeros(max(1, n_images), 3, 4, 4), has_image,
+                 [str(i) for i in range(len(rows))], one_sample_per_row(attention))
+
+
+def one_sample_per_row(attention: torch.Tensor) -> torch.Tensor:
+    rows = torch.arange(attention.shape[0])[:, None].expand_as(attention)
+    return torch.where(attention.bool(), rows, -1)
 
 
 def test_reconstruction_is_next_token_shift_by_one():
@@ -42,7 +48,8 @@ def test_reconstruction_is_next_token_shift_by_one():
     # I' = {2, 3}: h_1 predicts e_2 and h_2 predicts e_3.
     hidden = torch.tensor([[[50.0, 50.0], [1.0, 0.0], [0.0, 2.0], [70.0, 70.0], [80.0, 80.0]]], requires_grad=True)
     embeds = torch.tensor([[[9.0, 9.0], [9.0, 9.0], [0.0, 0.0], [0.0, 0.0], [9.0, 9.0]]])
-    targets = supervised_image_positions(torch.tensor([[BOS, A, IMG, IMG, B]]), IMG, skip_first=False)
+    targets = supervised_image_positions(torch.tensor([[BOS, A, IMG, IMG, B]]), torch.zeros(1, 5, dtype=torch.long), IMG,
+                                         skip_first=False)
     assert targets.tolist() == [[False, False, True, True, False]]
     loss = reference_vdep_sum(hidden, embeds, targets, nn.Identity())
     # (1/D)·||h_1 - e_2||² + (1/D)·||h_2 - e_3||² = (1/2)·1 + (1/2)·4
@@ -57,13 +64,24 @@ def test_no_prediction_crosses_a_sample_boundary():
     # Row 0 starts with the image (no BOS): its first image position has no predecessor in the sample.
     # Row 1 is shorter and padded; padding never counts.
     batch = make_batch([[IMG, IMG, A, B], [BOS, IMG, IMG]])
-    positions = supervised_image_positions(batch.input_ids, IMG, skip_first=False)
+    positions = supervised_image_positions(batch.input_ids, batch.sample_index, IMG, skip_first=False)
     assert positions.tolist() == [[False, True, False, False], [False, True, True, False]]
+
+
+def test_no_prediction_crosses_a_sample_boundary_inside_a_packed_row():
+    # One row holding two samples; the second starts with its image right after the first's last token.
+    ids = torch.tensor([[BOS, A, IMG, IMG, IMG, IMG, B, PAD]])
+    samples = torch.tensor([[0, 0, 0, 0, 1, 1, 1, -1]])
+    positions = supervised_image_positions(ids, samples, IMG, skip_first=False)
+    assert positions.tolist() == [[False, False, True, True, False, True, False, False]]
+    skipped = supervised_image_positions(ids, samples, IMG, skip_first=True)
+    assert skipped.tolist() == [[False, False, False, True, False, True, False, False]]
 
 
 def test_skip_first_image_token_drops_each_spans_first_position():
     ids = torch.tensor([[BOS, IMG, IMG, IMG, A]])
-    assert supervised_image_positions(ids, IMG, skip_first=True).tolist() == [[False, False, True, True, False]]
+    samples = torch.zeros_like(ids)
+    assert supervised_image_positions(ids, samples, IMG, skip_first=True).tolist() == [[False, False, True, True, False]]
 
 
 def test_modes_pick_round_half_up_of_the_image_samples_by_seed_and_step():
@@ -100,7 +118,7 @@ def test_text_first_layout_moves_the_image_after_the_text():
     rows = [[BOS, IMG, IMG, A, B], [BOS, IMG, IMG, C]]
     labels = [[-100, -100, -100, A, B], [-100, -100, -100, C]]
     batch = make_batch(rows, labels)
-    order = text_first_order(batch.input_ids, batch.attention_mask, IMG)
+    order = text_first_order(batch.input_ids, batch.sample_index, IMG, batch.sample_index >= 0)
     assert torch.gather(batch.input_ids, 1, order).tolist() == [[BOS, A, B, IMG, IMG], [BOS, C, IMG, IMG, PAD]]
     config = VdepConfig(layout="text_first", text_loss_in_vdep_mode=True)
     inputs = prepare_inputs(batch, torch.tensor([True, False]), config, IMG, 2)

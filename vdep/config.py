@@ -129,7 +129,15 @@ class DataConfig:
     # How the shards of an epoch are divided among ranks and loader workers: "shards" gives each
     # consumer whole shards (needs at least as many shards as consumers); "samples" makes every
     # consumer read every shard and keep every k-th sample; "auto" picks "shards" when possible.
-    split: Literal["auto", "shards", "samples"] = "auto"
+    # "resample": each consumer draws shards with replacement until it has its share (docs/data.md).
+    split: Literal["auto", "shards", "samples", "resample"] = "auto"
+    # Put several samples in one row (up to max_length tokens), attention confined to each sample.
+    # A micro-batch keeps micro_batch_size samples; only the number of rows and padding shrink.
+    packing: bool = False
+    # LLaVA's group_by_modality_length: within a window of `group_window` micro-batches, micro-batches
+    # hold samples of one modality and similar length.
+    group_by_modality_length: bool = False
+    group_window: int = 32
 
 
 # ------------------------------------------------------------------------------------------------ vdep
@@ -158,7 +166,7 @@ class StageConfig:
     """One training stage. Optimisation values have no defaults: the recipe states them."""
 
     shards: list[str]
-    template: Literal["plain", "vicuna_v1"]
+    template: Literal["plain", "vicuna_v1", "llama3", "qwen2", "chat_template"]
     trainable: list[str]
     lr: float
     global_batch_size: int
@@ -331,6 +339,8 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
         raise ConfigError(f"'data.max_length' in {source}: {config.data.max_length} is too small")
     if config.data.num_workers < 0:
         raise ConfigError(f"'data.num_workers' in {source}: must be 0 or more")
+    if config.data.group_window < 1:
+        raise ConfigError(f"'data.group_window' in {source}: must be at least 1 (micro-batches per grouping window)")
     if config.run.log_every < 1:
         raise ConfigError(f"'run.log_every' in {source}: must be at least 1")
     if config.run.max_nonfinite_steps < 1:

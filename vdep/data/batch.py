@@ -19,20 +19,45 @@ class ProcessedSample:
 
 @dataclass
 class Batch:
-    """One micro-batch, right-padded. Rows are samples; images are in row order."""
+    """One micro-batch of S samples in R right-padded rows.
 
-    input_ids: torch.Tensor  # (B, T)
-    labels: torch.Tensor  # (B, T)
-    attention_mask: torch.Tensor  # (B, T), 1 for real tokens
+    Unpacked, every row is one sample (R = S). Packed, a row holds several samples one after the
+    other; `sample_index` says which sample each token belongs to and `position_ids` restart at 0 for
+    each sample, which is what confines attention to the sample (transformers builds a block-diagonal
+    mask from them, or flash-attn's varlen kernel uses them). Samples are numbered in the order their
+    tokens appear (row by row), and images are in that order too, as the model scatters them.
+    """
+
+    input_ids: torch.Tensor  # (R, T)
+    labels: torch.Tensor  # (R, T)
+    attention_mask: torch.Tensor  # (R, T), 1 for real tokens
     # (max(1, n_images), 3, H, W): a micro-batch without images carries one zero image, which the
     # model runs through the vision tower and projector anyway (ZeRO-3 needs every rank to).
     pixel_values: torch.Tensor
-    has_image: torch.Tensor  # (B,) bool
-    keys: list[str]
+    has_image: torch.Tensor  # (S,) bool
+    keys: list[str]  # (S,)
+    sample_index: torch.Tensor  # (R, T) int64: the token's sample, -1 for padding
+    position_ids: torch.Tensor | None = None  # (R, T) when packed; None: 0..T-1 in every row
     # Samples the producing loader worker skipped since its previous batch, by reason, and a few
     # messages naming them. Filled by the loader; empty elsewhere.
     skipped: dict[str, int] = field(default_factory=dict)
     skip_messages: list[str] = field(default_factory=list)
+    # Where the producing consumer resumes after this batch (filled by the loader; see dataset.py).
+    consumer: int = 0
+    resume_position: tuple[int, int] = (0, 0)
+
+    @property
+    def packed(self) -> bool:
+        return self.position_ids is not None
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.keys)
+
+    def sample_lengths(self) -> torch.Tensor:
+        """(S,) real tokens of each sample."""
+        real = self.sample_index[self.sample_index >= 0]
+        return torch.bincount(real, minlength=self.num_samples)
 
     @property
     def num_images(self) -> int:
@@ -62,17 +87,62 @@ class Batch:
 
 
 def collate(samples: list[ProcessedSample], pad_token_id: int, image_size: tuple[int, int]) -> Batch:
-    length = max(len(s.input_ids) for s in samples)
-    batch_size = len(samples)
-    input_ids = torch.full((batch_size, length), pad_token_id, dtype=torch.long)
-    labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
-    for row, sample in enumerate(samples):
-        n = len(sample.input_ids)
-        input_ids[row, :n] = sample.input_ids
-        labels[row, :n] = sample.labels
-        attention_mask[row, :n] = 1
-    images = [s.pixel_values for s in samples if s.pixel_values is not None]
+    """One sample per row."""
+    return _fill_rows([[s] for s in samples], pad_token_id, image_size, packed=False)
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: sample indices per row, no row longer than `capacity` tokens.
+
+    Deterministic (ties keep the input order); rows come out in the order they were opened.
+    """
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if lengths[index] > capacity:
+            raise ValueError(f"a sample of {lengths[index]} tokens cannot be packed into rows of {capacity}")
+        row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(index)
+        room[row] -= lengths[index]
+    return rows
+
+
+def collate_packed(samples: list[ProcessedSample], pad_token_id: int, image_size: tuple[int, int], capacity: int) -> Batch:
+    """The same samples in as few rows of at most `capacity` tokens as first-fit decreasing finds."""
+    rows = pack_rows([len(s.input_ids) for s in samples], capacity)
+    return _fill_rows([[samples[i] for i in row] for row in rows], pad_token_id, image_size, packed=True)
+
+
+def _fill_rows(rows: list[list[ProcessedSample]], pad_token_id: int, image_size: tuple[int, int], packed: bool) -> Batch:
+    length = max(sum(len(s.input_ids) for s in row) for row in rows)
+    shape = (len(rows), length)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros(shape, dtype=torch.long)
+    sample_index = torch.full(shape, -1, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    ordered: list[ProcessedSample] = []  # samples in token order: row by row, left to right
+    for row, members in enumerate(rows):
+        start = 0
+        for sample in members:
+            end = start + len(sample.input_ids)
+            input_ids[row, start:end] = sample.input_ids
+            labels[row, start:end] = sample.labels
+            # A sample's first token has no predecessor in the sample: never a target, as at position 0.
+            labels[row, start] = IGNORE_INDEX
+            attention_mask[row, start:end] = 1
+            sample_index[row, start:end] = len(ordered)
+            position_ids[row, start:end] = torch.arange(end - start)
+            ordered.append(sample)
+            start = end
+        # Padding continues as one more run of positions, so it forms its own block, apart from every sample.
+        position_ids[row, start:] = torch.arange(length - start)
+    images = [s.pixel_values for s in ordered if s.pixel_values is not None]
     pixel_values = torch.stack(images) if images else torch.zeros((1, 3, *image_size))
-    has_image = torch.tensor([s.pixel_values is not None for s in samples], dtype=torch.bool)
-    return Batch(input_ids, labels, attention_mask, pixel_values, has_image, [s.key for s in samples])
+    has_image = torch.tensor([s.pixel_values is not None for s in ordered], dtype=torch.bool)
+    return Batch(input_ids, labels, attention_mask, pixel_values, has_image, [s.key for s in ordered], sample_index,
+                 position_ids if packed else None)

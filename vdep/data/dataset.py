@@ -9,17 +9,19 @@ so the trainer can log and total them.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .batch import Batch, ProcessedSample, collate
+from .batch import Batch, ProcessedSample, collate, collate_packed
 from .conversation import SampleError, check_image_markers, parse_conversation
 from .images import ImageProcessing, decode_image, preprocess_image
 from .shards import Shard, plan_epoch
@@ -103,73 +105,160 @@ def buffer_shuffle(samples: Iterator[dict], size: int, rng: random.Random) -> It
     yield from buffer
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How a consumer turns preprocessed samples into micro-batches."""
+
+    micro_batch_size: int
+    pad_token_id: int
+    image_size: tuple[int, int]
+    packing: bool = False
+    pack_capacity: int = 0  # tokens per packed row (data.max_length)
+    group_by_modality_length: bool = False
+    group_window: int = 1  # micro-batches per grouping window
+
+    @property
+    def window_batches(self) -> int:
+        return self.group_window if self.group_by_modality_length else 1
+
+    def collate(self, samples: list[ProcessedSample]) -> Batch:
+        if self.packing:
+            return collate_packed(samples, self.pad_token_id, self.image_size, self.pack_capacity)
+        return collate(samples, self.pad_token_id, self.image_size)
+
+    def arrange(self, window: list[ProcessedSample], rng: random.Random) -> list[list[ProcessedSample]]:
+        """A full window's samples as micro-batches.
+
+        Without grouping, in arrival order. With grouping (LLaVA's group_by_modality_length), samples
+        are sorted by modality then length, cut into micro-batches, and the batches shuffled: every
+        micro-batch holds one modality of similar lengths, except at most one that takes the
+        remainders of both modalities.
+        """
+        size = self.micro_batch_size
+        if not self.group_by_modality_length:
+            return [window[i : i + size] for i in range(0, len(window), size)]
+        ordered = sorted(window, key=lambda s: (s.pixel_values is None, -len(s.input_ids)))
+        batches = [ordered[i : i + size] for i in range(0, len(ordered), size)]
+        rng.shuffle(batches)
+        return batches
+
+
 class ShardStream(IterableDataset):
-    """The micro-batches of one rank for one epoch; DataLoader workers split the rank's share."""
+    """The micro-batches of one rank for one epoch; DataLoader workers split the rank's share.
+
+    Data position. A consumer's stream is: its plan's raw samples → seeded shuffle buffer → windows
+    of `window_batches × micro_batch_size` usable samples → micro-batches. After each micro-batch the
+    consumer records where it would resume: (shuffled raw samples before the current window, batches
+    of that window already given out). Restoring replays the raw stream up to that point without
+    decoding anything (tar reading and the shuffle only), preprocesses the one window again and
+    drops its batches already given out; the result is exactly the stream an uninterrupted run
+    continues with. DataLoader workers take turns, so the restored loader also starts with the
+    consumer whose turn was next (`first_consumer`).
+    """
 
     def __init__(
         self,
         shards: list[Shard],
         preprocess: SamplePreprocessor,
+        batching: Batching,
         *,
         rank: int,
         world_size: int,
         num_workers: int,
-        micro_batch_size: int,
         seed: int,
         split: str,
         shuffle_buffer: int,
-        pad_token_id: int,
     ):
         super().__init__()
         self.shards = shards
         self.preprocess = preprocess
+        self.batching = batching
         self.rank = rank
         self.world_size = world_size
         self.workers_per_rank = max(num_workers, 1)
-        self.micro_batch_size = micro_batch_size
         self.seed = seed
         self.split = split
         self.shuffle_buffer = shuffle_buffer
-        self.pad_token_id = pad_token_id
         self.epoch = 0
+        self.start_positions: dict[int, tuple[int, int]] = {}  # local consumer → resume position
+        self.first_consumer = 0
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batching.micro_batch_size
 
     @property
     def num_consumers(self) -> int:
         return self.world_size * self.workers_per_rank
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, positions: dict[int, tuple[int, int]] | None = None, first_consumer: int = 0) -> None:
         self.epoch = epoch
+        self.start_positions = dict(positions or {})
+        self.first_consumer = first_consumer
+
+    def raw_samples(self, consumer: int) -> Iterator[dict]:
+        """The consumer's raw (undecoded) samples in shuffled order, with tar errors counted."""
+        plan = plan_epoch(self.shards, self.seed, self.epoch, self.num_consumers, self.split)[consumer]
+        raw = wds.tariterators.tarfile_samples(({"url": s.path} for s in plan.shards), handler=self._on_tar_error)
+        mine = (sample for index, sample in enumerate(raw) if index % plan.stride == plan.offset)
+        if plan.limit is not None:
+            mine = itertools.islice(mine, plan.limit)
+        rng = random.Random(f"vdep-samples-{self.seed}-{self.epoch}-{consumer}")
+        return buffer_shuffle(mine, self.shuffle_buffer, rng)
+
+    def _on_tar_error(self, exc: Exception) -> bool:
+        self._skipped["bad_tar"] += 1
+        if len(self._messages) < MAX_MESSAGES_PER_BATCH:
+            self._messages.append(f"unreadable tar data: {exc}")
+        return True  # keep reading
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
-        consumer = self.rank * self.workers_per_rank + (info.id if info is not None else 0)
-        plan = plan_epoch(self.shards, self.seed, self.epoch, self.num_consumers, self.split)[consumer]
-        skipped: Counter[str] = Counter()
-        messages: list[str] = []
-
-        def on_tar_error(exc: Exception) -> bool:
-            skipped["bad_tar"] += 1
-            if len(messages) < MAX_MESSAGES_PER_BATCH:
-                messages.append(f"unreadable tar data: {exc}")
-            return True  # keep reading
-
-        raw = wds.tariterators.tarfile_samples(({"url": s.path} for s in plan.shards), handler=on_tar_error)
-        mine = (sample for index, sample in enumerate(raw) if index % plan.stride == plan.offset)
-        rng = random.Random(f"vdep-samples-{self.seed}-{self.epoch}-{consumer}")
-        pending: list[ProcessedSample] = []
-        image_size = self.preprocess.image_processing.output_size
-        for sample in buffer_shuffle(mine, self.shuffle_buffer, rng):
+        local = ((info.id if info is not None else 0) + self.first_consumer) % self.workers_per_rank
+        consumer = self.rank * self.workers_per_rank + local
+        window_start, drop = self.start_positions.get(local, (0, 0))
+        self._skipped: Counter[str] = Counter()
+        self._messages: list[str] = []
+        batching = self.batching
+        window_size = batching.window_batches * batching.micro_batch_size
+        raw = self.raw_samples(consumer)
+        for _ in itertools.islice(raw, window_start):  # replay without decoding
+            pass
+        self._skipped.clear()  # tar errors met while replaying were reported by the original run
+        self._messages.clear()
+        position = window_start
+        window: list[ProcessedSample] = []
+        for sample in raw:
+            position += 1
             try:
-                pending.append(self.preprocess(sample))
+                window.append(self.preprocess(sample))
             except SampleError as exc:
-                skipped[exc.reason] += 1
-                if len(messages) < MAX_MESSAGES_PER_BATCH:
-                    messages.append(f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}: {exc} [{exc.reason}]")
+                self._skipped[exc.reason] += 1
+                if len(self._messages) < MAX_MESSAGES_PER_BATCH:
+                    self._messages.append(f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}: {exc} [{exc.reason}]")
                 continue
-            if len(pending) == self.micro_batch_size:
-                batch = collate(pending, self.pad_token_id, image_size)
-                batch.skipped, batch.skip_messages = dict(skipped), list(messages)
-                skipped.clear()
-                messages.clear()
-                pending = []
-                yield batch
+            if len(window) < window_size:
+                continue
+            yield from self._emit(window, consumer, local, window_start, position, drop)
+            window, window_start, drop = [], position, 0
+        full = len(window) - len(window) % batching.micro_batch_size  # the last window may be short
+        if full:
+            yield from self._emit(window[:full], consumer, local, window_start, position, drop)
+
+    def _emit(self, window: list[ProcessedSample], consumer: int, local: int, window_start: int, position: int,
+              drop: int) -> Iterator[Batch]:
+        rng = random.Random(f"vdep-groups-{self.seed}-{self.epoch}-{consumer}-{window_start}")
+        batches = self.batching.arrange(window, rng)
+        for index, members in enumerate(batches):
+            if index < drop:  # given out before the checkpoint, with the window's skip counts
+                self._skipped.clear()
+                self._messages.clear()
+                continue
+            batch = self.batching.collate(members)
+            batch.skipped, batch.skip_messages = dict(self._skipped), list(self._messages)
+            self._skipped.clear()
+            self._messages.clear()
+            batch.consumer = local
+            done = index + 1 == len(batches)
+            batch.resume_position = (position, 0) if done else (window_start, index + 1)
+            yield batch

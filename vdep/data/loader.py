@@ -1,17 +1,46 @@
-"""A stage's data: shard plan, epoch length, and the DataLoader over one rank's stream."""
+"""A stage's data: shard plan, epoch length, the DataLoader over one rank's stream, and its position."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch.utils.data import DataLoader
 
 from ..errors import DataError
 from .batch import Batch
-from .dataset import SamplePreprocessor, ShardStream
+from .dataset import Batching, SamplePreprocessor, ShardStream
 from .shards import Shard, micro_batches_per_rank, plan_epoch, resolve_split
+
+
+@dataclass
+class DataPosition:
+    """Where one rank's loader stands within an epoch; saved with every checkpoint (one file per rank).
+
+    `consumers` maps each of the rank's loader workers to its resume position (see ShardStream), and
+    `next_consumer` is the worker whose turn is next. Valid for the same world size, worker count,
+    shards, seed and batching settings; vdep refuses a resume that changes the world size.
+    """
+
+    epoch: int = 0
+    micro_batches: int = 0  # consumed by this rank in `epoch`
+    next_consumer: int = 0
+    consumers: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+    def advance(self, batch: Batch, workers: int) -> None:
+        self.micro_batches += 1
+        self.consumers[batch.consumer] = batch.resume_position
+        self.next_consumer = (batch.consumer + 1) % workers
+
+    def to_json(self) -> dict:
+        return {"epoch": self.epoch, "micro_batches": self.micro_batches, "next_consumer": self.next_consumer,
+                "consumers": {str(k): list(v) for k, v in self.consumers.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> DataPosition:
+        return cls(data["epoch"], data["micro_batches"], data["next_consumer"],
+                   {int(k): (int(v[0]), int(v[1])) for k, v in data["consumers"].items()})
 
 
 @dataclass
@@ -28,30 +57,28 @@ class StageLoader:
         cls,
         shards: list[Shard],
         preprocess: SamplePreprocessor,
+        batching: Batching,
         *,
         rank: int,
         world_size: int,
         num_workers: int,
-        micro_batch_size: int,
         grad_accum_steps: int,
         seed: int,
         split: str,
         shuffle_buffer: int,
-        pad_token_id: int,
         pin_memory: bool = False,
     ) -> StageLoader:
         split = resolve_split(split, len(shards), world_size * max(num_workers, 1))  # type: ignore[arg-type]
         stream = ShardStream(
             shards,
             preprocess,
+            batching,
             rank=rank,
             world_size=world_size,
             num_workers=num_workers,
-            micro_batch_size=micro_batch_size,
             seed=seed,
             split=split,
             shuffle_buffer=shuffle_buffer,
-            pad_token_id=pad_token_id,
         )
         return cls(stream, num_workers, grad_accum_steps, pin_memory)
 
@@ -79,8 +106,16 @@ class StageLoader:
             )
         return total
 
-    def micro_batches(self, epoch: int) -> Iterator[Batch]:
-        self.stream.set_epoch(epoch)
+    @property
+    def workers(self) -> int:
+        return self.stream.workers_per_rank
+
+    def micro_batches(self, epoch: int, position: DataPosition | None = None) -> Iterator[Batch]:
+        """The epoch's micro-batches, from its start or from `position` (of the same epoch)."""
+        if position is not None and position.epoch == epoch:
+            self.stream.set_epoch(epoch, position.consumers, position.next_consumer)
+        else:
+            self.stream.set_epoch(epoch)
         loader = DataLoader(
             self.stream,
             batch_size=None,

@@ -27,16 +27,19 @@ class Shard:
 
 @dataclass(frozen=True)
 class ConsumerPlan:
-    """What one consumer reads in one epoch: these shards in order, keeping samples i with i % stride == offset."""
+    """What one consumer reads in one epoch: these shards in order, keeping samples i with
+    i % stride == offset, and at most `limit` of them (resampling)."""
 
     shards: tuple[Shard, ...]
     stride: int
     offset: int
+    limit: int | None = None
 
     @property
     def num_samples(self) -> int:
         total = sum(s.num_samples for s in self.shards)
-        return len(range(self.offset, total, self.stride))
+        kept = len(range(self.offset, total, self.stride))
+        return kept if self.limit is None else min(kept, self.limit)
 
 
 def discover_shards(specs: list[str]) -> list[Shard]:
@@ -79,7 +82,7 @@ def _read_sizes(directory: Path) -> dict[str, int]:
     return sizes
 
 
-def resolve_split(split: Literal["auto", "shards", "samples"], num_shards: int, num_consumers: int) -> str:
+def resolve_split(split: Literal["auto", "shards", "samples", "resample"], num_shards: int, num_consumers: int) -> str:
     if split == "auto":
         return "shards" if num_shards >= num_consumers else "samples"
     if split == "shards" and num_shards < num_consumers:
@@ -91,7 +94,24 @@ def resolve_split(split: Literal["auto", "shards", "samples"], num_shards: int, 
 
 
 def plan_epoch(shards: list[Shard], seed: int, epoch: int, num_consumers: int, split: str) -> list[ConsumerPlan]:
-    """Every consumer's reading plan for one epoch (identical on every rank)."""
+    """Every consumer's reading plan for one epoch (identical on every rank).
+
+    `shards` and `samples` read every sample exactly once per epoch. `resample` lets each consumer
+    draw shards with replacement (its own seeded stream) until it has its share, total / consumers
+    samples: no consumer depends on another's shards, so any number of nodes and workers can read
+    a shard set of any size, at the price of some samples being seen twice and others not at all in
+    an epoch (as WebDataset's resampled shards).
+    """
+    if split == "resample":
+        share = sum(s.num_samples for s in shards) // num_consumers
+        plans = []
+        for consumer in range(num_consumers):
+            rng = random.Random(f"vdep-resample-{seed}-{epoch}-{consumer}")
+            drawn: list[Shard] = []
+            while sum(s.num_samples for s in drawn) < share:
+                drawn.append(rng.choice(shards))
+            plans.append(ConsumerPlan(tuple(drawn), 1, 0, share))
+        return plans
     order = list(shards)
     random.Random(f"vdep-shards-{seed}-{epoch}").shuffle(order)
     if split == "shards":

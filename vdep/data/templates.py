@@ -163,7 +163,128 @@ class VicunaV1Template(ConversationTemplate):
         return self.segments(turns[:-1], has_image) + [self._user(len(turns) - 1, turns[-1])]
 
 
-TEMPLATES: dict[str, type[ConversationTemplate]] = {t.name: t for t in (PlainTemplate, VicunaV1Template)}
+class HeaderTemplate(ConversationTemplate):
+    """Chat formats that wrap each turn in a role header and an end-of-turn token.
+
+    The answer and its end-of-turn token are supervised; the header before it is not. BOS is the
+    tokenizer's (not written here), as at inference.
+    """
+
+    turn_start: str  # format with {role}
+    turn_end: str
+    system: str | None = None
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        for token in self.special_tokens:
+            if token not in tokenizer.get_vocab():
+                raise DataError(
+                    f"the {self.name} template writes {token}, which tokenizer {tokenizer.name_or_path} does not have as a "
+                    "token; use the tokenizer of the model family, or template: chat_template"
+                )
+
+    @property
+    def special_tokens(self) -> list[str]:
+        return [self.turn_end.strip()]
+
+    def _header(self, role: str) -> str:
+        return self.turn_start.format(role=role)
+
+    def _user(self, index: int, turn: Turn) -> Segment:
+        system = f"{self._header('system')}{self.system}{self.turn_end}" if index == 0 and self.system else ""
+        return Segment(f"{system}{self._header('user')}{turn.text}{self.turn_end}{self._header('assistant')}", False)
+
+    def segments(self, turns: list[Turn], has_image: bool) -> list[Segment]:
+        segments = []
+        for index in range(0, len(turns), 2):
+            segments.append(self._user(index, turns[index]))
+            segments.append(Segment(f"{turns[index + 1].text}{self.turn_end.rstrip()}", True))
+            trailing = self.turn_end[len(self.turn_end.rstrip()):]
+            if trailing:
+                segments.append(Segment(trailing, False))
+        return segments
+
+    def prompt_segments(self, turns: list[Turn], has_image: bool) -> list[Segment]:
+        return self.segments(turns[:-1], has_image) + [self._user(len(turns) - 1, turns[-1])]
+
+
+class Llama3Template(HeaderTemplate):
+    """Llama 3's chat format: `<|start_header_id|>role<|end_header_id|>\n\n text<|eot_id|>`."""
+
+    name = "llama3"
+    turn_start = "<|start_header_id|>{role}<|end_header_id|>\n\n"
+    turn_end = "<|eot_id|>"
+
+    @property
+    def special_tokens(self) -> list[str]:
+        return ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+class Qwen2Template(HeaderTemplate):
+    """Qwen2's ChatML: `<|im_start|>role\ntext<|im_end|>\n`, with Qwen's default system message."""
+
+    name = "qwen2"
+    turn_start = "<|im_start|>{role}\n"
+    turn_end = "<|im_end|>\n"
+    system = "You are a helpful assistant."
+
+    @property
+    def special_tokens(self) -> list[str]:
+        return ["<|im_start|>", "<|im_end|>"]
+
+
+class TokenizerChatTemplate(ConversationTemplate):
+    """The tokenizer's own `chat_template` (Jinja), rendered by transformers.
+
+    Answer spans are found by rendering growing prefixes of the conversation: an answer is what
+    rendering up to and including it adds to rendering up to its question with the generation prompt
+    (trailing whitespace excluded). That needs a template whose renderings of a prefix are a prefix of
+    the full rendering, which holds for the usual chat templates and is checked for every sample (a
+    sample that breaks it is a `template_mismatch`, skipped and counted).
+    """
+
+    name = "chat_template"
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"template: chat_template, but tokenizer {tokenizer.name_or_path} has no chat_template")
+        self.tokenizer = tokenizer
+        bos = tokenizer.bos_token
+        # Strip a BOS the template writes when the tokenizer adds one itself (else it would appear twice).
+        self.strip_bos = bool(bos) and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
+
+    def _render(self, turns: list[Turn], generation_prompt: bool) -> str:
+        messages = [{"role": t.role, "content": t.text} for t in turns]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        if self.strip_bos and text.startswith(self.tokenizer.bos_token):
+            text = text[len(self.tokenizer.bos_token):]
+        return text
+
+    def segments(self, turns: list[Turn], has_image: bool) -> list[Segment]:
+        full = self._render(turns, False)
+        segments, position = [], 0
+        for index in range(1, len(turns), 2):
+            before = self._render(turns[:index], True)
+            through = self._render(turns[: index + 1], False).rstrip()
+            if not (full.startswith(through) and through.startswith(before) and len(before) >= position):
+                raise SampleError(
+                    "template_mismatch",
+                    "the tokenizer's chat_template does not render this conversation's prefixes as prefixes of the whole",
+                )
+            segments += [Segment(full[position:len(before)], False), Segment(through[len(before):], True)]
+            position = len(through)
+        if position < len(full):
+            segments.append(Segment(full[position:], False))
+        return segments
+
+    def prompt_segments(self, turns: list[Turn], has_image: bool) -> list[Segment]:
+        return [Segment(self._render(turns, True), False)]
+
+
+TEMPLATES: dict[str, type[ConversationTemplate]] = {
+    t.name: t for t in (PlainTemplate, VicunaV1Template, Llama3Template, Qwen2Template, TokenizerChatTemplate)
+}
 
 
 def make_template(name: str, tokenizer) -> ConversationTemplate:

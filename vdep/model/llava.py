@@ -78,13 +78,21 @@ class VdepLlava(nn.Module):
         # projector stays in the graph (zero gradient), as ZeRO-3 requires.
         return embeds.masked_scatter(placeholders, image_embeds[:num_images].to(embeds.dtype))
 
-    def hidden_states(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The LLM's last-layer hidden states, after its final norm (what the LM head reads)."""
-        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    def hidden_states(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The LLM's last-layer hidden states, after its final norm (what the LM head reads).
+
+        A packed batch comes with `position_ids` that restart at each sample and no attention mask:
+        transformers then confines attention to each sample (a block-diagonal mask for SDPA/eager,
+        variable-length sequences for flash-attn).
+        """
+        return self.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
 
     def forward(self, inputs: ModelInputs) -> LossSums:
         embeds = self.embed(inputs.input_ids, inputs.pixel_values, inputs.num_images, inputs.detached_images)
-        hidden = self.hidden_states(embeds, inputs.attention_mask)
+        hidden = self.hidden_states(embeds, inputs.attention_mask, inputs.position_ids)
         text = text_loss_sum(hidden, inputs.text_labels, self.lm_head)
         # Always computed, also with nothing to supervise (an empty selection sums to a zero that is
         # still connected to `hidden`): every rank must run the same backward hooks under ZeRO-3.

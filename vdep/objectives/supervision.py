@@ -2,13 +2,15 @@
 
 Given a collated micro-batch and each row's mode, this builds the model's inputs:
 - `text_labels`: the template's labels, blanked for VDEP-mode rows unless `text_loss_in_vdep_mode`;
-- `image_targets`: the set I' of docs/vdep.md for VDEP-mode rows: image placeholder positions `t` whose
-  predecessor `t-1` belongs to the same sample (minus each span's first position with
+- `image_targets`: the set I' of docs/vdep.md for VDEP-mode samples: image placeholder positions `t`
+  whose predecessor `t-1` belongs to the same sample (minus each span's first position with
   `skip_first_image_token`); the hidden state at `t-1` is trained to predict the embedding at `t`;
-- `image_positions`: the same positions for every image row, whatever its mode, only for the logged
+- `image_positions`: the same positions for every image sample, whatever its mode, only for the logged
   norms of h and e (their ratio is what `alpha` has to balance);
-- for `layout: text_first`, VDEP-mode rows are reordered so that all text precedes the image.
-Everything here runs on CPU tensors before the batch moves to the device.
+- for `layout: text_first`, each VDEP-mode sample is reordered so that all its text precedes its image.
+Modes are per sample; in a packed row (several samples, see data/batch.py) everything above is
+applied per sample through the batch's `sample_index`. Everything here runs on CPU tensors before
+the batch moves to the device.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class ModelInputs(NamedTuple):
     can find the tensors in it (they look into tuples, lists and dicts only)."""
 
     input_ids: torch.Tensor  # (B, T)
-    attention_mask: torch.Tensor  # (B, T)
+    # (B, T) 1 for real tokens, or None for a packed batch, whose `position_ids` confine attention
+    attention_mask: torch.Tensor | None
     pixel_values: torch.Tensor  # (max(1, num_images), 3, H, W)
     num_images: int
     text_labels: torch.Tensor  # (B, T), IGNORE_INDEX where no text loss
@@ -36,6 +39,7 @@ class ModelInputs(NamedTuple):
     # (max(1, num_images),) bool: feed this image's embeddings to the LLM without gradient
     # (VDEP-mode images when `detach_input` is on).
     detached_images: torch.Tensor
+    position_ids: torch.Tensor | None = None  # (B, T) restarting at 0 for each sample of a packed row
 
     @property
     def num_text_targets(self) -> int:
@@ -54,31 +58,34 @@ class ModelInputs(NamedTuple):
         ))
 
 
-def text_first_order(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int) -> torch.Tensor:
-    """Per row, the stable order that puts every text token before every image placeholder (padding last)."""
+def text_first_order(input_ids: torch.Tensor, sample_index: torch.Tensor, image_token_id: int,
+                     reordered: torch.Tensor) -> torch.Tensor:
+    """Per row, the stable order that puts every text token of a `reordered` sample before its image
+    placeholders; samples keep their places (and padding stays last)."""
     length = input_ids.shape[1]
     position = torch.arange(length).expand_as(input_ids)
-    is_image = input_ids == image_token_id
-    is_padding = attention_mask == 0
-    key = position + length * is_image.long() + 2 * length * is_padding.long()
+    move = (input_ids == image_token_id) & reordered
+    block = torch.where(sample_index >= 0, sample_index, sample_index.max() + 1)
+    key = block * (2 * length) + length * move.long() + position
     return torch.argsort(key, dim=1)
 
 
-def supervised_image_positions(input_ids: torch.Tensor, image_token_id: int, skip_first: bool) -> torch.Tensor:
-    """I': image positions whose previous position exists in the same sample (rows are single samples)."""
+def supervised_image_positions(input_ids: torch.Tensor, sample_index: torch.Tensor, image_token_id: int,
+                               skip_first: bool) -> torch.Tensor:
+    """I': image positions whose previous position exists and belongs to the same sample."""
     is_image = input_ids == image_token_id
     has_previous = torch.zeros_like(is_image)
-    has_previous[:, 1:] = True
+    has_previous[:, 1:] = (sample_index[:, 1:] == sample_index[:, :-1]) & (sample_index[:, 1:] >= 0)
     positions = is_image & has_previous
     if skip_first:
         first_of_span = is_image.clone()
-        first_of_span[:, 1:] &= ~is_image[:, :-1]
+        first_of_span[:, 1:] &= ~(is_image[:, :-1] & has_previous[:, 1:])
         positions &= ~first_of_span
     return positions
 
 
 def prepare_inputs(batch: Batch, vdep_mode: torch.Tensor, config: VdepConfig, image_token_id: int, num_image_tokens: int) -> ModelInputs:
-    """Apply the rows' modes (bool per row) to a micro-batch."""
+    """Apply the samples' modes (bool per sample, in the batch's sample order) to a micro-batch."""
     placeholders = int((batch.input_ids == image_token_id).sum())
     if placeholders != batch.num_images * num_image_tokens:
         raise ValueError(
@@ -86,27 +93,31 @@ def prepare_inputs(batch: Batch, vdep_mode: torch.Tensor, config: VdepConfig, im
             f"{num_image_tokens} tokens"
         )  # the data path guarantees this; a mismatch is a vdep bug
     input_ids, labels = batch.input_ids, batch.labels
+    sample_index = batch.sample_index
+    in_sample = sample_index >= 0
+    vdep_tokens = in_sample & vdep_mode[sample_index.clamp(min=0)]  # (B, T): token of a VDEP-mode sample
     if config.layout == "text_first" and bool(vdep_mode.any()):
-        order = text_first_order(input_ids, batch.attention_mask, image_token_id)
-        rows = vdep_mode.nonzero().flatten()
-        input_ids, labels = input_ids.clone(), labels.clone()
-        input_ids[rows] = torch.gather(batch.input_ids[rows], 1, order[rows])
-        labels[rows] = torch.gather(batch.labels[rows], 1, order[rows])
-    text_labels = labels
-    if not config.text_loss_in_vdep_mode and bool(vdep_mode.any()):
-        text_labels = labels.clone()
-        text_labels[vdep_mode] = IGNORE_INDEX
-    image_positions = supervised_image_positions(input_ids, image_token_id, config.skip_first_image_token)
+        order = text_first_order(input_ids, sample_index, image_token_id, vdep_tokens)
+        input_ids, labels = torch.gather(input_ids, 1, order), torch.gather(labels, 1, order)
+    text_labels = labels.clone()
+    # A sample's first token has no predecessor in the sample (after a text_first reordering too).
+    first = in_sample.clone()
+    first[:, 1:] &= sample_index[:, 1:] != sample_index[:, :-1]
+    text_labels[first] = IGNORE_INDEX
+    if not config.text_loss_in_vdep_mode:
+        text_labels[vdep_tokens] = IGNORE_INDEX
+    image_positions = supervised_image_positions(input_ids, sample_index, image_token_id, config.skip_first_image_token)
     detached_images = torch.zeros(batch.pixel_values.shape[0], dtype=torch.bool)
     if config.detach_input and batch.num_images:
         detached_images = vdep_mode[batch.has_image]
     return ModelInputs(
         input_ids=input_ids,
-        attention_mask=batch.attention_mask,
+        attention_mask=None if batch.packed else batch.attention_mask,
         pixel_values=batch.pixel_values,
         num_images=batch.num_images,
         text_labels=text_labels,
-        image_targets=image_positions & vdep_mode[:, None],
+        image_targets=image_positions & vdep_tokens,
         image_positions=image_positions,
         detached_images=detached_images,
+        position_ids=batch.position_ids,
     )

@@ -82,7 +82,18 @@ def latest_tag(checkpoints: Path) -> str | None:
     return tag if (checkpoints / tag).is_dir() else None
 
 
-def save_checkpoint(engine, checkpoints: Path, state: TrainState, keep_last: int, faults: Faults | None = None) -> Path:
+def data_position_file(folder: Path, rank: int) -> Path:
+    return folder / f"data_rank{rank:05d}.json"
+
+
+def read_data_position(folder: Path) -> dict | None:
+    """This rank's loader position in a checkpoint (None for a checkpoint written without one)."""
+    path = data_position_file(folder, _rank())
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def save_checkpoint(engine, checkpoints: Path, state: TrainState, keep_last: int, faults: Faults | None = None,
+                    data_position: dict | None = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder."""
     tag = checkpoint_tag(state.step)
     engine.save_checkpoint(
@@ -91,6 +102,8 @@ def save_checkpoint(engine, checkpoints: Path, state: TrainState, keep_last: int
     )
     folder = checkpoints / tag
     torch.save(_rng_state(), folder / f"rng_rank{_rank():05d}.pt")
+    if data_position is not None:
+        data_position_file(folder, _rank()).write_text(json.dumps(data_position))
     if faults is not None:
         faults.kill_in_save(state.step, _rank(), state.world_size)
     barrier()  # every rank's files are written

@@ -51,7 +51,7 @@ def plan_step(
     """None when some rank has no full share left in this epoch (the same answer on every rank)."""
     row = torch.zeros(_HEADER + slots_per_rank, dtype=torch.long)
     if micro_batches is not None:
-        lengths = torch.cat([b.attention_mask.sum(dim=1) for b in micro_batches])
+        lengths = torch.cat([b.sample_lengths() for b in micro_batches])  # per sample, packed or not
         row[_READY] = 1
         row[_TOKENS] = int(lengths.sum())
         row[_SQUARED_LENGTHS] = int((lengths * lengths).sum())
@@ -67,9 +67,9 @@ def plan_step(
     inputs = []
     offset = 0
     for batch in micro_batches:  # type: ignore[union-attr]
-        rows = len(batch.keys)
-        inputs.append(prepare_inputs(batch, my_modes[offset : offset + rows], vdep, spec.image_token_id, spec.num_image_tokens))
-        offset += rows
+        samples = batch.num_samples
+        inputs.append(prepare_inputs(batch, my_modes[offset : offset + samples], vdep, spec.image_token_id, spec.num_image_tokens))
+        offset += samples
     local = torch.tensor([sum(i.num_text_targets for i in inputs), sum(i.num_image_targets for i in inputs)])
     text, image = all_reduce_sum(local.to(device)).cpu().tolist()
     return StepPlan(

@@ -28,9 +28,9 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from ..config import StageConfig, TrainConfig, check_batch_geometry, config_fingerprint
 from ..data.batch import Batch
-from ..data.dataset import SamplePreprocessor
+from ..data.dataset import Batching, SamplePreprocessor
 from ..data.images import ImageProcessing
-from ..data.loader import StageLoader
+from ..data.loader import DataPosition, StageLoader
 from ..data.shards import discover_shards
 from ..data.templates import TemplateTokenizer, check_template_tokenizer, make_template
 from ..errors import CheckpointError, DataError, TrainingHalted, TrainingPreempted
@@ -44,6 +44,7 @@ from .checkpoint import (
     checkpoint_tag,
     latest_tag,
     load_checkpoint,
+    read_data_position,
     read_summary,
     save_checkpoint,
     save_final_weights,
@@ -93,18 +94,26 @@ def make_loader(ctx: RunContext, stage: StageConfig, spec: MultimodalSpec, grad_
         raise DataError(
             f"data.max_length={data.max_length} leaves no room for text after {spec.num_image_tokens} image tokens"
         )
+    batching = Batching(
+        micro_batch_size=stage.micro_batch_size,
+        pad_token_id=ctx.tokenizer.pad_token_id,
+        image_size=ctx.image_processing.output_size,
+        packing=data.packing,
+        pack_capacity=data.max_length,
+        group_by_modality_length=data.group_by_modality_length,
+        group_window=data.group_window,
+    )
     return StageLoader.create(
         discover_shards(stage.shards),
         SamplePreprocessor(template, encoder, ctx.image_processing, data.max_length),
+        batching,
         rank=ctx.launch.rank,
         world_size=ctx.launch.world_size,
         num_workers=data.num_workers,
-        micro_batch_size=stage.micro_batch_size,
         grad_accum_steps=grad_accum_steps,
         seed=ctx.config.run.seed,
         split=data.split,
         shuffle_buffer=data.shuffle_buffer,
-        pad_token_id=ctx.tokenizer.pad_token_id,
         pin_memory=ctx.device.type == "cuda",
     )
 
@@ -141,11 +150,25 @@ def take(batches: Iterator[Batch], count: int) -> list[Batch] | None:
     return group if len(group) == count else None
 
 
-def skip(batches: Iterator[Batch], count: int) -> Iterator[Batch]:
-    """Fast-forward a fresh epoch iterator past the micro-batches a checkpoint already consumed."""
-    for _ in range(count):
-        next(batches, None)
-    return batches
+def resume_data(loader: StageLoader, state: TrainState, checkpoints: Path) -> tuple[DataPosition, Iterator[Batch]]:
+    """This rank's micro-batches from where the checkpoint of `state` left them.
+
+    A checkpoint records each rank's loader position (DataPosition): the loader replays only the raw
+    bytes before it. A checkpoint without one (written before vdep recorded positions) is resumed by
+    drawing and discarding the consumed micro-batches, which decodes them again but gives the same batches.
+    """
+    recorded = read_data_position(checkpoints / checkpoint_tag(state.step)) if state.step else None
+    if recorded is not None:
+        position = DataPosition.from_json(recorded)
+        if (position.epoch, position.micro_batches) == (state.epoch, state.micro_batches_in_epoch):
+            return position, iter(loader.micro_batches(state.epoch, position))
+    position = DataPosition(state.epoch)
+    batches = iter(loader.micro_batches(state.epoch))
+    for _ in range(state.micro_batches_in_epoch):
+        batch = next(batches, None)
+        if batch is not None:
+            position.advance(batch, loader.workers)
+    return position, batches
 
 
 @dataclass
@@ -271,14 +294,14 @@ def train_steps(ctx: RunContext, name: str, config: StageConfig, stage: StageEng
     dtype = DTYPES[ctx.precision]
     metrics = StageMetrics(ctx.run_dir, name, stage.total_steps, state.step, enabled=ctx.is_main)
     skips = SkipReport(state.skipped_samples)
-    batches = skip(iter(stage.loader.micro_batches(state.epoch)), state.micro_batches_in_epoch)
+    position, batches = resume_data(stage.loader, state, checkpoints)
     interval = IntervalStats(ctx.device)
     last_scalars: dict[str, float] = {}
     nonfinite_in_a_row = 0
 
     def save() -> None:
         state.skipped_samples = dict(skips.counts)
-        save_checkpoint(engine, checkpoints, state, ctx.config.run.keep_last, ctx.faults)
+        save_checkpoint(engine, checkpoints, state, ctx.config.run.keep_last, ctx.faults, position.to_json())
 
     while state.step < stage.total_steps:
         micro_batches = take(batches, stage.grad_accum)
@@ -292,9 +315,12 @@ def train_steps(ctx: RunContext, name: str, config: StageConfig, stage: StageEng
                 raise DataError(f"stage {name}: epoch {state.epoch} produced no complete step; see the skipped samples")
             state.epoch += 1
             state.micro_batches_in_epoch = 0
+            position = DataPosition(state.epoch)
             batches = iter(stage.loader.micro_batches(state.epoch))
             continue
         skips.add(micro_batches)  # type: ignore[arg-type]
+        for batch in micro_batches:  # type: ignore[union-attr]
+            position.advance(batch, stage.loader.workers)
         poison = ctx.faults.nan_loss(state.step + 1)
         for inputs in plan.inputs:
             sums = engine(inputs.to(ctx.device, dtype))
