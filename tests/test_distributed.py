@@ -76,7 +76,7 @@ def test_zero3_ranks_with_and_without_images_in_the_same_step_complete(small_dat
 
 
 def test_single_process_zero2_zero3_and_accumulation_give_the_same_losses(small_data, tmp_path):
-    """Same global batches (no shuffle, sample-level split) → the same loss at every step."""
+    """Same global batches (no shuffle, sample-level split) → the same loss at every step, packed or not."""
     common = ["stage=align", "stages.align.max_steps=3", "stages.align.global_batch_size=8", "run.log_every=1",
               "data.split=samples", "data.shuffle_buffer=0", "vdep.mode_ratio=1.0", "vdep.text_loss_in_vdep_mode=true"]
     runs = {
@@ -84,6 +84,9 @@ def test_single_process_zero2_zero3_and_accumulation_give_the_same_losses(small_
         "1 rank, ZeRO-2, micro 4 × 2 accumulation": (1, ["stages.align.zero=zero2", "stages.align.micro_batch_size=4"]),
         "2 ranks, ZeRO-2, micro 4": (2, ["stages.align.zero=zero2", "stages.align.micro_batch_size=4"]),
         "2 ranks, ZeRO-3, micro 4": (2, ["stages.align.zero=zero3", "stages.align.micro_batch_size=4"]),
+        # The same samples per micro-batch, several per row: the same losses (attention stays per sample).
+        "2 ranks, ZeRO-3, micro 4, packed": (2, ["stages.align.zero=zero3", "stages.align.micro_batch_size=4",
+                                                 "data.packing=true"]),
     }
     results = {}
     for index, (name, (nproc, extra)) in enumerate(runs.items()):

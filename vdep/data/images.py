@@ -9,6 +9,7 @@ that. LLaVA-1.5's `pad` mode first pads the image to a square filled with the me
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import warnings
@@ -139,11 +140,20 @@ def preprocess_image(image: Image.Image, processing: ImageProcessing) -> torch.T
             raise SampleError("bad_image", f"image of {width}x{height} is smaller than the crop {crop_w}x{crop_h}")
         top, left = (height - crop_h) // 2, (width - crop_w) // 2
         pixels = pixels[top : top + crop_h, left : left + crop_w]
-    scaled = (pixels.astype(np.float64) * processing.rescale_factor).astype(np.float32)
-    mean = np.asarray(processing.mean, dtype=np.float32)
-    std = np.asarray(processing.std, dtype=np.float32)
-    normalised = (scaled - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
+    # Rescale and normalise through a lookup table per channel: a pixel has only 256 values, and the
+    # table holds exactly what the float arithmetic below gives for each (bit-identical, ~5x faster).
+    table = normalisation_table(processing.rescale_factor, processing.mean, processing.std)
+    out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+    for channel in range(3):
+        np.take(table[channel], pixels[:, :, channel], out=out[channel])
+    return torch.from_numpy(out)
+
+
+@functools.lru_cache(maxsize=8)
+def normalisation_table(rescale_factor: float, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3, 256) float32: transformers' rescale (float64, then float32) and normalise (float32) of each value."""
+    values = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)[None, :]
+    return (values - np.asarray(mean, dtype=np.float32)[:, None]) / np.asarray(std, dtype=np.float32)[:, None]
 
 
 def decode_image(data: bytes) -> Image.Image:

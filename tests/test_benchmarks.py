@@ -1,0 +1,20 @@
+"""Benchmark scripts run in their smoke mode (CI-sized); their numbers are for docs/benchmarks.md, not asserts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_data_throughput_benchmark_runs_in_smoke_mode():
+    result = subprocess.run([sys.executable, "benchmarks/data_throughput.py", "--smoke"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout
+    for row in ("build-shards, 1 worker(s)", "naive (JSON list + PIL + CLIPImageProcessor)",
+                "vdep (shards → collated batch)", "speed-up (vdep / naive)"):
+        assert f"| {row} |" in table, table
+    assert "64 samples" in table
