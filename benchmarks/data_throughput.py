@@ -6,11 +6,14 @@
 Both paths produce the same collated micro-batches (LLaVA-1.5 preprocessing: pad to square, CLIP
 336 px resize and centre crop, normalise; `vicuna_v1` template; a real SentencePiece tokenizer
 trained here on the conversations). The naive path is what LLaVA-style trainers do: a JSON list in
-memory, `PIL.Image.open` of each image file, transformers' `CLIPImageProcessor`, tokenization per
-item, then the same collate. The data: synthetic JPEGs (natural-image-like content, quality 90,
+memory, `PIL.Image.open` of each image file, transformers' `CLIPImageProcessor`, and LLaVA's v1
+tokenization per item (the whole conversation, then each round and its instruction again to find
+the lengths to mask), then the same collate. The data: synthetic JPEGs (natural-image-like content, quality 90,
 sides 320-640 px as in LLaVA's pretraining images) and 1-3-round conversations.
 
-Both are measured in one process with one thread (torch and the image libraries), so the figure is
+vdep's loader ships uint8 pixels that the model normalises on the device (bit-identical to the
+processor); a third row adds that normalisation on the CPU, for a like-for-like CPU figure.
+All are measured in one process with one thread (torch and the image libraries), so the figure is
 per CPU core; DataLoader workers scale it by the number of cores. Prints a markdown table.
 """
 
@@ -86,13 +89,11 @@ def naive_batches(data_json: Path, image_root: Path, tokenizer, micro_batch_size
     from vdep.data.batch import ProcessedSample, collate
     from vdep.data.conversation import parse_conversation
     from vdep.data.images import expand_to_square
-    from vdep.data.templates import TemplateTokenizer, make_template
+    from vdep.data.templates import VICUNA_SYSTEM
     from vdep.model.tokenizer import image_token_id
 
     processing = clip_336_processing()
     processor = CLIPImageProcessorPil(**{k: v for k, v in processing.to_hf_dict().items() if k != "image_processor_type"})
-    template = make_template("vicuna_v1", tokenizer)
-    encoder = TemplateTokenizer(tokenizer, image_token_id(tokenizer), 576)
     records = json.loads(data_json.read_text())
 
     class NaiveDataset(torch.utils.data.Dataset):
@@ -104,8 +105,41 @@ def naive_batches(data_json: Path, image_root: Path, tokenizer, micro_batch_size
             image = Image.open(image_root / record["image"]).convert("RGB")
             image = expand_to_square(image, processing.pad_colour)
             pixels = processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
-            tokens = encoder.encode(template.segments(parse_conversation(record["conversations"]), True))
-            return ProcessedSample(str(index), torch.tensor(tokens.input_ids), torch.tensor(tokens.labels), pixels)
+            input_ids, labels = llava_v1_tokenize(parse_conversation(record["conversations"]))
+            return ProcessedSample(str(index), torch.tensor(input_ids), torch.tensor(labels), pixels)
+
+    image_id = image_token_id(tokenizer)
+
+    def tokenize_with_image(text: str) -> list[int]:
+        """Tokenize the text around each <image> separately and join with the image id (as LLaVA does)."""
+        ids = [tokenizer.bos_token_id]
+        for index, chunk in enumerate(text.split("<image>")):
+            if index:
+                ids.append(image_id)
+            ids += tokenizer(chunk, add_special_tokens=False).input_ids
+        return ids
+
+    def llava_v1_tokenize(turns):
+        """LLaVA's v1 preprocessing in essence: tokenize the whole conversation, then re-tokenize each
+        round and its instruction to find the lengths to mask (1 + 2 x rounds tokenizer passes)."""
+        rounds = [(turns[i].text, turns[i + 1].text) for i in range(0, len(turns), 2)]
+        text = VICUNA_SYSTEM + " " + "".join(f"USER: {q} ASSISTANT: {a}</s>" for q, a in rounds)
+        input_ids = tokenize_with_image(text)
+        labels = list(input_ids)
+        position = 1
+        labels[0] = -100
+        for index, (question, answer) in enumerate(rounds):
+            prefix = (VICUNA_SYSTEM + " " if index == 0 else "") + f"USER: {question} ASSISTANT: "
+            round_length = len(tokenize_with_image(prefix + answer + "</s>")) - 1
+            instruction_length = len(tokenize_with_image(prefix)) - 2
+            labels[position : position + instruction_length] = [-100] * instruction_length
+            position += round_length
+        expanded_ids, expanded_labels = [], []
+        for token, label in zip(input_ids, labels):
+            count = 576 if token == image_id else 1
+            expanded_ids += [token] * count
+            expanded_labels += [-100 if token == image_id else label] * count
+        return expanded_ids, expanded_labels
 
     loader = torch.utils.data.DataLoader(
         NaiveDataset(), batch_size=micro_batch_size, num_workers=0, drop_last=True,
@@ -114,27 +148,61 @@ def naive_batches(data_json: Path, image_root: Path, tokenizer, micro_batch_size
     yield from loader
 
 
-def vdep_batches(shards: Path, tokenizer, micro_batch_size: int):
+def vdep_batches(shards: Path, tokenizer, micro_batch_size: int, normalise_here: bool):
     from vdep.data.dataset import Batching, SamplePreprocessor
+    from vdep.data.images import normalise_pixels
     from vdep.data.loader import StageLoader
     from vdep.data.shards import discover_shards
     from vdep.data.templates import TemplateTokenizer, make_template
     from vdep.model.tokenizer import image_token_id
 
     encoder = TemplateTokenizer(tokenizer, image_token_id(tokenizer), 576)
-    preprocess = SamplePreprocessor(make_template("vicuna_v1", tokenizer), encoder, clip_336_processing(), 2048)
+    processing = clip_336_processing()
+    preprocess = SamplePreprocessor(make_template("vicuna_v1", tokenizer), encoder, processing, 2048)
+    batching = Batching(micro_batch_size, tokenizer.pad_token_id, (336, 336), processing.normalisation_table())
     loader = StageLoader.create(
-        discover_shards([str(shards)]), preprocess, Batching(micro_batch_size, tokenizer.pad_token_id, (336, 336)),
+        discover_shards([str(shards)]), preprocess, batching,
         rank=0, world_size=1, num_workers=0, grad_accum_steps=1, seed=0, split="shards", shuffle_buffer=1000,
     )
-    yield from loader.micro_batches(0)
+    for batch in loader.micro_batches(0):
+        if normalise_here:  # what the model does on the GPU, done on this core instead
+            batch.pixel_values = normalise_pixels(batch.pixel_values, batch.pixel_table)
+        yield batch
+
+
+def stage_costs(data_json: Path, image_root: Path, tokenizer, limit: int = 200) -> list[tuple[str, float]]:
+    """Milliseconds per sample of each step of vdep's per-sample work, on the first `limit` samples."""
+    from vdep.data.conversation import parse_conversation
+    from vdep.data.images import decode_image, expand_to_square, image_pixels
+    from vdep.data.templates import TemplateTokenizer, make_template
+    from vdep.model.tokenizer import image_token_id
+
+    processing = clip_336_processing()
+    records = json.loads(data_json.read_text())[:limit]
+    blobs = [(image_root / r["image"]).read_bytes() for r in records]
+    template = make_template("vicuna_v1", tokenizer)
+    encoder = TemplateTokenizer(tokenizer, image_token_id(tokenizer), 576)
+
+    def per_sample(fn, items) -> float:
+        started = time.perf_counter()
+        outputs = [fn(item) for item in items]
+        return (time.perf_counter() - started) * 1000 / len(items), outputs
+
+    decode_ms, images = per_sample(decode_image, blobs)
+    pad_ms, squares = per_sample(lambda im: expand_to_square(im.convert("RGB"), processing.pad_colour), images)
+    resize_ms, _ = per_sample(lambda im: im.resize((336, 336), resample=processing.resample), squares)
+    pixels_ms, _ = per_sample(lambda im: image_pixels(im, processing), images)
+    tokenize_ms, _ = per_sample(lambda r: encoder.encode(template.segments(parse_conversation(r["conversations"]), True)),
+                                records)
+    return [("JPEG decode", decode_ms), ("pad to square", pad_ms), ("bicubic resize to 336", resize_ms),
+            ("all image steps (decode excluded)", pixels_ms), ("template + tokenize", tokenize_ms)]
 
 
 def measure(batches) -> tuple[float, int, torch.Tensor]:
     started = time.perf_counter()
     samples, first = 0, None
     for batch in batches:
-        samples += batch.pixel_values.shape[0]
+        samples += batch.num_samples
         first = first if first is not None else batch
     return time.perf_counter() - started, samples, first
 
@@ -170,17 +238,23 @@ def main() -> None:
         for name, batches in (
             ("naive (JSON list + PIL + CLIPImageProcessor)", naive_batches(data_json, root / "raw" / "images", tokenizer,
                                                                             args.micro_batch_size)),
-            ("vdep (shards → collated batch)", vdep_batches(shards, tokenizer, args.micro_batch_size)),
+            ("vdep (shards → collated batch, uint8 pixels)", vdep_batches(shards, tokenizer, args.micro_batch_size, False)),
+            ("vdep, also normalising pixels on this core", vdep_batches(shards, tokenizer, args.micro_batch_size, True)),
         ):
             seconds, samples, first = measure(batches)
             results[name] = (samples / seconds, first)
             rows.append((name, f"{samples / seconds:.0f} samples/s per core", f"{samples} samples in {seconds:.2f} s"))
-        (naive_rate, naive_first), (vdep_rate, _) = results.values()
-        rows.append(("speed-up (vdep / naive)", f"{vdep_rate / naive_rate:.2f}x", ""))
+        (naive_rate, _), (vdep_rate, _), (vdep_cpu_rate, _) = results.values()
+        rows.append(("speed-up (vdep / naive)", f"{vdep_rate / naive_rate:.2f}x",
+                     f"{vdep_cpu_rate / naive_rate:.2f}x when the CPU also normalises"))
+        costs = stage_costs(data_json, root / "raw" / "images", tokenizer)
     print(f"\n{count} samples, micro-batch {args.micro_batch_size}, 1 thread, torch {torch.__version__}\n")
     print("| path | throughput | detail |\n| --- | --- | --- |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    print("\n| step of vdep's per-sample work | ms per sample |\n| --- | --- |")
+    for name, milliseconds in costs:
+        print(f"| {name} | {milliseconds:.2f} |")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ def test_the_data_throughput_benchmark_runs_in_smoke_mode():
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout
     for row in ("build-shards, 1 worker(s)", "naive (JSON list + PIL + CLIPImageProcessor)",
-                "vdep (shards → collated batch)", "speed-up (vdep / naive)"):
+                "vdep (shards → collated batch, uint8 pixels)", "vdep, also normalising pixels on this core",
+                "speed-up (vdep / naive)"):
         assert f"| {row} |" in table, table
     assert "64 samples" in table

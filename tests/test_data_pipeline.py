@@ -102,7 +102,8 @@ def make_loader(small_data, tokenizer, rank: int, world: int, split: str, worker
     preprocess = SamplePreprocessor(make_template("vicuna_v1", tokenizer), encoder, processing, max_length)
     return StageLoader.create(
         discover_shards([str(shard_dir or small_data.finetune_shards)]), preprocess,
-        Batching(micro, tokenizer.pad_token_id, (32, 32), **{"pack_capacity": max_length, **batching}),
+        Batching(micro, tokenizer.pad_token_id, (32, 32), processing.normalisation_table(),
+                 **{"pack_capacity": max_length, **batching}),
         rank=rank, world_size=world, num_workers=workers, grad_accum_steps=1, seed=seed, split=split,
         shuffle_buffer=shuffle_buffer,
     )

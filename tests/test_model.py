@@ -7,6 +7,7 @@ import torch
 from vdep.config import VdepConfig
 from vdep.data.batch import collate
 from vdep.data.dataset import SamplePreprocessor
+from vdep.data.images import normalise_pixels
 from vdep.data.templates import TemplateTokenizer, make_template
 from vdep.model.generate import greedy_generate
 from vdep.model.vision import image_features, num_image_tokens
@@ -15,7 +16,7 @@ from vdep.objectives.supervision import prepare_inputs
 from vdep.train.freezing import apply_trainable
 
 
-def samples(tiny_model, tokenizer, small_data, template: str = "vicuna_v1", count: int = 4):
+def samples(tiny_model, tokenizer, small_data, template: str = "vicuna_v1", count: int = 4, uint8: bool = False):
     """Real preprocessed samples from the test shards (mixed image and text-only for vicuna_v1)."""
     import webdataset as wds
 
@@ -28,10 +29,29 @@ def samples(tiny_model, tokenizer, small_data, template: str = "vicuna_v1", coun
     raw = wds.tariterators.tarfile_samples([{"url": s.path} for s in discover_shards([str(shard_dir)])])
     out = []
     for sample in raw:
-        out.append(preprocess(sample))
+        processed = preprocess(sample)  # uint8 pixels, as the loader ships them
+        if processed.pixel_values is not None and not uint8:
+            processed.pixel_values = normalise_pixels(processed.pixel_values, processing.normalisation_table())
+        out.append(processed)
         if len(out) == count:
             return out
     raise AssertionError("not enough samples")
+
+
+def test_uint8_pixels_are_normalised_in_the_model_exactly_as_float_pixels(tiny_model, tokenizer, small_data):
+    built, processing, _ = tiny_model
+    table = processing.normalisation_table()
+    as_uint8 = collate(samples(tiny_model, tokenizer, small_data, "plain", 3, uint8=True), tokenizer.pad_token_id, (32, 32), table)
+    as_float = collate(samples(tiny_model, tokenizer, small_data, "plain", 3), tokenizer.pad_token_id, (32, 32))
+    assert as_uint8.pixel_values.dtype == torch.uint8 and as_float.pixel_values.dtype == torch.float32
+    assert torch.equal(normalise_pixels(as_uint8.pixel_values, table), as_float.pixel_values)
+    modes = torch.tensor([True, False, True])
+    results = []
+    for batch in (as_uint8, as_float):
+        inputs = prepare_inputs(batch, modes, VdepConfig(), built.spec.image_token_id, built.spec.num_image_tokens)
+        with torch.no_grad():
+            results.append(built.model(inputs))
+    assert torch.equal(results[0].text, results[1].text) and torch.equal(results[0].vdep, results[1].vdep)
 
 
 def test_parameter_names_mirror_the_llava_layout(tiny_model):

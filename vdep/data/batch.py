@@ -14,7 +14,9 @@ class ProcessedSample:
     key: str
     input_ids: torch.Tensor  # (T,) int64, `<image>` already expanded into placeholder ids
     labels: torch.Tensor  # (T,) int64, IGNORE_INDEX where not supervised
-    pixel_values: torch.Tensor | None  # (3, H, W) float32, or None for a text-only sample
+    # (3, H, W): uint8 from the loader (normalised on the device), float32 when already normalised;
+    # None for a text-only sample
+    pixel_values: torch.Tensor | None
 
 
 @dataclass
@@ -33,11 +35,13 @@ class Batch:
     attention_mask: torch.Tensor  # (R, T), 1 for real tokens
     # (max(1, n_images), 3, H, W): a micro-batch without images carries one zero image, which the
     # model runs through the vision tower and projector anyway (ZeRO-3 needs every rank to).
+    # uint8 pixels come with `pixel_table`, with which the model normalises them on the device.
     pixel_values: torch.Tensor
     has_image: torch.Tensor  # (S,) bool
     keys: list[str]  # (S,)
     sample_index: torch.Tensor  # (R, T) int64: the token's sample, -1 for padding
     position_ids: torch.Tensor | None = None  # (R, T) when packed; None: 0..T-1 in every row
+    pixel_table: torch.Tensor | None = None  # (3, 256) float32 when pixel_values are uint8
     # Samples the producing loader worker skipped since its previous batch, by reason, and a few
     # messages naming them. Filled by the loader; empty elsewhere.
     skipped: dict[str, int] = field(default_factory=dict)
@@ -73,7 +77,7 @@ class Batch:
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
                 value = value.to(device, non_blocking=True)
-                if f.name == "pixel_values" and dtype is not None:
+                if f.name == "pixel_values" and dtype is not None and value.is_floating_point():
                     value = value.to(dtype)
             moved[f.name] = value
         return Batch(**moved)
@@ -86,9 +90,10 @@ class Batch:
         return Batch(**pinned)
 
 
-def collate(samples: list[ProcessedSample], pad_token_id: int, image_size: tuple[int, int]) -> Batch:
+def collate(samples: list[ProcessedSample], pad_token_id: int, image_size: tuple[int, int],
+            pixel_table: torch.Tensor | None = None) -> Batch:
     """One sample per row."""
-    return _fill_rows([[s] for s in samples], pad_token_id, image_size, packed=False)
+    return _fill_rows([[s] for s in samples], pad_token_id, image_size, False, pixel_table)
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -111,13 +116,15 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(samples: list[ProcessedSample], pad_token_id: int, image_size: tuple[int, int], capacity: int) -> Batch:
+def collate_packed(samples: list[ProcessedSample], pad_token_id: int, image_size: tuple[int, int], capacity: int,
+                   pixel_table: torch.Tensor | None = None) -> Batch:
     """The same samples in as few rows of at most `capacity` tokens as first-fit decreasing finds."""
     rows = pack_rows([len(s.input_ids) for s in samples], capacity)
-    return _fill_rows([[samples[i] for i in row] for row in rows], pad_token_id, image_size, packed=True)
+    return _fill_rows([[samples[i] for i in row] for row in rows], pad_token_id, image_size, True, pixel_table)
 
 
-def _fill_rows(rows: list[list[ProcessedSample]], pad_token_id: int, image_size: tuple[int, int], packed: bool) -> Batch:
+def _fill_rows(rows: list[list[ProcessedSample]], pad_token_id: int, image_size: tuple[int, int], packed: bool,
+               pixel_table: torch.Tensor | None) -> Batch:
     length = max(sum(len(s.input_ids) for s in row) for row in rows)
     shape = (len(rows), length)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
@@ -142,7 +149,10 @@ def _fill_rows(rows: list[list[ProcessedSample]], pad_token_id: int, image_size:
         # Padding continues as one more run of positions, so it forms its own block, apart from every sample.
         position_ids[row, start:] = torch.arange(length - start)
     images = [s.pixel_values for s in ordered if s.pixel_values is not None]
-    pixel_values = torch.stack(images) if images else torch.zeros((1, 3, *image_size))
+    pixel_dtype = torch.uint8 if pixel_table is not None else torch.float32
+    pixel_values = torch.stack(images) if images else torch.zeros((1, 3, *image_size), dtype=pixel_dtype)
+    if pixel_values.dtype == torch.uint8 and pixel_table is None:
+        raise ValueError("uint8 pixel values need the normalisation table (ImageProcessing.normalisation_table())")
     has_image = torch.tensor([s.pixel_values is not None for s in ordered], dtype=torch.bool)
     return Batch(input_ids, labels, attention_mask, pixel_values, has_image, [s.key for s in ordered], sample_index,
-                 position_ids if packed else None)
+                 position_ids if packed else None, pixel_table if pixel_values.dtype == torch.uint8 else None)

@@ -23,7 +23,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .batch import Batch, ProcessedSample, collate, collate_packed
 from .conversation import SampleError, check_image_markers, parse_conversation
-from .images import ImageProcessing, decode_image, preprocess_image
+from .images import ImageProcessing, decode_image, image_pixels
 from .shards import Shard, plan_epoch
 from .templates import IGNORE_INDEX, ConversationTemplate, TemplateTokenizer, TokenizedConversation
 
@@ -61,7 +61,7 @@ class SamplePreprocessor:
         image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
         has_image = image_bytes is not None
         check_image_markers(turns, has_image)
-        pixel_values = preprocess_image(decode_image(image_bytes), self.image_processing) if has_image else None
+        pixel_values = image_pixels(decode_image(image_bytes), self.image_processing) if has_image else None
         tokens = self.encoder.encode(self.template.segments(turns, has_image))
         tokens = truncate(tokens, self.max_length, self.encoder.image_token_id)
         if all(label == IGNORE_INDEX for label in tokens.labels):
@@ -112,6 +112,7 @@ class Batching:
     micro_batch_size: int
     pad_token_id: int
     image_size: tuple[int, int]
+    pixel_table: torch.Tensor | None = None  # (3, 256): normalises the uint8 pixels on the device
     packing: bool = False
     pack_capacity: int = 0  # tokens per packed row (data.max_length)
     group_by_modality_length: bool = False
@@ -123,8 +124,8 @@ class Batching:
 
     def collate(self, samples: list[ProcessedSample]) -> Batch:
         if self.packing:
-            return collate_packed(samples, self.pad_token_id, self.image_size, self.pack_capacity)
-        return collate(samples, self.pad_token_id, self.image_size)
+            return collate_packed(samples, self.pad_token_id, self.image_size, self.pack_capacity, self.pixel_table)
+        return collate(samples, self.pad_token_id, self.image_size, self.pixel_table)
 
     def arrange(self, window: list[ProcessedSample], rng: random.Random) -> list[list[ProcessedSample]]:
         """A full window's samples as micro-batches.

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..data.images import normalise_pixels
 from ..objectives.losses import LossSums, text_loss_sum
 from ..objectives.supervision import ModelInputs
 from .vision import image_features
@@ -91,7 +92,11 @@ class VdepLlava(nn.Module):
         ).last_hidden_state
 
     def forward(self, inputs: ModelInputs) -> LossSums:
-        embeds = self.embed(inputs.input_ids, inputs.pixel_values, inputs.num_images, inputs.detached_images)
+        pixel_values = inputs.pixel_values
+        if not pixel_values.is_floating_point():  # uint8 from the loader: normalise here, on the device
+            dtype = next(self.multi_modal_projector.parameters()).dtype
+            pixel_values = normalise_pixels(pixel_values, inputs.pixel_table).to(dtype)
+        embeds = self.embed(inputs.input_ids, pixel_values, inputs.num_images, inputs.detached_images)
         hidden = self.hidden_states(embeds, inputs.attention_mask, inputs.position_ids)
         text = text_loss_sum(hidden, inputs.text_labels, self.lm_head)
         # Always computed, also with nothing to supervise (an empty selection sums to a zero that is

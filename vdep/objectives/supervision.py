@@ -40,6 +40,7 @@ class ModelInputs(NamedTuple):
     # (VDEP-mode images when `detach_input` is on).
     detached_images: torch.Tensor
     position_ids: torch.Tensor | None = None  # (B, T) restarting at 0 for each sample of a packed row
+    pixel_table: torch.Tensor | None = None  # (3, 256) when pixel_values are uint8 (normalised in the model)
 
     @property
     def num_text_targets(self) -> int:
@@ -120,4 +121,5 @@ def prepare_inputs(batch: Batch, vdep_mode: torch.Tensor, config: VdepConfig, im
         image_positions=image_positions,
         detached_images=detached_images,
         position_ids=batch.position_ids,
+        pixel_table=batch.pixel_table,
     )

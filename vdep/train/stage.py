@@ -98,6 +98,7 @@ def make_loader(ctx: RunContext, stage: StageConfig, spec: MultimodalSpec, grad_
         micro_batch_size=stage.micro_batch_size,
         pad_token_id=ctx.tokenizer.pad_token_id,
         image_size=ctx.image_processing.output_size,
+        pixel_table=ctx.image_processing.normalisation_table(),
         packing=data.packing,
         pack_capacity=data.max_length,
         group_by_modality_length=data.group_by_modality_length,
