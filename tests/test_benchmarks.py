@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,3 +21,16 @@ def test_the_data_throughput_benchmark_runs_in_smoke_mode():
                 "speed-up (vdep / naive)"):
         assert f"| {row} |" in table, table
     assert "64 samples" in table
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
+def test_the_training_throughput_benchmark_runs_in_smoke_mode():
+    """vdep (DeepSpeed, every configuration) and the HF Trainer baseline, tiny shapes on CPU."""
+    result = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--smoke"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout
+    for row in ("finetune, HF Trainer + LlavaForConditionalGeneration (baseline)", "finetune, vdep, VDEP on, padded",
+                "finetune, vdep, VDEP on, packed", "finetune, vdep, VDEP off, padded", "align, vdep, VDEP on, padded"):
+        assert f"| {row} |" in table, table

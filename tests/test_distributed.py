@@ -187,3 +187,14 @@ def test_a_setup_failure_on_rank_zero_stops_every_rank(small_data, tmp_path):
     not_a_tokenizer.mkdir()
     code = launch_local(2, ["train", "demo-tiny", *small_data.overrides(tmp_path / "run"), f"model.tokenizer={not_a_tokenizer}"])
     assert code == 2  # the ConfigError's exit status, not a hang or a timeout
+
+
+def test_the_fused_kernel_with_a_linear_head_trains_like_the_reference_under_zero3(small_data, tmp_path):
+    """The linear head's fixed number of chunks keeps ZeRO-3's parameter gathers in step across ranks
+    (Triton's interpreter runs the kernel here; TRITON_INTERPRET=1 is inherited from conftest)."""
+    common = ["stage=align", "stages.align.max_steps=3", "run.log_every=1", "data.shuffle_buffer=0",
+              "stages.align.zero=zero3", "vdep.head=linear", "vdep.mode_ratio=1.0"]
+    train(2, small_data, tmp_path / "reference", *common, "vdep.kernel=reference")
+    train(2, small_data, tmp_path / "fused", *common, "vdep.kernel=fused")
+    assert "VDEP kernel fused (Triton)" in (tmp_path / "fused" / "logs" / "train.log").read_text()
+    assert losses(tmp_path / "fused", "align") == pytest.approx(losses(tmp_path / "reference", "align"), rel=1e-4)

@@ -76,9 +76,57 @@ def test_selection_explains_its_choice():
     function, name = select_vdep_sum("auto", cpu)
     assert function is reference_vdep_sum and name.startswith("reference (")
     assert select_vdep_sum("fused", cpu)[0] is fused_vdep_sum  # the interpreter, in tests
-    with pytest.raises(ConfigError, match="vdep.head=linear is not fused"):
-        select_vdep_sum("fused", cpu, head="linear")
+    assert select_vdep_sum("fused", cpu, head="linear")[0] is fused_vdep_sum
+    with pytest.raises(ConfigError, match="vdep.head=mlp is not fused"):
+        select_vdep_sum("fused", cpu, head="mlp")
     assert select_vdep_sum("reference", cpu) == (reference_vdep_sum, "reference")
+
+
+def linear_head(hidden: int, dtype: torch.dtype, seed: int) -> nn.Linear:
+    head = nn.Linear(hidden, hidden)
+    with torch.no_grad():  # the identity plus noise, as a head looks after some training
+        head.weight.copy_(torch.eye(hidden) + 0.1 * torch.randn(hidden, hidden, generator=torch.Generator().manual_seed(seed)))
+        head.bias.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed + 1))
+    return head.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("norm", ["none", "layernorm"])
+@pytest.mark.parametrize("detach_target", [True, False])
+def test_the_linear_head_variant_matches_the_reference_including_head_gradients(dtype, norm, detach_target):
+    # 2×23 positions with ~40% selected: a row count that the 8 chunks do not divide evenly.
+    h, e, targets = random_case(2, 23, 40, dtype, seed=11)
+    results = []
+    for fn in (reference_vdep_sum, fused_vdep_sum):
+        head = linear_head(40, dtype, seed=5)
+        hh, ee = h.detach().clone().requires_grad_(), e.detach().clone().requires_grad_()
+        out = fn(hh, ee, targets, head, target_norm=norm, detach_target=detach_target)
+        (out * 2.0).backward()
+        results.append((out.detach(), hh.grad, ee.grad, head.weight.grad, head.bias.grad))
+    tol = TOLERANCE[dtype] * (3 if dtype == torch.bfloat16 else 1)
+    (ref_out, *ref_grads), (fused_out, *fused_grads) = results
+    torch.testing.assert_close(fused_out, ref_out, rtol=tol, atol=tol)
+    for name, a, b in zip(("hidden", "embeds", "weight", "bias"), fused_grads, ref_grads):
+        if b is None:
+            assert a is None, name
+            continue
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol, msg=name)
+
+
+def test_the_linear_head_runs_its_chunks_even_with_nothing_selected():
+    """ZeRO-3 gathers the head's weight at every call: the call count must not depend on the data."""
+    h, e, _ = random_case(1, 6, 16, torch.float32, seed=2)
+    head = linear_head(16, torch.float32, seed=1)
+    calls = []
+    head.register_forward_hook(lambda *_: calls.append(1))
+    for targets in (torch.zeros(1, 6, dtype=torch.bool), torch.tensor([[False, True, True, True, True, True]])):
+        calls.clear()
+        out = fused_vdep_sum(h, e, targets, head)
+        out.backward()
+        from vdep.kernels.fused_vdep import LINEAR_HEAD_CHUNKS
+
+        assert len(calls) == 2 * LINEAR_HEAD_CHUNKS  # each chunk once forward, once recomputed in backward
+    assert head.weight.grad is not None
 
 
 def test_the_model_trains_the_same_with_the_fused_kernel(tiny_model, tokenizer, small_data):

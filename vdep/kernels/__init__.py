@@ -1,9 +1,9 @@
 """Implementations of the VDEP term, chosen by `vdep.kernel`.
 
 `reference` is `vdep.objectives.losses.reference_vdep_sum`, plain PyTorch and the ground truth.
-`fused` is the Triton kernel in `fused_vdep.py` (identity head; forward and backward read each
-selected row once). `auto` takes the fused kernel on a CUDA device when Triton is installed and the
-head is the identity, the reference elsewhere, and says why.
+`fused` is the Triton kernel in `fused_vdep.py` (forward and backward read each selected row once;
+the linear head runs chunk by chunk in front of it). `auto` takes the fused kernel on a CUDA device
+when Triton is installed, the reference elsewhere, and says why.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from ..objectives.losses import reference_vdep_sum
 
 def fused_unavailable_reason(device: torch.device, head: str) -> str | None:
     """Why the fused kernel cannot run here (None: it can)."""
-    if head != "identity":
-        return f"vdep.head={head} is not fused (only the identity head is)"
+    if head not in ("identity", "linear"):
+        return f"vdep.head={head} is not fused"
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed (pip install 'vdep[triton]')"
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -8,7 +8,8 @@ rows — normalises both when asked (layernorm without affine, or l2), and write
 in one pass. Inputs may be bf16, fp16 or fp32; all arithmetic is fp32.
 
 Rows are processed whole (one block of next_power_of_2(D) elements), which covers LLM hidden sizes up
-to 16384. The `linear` VDEP head is not fused: the selection in `__init__.py` uses the reference then.
+to 16384. With the `linear` VDEP head the selected rows go through the head in a fixed number of
+chunks under activation checkpointing (see `fused_vdep_sum`).
 """
 
 from __future__ import annotations
@@ -52,12 +53,17 @@ def _normalise_backward(grad_normed, normed, inv, mask, D, NORM: tl.constexpr):
 
 
 @triton.jit
-def _load_pair(hidden_ptr, embeds_ptr, rows_ptr, i, D, stride_h, stride_e, NORM: tl.constexpr, BLOCK: tl.constexpr):
-    """Selected row i: its target row index, the column block, and both rows normalised (with scales)."""
+def _load_pair(hidden_ptr, embeds_ptr, rows_ptr, i, D, stride_h, stride_e, SHIFT: tl.constexpr, NORM: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """Selected row i: its target row index, the column block, and both rows normalised (with scales).
+
+    The prediction is row `target_row - SHIFT` of `hidden`: SHIFT=1 reads the hidden state before the
+    target (the VDEP shift), SHIFT=0 a prediction row already aligned with its target (linear head).
+    """
     target_row = tl.load(rows_ptr + i)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
-    p = tl.load(hidden_ptr + (target_row - 1) * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+    p = tl.load(hidden_ptr + (target_row - SHIFT) * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
     e = tl.load(embeds_ptr + target_row * stride_e + cols, mask=mask, other=0.0).to(tl.float32)
     p_hat, p_inv = _normalise(p, mask, D, NORM)
     e_hat, e_inv = _normalise(e, mask, D, NORM)
@@ -66,25 +72,26 @@ def _load_pair(hidden_ptr, embeds_ptr, rows_ptr, i, D, stride_h, stride_e, NORM:
 
 @triton.jit
 def _vdep_forward_kernel(hidden_ptr, embeds_ptr, rows_ptr, out_ptr, D, stride_h, stride_e,
-                         NORM: tl.constexpr, BLOCK: tl.constexpr):
+                         SHIFT: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0)
-    _, cols, mask, p_hat, _, e_hat, _ = _load_pair(hidden_ptr, embeds_ptr, rows_ptr, i, D, stride_h, stride_e, NORM, BLOCK)
+    _, cols, mask, p_hat, _, e_hat, _ = _load_pair(hidden_ptr, embeds_ptr, rows_ptr, i, D, stride_h, stride_e, SHIFT,
+                                                   NORM, BLOCK)
     diff = tl.where(mask, p_hat - e_hat, 0.0)
     tl.store(out_ptr + i, tl.sum(diff * diff, axis=0) / D)
 
 
 @triton.jit
 def _vdep_backward_kernel(hidden_ptr, embeds_ptr, rows_ptr, grad_out_ptr, grad_hidden_ptr, grad_embeds_ptr,
-                          D, stride_h, stride_e, NORM: tl.constexpr, TARGET_GRAD: tl.constexpr,
+                          D, stride_h, stride_e, SHIFT: tl.constexpr, NORM: tl.constexpr, TARGET_GRAD: tl.constexpr,
                           BLOCK: tl.constexpr):
     i = tl.program_id(0)
     target_row, cols, mask, p_hat, p_inv, e_hat, e_inv = _load_pair(
-        hidden_ptr, embeds_ptr, rows_ptr, i, D, stride_h, stride_e, NORM, BLOCK
+        hidden_ptr, embeds_ptr, rows_ptr, i, D, stride_h, stride_e, SHIFT, NORM, BLOCK
     )
     upstream = tl.load(grad_out_ptr)
     grad_p_hat = tl.where(mask, (p_hat - e_hat) * (2.0 * upstream / D), 0.0)
     grad_p = _normalise_backward(grad_p_hat, p_hat, p_inv, mask, D, NORM)
-    tl.store(grad_hidden_ptr + (target_row - 1) * stride_h + cols,
+    tl.store(grad_hidden_ptr + (target_row - SHIFT) * stride_h + cols,
              grad_p.to(grad_hidden_ptr.dtype.element_ty), mask=mask)
     if TARGET_GRAD:
         grad_e = _normalise_backward(-grad_p_hat, e_hat, e_inv, mask, D, NORM)
@@ -99,21 +106,23 @@ def _block(d: int) -> int:
 
 
 class FusedVdepSum(torch.autograd.Function):
+    """sum over selected rows r of (1/D)·||norm(hidden[r − shift]) − norm(embeds[r])||², fused.
+
+    `hidden` and `embeds` are (N, D) row views; `rows` the selected target rows.
+    """
+
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, embeds: torch.Tensor, image_targets: torch.Tensor, norm: int,
-                detach_target: bool) -> torch.Tensor:
-        d = hidden.shape[-1]
-        hidden_rows = hidden.reshape(-1, d)
-        embed_rows = embeds.reshape(-1, d)
-        rows = image_targets.reshape(-1).nonzero().squeeze(1)
-        per_row = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
+    def forward(ctx, hidden_rows: torch.Tensor, embed_rows: torch.Tensor, rows: torch.Tensor, norm: int,
+                detach_target: bool, shift: int) -> torch.Tensor:
+        d = hidden_rows.shape[-1]
+        per_row = torch.empty(rows.numel(), dtype=torch.float32, device=hidden_rows.device)
         if rows.numel():
             _vdep_forward_kernel[(rows.numel(),)](
                 hidden_rows, embed_rows, rows, per_row, d, hidden_rows.stride(0), embed_rows.stride(0),
-                NORM=norm, BLOCK=_block(d),
+                SHIFT=shift, NORM=norm, BLOCK=_block(d),
             )
         ctx.save_for_backward(hidden_rows, embed_rows, rows)
-        ctx.norm, ctx.detach_target, ctx.shape = norm, detach_target, hidden.shape
+        ctx.norm, ctx.detach_target, ctx.shift = norm, detach_target, shift
         return per_row.sum()
 
     @staticmethod
@@ -127,15 +136,46 @@ class FusedVdepSum(torch.autograd.Function):
                 hidden_rows, embed_rows, rows, grad_output.float().reshape(1).contiguous(), grad_hidden,
                 grad_embeds if grad_embeds is not None else grad_hidden,  # unused when TARGET_GRAD is off
                 hidden_rows.shape[1], hidden_rows.stride(0), embed_rows.stride(0),
-                NORM=ctx.norm, TARGET_GRAD=target_grad, BLOCK=_block(hidden_rows.shape[1]),
+                SHIFT=ctx.shift, NORM=ctx.norm, TARGET_GRAD=target_grad, BLOCK=_block(hidden_rows.shape[1]),
             )
-        grad_embeds = grad_embeds.view(ctx.shape) if grad_embeds is not None else None
-        return grad_hidden.view(ctx.shape), grad_embeds, None, None, None
+        return grad_hidden, grad_embeds, None, None, None, None
+
+
+# The linear head runs in this many chunks of the selected rows, on every rank alike: ZeRO-3 gathers
+# the head's weight at each call, so the number of calls must not depend on a rank's data.
+LINEAR_HEAD_CHUNKS = 8
+
+
+def _linear_head_chunk(hidden_rows: torch.Tensor, embed_rows: torch.Tensor, rows: torch.Tensor, head: torch.nn.Module,
+                       norm: int, detach_target: bool) -> torch.Tensor:
+    prediction = head(hidden_rows[rows - 1])  # the chunk's predictions only
+    target = embed_rows[rows]
+    aligned = torch.arange(rows.numel(), device=rows.device)
+    return FusedVdepSum.apply(prediction.contiguous(), target.contiguous(), aligned, norm, detach_target, 0)
 
 
 def fused_vdep_sum(hidden: torch.Tensor, embeds: torch.Tensor, image_targets: torch.Tensor, head: torch.nn.Module,
                    target_norm: str = "none", detach_target: bool = True) -> torch.Tensor:
-    """Drop-in for `reference_vdep_sum` with an identity head."""
-    if not isinstance(head, torch.nn.Identity):
-        raise ValueError("the fused VDEP kernel has no `linear` head; use vdep.kernel=reference (or auto)")
-    return FusedVdepSum.apply(hidden.contiguous(), embeds.contiguous(), image_targets, NORMS[target_norm], detach_target)
+    """Drop-in for `reference_vdep_sum` with the identity or the linear head.
+
+    Identity: one kernel over the selected rows, reading each hidden and target row once.
+    Linear: the selected rows in `LINEAR_HEAD_CHUNKS` chunks; each chunk applies the head (a GEMM) to
+    its rows and the fused kernel to the result, under activation checkpointing, so the prediction
+    tensor only ever exists for one chunk, and again in the backward, never for all selected rows.
+    """
+    d = hidden.shape[-1]
+    hidden_rows = hidden.contiguous().view(-1, d)
+    embed_rows = embeds.contiguous().view(-1, d)
+    rows = image_targets.reshape(-1).nonzero().squeeze(1)
+    norm = NORMS[target_norm]
+    if isinstance(head, torch.nn.Identity):
+        return FusedVdepSum.apply(hidden_rows, embed_rows, rows, norm, detach_target, 1)
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"the fused VDEP kernel fuses the identity and linear heads, not {type(head).__name__}")
+    from torch.utils.checkpoint import checkpoint
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for chunk in torch.tensor_split(rows, LINEAR_HEAD_CHUNKS):
+        total = total + checkpoint(_linear_head_chunk, hidden_rows, embed_rows, chunk, head, norm, detach_target,
+                                   use_reentrant=False)
+    return total
