@@ -258,3 +258,42 @@ def test_resampled_shards_give_every_consumer_its_share_deterministically(small_
     assert plans == plan_epoch(shards, seed=2, epoch=0, num_consumers=3, split="resample")
     assert plans != plan_epoch(shards, seed=2, epoch=1, num_consumers=3, split="resample")
     assert resolve_split("resample", 1, 8) == "resample"  # fewer shards than consumers is fine
+
+
+def test_grouping_gives_every_rank_the_same_modality_at_each_micro_batch(small_data, tokenizer, tmp_path):
+    """LLaVA's grouping is global: the k-th micro-batch of every rank holds the same modality."""
+    import random
+    import shutil
+
+    from vdep.data.shards import count_image_samples, image_fraction
+
+    records = json.loads((small_data.raw / "finetune.json").read_text())
+    images = [{**r, "id": f"{r['id']}-{copy}"} for copy in range(5) for r in records if "image" in r][:250]
+    texts = [{"id": f"t{i}", "conversations": conversation(f"Say {i}.", f"{i} it is.")} for i in range(150)]
+    mixed = images + texts
+    random.Random(1).shuffle(mixed)
+    (tmp_path / "mixed.json").write_text(json.dumps(mixed))
+    build_shards(BuildOptions([tmp_path / "mixed.json"], small_data.raw / "images", tmp_path / "shards",
+                              samples_per_shard=25, progress=False))
+    shards = discover_shards([str(tmp_path / "shards")])
+    fraction = image_fraction(shards)
+    assert fraction == 250 / 400  # from build-shards' shard_stats
+    sequences = []
+    for rank in range(2):
+        loader = make_loader(small_data, tokenizer, rank, 2, "shards", workers=2, micro=1, seed=4,
+                             shard_dir=tmp_path / "shards", group_by_modality_length=True, group_window=4,
+                             image_fraction=fraction, shuffle_buffer=50)
+        batches = list(loader.micro_batches(0))[: loader.steps_in_epoch(0)]
+        sequences.append(["I" if bool(b.has_image.all()) else "T" if not bool(b.has_image.any()) else "M"
+                          for b in batches])
+    # Near its end a consumer's stream may lack one modality (here each reads 100 samples, 37.5% text
+    # on average): those last windows are filled with what is left. Before that, every rank agrees.
+    aligned = len(sequences[0]) - 5 * 4 * 2  # all but the last five windows of each of the 2 workers
+    assert len(sequences[0]) == 200, len(sequences[0])
+    mismatches = [i for i, (a, b) in enumerate(zip(sequences[0][:aligned], sequences[1][:aligned])) if a != b]
+    assert not mismatches, (mismatches, ["".join(q) for q in sequences])
+    assert "M" not in sequences[0] and {"I", "T"} <= set(sequences[0][:aligned])
+    # Without build-shards' stats the count comes from the tar headers, and agrees.
+    shutil.copytree(tmp_path / "shards", tmp_path / "bare", ignore=shutil.ignore_patterns("shard_stats"))
+    bare = discover_shards([str(tmp_path / "bare")])
+    assert [count_image_samples(s) for s in bare] == [count_image_samples(s) for s in shards]

@@ -46,9 +46,9 @@ class Batch:
     # messages naming them. Filled by the loader; empty elsewhere.
     skipped: dict[str, int] = field(default_factory=dict)
     skip_messages: list[str] = field(default_factory=list)
-    # Where the producing consumer resumes after this batch (filled by the loader; see dataset.py).
+    # Where the producing consumer resumes after this batch (a dataset.ConsumerState, filled by the loader).
     consumer: int = 0
-    resume_position: tuple[int, int] = (0, 0)
+    resume_position: object = None
 
     @property
     def packed(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -117,44 +118,82 @@ class Batching:
     pack_capacity: int = 0  # tokens per packed row (data.max_length)
     group_by_modality_length: bool = False
     group_window: int = 1  # micro-batches per grouping window
+    image_fraction: float = 0.5  # of the stage's samples (grouping sets each window's modality quotas from it)
 
     @property
     def window_batches(self) -> int:
         return self.group_window if self.group_by_modality_length else 1
+
+    # A consumer holds at most this many windows of samples (and at least 256 samples) for later
+    # windows before it gives up aligning a window (see ShardStream): bounds memory when a consumer's
+    # data is far off the mix (256 CLIP-336 images are ~90 MB of uint8 pixels).
+    MAX_CARRY_WINDOWS = 4
+    MIN_CARRY_SAMPLES = 256
 
     def collate(self, samples: list[ProcessedSample]) -> Batch:
         if self.packing:
             return collate_packed(samples, self.pad_token_id, self.image_size, self.pack_capacity, self.pixel_table)
         return collate(samples, self.pad_token_id, self.image_size, self.pixel_table)
 
-    def arrange(self, window: list[ProcessedSample], rng: random.Random) -> list[list[ProcessedSample]]:
-        """A full window's samples as micro-batches.
+    def image_batches(self, window: int) -> int:
+        """Image micro-batches of window `window` (the same for every consumer): the running total
+        follows the image fraction exactly, so the quotas never drift from the data's mix."""
+        total = self.window_batches * self.image_fraction
+        return round_half_up((window + 1) * total) - round_half_up(window * total)
 
-        Without grouping, in arrival order. With grouping (LLaVA's group_by_modality_length), samples
-        are sorted by modality then length, cut into micro-batches, and the batches shuffled: every
-        micro-batch holds one modality of similar lengths, except at most one that takes the
-        remainders of both modalities.
-        """
-        size = self.micro_batch_size
-        if not self.group_by_modality_length:
-            return [window[i : i + size] for i in range(0, len(window), size)]
-        ordered = sorted(window, key=lambda s: (s.pixel_values is None, -len(s.input_ids)))
-        batches = [ordered[i : i + size] for i in range(0, len(ordered), size)]
-        rng.shuffle(batches)
-        return batches
+    def layout(self, seed: int, epoch: int, window: int) -> list[bool]:
+        """Which micro-batches of the window hold images (True) or text: one seeded order for all consumers."""
+        images = self.image_batches(window)
+        slots = [True] * images + [False] * (self.window_batches - images)
+        random.Random(f"vdep-layout-{seed}-{epoch}-{window}").shuffle(slots)
+        return slots
+
+
+def round_half_up(value: float) -> int:
+    return math.floor(value + 0.5)
+
+
+def by_length(samples: list[tuple[int, ProcessedSample]]) -> list[tuple[int, ProcessedSample]]:
+    return sorted(samples, key=lambda item: (-len(item[1].input_ids), item[0]))
+
+
+@dataclass(frozen=True)
+class ConsumerState:
+    """Where a consumer resumes: `read` shuffled raw samples consumed, of which those at `carry` are
+    held for a later window; `window` windows complete, `drop` batches of the next one given out."""
+
+    read: int = 0
+    carry: tuple[int, ...] = ()
+    window: int = 0
+    drop: int = 0
+
+    def to_json(self) -> list:
+        return [self.read, list(self.carry), self.window, self.drop]
+
+    @classmethod
+    def from_json(cls, data: list) -> ConsumerState:
+        return cls(int(data[0]), tuple(int(i) for i in data[1]), int(data[2]), int(data[3]))
 
 
 class ShardStream(IterableDataset):
     """The micro-batches of one rank for one epoch; DataLoader workers split the rank's share.
 
-    Data position. A consumer's stream is: its plan's raw samples → seeded shuffle buffer → windows
-    of `window_batches × micro_batch_size` usable samples → micro-batches. After each micro-batch the
-    consumer records where it would resume: (shuffled raw samples before the current window, batches
-    of that window already given out). Restoring replays the raw stream up to that point without
-    decoding anything (tar reading and the shuffle only), preprocesses the one window again and
-    drops its batches already given out; the result is exactly the stream an uninterrupted run
-    continues with. DataLoader workers take turns, so the restored loader also starts with the
-    consumer whose turn was next (`first_consumer`).
+    A consumer's stream is: its plan's raw samples → seeded shuffle buffer → windows → micro-batches.
+    A window is one micro-batch, or with `group_by_modality_length` `group_window` of them whose
+    modalities follow a layout shared by every consumer of every rank (`Batching.layout`): the k-th
+    micro-batch of every rank has the same modality, as with LLaVA's global grouping, and within a
+    modality the samples are sorted by length. A consumer fills a window's image and text quotas from
+    its stream; samples beyond a quota wait in a carry for the next window (never dropped). A consumer
+    whose data strays far from the mix (say, shards sorted by modality) would carry without bound: past
+    `MAX_CARRY_WINDOWS` windows (at least `MIN_CARRY_SAMPLES` samples) of carry it fills the window with
+    what it has, oldest first (that window is grouped for this consumer only). At the end of the stream the rest is batched the same way.
+
+    Data position. After each micro-batch the consumer records where it resumes (`ConsumerState`): the
+    raw samples read and which of them are carried at the start of the current window, the window's
+    number and its batches already given out. Restoring replays the raw stream up to that point
+    without decoding anything except the carried samples, fills the window again and drops its batches
+    already given out: exactly the stream an uninterrupted run continues with. DataLoader workers take
+    turns, so the restored loader also starts with the consumer whose turn was next (`first_consumer`).
     """
 
     def __init__(
@@ -181,7 +220,7 @@ class ShardStream(IterableDataset):
         self.split = split
         self.shuffle_buffer = shuffle_buffer
         self.epoch = 0
-        self.start_positions: dict[int, tuple[int, int]] = {}  # local consumer → resume position
+        self.start_positions: dict[int, ConsumerState] = {}  # local consumer → where it resumes
         self.first_consumer = 0
 
     @property
@@ -192,7 +231,7 @@ class ShardStream(IterableDataset):
     def num_consumers(self) -> int:
         return self.world_size * self.workers_per_rank
 
-    def set_epoch(self, epoch: int, positions: dict[int, tuple[int, int]] | None = None, first_consumer: int = 0) -> None:
+    def set_epoch(self, epoch: int, positions: dict[int, ConsumerState] | None = None, first_consumer: int = 0) -> None:
         self.epoch = epoch
         self.start_positions = dict(positions or {})
         self.first_consumer = first_consumer
@@ -217,49 +256,85 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         local = ((info.id if info is not None else 0) + self.first_consumer) % self.workers_per_rank
         consumer = self.rank * self.workers_per_rank + local
-        window_start, drop = self.start_positions.get(local, (0, 0))
+        state = self.start_positions.get(local, ConsumerState())
         self._skipped: Counter[str] = Counter()
         self._messages: list[str] = []
-        batching = self.batching
-        window_size = batching.window_batches * batching.micro_batch_size
-        raw = self.raw_samples(consumer)
-        for _ in itertools.islice(raw, window_start):  # replay without decoding
-            pass
-        self._skipped.clear()  # tar errors met while replaying were reported by the original run
+        raw = enumerate(self.raw_samples(consumer))
+        held = set(state.carry)
+        kept = [(index, sample) for index, sample in itertools.islice(raw, state.read) if index in held]  # no decoding
+        self._skipped.clear()  # anything met while replaying was reported by the original run
         self._messages.clear()
-        position = window_start
-        window: list[ProcessedSample] = []
-        for sample in raw:
-            position += 1
+        carry = [(index, self.preprocess(sample)) for index, sample in kept]  # these succeeded before
+        read, window, drop = state.read, state.window, state.drop
+        while True:
+            at_start = (read, tuple(index for index, _ in carry))
+            batches, carry, read = self._fill_window(raw, carry, read, window)
+            if not batches:
+                return
+            for number, members in enumerate(batches):
+                if number < drop:  # given out before the checkpoint, with the window's skip counts
+                    self._skipped.clear()
+                    self._messages.clear()
+                    continue
+                batch = self.batching.collate(members)
+                batch.skipped, batch.skip_messages = dict(self._skipped), list(self._messages)
+                self._skipped.clear()
+                self._messages.clear()
+                batch.consumer = local
+                if number + 1 == len(batches):
+                    batch.resume_position = ConsumerState(read, tuple(index for index, _ in carry), window + 1, 0)
+                else:
+                    batch.resume_position = ConsumerState(*at_start, window, number + 1)
+                yield batch
+            window, drop = window + 1, 0
+
+    def _fill_window(self, raw, carry: list, read: int, window: int) -> tuple[list[list[ProcessedSample]], list, int]:
+        """(the window's micro-batches, the new carry, raw samples read); no batches at the end of the stream."""
+        batching = self.batching
+        size = batching.micro_batch_size
+        layout = batching.layout(self.seed, self.epoch, window) if batching.group_by_modality_length else None
+        if layout is None:
+            wanted = {None: size}
+        else:
+            wanted = {True: size * sum(layout), False: size * (len(layout) - sum(layout))}
+        pools: dict[object, list] = {key: [] for key in wanted}
+        for item in carry:
+            pools[self._pool_key(item[1], layout)].append(item)
+        limit = max(size * batching.window_batches * (1 + batching.MAX_CARRY_WINDOWS), batching.MIN_CARRY_SAMPLES)
+        while any(len(pools[k]) < wanted[k] for k in wanted):
+            if sum(len(p) for p in pools.values()) >= limit:
+                break  # too far off the mix: fill this window with what there is (below)
             try:
-                window.append(self.preprocess(sample))
+                index, sample = next(raw)
+            except StopIteration:
+                break
+            read += 1
+            try:
+                pools[self._pool_key(processed := self.preprocess(sample), layout)].append((index, processed))
             except SampleError as exc:
                 self._skipped[exc.reason] += 1
                 if len(self._messages) < MAX_MESSAGES_PER_BATCH:
                     self._messages.append(f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}: {exc} [{exc.reason}]")
-                continue
-            if len(window) < window_size:
-                continue
-            yield from self._emit(window, consumer, local, window_start, position, drop)
-            window, window_start, drop = [], position, 0
-        full = len(window) - len(window) % batching.micro_batch_size  # the last window may be short
-        if full:
-            yield from self._emit(window[:full], consumer, local, window_start, position, drop)
+        if all(len(pools[k]) >= wanted[k] for k in wanted):
+            if layout is None:
+                return [[s for _, s in pools[None][:size]]], pools[None][size:], read
+            chunks = {}
+            for key in (True, False):
+                members = by_length(pools[key][: wanted[key]])
+                chunks[key] = iter([members[i : i + size] for i in range(0, len(members), size)])
+            batches = [[s for _, s in next(chunks[key])] for key in layout]
+            rest = sorted(pools[True][wanted[True]:] + pools[False][wanted[False]:], key=lambda item: item[0])
+            return batches, rest, read
+        # The end of the stream, or a carry past its limit: the oldest samples, in as many full
+        # micro-batches as the window holds, grouped by modality and length among themselves.
+        pool = sorted((item for p in pools.values() for item in p), key=lambda item: item[0])
+        count = min(len(pool) // size, batching.window_batches) * size
+        if count == 0:
+            return [], pool, read
+        taken = sorted(pool[:count], key=lambda item: (item[1].pixel_values is None, -len(item[1].input_ids), item[0]))
+        batches = [[s for _, s in taken[i : i + size]] for i in range(0, count, size)]
+        return batches, pool[count:], read
 
-    def _emit(self, window: list[ProcessedSample], consumer: int, local: int, window_start: int, position: int,
-              drop: int) -> Iterator[Batch]:
-        rng = random.Random(f"vdep-groups-{self.seed}-{self.epoch}-{consumer}-{window_start}")
-        batches = self.batching.arrange(window, rng)
-        for index, members in enumerate(batches):
-            if index < drop:  # given out before the checkpoint, with the window's skip counts
-                self._skipped.clear()
-                self._messages.clear()
-                continue
-            batch = self.batching.collate(members)
-            batch.skipped, batch.skip_messages = dict(self._skipped), list(self._messages)
-            self._skipped.clear()
-            self._messages.clear()
-            batch.consumer = local
-            done = index + 1 == len(batches)
-            batch.resume_position = (position, 0) if done else (window_start, index + 1)
-            yield batch
+    @staticmethod
+    def _pool_key(sample: ProcessedSample, layout: list[bool] | None) -> bool | None:
+        return None if layout is None else sample.pixel_values is not None

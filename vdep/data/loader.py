@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import DataError
 from .batch import Batch
-from .dataset import Batching, SamplePreprocessor, ShardStream
+from .dataset import Batching, ConsumerState, SamplePreprocessor, ShardStream
 from .shards import Shard, micro_batches_per_rank, plan_epoch, resolve_split
 
 
@@ -26,7 +26,7 @@ class DataPosition:
     epoch: int = 0
     micro_batches: int = 0  # consumed by this rank in `epoch`
     next_consumer: int = 0
-    consumers: dict[int, tuple[int, int]] = field(default_factory=dict)
+    consumers: dict[int, ConsumerState] = field(default_factory=dict)
 
     def advance(self, batch: Batch, workers: int) -> None:
         self.micro_batches += 1
@@ -35,12 +35,12 @@ class DataPosition:
 
     def to_json(self) -> dict:
         return {"epoch": self.epoch, "micro_batches": self.micro_batches, "next_consumer": self.next_consumer,
-                "consumers": {str(k): list(v) for k, v in self.consumers.items()}}
+                "consumers": {str(k): v.to_json() for k, v in self.consumers.items()}}
 
     @classmethod
     def from_json(cls, data: dict) -> DataPosition:
         return cls(data["epoch"], data["micro_batches"], data["next_consumer"],
-                   {int(k): (int(v[0]), int(v[1])) for k, v in data["consumers"].items()})
+                   {int(k): ConsumerState.from_json(v) for k, v in data["consumers"].items()})
 
 
 @dataclass

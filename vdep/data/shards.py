@@ -128,3 +128,33 @@ def micro_batches_per_rank(
         sum(plans[rank * workers + w].num_samples // micro_batch_size for w in range(workers))
         for rank in range(world_size)
     ]
+
+
+def count_image_samples(shard: Shard) -> int:
+    """Samples with an image in a shard: from build-shards' `shard_stats/NNNNNN.json` when there is
+    one, otherwise by listing the tar's member names (headers only, no data read)."""
+    import tarfile
+
+    path = Path(shard.path)
+    stats = path.parent / "shard_stats" / f"{path.name.split('.')[0]}.json"
+    if stats.is_file():
+        try:
+            return int(json.loads(stats.read_text())["with_image"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            pass  # fall back to reading the tar
+    keys = set()
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                stem, _, extension = info.name.rpartition("/")[2].partition(".")
+                if extension.lower() in ("jpg", "jpeg", "png", "webp"):
+                    keys.add(info.name.rsplit(".", 1)[0] if "/" in info.name else stem)
+    except (tarfile.TarError, OSError) as exc:
+        raise DataError(f"cannot list {path}: {exc}") from None
+    return len(keys)
+
+
+def image_fraction(shards: list[Shard]) -> float:
+    """The share of samples with an image over all shards (modality grouping's quotas follow it)."""
+    total = sum(s.num_samples for s in shards)
+    return sum(count_image_samples(s) for s in shards) / total if total else 0.0

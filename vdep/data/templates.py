@@ -172,6 +172,7 @@ class HeaderTemplate(ConversationTemplate):
 
     turn_start: str  # format with {role}
     turn_end: str
+    special_tokens: tuple[str, ...]  # what the tokenizer must have as single tokens
     system: str | None = None
 
     def __init__(self, tokenizer):
@@ -182,10 +183,6 @@ class HeaderTemplate(ConversationTemplate):
                     f"the {self.name} template writes {token}, which tokenizer {tokenizer.name_or_path} does not have as a "
                     "token; use the tokenizer of the model family, or template: chat_template"
                 )
-
-    @property
-    def special_tokens(self) -> list[str]:
-        return [self.turn_end.strip()]
 
     def _header(self, role: str) -> str:
         return self.turn_start.format(role=role)
@@ -214,10 +211,7 @@ class Llama3Template(HeaderTemplate):
     name = "llama3"
     turn_start = "<|start_header_id|>{role}<|end_header_id|>\n\n"
     turn_end = "<|eot_id|>"
-
-    @property
-    def special_tokens(self) -> list[str]:
-        return ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    special_tokens = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 
 class Qwen2Template(HeaderTemplate):
@@ -227,10 +221,7 @@ class Qwen2Template(HeaderTemplate):
     turn_start = "<|im_start|>{role}\n"
     turn_end = "<|im_end|>\n"
     system = "You are a helpful assistant."
-
-    @property
-    def special_tokens(self) -> list[str]:
-        return ["<|im_start|>", "<|im_end|>"]
+    special_tokens = ("<|im_start|>", "<|im_end|>")
 
 
 class TokenizerChatTemplate(ConversationTemplate):

@@ -31,7 +31,7 @@ from ..data.batch import Batch
 from ..data.dataset import Batching, SamplePreprocessor
 from ..data.images import ImageProcessing
 from ..data.loader import DataPosition, StageLoader
-from ..data.shards import discover_shards
+from ..data.shards import discover_shards, image_fraction
 from ..data.templates import TemplateTokenizer, check_template_tokenizer, make_template
 from ..errors import CheckpointError, DataError, TrainingHalted, TrainingPreempted
 from ..log import get_logger
@@ -94,6 +94,7 @@ def make_loader(ctx: RunContext, stage: StageConfig, spec: MultimodalSpec, grad_
         raise DataError(
             f"data.max_length={data.max_length} leaves no room for text after {spec.num_image_tokens} image tokens"
         )
+    shards = discover_shards(stage.shards)
     batching = Batching(
         micro_batch_size=stage.micro_batch_size,
         pad_token_id=ctx.tokenizer.pad_token_id,
@@ -103,9 +104,10 @@ def make_loader(ctx: RunContext, stage: StageConfig, spec: MultimodalSpec, grad_
         pack_capacity=data.max_length,
         group_by_modality_length=data.group_by_modality_length,
         group_window=data.group_window,
+        image_fraction=image_fraction(shards) if data.group_by_modality_length else 0.5,
     )
     return StageLoader.create(
-        discover_shards(stage.shards),
+        shards,
         SamplePreprocessor(template, encoder, ctx.image_processing, data.max_length),
         batching,
         rank=ctx.launch.rank,
