@@ -93,6 +93,8 @@ def test_single_process_zero2_zero3_and_accumulation_give_the_same_losses(small_
         run_dir = tmp_path / f"run{index}"
         train(nproc, small_data, run_dir, *common, *extra)
         results[name] = losses(run_dir, "align")
+    packed_log = (tmp_path / f"run{len(runs) - 1}" / "logs" / "train.log").read_text()
+    assert "packed rows: a block-diagonal causal mask built from the position ids (sdpa)" in packed_log
     reference = results["1 rank, ZeRO-2, micro 8"]
     assert len(reference) == 6 and all(value > 0 for value in reference)
     for name, values in results.items():

@@ -36,3 +36,10 @@ def choose_attention(requested: str, device: torch.device) -> AttentionChoice:
         return AttentionChoice("flash_attention_2", "flash-attn is installed and the device is CUDA")
     why = "flash-attn is not installed" if device.type == "cuda" else "no CUDA device"
     return AttentionChoice("sdpa", f"PyTorch scaled_dot_product_attention ({why})")
+
+
+def packed_attention(choice: AttentionChoice) -> str:
+    """How attention stays within each sample of a packed row, for the start-up log."""
+    if choice.implementation == "flash_attention_2":
+        return "variable-length flash-attn sequences from the position ids"
+    return f"a block-diagonal causal mask built from the position ids ({choice.implementation})"

@@ -35,7 +35,7 @@ from ..data.shards import discover_shards, image_fraction
 from ..data.templates import TemplateTokenizer, check_template_tokenizer, make_template
 from ..errors import CheckpointError, DataError, TrainingHalted, TrainingPreempted
 from ..log import get_logger
-from ..model.attention import choose_attention
+from ..model.attention import choose_attention, packed_attention
 from ..model.build import BasePaths, build_model, load_weights_file
 from ..model.llava import MultimodalSpec, VdepLlava
 from ..objectives.losses import batch_loss
@@ -234,9 +234,10 @@ def build_stage(ctx: RunContext, name: str, stage: StageConfig) -> StageEngine:
         config=ds_config,
     )
     log.info(
-        "stage %s: ZeRO-%d, %s, attention %s (%s), VDEP kernel %s, %d rank(s) × micro-batch %d × %d accumulation "
+        "stage %s: ZeRO-%d, %s, attention %s (%s)%s, VDEP kernel %s, %d rank(s) × micro-batch %d × %d accumulation "
         "= global batch %d; %d steps (%d warmup), template %s\n%s",
-        name, zero, ctx.precision, attention.implementation, attention.reason, built.kernel, world,
+        name, zero, ctx.precision, attention.implementation, attention.reason,
+        f"; packed rows: {packed_attention(attention)}" if ctx.config.data.packing else "", built.kernel, world,
         stage.micro_batch_size, grad_accum, stage.global_batch_size, total, warmup, stage.template,
         format_table(trainable_table(model)),
     )
