@@ -1,6 +1,7 @@
 """Data path throughput: vdep's shard loader vs the naive path, and `build-shards` images/s.
 
     python benchmarks/data_throughput.py                  # 2000 samples, one core per path
+    python benchmarks/data_throughput.py --max-side 336   # images stored near the training resolution
     python benchmarks/data_throughput.py --smoke          # 64 samples: checks that it runs (CI)
 
 Both paths produce the same collated micro-batches (LLaVA-1.5 preprocessing: pad to square, CLIP
@@ -54,13 +55,13 @@ def natural_image(rng: random.Random, width: int, height: int) -> Image.Image:
     return Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8))
 
 
-def make_dataset(folder: Path, count: int, seed: int = 0) -> Path:
+def make_dataset(folder: Path, count: int, seed: int = 0, max_side: int = 640) -> Path:
     rng = random.Random(seed)
     images = folder / "images"
     images.mkdir(parents=True)
     records = []
     for index in range(count):
-        width, height = rng.randint(320, 640), rng.randint(320, 640)
+        width, height = rng.randint(max_side // 2, max_side), rng.randint(max_side // 2, max_side)
         name = f"{index:06d}.jpg"
         natural_image(rng, width, height).save(images / name, format="JPEG", quality=90)
         turns = [{"from": "human", "value": "<image>\n" + sentence(rng, 6, 14).replace(".", "?")},
@@ -212,6 +213,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--smoke", action="store_true", help="64 samples: check that everything runs")
+    parser.add_argument("--max-side", type=int, default=640,
+                        help="image sides are drawn from [max-side/2, max-side] (default 640: LLaVA-like originals; "
+                             "336: images stored near the training resolution, as img2dataset's resizing or "
+                             "build-shards --max-side leave them)")
     args = parser.parse_args()
     count = 64 if args.smoke else args.samples
     torch.set_num_threads(1)
@@ -223,7 +228,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data_json = make_dataset(root / "raw", count)
+        data_json = make_dataset(root / "raw", count, max_side=args.max_side)
         rows = []
         for workers in (1, 2) if (os.cpu_count() or 1) > 1 else (1,):
             out = root / f"shards-{workers}"
@@ -248,7 +253,8 @@ def main() -> None:
         rows.append(("speed-up (vdep / naive)", f"{vdep_rate / naive_rate:.2f}x",
                      f"{vdep_cpu_rate / naive_rate:.2f}x when the CPU also normalises"))
         costs = stage_costs(data_json, root / "raw" / "images", tokenizer)
-    print(f"\n{count} samples, micro-batch {args.micro_batch_size}, 1 thread, torch {torch.__version__}\n")
+    print(f"\n{count} samples ({args.max_side // 2}-{args.max_side} px per side), micro-batch {args.micro_batch_size}, "
+          f"1 thread, torch {torch.__version__}\n")
     print("| path | throughput | detail |\n| --- | --- | --- |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
