@@ -165,7 +165,8 @@ def shard_name(index: int) -> str:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
+    # The process id keeps concurrent writers (array tasks writing the summaries) off each other's files.
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
 
@@ -304,7 +305,7 @@ def prepare_out_dir(options: BuildOptions) -> None:
                 f"{out} holds a build made with different settings ({', '.join(changed)}); --resume continues "
                 "only the same plan: use the original inputs and options, or a new --out folder"
             )
-    elif any(out.glob("*.tar")):
+    elif options.num_parts == 1 and any(out.glob("*.tar")):  # (parts start together: another may be writing)
         raise DataError(f"{out} already holds shards; choose an empty --out folder")
     else:
         write_atomically(build_file, json.dumps(settings, indent=1))
@@ -320,12 +321,12 @@ def build_shards(options: BuildOptions) -> BuildReport:
     planned = math.ceil(len(order) / per_shard)
     mine = range(planned * options.part // options.num_parts, planned * (options.part + 1) // options.num_parts)
     done = load_done_marks(options.out, mine) if options.resume or options.num_parts > 1 else {}
-    for stale in options.out.glob("*.tmp"):
-        stale.unlink()  # a shard whose writer died; it is in the plan again below
     tasks = [
         (index, [(p, refs[order[p]]) for p in range(index * per_shard, min((index + 1) * per_shard, len(order)))], options)
         for index in mine if index not in done
     ]
+    for index, _, _ in tasks:  # a shard of this part whose writer died is written again below
+        (options.out / (shard_name(index) + ".tmp")).unlink(missing_ok=True)
     results = dict(done)
     progress = Progress(sum(len(t[1]) for t in tasks), enabled=options.progress)
     if options.workers == 1 or len(tasks) <= 1:

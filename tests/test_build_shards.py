@@ -235,3 +235,22 @@ def test_inspect_shards_counts_checks_sizes_and_measures_token_lengths(tmp_path,
     output = capsys.readouterr().out
     assert f"000001.tar holds {sizes['000001.tar'] - 1} samples but sizes.json says {sizes['000001.tar']}" in output
     assert "000002.tar is listed in sizes.json but missing" in output
+
+
+def test_parts_built_at_the_same_time_into_one_folder_equal_one_build(tmp_path, image_folder):
+    """Array tasks start together: none may touch another's temporary files."""
+    source = make_llava_input(tmp_path, image_folder, 300)
+    arguments = [str(source), "--image-root", str(image_folder), "--samples-per-shard", "5", "--shuffle",
+                 "--max-side", "40", "--no-progress", "--max-error-rate", "1"]
+    assert main(["build-shards", *arguments, "--out", str(tmp_path / "one")]) == 0
+    out = tmp_path / "parts"
+    processes = [subprocess.Popen([sys.executable, "-m", "vdep", "build-shards", *arguments, "--out", str(out),
+                                   "--part", str(part), "--num-parts", "4"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+                 for part in range(4)]
+    for process in processes:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-2000:]
+    assert build_shards(options([source], image_folder, out, samples_per_shard=5, shuffle=True, max_side=40,
+                                resume=True, max_error_rate=1)).reused_shards == 60
+    assert tar_bytes(out) == tar_bytes(tmp_path / "one")
+    assert not [p for p in out.rglob("*.tmp")]
