@@ -20,6 +20,7 @@ mode conversion or `--max-side` re-encoded them, and `KEY.json` with `id`, `conv
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import multiprocessing
@@ -33,8 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vdep.data.conversation import SampleError, check_image_markers, parse_conversation
-from vdep.data.dataset import IMAGE_EXTENSIONS
-from vdep.data.shards import SIZES_FILE
+from vdep.data.shards import IMAGE_EXTENSIONS, SIZES_FILE
 from vdep.errors import DataError
 
 from .image_fixing import fix_image
@@ -254,8 +254,6 @@ def _jsonable(value: object) -> object:
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    import io
-
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = 0  # identical bytes for identical inputs

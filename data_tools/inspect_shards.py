@@ -15,12 +15,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import webdataset as wds
+
 from vdep.data.conversation import SampleError, parse_conversation
-from vdep.data.dataset import IMAGE_EXTENSIONS
-from vdep.data.shards import SIZES_FILE
+from vdep.data.shards import IMAGE_EXTENSIONS, SIZES_FILE
 from vdep.errors import DataError
 
-from .sources import split_member_name
 
 LENGTH_BUCKETS = (128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192)
 
@@ -41,23 +41,6 @@ class ShardInspection:
         return not self.mismatches
 
 
-def tar_samples(path: Path):
-    """(key, {extension: bytes}) of one tar, grouped by WebDataset key."""
-    current_key, members = None, {}
-    with tarfile.open(path, "r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, extension = split_member_name(info.name)
-            if key != current_key and current_key is not None:
-                yield current_key, members
-                members = {}
-            current_key = key
-            members[extension.lower()] = tar.extractfile(info).read()  # type: ignore[union-attr]
-    if current_key is not None:
-        yield current_key, members
-
-
 def inspect_shards(folder: Path, encode=None, num_examples: int = 3) -> ShardInspection:
     """`encode(turns, has_image) -> token count` gives token lengths (see `make_length_encoder`)."""
     sizes_path = folder / SIZES_FILE
@@ -71,9 +54,10 @@ def inspect_shards(folder: Path, encode=None, num_examples: int = 3) -> ShardIns
     for tar in tars:
         count = 0
         try:
-            for key, members in tar_samples(tar):
+            for sample in wds.tariterators.tarfile_samples([{"url": str(tar)}]):
                 count += 1
-                _inspect_sample(report, tar, key, members, encode, num_examples)
+                members = {k.lower(): v for k, v in sample.items() if not k.startswith("__")}
+                _inspect_sample(report, tar, sample["__key__"], members, encode, num_examples)
         except (tarfile.TarError, OSError) as exc:
             report.mismatches.append(f"{tar.name} cannot be read after {count} samples: {exc}")
         report.samples += count

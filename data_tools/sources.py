@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vdep.data.conversation import IMAGE_MARKER, SampleError
+from vdep.data.shards import IMAGE_EXTENSIONS, split_member_name
 from vdep.errors import DataError
 
 LLAVA_SUFFIXES = (".json", ".jsonl")
@@ -112,13 +113,6 @@ def read_img2dataset_tar(path: Path) -> list[RecordRef]:
     return [RecordRef(str(path), index, members=members, key=key) for index, (key, members) in enumerate(samples.items())]
 
 
-def split_member_name(name: str) -> tuple[str, str]:
-    """WebDataset's convention: the key is the path up to the first dot of the file name."""
-    folder, _, base = name.rpartition("/")
-    stem, extension = base.split(".", 1)
-    return (f"{folder}/{stem}" if folder else stem), extension
-
-
 def read_inputs(inputs: list[Path]) -> list[RecordRef]:
     refs: list[RecordRef] = []
     for path in expand_inputs(inputs):
@@ -138,8 +132,6 @@ def read_member(ref: RecordRef, extension: str) -> bytes:
 
 def img2dataset_record(ref: RecordRef, caption_prompt: str) -> tuple[dict, str | None]:
     """An img2dataset sample as a LLaVA record (a one-turn caption conversation) and its image extension."""
-    from vdep.data.dataset import IMAGE_EXTENSIONS
-
     image_extension = next((ext for ext in IMAGE_EXTENSIONS if ext in ref.members), None)
     if image_extension is None:
         raise SampleError("missing_image", f"sample {ref.key} has no image member (members: {', '.join(ref.members)})")

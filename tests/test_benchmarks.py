@@ -11,15 +11,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_data_throughput_benchmark_runs_in_smoke_mode():
-    result = subprocess.run([sys.executable, "benchmarks/data_throughput.py", "--smoke"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+def smoke_table(script: str, rows: list[str]) -> str:
+    """Runs `script --smoke` and checks that its table has these rows; returns the output."""
+    result = subprocess.run([sys.executable, script, "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    table = result.stdout
-    for row in ("build-shards, 1 worker(s)", "naive (JSON list + PIL + CLIPImageProcessor)",
-                "vdep (shards → collated batch, uint8 pixels)", "vdep, also normalising pixels on this core",
-                "speed-up (vdep / naive)"):
-        assert f"| {row} |" in table, table
+    for row in rows:
+        assert f"| {row} |" in result.stdout, result.stdout
+    return result.stdout
+
+
+def test_the_data_throughput_benchmark_runs_in_smoke_mode():
+    table = smoke_table("benchmarks/data_throughput.py", [
+        "build-shards, 1 worker(s)", "naive (JSON list + PIL + CLIPImageProcessor)",
+        "vdep (shards → collated batch, uint8 pixels)", "vdep, also normalising pixels on this core",
+        "speed-up (vdep / naive)",
+    ])
     assert "64 samples" in table
 
 
@@ -27,10 +33,7 @@ def test_the_data_throughput_benchmark_runs_in_smoke_mode():
 @pytest.mark.timeout(900)
 def test_the_training_throughput_benchmark_runs_in_smoke_mode():
     """vdep (DeepSpeed, every configuration) and the HF Trainer baseline, tiny shapes on CPU."""
-    result = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--smoke"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    table = result.stdout
-    for row in ("finetune, HF Trainer + LlavaForConditionalGeneration (baseline)", "finetune, vdep, VDEP on, padded",
-                "finetune, vdep, VDEP on, packed", "finetune, vdep, VDEP off, padded", "align, vdep, VDEP on, padded"):
-        assert f"| {row} |" in table, table
+    smoke_table("benchmarks/train_throughput.py", [
+        "finetune, HF Trainer + LlavaForConditionalGeneration (baseline)", "finetune, vdep, VDEP on, padded",
+        "finetune, vdep, VDEP on, packed", "finetune, vdep, VDEP off, padded", "align, vdep, VDEP on, padded",
+    ])

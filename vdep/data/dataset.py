@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -22,13 +21,13 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..objectives.modes import round_half_up
 from .batch import Batch, ProcessedSample, collate, collate_packed
 from .conversation import SampleError, check_image_markers, parse_conversation
 from .images import ImageProcessing, decode_image, image_pixels
-from .shards import Shard, plan_epoch
+from .shards import IMAGE_EXTENSIONS, Shard, plan_epoch
 from .templates import IGNORE_INDEX, ConversationTemplate, TemplateTokenizer, TokenizedConversation
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Skip messages kept per batch; the counts are always complete.
 MAX_MESSAGES_PER_BATCH = 5
 
@@ -147,10 +146,6 @@ class Batching:
         slots = [True] * images + [False] * (self.window_batches - images)
         random.Random(f"vdep-layout-{seed}-{epoch}-{window}").shuffle(slots)
         return slots
-
-
-def round_half_up(value: float) -> int:
-    return math.floor(value + 0.5)
 
 
 def by_length(samples: list[tuple[int, ProcessedSample]]) -> list[tuple[int, ProcessedSample]]:

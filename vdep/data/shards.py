@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,6 +18,16 @@ from typing import Literal
 from ..errors import DataError
 
 SIZES_FILE = "sizes.json"
+# Image members a shard sample may have (KEY.jpg, ...): the loader reads the first one present.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """A tar member's (sample key, extension), by WebDataset's rule: the key is the path up to the
+    first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension
 
 
 @dataclass(frozen=True)
@@ -133,8 +144,6 @@ def micro_batches_per_rank(
 def count_image_samples(shard: Shard) -> int:
     """Samples with an image in a shard: from build-shards' `shard_stats/NNNNNN.json` when there is
     one, otherwise by listing the tar's member names (headers only, no data read)."""
-    import tarfile
-
     path = Path(shard.path)
     stats = path.parent / "shard_stats" / f"{path.name.split('.')[0]}.json"
     if stats.is_file():
@@ -146,9 +155,9 @@ def count_image_samples(shard: Shard) -> int:
     try:
         with tarfile.open(path, "r:") as tar:
             for info in tar:
-                stem, _, extension = info.name.rpartition("/")[2].partition(".")
-                if extension.lower() in ("jpg", "jpeg", "png", "webp"):
-                    keys.add(info.name.rsplit(".", 1)[0] if "/" in info.name else stem)
+                key, extension = split_member_name(info.name)
+                if extension.lower() in IMAGE_EXTENSIONS:
+                    keys.add(key)
     except (tarfile.TarError, OSError) as exc:
         raise DataError(f"cannot list {path}: {exc}") from None
     return len(keys)
