@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import re
 import statistics
 import string
 import subprocess
@@ -91,7 +92,8 @@ def vdep_overrides(args, shards: dict[str, Path], tokenizer: Path, run_dir: Path
         *(f"model.vision_tower.tiny.{k}={v}" for k, v in vision.items()),
         *(f"model.language_model.tiny.{k}={v}" for k, v in llm.items()),
         f"model.language_model.tiny.max_position_embeddings={max(args.max_length, 512)}",
-        f"model.tokenizer={tokenizer}", f"model.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
+        f"model.tokenizer={tokenizer}", f"model.attn_implementation={args.attn}",
+        f"model.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
         f"stage={stage}", f"stages.{stage}.init_from=none", f"stages.{stage}.shards=[{shards[stage]}]",
         f"stages.{stage}.trainable={trainable}", f"stages.{stage}.max_steps={args.steps}",
         f"stages.{stage}.global_batch_size={args.micro_batch_size}", f"stages.{stage}.micro_batch_size={args.micro_batch_size}",
@@ -114,7 +116,9 @@ def run_vdep(args, shards, tokenizer, run_dir: Path, stage: str, vdep_on: bool, 
     if result.returncode != 0:
         raise RuntimeError(f"vdep run failed:\n{result.stderr[-4000:]}")
     metrics = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+    attention = re.search(r"attention (\S+) \(", result.stdout + result.stderr)
     row = {
+        "attention": attention.group(1) if attention else "?",
         "samples_per_s": steady_mean([m["throughput/samples_per_s"] for m in metrics]),
         "tokens_per_s": steady_mean([m["throughput/tokens_per_s"] for m in metrics]),
     }
@@ -222,7 +226,8 @@ def baseline_worker(spec: dict) -> None:
         torch.cuda.reset_peak_memory_stats()
     Trainer(model=model, args=arguments, train_dataset=ShardSamples(), data_collator=collate,
             callbacks=[StepTimer()]).train()
-    result = {"samples_per_s": micro / steady_mean(step_times)}
+    result = {"samples_per_s": micro / steady_mean(step_times),
+              "attention": model.model.language_model.config._attn_implementation}
     if cuda:
         result["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print("BASELINE_RESULT " + json.dumps(result))
@@ -251,6 +256,8 @@ def main() -> None:
     parser.add_argument("--zero", default="zero2", choices=("zero2", "zero3"))
     parser.add_argument("--workers", type=int, default=8, help="DataLoader workers per run")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--attn", default="auto", choices=("auto", "sdpa", "flex_attention", "flash_attention_2"),
+                        help="vdep's model.attn_implementation (auto: flex for packed rows on CUDA without flash-attn)")
     parser.add_argument("--baseline-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_worker:
@@ -294,12 +301,13 @@ def main() -> None:
             rows.append((label, measured, baselines[stage]))
     print(f"\n{'CPU smoke run (tiny shapes; the numbers mean nothing)' if args.smoke else 'LLM ' + args.llm}, "
           f"micro-batch {args.micro_batch_size}, {args.steps} steps (first {WARMUP_STEPS} excluded), {args.zero}\n")
-    print("| run | samples/s | tokens/s | MFU | peak memory (GiB) | vs baseline |\n| --- | --- | --- | --- | --- | --- |")
+    print("| run | attention | samples/s | tokens/s | MFU | peak memory (GiB) | vs baseline |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
     for label, row, baseline in rows:
         mfu = f"{100 * row['mfu']:.1f}%" if "mfu" in row else "-"
         memory = f"{row['memory_gib']:.1f}" if "memory_gib" in row else "-"
         ratio = f"{row['samples_per_s'] / baseline['samples_per_s']:.2f}x" if baseline else ""
-        print(f"| {label} | {row['samples_per_s']:.2f} | {row['tokens_per_s']:.0f} | {mfu} | {memory} | {ratio} |")
+        print(f"| {label} | {row.get('attention', '?')} | {row['samples_per_s']:.2f} | {row['tokens_per_s']:.0f} | {mfu} | {memory} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ def test_the_data_throughput_benchmark_runs_in_smoke_mode():
 @pytest.mark.timeout(900)
 def test_the_training_throughput_benchmark_runs_in_smoke_mode():
     """vdep (DeepSpeed, every configuration) and the HF Trainer baseline, tiny shapes on CPU."""
-    smoke_table("benchmarks/train_throughput.py", [
+    table = smoke_table("benchmarks/train_throughput.py", [
         "finetune, HF Trainer + LlavaForConditionalGeneration (baseline)", "finetune, vdep, VDEP on, padded",
         "finetune, vdep, VDEP on, packed", "finetune, vdep, VDEP off, padded", "align, vdep, VDEP on, padded",
     ])
+    rows = [line for line in table.splitlines() if line.startswith(("| finetune", "| align"))]
+    assert rows and all(line.split(" | ")[1] == "sdpa" for line in rows), table  # each run names its attention

@@ -109,7 +109,9 @@ def test_a_packed_row_attends_within_each_sample_only(tiny_model, tokenizer, sma
     assert not torch.allclose(hidden[0][middle], hidden[1][middle])
 
 
-def test_sdpa_and_eager_attention_agree_on_a_packed_batch(tiny_model, tokenizer, small_data):
+def test_sdpa_eager_and_flex_attention_agree_on_a_packed_batch(tiny_model, tokenizer, small_data):
+    """FlexAttention runs forward only on CPU (PyTorch has no CPU backward for it): enough to check that
+    its block mask from the position ids keeps each sample to itself exactly as SDPA's dense mask does."""
     built, _, _ = tiny_model
     model = built.model
     data = samples(tiny_model, tokenizer, small_data, "vicuna_v1", 6)
@@ -118,8 +120,9 @@ def test_sdpa_and_eager_attention_agree_on_a_packed_batch(tiny_model, tokenizer,
                             built.spec.num_image_tokens)
     outputs = {}
     try:
-        for implementation in ("sdpa", "eager"):
+        for implementation in ("sdpa", "eager", "flex_attention"):
             model.language_model.set_attn_implementation(implementation)
+            assert model.language_model.config._attn_implementation == implementation
             with torch.no_grad():
                 embeds = model.embed(inputs.input_ids, inputs.pixel_values, inputs.num_images, inputs.detached_images)
                 outputs[implementation] = model.hidden_states(embeds, None, inputs.position_ids)
@@ -127,3 +130,4 @@ def test_sdpa_and_eager_attention_agree_on_a_packed_batch(tiny_model, tokenizer,
         model.language_model.set_attn_implementation("sdpa")
     real = packed.sample_index >= 0
     torch.testing.assert_close(outputs["eager"][real], outputs["sdpa"][real], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outputs["flex_attention"][real], outputs["sdpa"][real], rtol=1e-4, atol=1e-5)

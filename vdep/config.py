@@ -99,7 +99,8 @@ class ModelConfig:
     # Tokenizer folder; defaults to the language model's folder.
     tokenizer: str | None = None
     projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    # auto: flash-attn on CUDA when installed; else FlexAttention for packed rows on CUDA; else SDPA.
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
     gradient_checkpointing: bool = False
     # Seed for every randomly initialised weight (tiny towers, the projector).
     init_seed: int = 0

@@ -255,7 +255,7 @@ def build_model(
     keep_alive = _zero3_context(zero3_config)
     try:
         vision_tower = tower_class.from_pretrained(
-            str(paths.vision_tower), dtype=dtype, attn_implementation=attention.implementation
+            str(paths.vision_tower), dtype=dtype, attn_implementation=attention.vision_implementation
         )
         causal_lm = AutoModelForCausalLM.from_pretrained(
             str(paths.language_model), dtype=dtype, attn_implementation=attention.implementation

@@ -205,7 +205,7 @@ def build_stage(ctx: RunContext, name: str, stage: StageConfig) -> StageEngine:
         hidden_size=AutoConfig.from_pretrained(ctx.base.language_model).hidden_size,
     )
     zero = zero_stage(ds_config)
-    attention = choose_attention(ctx.config.model.attn_implementation, ctx.device)
+    attention = choose_attention(ctx.config.model.attn_implementation, ctx.device, ctx.config.data.packing)
     built = build_model(
         ctx.config.model, stage.vdep, ctx.tokenizer, ctx.base, attention, DTYPES[ctx.precision], ctx.device,
         zero3_config=ds_config if zero == 3 else None,
