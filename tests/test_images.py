@@ -12,7 +12,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from vdep.data.conversation import SampleError
-from vdep.data.images import ImageProcessing, decode_image, expand_to_square, preprocess_image
+from vdep.data.images import ImageProcessing, decode_image, expand_to_square, padded_resize, preprocess_image
 
 # openai/clip-vit-large-patch14-336's preprocessor_config.json (LLaVA-1.5's tower)
 CLIP_336 = {
@@ -53,6 +53,27 @@ def test_pad_mode_is_llava_expand2square_then_the_processor():
         images=square, return_tensors="pt"
     )["pixel_values"][0]
     assert torch.equal(preprocess_image(image, processing), theirs)
+
+
+@pytest.mark.parametrize("resample", [Image.Resampling.BICUBIC, Image.Resampling.BILINEAR, Image.Resampling.LANCZOS,
+                                      Image.Resampling.NEAREST])
+def test_padded_resize_equals_padding_then_resizing(resample):
+    """The landscape shortcut (filter the image rows, then pad) gives the padded square's pixels exactly:
+    down- and upscaling, odd and even padding, very wide images, non-square targets, and sizes where
+    one pass is a no-op."""
+    rng = np.random.default_rng(int(resample))
+    sizes = [(640, 480), (500, 375), (337, 336), (336, 200), (1000, 90), (1800, 1200), (120, 80), (601, 402),
+             (480, 640), (336, 336), (400, 400)]
+    sizes += [tuple(int(v) for v in rng.integers(40, 900, 2)) for _ in range(16)]
+    colour = (122, 116, 104)
+    for index, size in enumerate(sizes):
+        image = random_image(*size, seed=index)
+        side = max(size)
+        for target in ((336, 336), (384, 384), (224, 300), (size[0], 336), (side, side)):
+            expected = expand_to_square(image, colour).resize(target, resample=resample)
+            got = padded_resize(image, colour, target, int(resample))
+            assert got.size == target and got.mode == "RGB"
+            assert np.array_equal(np.asarray(got), np.asarray(expected)), (size, target)
 
 
 def test_siglip_preprocessing_equals_the_hf_processor():

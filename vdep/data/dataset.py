@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
@@ -64,12 +65,12 @@ class SamplePreprocessor:
         pixel_values = image_pixels(decode_image(image_bytes), self.image_processing) if has_image else None
         tokens = self.encoder.encode(self.template.segments(turns, has_image))
         tokens = truncate(tokens, self.max_length, self.encoder.image_token_id)
-        if all(label == IGNORE_INDEX for label in tokens.labels):
+        # Through numpy: a third of torch.tensor's time on a Python list (this runs once per sample).
+        labels = torch.from_numpy(np.array(tokens.labels, dtype=np.int64))
+        if not bool((labels != IGNORE_INDEX).any()):
             raise SampleError("no_supervised_tokens", "no token of the sample is supervised")
         return ProcessedSample(
-            key=key,
-            input_ids=torch.tensor(tokens.input_ids, dtype=torch.long),
-            labels=torch.tensor(tokens.labels, dtype=torch.long),
+            key=key, input_ids=torch.from_numpy(np.array(tokens.input_ids, dtype=np.int64)), labels=labels,
             pixel_values=pixel_values,
         )
 
