@@ -21,6 +21,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from data_tools.build_shards import BuildOptions, build_shards  # noqa: E402
 from data_tools.make_tokenizer import make_tokenizer  # noqa: E402
+from tests.byte_level import CHATML_JINJA, LLAMA3_JINJA, byte_level_tokenizer  # noqa: E402
 from vdep.demo_data import write_demo_data  # noqa: E402
 
 # A tiny model (16 image tokens, 2-layer LLM) that trains in seconds on a CPU.
@@ -112,3 +113,25 @@ def exported_tensors(folder: Path) -> dict:
                 tensors[name] = weights.get_tensor(name)
     assert set(tensors) == set(index["weight_map"])
     return tensors
+
+
+# ---------------------------------------------- tokenizers of other model families (tests/byte_level.py)
+@pytest.fixture(scope="session")
+def llama3_tokenizer(tmp_path_factory):
+    specials = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|finetune_pad|>"]
+    return byte_level_tokenizer(tmp_path_factory.mktemp("llama3"), specials, "<|begin_of_text|>", "<|eot_id|>", LLAMA3_JINJA)
+
+
+@pytest.fixture(scope="session")
+def qwen2_tokenizer(tmp_path_factory):
+    specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+    return byte_level_tokenizer(tmp_path_factory.mktemp("qwen2"), specials, None, "<|im_end|>", CHATML_JINJA)
+
+
+@pytest.fixture(scope="session")
+def base_llama3_tokenizer(tmp_path_factory):
+    """Like Llama 3's base tokenizer: EOS is <|end_of_text|>, answers end with <|eot_id|>."""
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                "<|finetune_pad|>"]
+    return byte_level_tokenizer(tmp_path_factory.mktemp("llama3-base"), specials, "<|begin_of_text|>", "<|end_of_text|>",
+                                LLAMA3_JINJA)

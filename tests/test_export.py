@@ -16,7 +16,7 @@ from tests.conftest import exported_tensors
 from vdep.config import load_config
 from vdep.data.conversation import Turn
 from vdep.data.templates import make_template, render
-from vdep.export.chat_templates import CHAT_TEMPLATES
+from vdep.export.chat_templates import export_chat_template
 from vdep.export.hf import export_hf
 from vdep.export.importer import projector_from_llava_bin
 from vdep.export.verify import verify_export
@@ -57,6 +57,32 @@ def test_export_of_a_zero3_run_loads_in_transformers_with_parity(trained_run, tm
     assert (tmp_path / "hf" / "preprocessor_config.json").is_file()
     card = (tmp_path / "hf" / "README.md").read_text()
     assert "vdep 0.1.0" in card and "| finetune | vicuna_v1 |" in card and '"mode_ratio": 0.5' in card
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("template, tokenizer_fixture", [("llama3", "base_llama3_tokenizer"),
+                                                          ("chat_template", "qwen2_tokenizer")])
+def test_runs_in_other_chat_formats_export_with_parity(request, small_data, tmp_path, template, tokenizer_fixture):
+    """A finetune run with a Llama 3 (base: EOS is not the end of turn) or the tokenizer's own ChatML
+    template exports with a chat template that gives the training ids and a generation config that
+    stops where training answers stop."""
+    tokenizer = request.getfixturevalue(tokenizer_fixture)
+    run_dir = tmp_path / "run"
+    code = launch_local(1, [
+        "train", "demo-tiny", *small_data.overrides(run_dir), f"model.tokenizer={tokenizer.name_or_path}",
+        "stage=finetune", "stages.finetune.init_from=none", f"stages.finetune.template={template}",
+        "stages.finetune.max_steps=2",
+    ])
+    assert code == 0
+    result = export_hf(run_dir, tmp_path / "hf", dtype="fp32")
+    assert result.template == template and result.source.stages == ["finetune"]  # align never ran
+    report = verify_export(result)
+    assert report.passed, report.summary()
+    stops = json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"]
+    if template == "llama3":
+        assert stops == [tokenizer.convert_tokens_to_ids("<|end_of_text|>"), tokenizer.convert_tokens_to_ids("<|eot_id|>")]
+    else:
+        assert stops == tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
 @pytest.mark.distributed
@@ -127,14 +153,19 @@ def test_llava15_mm_projector_bin_starts_the_projector(trained_run, small_data, 
         projector_from_llava_bin(tmp_path / "mm_projector.bin", "linear")
 
 
-def test_chat_templates_render_the_training_text(tokenizer):
+def test_chat_templates_render_the_training_text(tokenizer, base_llama3_tokenizer, qwen2_tokenizer):
+    """The export's chat template renders what the training template wrote (the tokenizer's own template
+    too: wrapped so that image parts become text and its BOS is not written twice)."""
     conversations = [
         [Turn("user", "<image>\nWhat color is the shape?"), Turn("assistant", "red")],
         [Turn("user", "<image>\nWhat color?"), Turn("assistant", "red"), Turn("user", "And the shape?"), Turn("assistant", "a circle")],
         [Turn("user", "What is two plus two?"), Turn("assistant", "four")],
     ]
-    for name in ("vicuna_v1", "plain"):
+    cases = [("vicuna_v1", tokenizer), ("plain", tokenizer), ("llama3", base_llama3_tokenizer), ("qwen2", qwen2_tokenizer),
+             ("chat_template", base_llama3_tokenizer), ("chat_template", qwen2_tokenizer)]
+    for name, tokenizer in cases:
         template = make_template(name, tokenizer)
+        chat_template = export_chat_template(name, tokenizer)
         for turns in conversations:
             has_image = "<image>" in turns[0].text
             if name == "plain" and (not has_image or len(turns) != 2):
@@ -144,14 +175,14 @@ def test_chat_templates_render_the_training_text(tokenizer):
                 text = turn.text.replace("<image>\n", "")
                 content = ([{"type": "image"}] if "<image>" in turn.text else []) + [{"type": "text", "text": text}]
                 messages.append({"role": turn.role, "content": content})
-            full = tokenizer.apply_chat_template(messages, chat_template=CHAT_TEMPLATES[name], tokenize=False)
+            full = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False)
             assert full == render(template.segments(turns, has_image))[0], (name, turns)
-            prompt = tokenizer.apply_chat_template(messages[:-1], chat_template=CHAT_TEMPLATES[name], tokenize=False,
+            prompt = tokenizer.apply_chat_template(messages[:-1], chat_template=chat_template, tokenize=False,
                                                    add_generation_prompt=True)
             assert prompt == render(template.prompt_segments(turns[:-1], has_image))[0], (name, turns)
             # Plain-string content, as LLaVA's JSON has it, renders the same.
             as_strings = [{"role": t.role, "content": t.text} for t in turns]
-            assert tokenizer.apply_chat_template(as_strings, chat_template=CHAT_TEMPLATES[name], tokenize=False) == full
+            assert tokenizer.apply_chat_template(as_strings, chat_template=chat_template, tokenize=False) == full
 
 
 def test_export_refuses_bad_targets(small_data, tmp_path):

@@ -140,7 +140,7 @@ def test_greedy_generation_with_the_cache_matches_recomputing(tiny_model, tokeni
     prompts = [s.input_ids[: 1 + built.spec.num_image_tokens + i].tolist() for i, s in enumerate(data)]  # ragged
     pixel_values = torch.stack([s.pixel_values for s in data])
     eos = tokenizer.eos_token_id
-    cached = greedy_generate(model, prompts, pixel_values, 3, 6, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    cached = greedy_generate(model, prompts, pixel_values, 3, 6, stop_token_ids=[eos], pad_token_id=tokenizer.pad_token_id)
     with torch.no_grad():
         for row, prompt in enumerate(prompts):
             ids = list(prompt)
@@ -153,6 +153,12 @@ def test_greedy_generation_with_the_cache_matches_recomputing(tiny_model, tokeni
             if eos in produced:
                 produced = produced[: produced.index(eos)]
             assert produced[:6] == cached[row], row
+    # A second stop token (a chat format's end of turn) ends each row at its first occurrence.
+    end_of_turn = next(token for row in cached for token in row[1:])
+    stopped = greedy_generate(model, prompts, pixel_values, 3, 6, stop_token_ids=[eos, end_of_turn],
+                              pad_token_id=tokenizer.pad_token_id)
+    assert stopped == [row[: row.index(end_of_turn)] if end_of_turn in row else row for row in cached]
+    assert any(len(a) < len(b) for a, b in zip(stopped, cached))
     model.train()
 
 

@@ -175,53 +175,6 @@ def test_template_and_tokenizer_consistency_check(tokenizer, encoder):
 
 
 # ------------------------------------------------------------------ chat formats of other model families
-LLAMA3_JINJA = (
-    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-    "{{ m['content'] }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
-CHATML_JINJA = (
-    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def byte_level_tokenizer(folder: Path, specials: list[str], bos: str | None, eos: str, chat_template: str):
-    """A real byte-level BPE tokenizer (as Llama 3 and Qwen2 use), trained here on a few sentences."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from vdep.model.tokenizer import prepare_tokenizer
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    corpus = ["What color is the shape? The shape is red.", "Describe the image briefly.", "A blue square on grey."] * 20
-    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    if bos:
-        from tokenizers import processors
-
-        core.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, core.token_to_id(bos))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=bos, eos_token=eos, pad_token=specials[-1])
-    fast.chat_template = chat_template
-    fast.save_pretrained(folder)
-    return prepare_tokenizer(folder)
-
-
-@pytest.fixture(scope="module")
-def llama3_tokenizer(tmp_path_factory):
-    specials = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|finetune_pad|>"]
-    return byte_level_tokenizer(tmp_path_factory.mktemp("llama3"), specials, "<|begin_of_text|>", "<|eot_id|>", LLAMA3_JINJA)
-
-
-@pytest.fixture(scope="module")
-def qwen2_tokenizer(tmp_path_factory):
-    specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
-    return byte_level_tokenizer(tmp_path_factory.mktemp("qwen2"), specials, None, "<|im_end|>", CHATML_JINJA)
-
-
 TWO_ROUNDS = [Turn("user", "<image>\nWhat color is the shape?"), Turn("assistant", "The shape is red."),
               Turn("user", "Describe the image briefly."), Turn("assistant", "A red square on grey.")]
 
@@ -282,3 +235,15 @@ def test_a_family_template_needs_the_familys_special_tokens(tokenizer, qwen2_tok
         make_template("llama3", tokenizer)
     with pytest.raises(DataError, match="has no chat_template"):
         make_template("chat_template", tokenizer)
+
+
+def test_generation_stops_at_eos_and_at_the_formats_end_of_turn(tokenizer, base_llama3_tokenizer, qwen2_tokenizer):
+    ids = base_llama3_tokenizer.convert_tokens_to_ids
+    assert make_template("llama3", base_llama3_tokenizer).stop_token_ids == (ids("<|end_of_text|>"), ids("<|eot_id|>"))
+    # The tokenizer's own template: the special token written right after an answer.
+    assert make_template("chat_template", base_llama3_tokenizer).stop_token_ids == (ids("<|end_of_text|>"), ids("<|eot_id|>"))
+    # Qwen2's EOS here is already the end of turn: listed once.
+    assert make_template("qwen2", qwen2_tokenizer).stop_token_ids == (qwen2_tokenizer.convert_tokens_to_ids("<|im_end|>"),)
+    assert make_template("chat_template", qwen2_tokenizer).stop_token_ids == (qwen2_tokenizer.convert_tokens_to_ids("<|im_end|>"),)
+    for name in ("vicuna_v1", "plain"):
+        assert make_template(name, tokenizer).stop_token_ids == (tokenizer.eos_token_id,)

@@ -107,7 +107,7 @@ def answer_questions(
         pixel_values = torch.stack(images) if images else torch.zeros((1, 3, *trained.image_processing.output_size))
         outputs = greedy_generate(
             trained.model, prompts, pixel_values.to(device), len(images), max_new_tokens,
-            tokenizer.eos_token_id, tokenizer.pad_token_id,
+            template.stop_token_ids, tokenizer.pad_token_id,
         )
         for record, output in zip(chunk, outputs):
             text = tokenizer.decode(output, skip_special_tokens=True)

@@ -101,6 +101,19 @@ class ConversationTemplate(ABC):
 
     def __init__(self, tokenizer):
         self.eos_text: str | None = tokenizer.eos_token
+        self.eos_token_id: int | None = tokenizer.eos_token_id
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """Token ids that end an answer in generation: EOS and, for chat formats, the end-of-turn token
+        (a base Llama 3 tokenizer's EOS is <|end_of_text|>, while the answers were trained to end with
+        <|eot_id|>)."""
+        end_of_turn = self._end_of_turn_id()
+        ids = [i for i in (self.eos_token_id, end_of_turn) if i is not None]
+        return tuple(dict.fromkeys(ids))
+
+    def _end_of_turn_id(self) -> int | None:
+        return None
 
     @abstractmethod
     def segments(self, turns: list[Turn], has_image: bool) -> list[Segment]:
@@ -177,12 +190,16 @@ class HeaderTemplate(ConversationTemplate):
 
     def __init__(self, tokenizer):
         super().__init__(tokenizer)
+        self.tokenizer = tokenizer
         for token in self.special_tokens:
             if token not in tokenizer.get_vocab():
                 raise DataError(
                     f"the {self.name} template writes {token}, which tokenizer {tokenizer.name_or_path} does not have as a "
                     "token; use the tokenizer of the model family, or template: chat_template"
                 )
+
+    def _end_of_turn_id(self) -> int | None:
+        return self.tokenizer.convert_tokens_to_ids(self.turn_end.strip())
 
     def _header(self, role: str) -> str:
         return self.turn_start.format(role=role)
@@ -244,6 +261,18 @@ class TokenizerChatTemplate(ConversationTemplate):
         bos = tokenizer.bos_token
         # Strip a BOS the template writes when the tokenizer adds one itself (else it would appear twice).
         self.strip_bos = bool(bos) and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
+
+    def _end_of_turn_id(self) -> int | None:
+        """The special token the template writes right after an answer, if there is one."""
+        probe = [Turn("user", "Hi."), Turn("assistant", "Hello.")]
+        try:
+            answer = [s for s in self.segments(probe, has_image=False) if s.supervised][0].text
+        except SampleError:
+            return None
+        suffix = answer.split("Hello.", 1)[-1].strip()
+        ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+        special = set(self.tokenizer.all_special_ids) | set(self.tokenizer.added_tokens_decoder)
+        return ids[0] if len(ids) == 1 and ids[0] in special else None
 
     def _render(self, turns: list[Turn], generation_prompt: bool) -> str:
         messages = [{"role": t.role, "content": t.text} for t in turns]

@@ -8,7 +8,7 @@ a user message render as `<image>` followed by a newline, before the message tex
 
 from __future__ import annotations
 
-from ..data.templates import VICUNA_SYSTEM
+from ..data.templates import VICUNA_SYSTEM, Qwen2Template, TokenizerChatTemplate
 
 _TEXT_OF = (
     "{%- macro text_of(content) -%}"
@@ -47,4 +47,50 @@ PLAIN = (
     "{%- endfor -%}"
 )
 
-CHAT_TEMPLATES = {"vicuna_v1": VICUNA_V1, "plain": PLAIN}
+# vdep's llama3 template; BOS comes from the tokenizer, as in training.
+LLAMA3 = _TEXT_OF + (
+    "{%- for message in messages -%}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + text_of(message['content']) + '<|eot_id|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+)
+
+# vdep's qwen2 template (ChatML with Qwen's default system message).
+QWEN2 = _TEXT_OF + (
+    "{%- if not messages or messages[0]['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\n" + Qwen2Template.system + "<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + text_of(message['content']) + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+CHAT_TEMPLATES = {"vicuna_v1": VICUNA_V1, "plain": PLAIN, "llama3": LLAMA3, "qwen2": QWEN2}
+
+
+def export_chat_template(name: str, tokenizer) -> str:
+    """The chat template an export carries for a run trained with template `name`.
+
+    `chat_template` runs trained on the tokenizer's own template. Exported, it is wrapped so that it
+    sees what it saw in training: message contents as text (an image part becomes `<image>` and a
+    newline, which most tokenizer templates could not render), and without the BOS it writes when the
+    tokenizer adds one itself (training strips that BOS; the processor adds it).
+    """
+    if name in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[name]
+    if name != "chat_template":
+        raise ValueError(f"no export chat template for the training template {name!r}")
+    own = TokenizerChatTemplate(tokenizer)
+    as_text = (
+        "{%- set ns_vdep = namespace(messages=[]) -%}"
+        "{%- for message in messages -%}"
+        "{%- set ns_vdep.messages = ns_vdep.messages + [{'role': message['role'], 'content': text_of(message['content'])}] -%}"
+        "{%- endfor -%}"
+        "{%- set messages = ns_vdep.messages -%}"
+    )
+    if not own.strip_bos:
+        return _TEXT_OF + as_text + tokenizer.chat_template
+    return (_TEXT_OF + as_text + "{% set rendered_vdep %}" + tokenizer.chat_template + "{% endset %}"
+            "{%- if bos_token and rendered_vdep.startswith(bos_token) -%}{{- rendered_vdep[bos_token | length:] -}}"
+            "{%- else -%}{{- rendered_vdep -}}{%- endif -%}")

@@ -26,13 +26,14 @@ from .. import __version__
 from ..config import STAGE_NAMES, VdepConfig
 from ..data.images import ImageProcessing
 from ..data.shards import SIZES_FILE
+from ..data.templates import make_template
 from ..errors import CheckpointError
 from ..log import get_logger
 from ..model.attention import AttentionChoice
 from ..model.build import BasePaths, BuiltModel, build_model, load_image_processing
 from ..model.tokenizer import load_tokenizer
 from ..structured import unstructure
-from .chat_templates import CHAT_TEMPLATES
+from .chat_templates import export_chat_template
 from .layout import NOT_EXPORTED, llava_config, num_additional_image_tokens, to_hf_name
 from .sources import ExportSource, resolve_source
 from .writer import ShardedWriter, parse_size
@@ -196,19 +197,22 @@ def export_hf(checkpoint: Path, out: Path, dtype: str = "bf16", max_shard_size: 
     shards = write_weights(built, tmp, parse_size(max_shard_size), config.tie_word_embeddings)
     config.torch_dtype = dtype_name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
     config.save_pretrained(tmp)
-    tokenizer.chat_template = CHAT_TEMPLATES[template]
+    chat_template = export_chat_template(template, tokenizer)
+    tokenizer.chat_template = chat_template
     processor = LlavaProcessor(
         image_processor=image_processor_for(image_processing),
         tokenizer=tokenizer,
         patch_size=built.model.vision_tower.config.patch_size,
         vision_feature_select_strategy=built.spec.feature_select,
-        chat_template=CHAT_TEMPLATES[template],
+        chat_template=chat_template,
         num_additional_image_tokens=num_additional_image_tokens(built.family),
     )
     processor.save_pretrained(tmp)
     processor.image_processor.save_pretrained(tmp)  # preprocessor_config.json, for readers older than transformers 5
+    stops = list(make_template(template, tokenizer).stop_token_ids)  # EOS and the chat format's end of turn
     GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=stops[0] if len(stops) == 1 else stops,
+        pad_token_id=tokenizer.pad_token_id,
     ).save_pretrained(tmp)
     (tmp / "README.md").write_text(model_card(source, template, dtype_name))
     if out.exists():

@@ -142,12 +142,13 @@ def resolve_source(path: Path) -> ExportSource:
                 add_stage(name, final=True)
                 continue
             zero = _zero_checkpoint(run_dir / name / "checkpoints") if (run_dir / name / "checkpoints").is_dir() else None
-            if zero is not None:
-                source.layers.clear()
-                source.stages.clear()
-                add_stage(name, final=False)
-                source.layers.append(ZeroCheckpointLayer(*zero))
-                source.step = int(zero[1].rsplit("_", 1)[-1]) if zero[1].startswith("step_") else None
+            if zero is None:
+                continue  # this stage never ran: a run can start at a later one (`stage=finetune`)
+            source.layers.clear()
+            source.stages.clear()
+            add_stage(name, final=False)
+            source.layers.append(ZeroCheckpointLayer(*zero))
+            source.step = int(zero[1].rsplit("_", 1)[-1]) if zero[1].startswith("step_") else None
             break
         return source
     stage_dir = next((folder for folder in (path, *path.parents) if folder.parent == run_dir), None)

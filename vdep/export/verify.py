@@ -21,7 +21,7 @@ from ..data.conversation import IMAGE_MARKER, Turn
 from ..data.images import preprocess_image
 from ..data.templates import TemplateTokenizer, make_template
 from ..demo_data import Scene, draw_scene
-from ..model.generate import greedy_generate
+from ..model.generate import greedy_generate, until_stop
 from .hf import ExportResult
 
 LOGIT_TOLERANCE = 1e-4
@@ -95,12 +95,12 @@ def verify_export(result: ExportResult, max_new_tokens: int = 8) -> ParityReport
         theirs = hf_model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels).logits
     report.max_abs_logit_diff = float((ours - theirs).abs().max())
     tokenizer = result.tokenizer
-    report.vdep_tokens = greedy_generate(model, [ids], pixels, 1, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)[0]
+    stops = template.stop_token_ids
+    report.vdep_tokens = greedy_generate(model, [ids], pixels, 1, max_new_tokens, stops, tokenizer.pad_token_id)[0]
     with torch.no_grad():
         generated = hf_model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels,
             max_new_tokens=max_new_tokens, do_sample=False,
         )[0, len(ids):].tolist()
-    eos = tokenizer.eos_token_id
-    report.hf_tokens = generated[: generated.index(eos)] if eos in generated else generated
+    report.hf_tokens = until_stop(generated, stops)  # transformers stops at generation_config's eos_token_id list
     return report

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import DynamicCache
 
@@ -15,10 +17,11 @@ def greedy_generate(
     pixel_values: torch.Tensor,
     num_images: int,
     max_new_tokens: int,
-    eos_token_id: int,
+    stop_token_ids: Sequence[int],
     pad_token_id: int,
 ) -> list[list[int]]:
-    """Continue each prompt greedily; returns the new tokens of each, up to and without EOS.
+    """Continue each prompt greedily; returns the new tokens of each, up to and without the first stop
+    token (EOS, or the template's end of turn: `ConversationTemplate.stop_token_ids`).
 
     Prompts are left-padded into one batch; `pixel_values` holds the images of the prompts that have
     one, in prompt order (plus a dummy row when none has).
@@ -36,9 +39,12 @@ def greedy_generate(
     decoder = model.language_model
     outputs = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                       past_key_values=cache, use_cache=True)
+    if not stop_token_ids:
+        raise ValueError("greedy_generate needs at least one stop token id (the tokenizer has no EOS?)")
+    stops = torch.tensor(list(stop_token_ids), device=device)
     next_token = model.lm_head(outputs.last_hidden_state[:, -1]).argmax(dim=-1)
     generated = [next_token]
-    finished = next_token == eos_token_id
+    finished = torch.isin(next_token, stops)
     for _ in range(max_new_tokens - 1):
         if bool(finished.all()):
             break
@@ -52,8 +58,13 @@ def greedy_generate(
             use_cache=True,
         )
         next_token = model.lm_head(outputs.last_hidden_state[:, -1]).argmax(dim=-1)
-        next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
+        next_token = torch.where(finished, torch.full_like(next_token, stop_token_ids[0]), next_token)
         generated.append(next_token)
-        finished |= next_token == eos_token_id
-    tokens = torch.stack(generated, dim=1).tolist()
-    return [row[: row.index(eos_token_id)] if eos_token_id in row else row for row in tokens]
+        finished |= torch.isin(next_token, stops)
+    return [until_stop(row, stop_token_ids) for row in torch.stack(generated, dim=1).tolist()]
+
+
+def until_stop(tokens: list[int], stop_token_ids: Sequence[int]) -> list[int]:
+    """The tokens before the first stop token."""
+    stop = next((index for index, token in enumerate(tokens) if token in stop_token_ids), len(tokens))
+    return tokens[:stop]
