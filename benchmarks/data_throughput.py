@@ -196,11 +196,16 @@ def stage_costs(data_json: Path, image_root: Path, tokenizer, limit: int = 200) 
     pixels_ms, _ = per_sample(lambda im: image_pixels(im, processing), images)
     landscape_ms, _ = per_sample(lambda im: image_pixels(im, processing), [im for im in images if im.width > im.height])
     portrait_ms, _ = per_sample(lambda im: image_pixels(im, processing), [im for im in images if im.width <= im.height])
+    # The floor: even an image one pixel short of the crop pays a full-size resize.
+    near_336 = [im.convert("RGB").resize((335, 335)) for im in images]
+    floor_ms, _ = per_sample(lambda im: im.resize((336, 336), resample=processing.resample), near_336)
     tokenize_ms, _ = per_sample(lambda r: encoder.encode(template.segments(parse_conversation(r["conversations"]), True)),
                                 records)
     return [("JPEG decode", decode_ms), ("pad to square", pad_ms), ("bicubic resize of the padded square to 336", resize_ms),
             ("all image steps (decode excluded)", pixels_ms), ("... of a landscape image (padding rows)", landscape_ms),
-            ("... of a portrait or square image", portrait_ms), ("template + tokenize", tokenize_ms)]
+            ("... of a portrait or square image", portrait_ms),
+            ("bicubic resize of a 335 px square to 336 (an image stored near the training size still pays this)", floor_ms),
+            ("template + tokenize", tokenize_ms)]
 
 
 def measure_interleaved(paths: dict[str, Iterator]) -> dict[str, tuple[float, int]]:
