@@ -47,6 +47,19 @@ def wait_for_step(run_dir, step: int, processes, timeout_s: float = 240) -> None
     raise AssertionError(f"step {step} was not reached in {timeout_s} s")
 
 
+def wait_for_checkpoint_after(run_dir, step: int, processes, timeout_s: float = 240) -> None:
+    """Until a checkpoint folder of a step after `step` exists (or every rank has ended)."""
+    folder = run_dir / "finetune" / "checkpoints"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(int(p.name.split("_")[1]) > step for p in folder.glob("step_*")):
+            return
+        if all(p.poll() is not None for p in processes):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint after step {step} in {timeout_s} s")
+
+
 def latest(run_dir) -> str:
     return (run_dir / "finetune" / "checkpoints" / "latest").read_text().strip()
 
@@ -111,6 +124,9 @@ def test_sigusr1_to_one_rank_stops_all_ranks_with_a_checkpoint(small_data, unint
     ranks[1].send_signal(signal.SIGUSR1)  # only one rank hears it; the step-boundary all-reduce tells the other
     # Further signals while it stops (in the step, the save or on the way out) are reported, not obeyed.
     ranks[1].send_signal(signal.SIGTERM)
+    # Rank 0 learns of the stop at the next step boundary; a signal of its own before that would be a
+    # stop of its own. Once the stop's checkpoint is being written, both ranks have agreed on it.
+    wait_for_checkpoint_after(run_dir, 2, ranks)
     time.sleep(0.2)
     for process in ranks:
         if process.poll() is None:
