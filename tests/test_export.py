@@ -165,7 +165,7 @@ def test_chat_templates_render_the_training_text(tokenizer, base_llama3_tokenize
              ("chat_template", base_llama3_tokenizer), ("chat_template", qwen2_tokenizer)]
     for name, tokenizer in cases:
         template = make_template(name, tokenizer)
-        chat_template = export_chat_template(name, tokenizer)
+        chat_template = export_chat_template(template)
         for turns in conversations:
             has_image = "<image>" in turns[0].text
             if name == "plain" and (not has_image or len(turns) != 2):

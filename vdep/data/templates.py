@@ -15,6 +15,7 @@ at inference equals the training prefix.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -103,11 +104,11 @@ class ConversationTemplate(ABC):
         self.eos_text: str | None = tokenizer.eos_token
         self.eos_token_id: int | None = tokenizer.eos_token_id
 
-    @property
+    @functools.cached_property
     def stop_token_ids(self) -> tuple[int, ...]:
         """Token ids that end an answer in generation: EOS and, for chat formats, the end-of-turn token
         (a base Llama 3 tokenizer's EOS is <|end_of_text|>, while the answers were trained to end with
-        <|eot_id|>)."""
+        <|eot_id|>). Found once per template: `chat_template` renders a probe to find it."""
         end_of_turn = self._end_of_turn_id()
         ids = [i for i in (self.eos_token_id, end_of_turn) if i is not None]
         return tuple(dict.fromkeys(ids))

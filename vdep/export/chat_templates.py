@@ -8,7 +8,7 @@ a user message render as `<image>` followed by a newline, before the message tex
 
 from __future__ import annotations
 
-from ..data.templates import VICUNA_SYSTEM, Qwen2Template, TokenizerChatTemplate
+from ..data.templates import VICUNA_SYSTEM, ConversationTemplate, Qwen2Template, TokenizerChatTemplate
 
 _TEXT_OF = (
     "{%- macro text_of(content) -%}"
@@ -69,19 +69,19 @@ QWEN2 = _TEXT_OF + (
 CHAT_TEMPLATES = {"vicuna_v1": VICUNA_V1, "plain": PLAIN, "llama3": LLAMA3, "qwen2": QWEN2}
 
 
-def export_chat_template(name: str, tokenizer) -> str:
-    """The chat template an export carries for a run trained with template `name`.
+def export_chat_template(template: ConversationTemplate) -> str:
+    """The chat template an export carries for a run trained with `template`.
 
     `chat_template` runs trained on the tokenizer's own template. Exported, it is wrapped so that it
     sees what it saw in training: message contents as text (an image part becomes `<image>` and a
     newline, which most tokenizer templates could not render), and without the BOS it writes when the
     tokenizer adds one itself (training strips that BOS; the processor adds it).
     """
-    if name in CHAT_TEMPLATES:
-        return CHAT_TEMPLATES[name]
-    if name != "chat_template":
-        raise ValueError(f"no export chat template for the training template {name!r}")
-    own = TokenizerChatTemplate(tokenizer)
+    if template.name in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[template.name]
+    if not isinstance(template, TokenizerChatTemplate):
+        raise ValueError(f"no export chat template for the training template {template.name!r}")
+    own = template.tokenizer.chat_template
     as_text = (
         "{%- set ns_vdep = namespace(messages=[]) -%}"
         "{%- for message in messages -%}"
@@ -89,8 +89,8 @@ def export_chat_template(name: str, tokenizer) -> str:
         "{%- endfor -%}"
         "{%- set messages = ns_vdep.messages -%}"
     )
-    if not own.strip_bos:
-        return _TEXT_OF + as_text + tokenizer.chat_template
-    return (_TEXT_OF + as_text + "{% set rendered_vdep %}" + tokenizer.chat_template + "{% endset %}"
+    if not template.strip_bos:
+        return _TEXT_OF + as_text + own
+    return (_TEXT_OF + as_text + "{% set rendered_vdep %}" + own + "{% endset %}"
             "{%- if bos_token and rendered_vdep.startswith(bos_token) -%}{{- rendered_vdep[bos_token | length:] -}}"
             "{%- else -%}{{- rendered_vdep -}}{%- endif -%}")

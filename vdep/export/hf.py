@@ -11,6 +11,7 @@ temporary folder that is renamed into place at the end.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -197,11 +198,16 @@ def export_hf(checkpoint: Path, out: Path, dtype: str = "bf16", max_shard_size: 
     shards = write_weights(built, tmp, parse_size(max_shard_size), config.tie_word_embeddings)
     config.torch_dtype = dtype_name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
     config.save_pretrained(tmp)
-    chat_template = export_chat_template(template, tokenizer)
-    tokenizer.chat_template = chat_template
+    training_template = make_template(template, tokenizer)
+    stops = list(training_template.stop_token_ids)  # EOS and the chat format's end of turn
+    chat_template = export_chat_template(training_template)
+    # The export's copy carries the new chat template; the training tokenizer stays as it was, so that
+    # `verify_export` renders the training side with the training template, not with the export's.
+    exported_tokenizer = copy.deepcopy(tokenizer)
+    exported_tokenizer.chat_template = chat_template
     processor = LlavaProcessor(
         image_processor=image_processor_for(image_processing),
-        tokenizer=tokenizer,
+        tokenizer=exported_tokenizer,
         patch_size=built.model.vision_tower.config.patch_size,
         vision_feature_select_strategy=built.spec.feature_select,
         chat_template=chat_template,
@@ -209,7 +215,6 @@ def export_hf(checkpoint: Path, out: Path, dtype: str = "bf16", max_shard_size: 
     )
     processor.save_pretrained(tmp)
     processor.image_processor.save_pretrained(tmp)  # preprocessor_config.json, for readers older than transformers 5
-    stops = list(make_template(template, tokenizer).stop_token_ids)  # EOS and the chat format's end of turn
     GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=stops[0] if len(stops) == 1 else stops,
         pad_token_id=tokenizer.pad_token_id,

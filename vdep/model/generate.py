@@ -26,6 +26,8 @@ def greedy_generate(
     Prompts are left-padded into one batch; `pixel_values` holds the images of the prompts that have
     one, in prompt order (plus a dummy row when none has).
     """
+    if not stop_token_ids:
+        raise ValueError("greedy_generate needs at least one stop token id (the tokenizer has no EOS?)")
     device = pixel_values.device
     length = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long, device=device)
@@ -39,8 +41,6 @@ def greedy_generate(
     decoder = model.language_model
     outputs = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                       past_key_values=cache, use_cache=True)
-    if not stop_token_ids:
-        raise ValueError("greedy_generate needs at least one stop token id (the tokenizer has no EOS?)")
     stops = torch.tensor(list(stop_token_ids), device=device)
     next_token = model.lm_head(outputs.last_hidden_state[:, -1]).argmax(dim=-1)
     generated = [next_token]
