@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -193,9 +194,11 @@ def stage_costs(data_json: Path, image_root: Path, tokenizer, limit: int = 200) 
     decode_ms, images = per_sample(decode_image, blobs)
     pad_ms, squares = per_sample(lambda im: expand_to_square(im.convert("RGB"), processing.pad_colour), images)
     resize_ms, _ = per_sample(lambda im: im.resize((336, 336), resample=processing.resample), squares)
-    pixels_ms, _ = per_sample(lambda im: image_pixels(im, processing), images)
-    landscape_ms, _ = per_sample(lambda im: image_pixels(im, processing), [im for im in images if im.width > im.height])
-    portrait_ms, _ = per_sample(lambda im: image_pixels(im, processing), [im for im in images if im.width <= im.height])
+    # Each image timed once; the landscape and portrait rows split the same timings.
+    timed = [(im, per_sample(lambda im: image_pixels(im, processing), [im])[0]) for im in images]
+    pixels_ms = statistics.fmean(ms for _, ms in timed)
+    landscape_ms = statistics.fmean(ms for im, ms in timed if im.width > im.height)
+    portrait_ms = statistics.fmean(ms for im, ms in timed if im.width <= im.height)
     # The floor: even an image one pixel short of the crop pays a full-size resize.
     near_336 = [im.convert("RGB").resize((335, 335)) for im in images]
     floor_ms, _ = per_sample(lambda im: im.resize((336, 336), resample=processing.resample), near_336)

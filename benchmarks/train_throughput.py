@@ -307,7 +307,7 @@ def main() -> None:
         mfu = f"{100 * row['mfu']:.1f}%" if "mfu" in row else "-"
         memory = f"{row['memory_gib']:.1f}" if "memory_gib" in row else "-"
         ratio = f"{row['samples_per_s'] / baseline['samples_per_s']:.2f}x" if baseline else ""
-        print(f"| {label} | {row.get('attention', '?')} | {row['samples_per_s']:.2f} | {row['tokens_per_s']:.0f} | {mfu} | {memory} | {ratio} |")
+        print(f"| {label} | {row['attention']} | {row['samples_per_s']:.2f} | {row['tokens_per_s']:.0f} | {mfu} | {memory} | {ratio} |")
 
 
 if __name__ == "__main__":
