@@ -36,28 +36,32 @@ def losses_by_step(run_dir) -> dict[int, tuple[float, float]]:
     return {m["step"]: (m["loss/text"], m["loss/vdep"]) for m in read_metrics(run_dir, "finetune")}
 
 
-def wait_for_step(run_dir, step: int, processes, timeout_s: float = 240) -> None:
-    metrics = run_dir / "finetune" / "metrics.jsonl"
+def poll_until(done, what: str, timeout_s: float = 240) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if metrics.is_file() and any(m["step"] >= step for m in read_metrics(run_dir, "finetune")):
-            return
-        assert all(p.poll() is None for p in processes), "a rank ended before the step to interrupt"
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} was not reached in {timeout_s} s")
-
-
-def wait_for_checkpoint_after(run_dir, step: int, processes, timeout_s: float = 240) -> None:
-    """Until a checkpoint folder of a step after `step` exists (or every rank has ended)."""
-    folder = run_dir / "finetune" / "checkpoints"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if any(int(p.name.split("_")[1]) > step for p in folder.glob("step_*")):
-            return
-        if all(p.poll() is not None for p in processes):
+        if done():
             return
         time.sleep(0.02)
-    raise AssertionError(f"no checkpoint after step {step} in {timeout_s} s")
+    raise AssertionError(f"{what} in {timeout_s} s")
+
+
+def wait_for_step(run_dir, step: int, processes) -> None:
+    metrics = run_dir / "finetune" / "metrics.jsonl"
+
+    def reached() -> bool:
+        if metrics.is_file() and any(m["step"] >= step for m in read_metrics(run_dir, "finetune")):
+            return True
+        assert all(p.poll() is None for p in processes), "a rank ended before the step to interrupt"
+        return False
+
+    poll_until(reached, f"step {step} was not reached")
+
+
+def wait_for_checkpoint_after(run_dir, step: int, processes) -> None:
+    """Until a checkpoint folder of a step after `step` exists (or every rank has ended)."""
+    folder = run_dir / "finetune" / "checkpoints"
+    poll_until(lambda: any(int(p.name.split("_")[1]) > step for p in folder.glob("step_*"))
+               or all(p.poll() is not None for p in processes), f"no checkpoint after step {step}")
 
 
 def latest(run_dir) -> str:
