@@ -6,6 +6,12 @@
 For forward and forward+backward: median time, achieved bandwidth (bytes the fused kernel must move:
 the selected hidden and target rows read once, the gradient rows written once) against a measured
 device-to-device copy, and peak memory above the inputs. Prints a markdown table.
+
+    python benchmarks/kernel_bench.py --num-warps 4,8,16   # also the fused kernel at other launch widths
+
+The bandwidth counts the bytes the term needs. Every implementation's backward also fills the whole
+(B·T, D) gradient of the hidden states (and of the targets when not detached) with zeros first, as
+autograd needs a full-size gradient; the header gives those bytes, which the GB/s figures leave out.
 """
 
 from __future__ import annotations
@@ -52,11 +58,18 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU with TRITON_INTERPRET=1)")
     parser.add_argument("--norm", default="layernorm", choices=["none", "layernorm", "l2"])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--num-warps", default="",
+                        help="comma-separated warps per program to time the fused kernel at, besides its default")
     args = parser.parse_args()
+    try:
+        warp_counts = [int(w) for w in args.num_warps.split(",") if w.strip()]
+    except ValueError:
+        parser.error(f"--num-warps takes comma-separated integers such as 4,8,16, not {args.num_warps!r}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("no CUDA device: run with TRITON_INTERPRET=1 and --smoke")
 
+    from vdep.kernels import fused_vdep
     from vdep.kernels.fused_vdep import fused_vdep_sum
     from vdep.objectives.losses import reference_vdep_sum
 
@@ -76,16 +89,24 @@ def main() -> None:
     copy_bandwidth = 2 * copy_source.numel() * element / copy_time  # read + write
 
     head = nn.Identity()
-    implementations = {"eager reference": reference_vdep_sum, "fused (Triton)": fused_vdep_sum}
+    default_warps = fused_vdep.launch_warps(fused_vdep.row_block(hidden))
+    implementations = {"eager reference": (reference_vdep_sum, None),
+                       f"fused (Triton, {default_warps} warps)": (fused_vdep_sum, None)}
+    for warps in warp_counts:
+        implementations[f"fused (Triton, {warps} warps)"] = (fused_vdep_sum, warps)
     if device.type == "cuda":
-        implementations["torch.compile(reference)"] = torch.compile(reference_vdep_sum, dynamic=False)
+        implementations["torch.compile(reference)"] = (torch.compile(reference_vdep_sum, dynamic=False), None)
+    zero_filled = 2 * h.numel() * element  # grad of hidden and of the targets (detach_target=False below)
 
     print(f"VDEP term: {batch}x{length}x{hidden} {str(dtype).removeprefix('torch.')}, {rows} selected rows, "
           f"norm {args.norm}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu (interpreter)'}; "
-          f"copy bandwidth {copy_bandwidth / 1e9:.0f} GB/s\n")
+          f"copy bandwidth {copy_bandwidth / 1e9:.0f} GB/s; the backward's zero-filled full-size gradients: "
+          f"{zero_filled / 2**20:.0f} MiB, against {backward_bytes / 2**20:.0f} MiB that fwd+bwd needs\n")
     print("| implementation | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s | % of copy bw (fwd+bwd) | peak MiB (fwd+bwd) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, fn in implementations.items():
+    for name, (fn, warps) in implementations.items():
+        fused_vdep.NUM_WARPS_OVERRIDE = warps
+
         def forward(fn=fn):
             with torch.no_grad():
                 fn(h, e, targets, head, target_norm=args.norm, detach_target=False)
@@ -98,6 +119,7 @@ def main() -> None:
         both, peak = timed(forward_backward, device, repeats)
         print(f"| {name} | {fwd * 1e3:.3f} | {forward_bytes / fwd / 1e9:.0f} | {both * 1e3:.3f} | "
               f"{backward_bytes / both / 1e9:.0f} | {100 * backward_bytes / both / copy_bandwidth:.0f}% | {peak / 2**20:.0f} |")
+    fused_vdep.NUM_WARPS_OVERRIDE = None
 
 
 if __name__ == "__main__":

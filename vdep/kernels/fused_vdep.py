@@ -99,10 +99,27 @@ def _vdep_backward_kernel(hidden_ptr, embeds_ptr, rows_ptr, grad_out_ptr, grad_h
                  grad_e.to(grad_embeds_ptr.dtype.element_ty), mask=mask)
 
 
-def _block(d: int) -> int:
+def row_block(d: int) -> int:
     if d > MAX_HIDDEN:
         raise ValueError(f"the fused VDEP kernel handles hidden sizes up to {MAX_HIDDEN}, not {d}")
     return triton.next_power_of_2(d)
+
+
+# `benchmarks/kernel_bench.py --num-warps` sets this to time other launch widths; None: `launch_warps`.
+NUM_WARPS_OVERRIDE: int | None = None
+
+
+def launch_warps(block: int) -> int:
+    """Warps per program for a row of `block` elements.
+
+    One program holds a whole row, several times over (both rows, their normalised copies, the
+    difference), so wider rows need more threads or they spill registers. This is the rule the
+    row-wise Triton kernels in the wild use for layer norms (4 warps, 8 from 2048, 16 from 8192); it has
+    not been measured for this kernel yet (no GPU so far): `kernel_bench.py --num-warps 4,8,16` does.
+    """
+    if NUM_WARPS_OVERRIDE is not None:
+        return NUM_WARPS_OVERRIDE
+    return 16 if block >= 8192 else 8 if block >= 2048 else 4
 
 
 class FusedVdepSum(torch.autograd.Function):
@@ -114,12 +131,12 @@ class FusedVdepSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_rows: torch.Tensor, embed_rows: torch.Tensor, rows: torch.Tensor, norm: int,
                 detach_target: bool, shift: int) -> torch.Tensor:
-        d = hidden_rows.shape[-1]
+        block = row_block(hidden_rows.shape[-1])
         per_row = torch.empty(rows.numel(), dtype=torch.float32, device=hidden_rows.device)
         if rows.numel():
             _vdep_forward_kernel[(rows.numel(),)](
-                hidden_rows, embed_rows, rows, per_row, d, hidden_rows.stride(0), embed_rows.stride(0),
-                SHIFT=shift, NORM=norm, BLOCK=_block(d),
+                hidden_rows, embed_rows, rows, per_row, hidden_rows.shape[-1], hidden_rows.stride(0),
+                embed_rows.stride(0), SHIFT=shift, NORM=norm, BLOCK=block, num_warps=launch_warps(block),
             )
         ctx.save_for_backward(hidden_rows, embed_rows, rows)
         ctx.norm, ctx.detach_target, ctx.shift = norm, detach_target, shift
@@ -129,6 +146,9 @@ class FusedVdepSum(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         hidden_rows, embed_rows, rows = ctx.saved_tensors
         target_grad = not ctx.detach_target and ctx.needs_input_grad[1]
+        block = row_block(hidden_rows.shape[1])
+        # Full-size gradients, as autograd needs; only the selected rows are written below. The zero fill
+        # moves more bytes than the kernel does (docs/benchmarks.md, "Fused VDEP kernel").
         grad_hidden = torch.zeros_like(hidden_rows)
         grad_embeds = torch.zeros_like(embed_rows) if target_grad else None
         if rows.numel():
@@ -136,7 +156,7 @@ class FusedVdepSum(torch.autograd.Function):
                 hidden_rows, embed_rows, rows, grad_output.float().reshape(1).contiguous(), grad_hidden,
                 grad_embeds if grad_embeds is not None else grad_hidden,  # unused when TARGET_GRAD is off
                 hidden_rows.shape[1], hidden_rows.stride(0), embed_rows.stride(0),
-                SHIFT=ctx.shift, NORM=ctx.norm, TARGET_GRAD=target_grad, BLOCK=_block(hidden_rows.shape[1]),
+                SHIFT=ctx.shift, NORM=ctx.norm, TARGET_GRAD=target_grad, BLOCK=block, num_warps=launch_warps(block),
             )
         return grad_hidden, grad_embeds, None, None, None, None
 
