@@ -2,6 +2,7 @@
 
     python benchmarks/data_throughput.py                  # 2000 samples, one core per path
     python benchmarks/data_throughput.py --max-side 336   # images stored near the training resolution
+    python benchmarks/data_throughput.py --square         # 336 px squares: no pad, no resize (the ceiling)
     python benchmarks/data_throughput.py --smoke          # 64 samples: checks that it runs (CI)
 
 Both paths produce the same collated micro-batches (LLaVA-1.5 preprocessing: pad to square, CLIP
@@ -57,13 +58,17 @@ def natural_image(rng: random.Random, width: int, height: int) -> Image.Image:
     return Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8))
 
 
-def make_dataset(folder: Path, count: int, seed: int = 0, max_side: int = 640) -> Path:
+def make_dataset(folder: Path, count: int, seed: int = 0, max_side: int = 640, square: bool = False) -> Path:
+    """`count` JPEGs with sides in [max_side/2, max_side] (all max_side × max_side with `square`) and
+    LLaVA JSON conversations about them."""
     rng = random.Random(seed)
     images = folder / "images"
     images.mkdir(parents=True)
     records = []
     for index in range(count):
         width, height = rng.randint(max_side // 2, max_side), rng.randint(max_side // 2, max_side)
+        if square:
+            width = height = max_side
         name = f"{index:06d}.jpg"
         natural_image(rng, width, height).save(images / name, format="JPEG", quality=90)
         turns = [{"from": "human", "value": "<image>\n" + sentence(rng, 6, 14).replace(".", "?")},
@@ -197,8 +202,8 @@ def stage_costs(data_json: Path, image_root: Path, tokenizer, limit: int = 200) 
     # Each image timed once; the landscape and portrait rows split the same timings.
     timed = [(im, per_sample(lambda im: image_pixels(im, processing), [im])[0]) for im in images]
     pixels_ms = statistics.fmean(ms for _, ms in timed)
-    landscape_ms = statistics.fmean(ms for im, ms in timed if im.width > im.height)
-    portrait_ms = statistics.fmean(ms for im, ms in timed if im.width <= im.height)
+    landscape_ms = mean_or_nan([ms for im, ms in timed if im.width > im.height])
+    portrait_ms = mean_or_nan([ms for im, ms in timed if im.width <= im.height])
     # The floor: even an image one pixel short of the crop pays a full-size resize.
     near_336 = [im.convert("RGB").resize((335, 335)) for im in images]
     floor_ms, _ = per_sample(lambda im: im.resize((336, 336), resample=processing.resample), near_336)
@@ -209,6 +214,10 @@ def stage_costs(data_json: Path, image_root: Path, tokenizer, limit: int = 200) 
             ("... of a portrait or square image", portrait_ms),
             ("bicubic resize of a 335 px square to 336 (an image stored near the training size still pays this)", floor_ms),
             ("template + tokenize", tokenize_ms)]
+
+
+def mean_or_nan(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")  # `--square` has no landscape image
 
 
 def measure_interleaved(paths: dict[str, Iterator]) -> dict[str, tuple[float, int]]:
@@ -240,7 +249,12 @@ def main() -> None:
                         help="image sides are drawn from [max-side/2, max-side] (default 640: LLaVA-like originals; "
                              "336: images stored near the training resolution, as img2dataset's resizing or "
                              "build-shards --max-side leave them)")
+    parser.add_argument("--square", action="store_true",
+                        help="every image a 336 px square, as img2dataset's border resize mode stores them: "
+                             "no padding or resizing is left to do, so this is the loader's ceiling")
     args = parser.parse_args()
+    if args.square:
+        args.max_side = 336
     count = 64 if args.smoke else args.samples
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -251,7 +265,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data_json = make_dataset(root / "raw", count, max_side=args.max_side)
+        data_json = make_dataset(root / "raw", count, max_side=args.max_side, square=args.square)
         rows = []
         for workers in (1, 2) if (os.cpu_count() or 1) > 1 else (1,):
             out = root / f"shards-{workers}"
@@ -274,14 +288,15 @@ def main() -> None:
         rows.append(("speed-up (vdep / naive)", f"{vdep_rate / naive_rate:.2f}x",
                      f"{vdep_cpu_rate / naive_rate:.2f}x when the CPU also normalises"))
         costs = stage_costs(data_json, root / "raw" / "images", tokenizer)
-    print(f"\n{count} samples ({args.max_side // 2}-{args.max_side} px per side), micro-batch {args.micro_batch_size}, "
+    sides = f"{args.max_side} px squares" if args.square else f"{args.max_side // 2}-{args.max_side} px per side"
+    print(f"\n{count} samples ({sides}), micro-batch {args.micro_batch_size}, "
           f"1 thread, torch {torch.__version__}, the three loaders timed a batch each in turn\n")
     print("| path | throughput | detail |\n| --- | --- | --- |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
     print("\n| step of vdep's per-sample work | ms per sample |\n| --- | --- |")
     for name, milliseconds in costs:
-        print(f"| {name} | {milliseconds:.2f} |")
+        print(f"| {name} | {'-' if milliseconds != milliseconds else f'{milliseconds:.2f}'} |")  # NaN: none
 
 
 if __name__ == "__main__":
