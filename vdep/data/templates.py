@@ -148,7 +148,29 @@ class PlainTemplate(ConversationTemplate):
         return [Segment(IMAGE_MARKER, False)]
 
 
-class VicunaV1Template(ConversationTemplate):
+class RoundTemplate(ConversationTemplate):
+    """Templates written round by round: a user part (ending where generation starts), then the answer."""
+
+    @abstractmethod
+    def _user(self, index: int, turn: Turn) -> Segment:
+        """The unsupervised text of user turn `index` (0 for the first, which may carry a system part)."""
+
+    @abstractmethod
+    def _answer(self, turn: Turn) -> list[Segment]:
+        """The answer's segments, its supervised text first."""
+
+    def segments(self, turns: list[Turn], has_image: bool) -> list[Segment]:
+        segments = []
+        for index in range(0, len(turns), 2):
+            segments.append(self._user(index, turns[index]))
+            segments += self._answer(turns[index + 1])
+        return segments
+
+    def prompt_segments(self, turns: list[Turn], has_image: bool) -> list[Segment]:
+        return self.segments(turns[:-1], has_image) + [self._user(len(turns) - 1, turns[-1])]
+
+
+class VicunaV1Template(RoundTemplate):
     """LLaVA-1.5's `vicuna_v1`: `SYSTEM USER: q ASSISTANT: a</s>USER: q ASSISTANT: a</s>`.
 
     Each user part ends with `ASSISTANT:` (the generation prompt ends there, as in LLaVA); the answer,
@@ -166,18 +188,11 @@ class VicunaV1Template(ConversationTemplate):
         prefix = f"{VICUNA_SYSTEM} USER: " if index == 0 else "USER: "
         return Segment(f"{prefix}{turn.text} ASSISTANT:", False)
 
-    def segments(self, turns: list[Turn], has_image: bool) -> list[Segment]:
-        segments = []
-        for index in range(0, len(turns), 2):
-            segments.append(self._user(index, turns[index]))
-            segments.append(Segment(f" {turns[index + 1].text}{self.eos_text}", True))
-        return segments
-
-    def prompt_segments(self, turns: list[Turn], has_image: bool) -> list[Segment]:
-        return self.segments(turns[:-1], has_image) + [self._user(len(turns) - 1, turns[-1])]
+    def _answer(self, turn: Turn) -> list[Segment]:
+        return [Segment(f" {turn.text}{self.eos_text}", True)]
 
 
-class HeaderTemplate(ConversationTemplate):
+class HeaderTemplate(RoundTemplate):
     """Chat formats that wrap each turn in a role header and an end-of-turn token.
 
     The answer and its end-of-turn token are supervised; the header before it is not. BOS is the
@@ -209,18 +224,11 @@ class HeaderTemplate(ConversationTemplate):
         system = f"{self._header('system')}{self.system}{self.turn_end}" if index == 0 and self.system else ""
         return Segment(f"{system}{self._header('user')}{turn.text}{self.turn_end}{self._header('assistant')}", False)
 
-    def segments(self, turns: list[Turn], has_image: bool) -> list[Segment]:
-        segments = []
-        for index in range(0, len(turns), 2):
-            segments.append(self._user(index, turns[index]))
-            segments.append(Segment(f"{turns[index + 1].text}{self.turn_end.rstrip()}", True))
-            trailing = self.turn_end[len(self.turn_end.rstrip()):]
-            if trailing:
-                segments.append(Segment(trailing, False))
-        return segments
-
-    def prompt_segments(self, turns: list[Turn], has_image: bool) -> list[Segment]:
-        return self.segments(turns[:-1], has_image) + [self._user(len(turns) - 1, turns[-1])]
+    def _answer(self, turn: Turn) -> list[Segment]:
+        # The end-of-turn token is supervised; whitespace after it (ChatML's newline) is not.
+        end = self.turn_end.rstrip()
+        trailing = self.turn_end[len(end):]
+        return [Segment(f"{turn.text}{end}", True)] + ([Segment(trailing, False)] if trailing else [])
 
 
 class Llama3Template(HeaderTemplate):
