@@ -8,6 +8,7 @@ the selected hidden and target rows read once, the gradient rows written once) a
 device-to-device copy, and peak memory above the inputs. Prints a markdown table.
 
     python benchmarks/kernel_bench.py --num-warps 4,8,16   # also the fused kernel at other launch widths
+    python benchmarks/kernel_bench.py --head linear        # the linear VDEP head (chunked GEMMs + kernel)
 
 The bandwidth counts the bytes the term needs. Every implementation's backward also fills the whole
 (B·T, D) gradient of the hidden states (and of the targets when not detached) with zeros first, as
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU with TRITON_INTERPRET=1)")
     parser.add_argument("--norm", default="layernorm", choices=["none", "layernorm", "l2"])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--head", default="identity", choices=["identity", "linear"],
+                        help="vdep.head: linear adds a D×D GEMM per selected row (its GB/s figures then mean little)")
     parser.add_argument("--num-warps", default="",
                         help="comma-separated warps per program to time the fused kernel at, besides its default")
     args = parser.parse_args()
@@ -88,7 +91,13 @@ def main() -> None:
     copy_time, _ = timed(lambda: copy_target.copy_(copy_source), device, repeats)
     copy_bandwidth = 2 * copy_source.numel() * element / copy_time  # read + write
 
-    head = nn.Identity()
+    if args.head == "linear":
+        head = nn.Linear(hidden, hidden, bias=False).to(device=device, dtype=dtype)
+        # Each side's GEMM on the selected rows, forward and backward (input and weight gradients).
+        gemm_flops = 2 * rows * hidden * hidden
+        print(f"linear head: {gemm_flops / 1e9:.0f} GFLOP forward, {3 * gemm_flops / 1e9:.0f} forward+backward")
+    else:
+        head = nn.Identity()
     default_warps = fused_vdep.launch_warps(fused_vdep.row_block(hidden))
     implementations = {"eager reference": (reference_vdep_sum, None),
                        f"fused (Triton, {default_warps} warps)": (fused_vdep_sum, None)}
@@ -99,7 +108,7 @@ def main() -> None:
     zero_filled = 2 * h.numel() * element  # grad of hidden and of the targets (detach_target=False below)
 
     print(f"VDEP term: {batch}x{length}x{hidden} {str(dtype).removeprefix('torch.')}, {rows} selected rows, "
-          f"norm {args.norm}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu (interpreter)'}; "
+          f"norm {args.norm}, head {args.head}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu (interpreter)'}; "
           f"copy bandwidth {copy_bandwidth / 1e9:.0f} GB/s; the backward's zero-filled full-size gradients: "
           f"{zero_filled / 2**20:.0f} MiB, against {backward_bytes / 2**20:.0f} MiB that fwd+bwd needs\n")
     print("| implementation | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s | % of copy bw (fwd+bwd) | peak MiB (fwd+bwd) |")

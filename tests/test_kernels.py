@@ -155,15 +155,16 @@ def test_the_model_trains_the_same_with_the_fused_kernel(tiny_model, tokenizer, 
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_the_kernel_benchmark_runs_in_smoke_mode():
+@pytest.mark.parametrize("head", ["identity", "linear"])
+def test_the_kernel_benchmark_runs_in_smoke_mode(head):
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_bench.py"
-    result = subprocess.run([sys.executable, str(script), "--smoke", "--num-warps", "8"], capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    result = subprocess.run([sys.executable, str(script), "--smoke", "--head", head, "--num-warps", "8"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| eager reference |" in result.stdout
+    assert f"head {head}," in result.stdout and "| eager reference |" in result.stdout
     assert "| fused (Triton, 4 warps) |" in result.stdout and "| fused (Triton, 8 warps) |" in result.stdout
