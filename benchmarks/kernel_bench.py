@@ -10,6 +10,10 @@ device-to-device copy, and peak memory above the inputs. Prints a markdown table
     python benchmarks/kernel_bench.py --num-warps 4,8,16   # also the fused kernel at other launch widths
     python benchmarks/kernel_bench.py --head linear        # the linear VDEP head (chunked GEMMs + kernel)
 
+With the identity head a second table times the term inside a step: a dense stand-in for the text
+loss's gradient flows into the same hidden states, and each variant's increment over that step alone
+is what the term costs in training; there the pass-through form adds its rows into the text gradient.
+
 The bandwidth counts the bytes the term needs. Every implementation's backward also fills the whole
 (B·T, D) gradient of the hidden states (and of the targets when not detached) with zeros first, as
 autograd needs a full-size gradient; the header gives those bytes, which the GB/s figures leave out.
@@ -129,6 +133,55 @@ def main() -> None:
         print(f"| {name} | {fwd * 1e3:.3f} | {forward_bytes / fwd / 1e9:.0f} | {both * 1e3:.3f} | "
               f"{backward_bytes / both / 1e9:.0f} | {100 * backward_bytes / both / copy_bandwidth:.0f}% | {peak / 2**20:.0f} |")
     fused_vdep.NUM_WARPS_OVERRIDE = None
+    if args.head == "identity":
+        in_a_step(h, e, targets, args.norm, device, repeats, copy_bandwidth)
+
+
+def in_a_step(h, e, targets, norm: str, device, repeats: int, copy_bandwidth: float) -> None:
+    """What the term adds to a step in which a dense text-loss gradient already flows into the hidden
+    states (detached targets, the default): that is where the pass-through saves the zero-filled
+    gradient and the extra full-size sum."""
+    from vdep.kernels.fused_vdep import fused_vdep_pass_through, fused_vdep_sum
+    from vdep.objectives.losses import reference_vdep_sum
+
+    weights = torch.randn_like(h)  # the text stand-in: its gradient is a fresh dense tensor, as the LM head's path gives
+
+    def text_loss(hidden):
+        return (hidden * weights).sum().float()
+
+    def sum_form(fn):
+        return lambda: (h, fn(h, e, targets, nn.Identity(), target_norm=norm, detach_target=True))
+
+    variants = {
+        "text stand-in alone": lambda: (h, h.new_zeros((), dtype=torch.float32)),
+        "+ eager reference": sum_form(reference_vdep_sum),
+        "+ fused (Triton)": sum_form(fused_vdep_sum),
+        "+ fused pass-through (Triton)": lambda: fused_vdep_pass_through(h, e, targets, target_norm=norm, detach_target=True),
+    }
+    if device.type == "cuda":
+        variants["+ torch.compile(reference)"] = sum_form(torch.compile(reference_vdep_sum, dynamic=False))
+    rows = int(targets.sum())
+    needed = 5 * rows * h.shape[-1] * h.element_size()  # forward reads 2 row sets; backward reads 2, writes 1
+    print(f"\nIn a step: text stand-in + VDEP, forward+backward, detached targets. The VDEP increment is the time "
+          f"over the text stand-in alone; its GB/s count {needed / 2**20:.0f} MiB (the rows the term must move).\n")
+    print("| variant | fwd+bwd ms | VDEP increment ms | increment GB/s | % of copy bw | peak MiB |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    alone = None
+    for name, forward in variants.items():
+        def step(forward=forward):
+            h.grad = e.grad = None
+            text_hidden, vdep = forward()
+            (text_loss(text_hidden) + vdep).backward()
+
+        seconds, peak = timed(step, device, repeats)
+        if alone is None:
+            alone = seconds
+            print(f"| {name} | {seconds * 1e3:.3f} | - | - | - | {peak / 2**20:.0f} |")
+            continue
+        increment = seconds - alone
+        rate = needed / increment if increment > 0 else float("inf")
+        print(f"| {name} | {seconds * 1e3:.3f} | {increment * 1e3:.3f} | {rate / 1e9:.0f} | "
+              f"{100 * rate / copy_bandwidth:.0f}% | {peak / 2**20:.0f} |")
 
 
 if __name__ == "__main__":

@@ -191,12 +191,19 @@ def test_a_setup_failure_on_rank_zero_stops_every_rank(small_data, tmp_path):
     assert code == 2  # the ConfigError's exit status, not a hang or a timeout
 
 
-def test_the_fused_kernel_with_a_linear_head_trains_like_the_reference_under_zero3(small_data, tmp_path):
-    """The linear head's fixed number of chunks keeps ZeRO-3's parameter gathers in step across ranks
-    (Triton's interpreter runs the kernel here; TRITON_INTERPRET=1 is inherited from conftest)."""
-    common = ["stage=align", "stages.align.max_steps=3", "run.log_every=1", "data.shuffle_buffer=0",
-              "stages.align.zero=zero3", "vdep.head=linear", "vdep.mode_ratio=1.0"]
+@pytest.mark.parametrize("head", ["linear", "identity"])
+def test_the_fused_kernel_trains_like_the_reference_under_zero3(small_data, tmp_path, head):
+    """linear: the head's fixed number of chunks keeps ZeRO-3's parameter gathers in step across ranks;
+    identity: the pass-through form, whose backward adds into the text loss's gradient (finetune, so
+    the LLM trains on both terms). Triton's interpreter runs the kernel (TRITON_INTERPRET=1 from conftest)."""
+    stage = "align" if head == "linear" else "finetune"
+    common = [f"stage={stage}", f"stages.{stage}.max_steps=3", "run.log_every=1", "data.shuffle_buffer=0",
+              f"stages.{stage}.zero=zero3", f"vdep.head={head}", "vdep.mode_ratio=1.0"]
+    if stage == "finetune":
+        common.append("stages.finetune.init_from=none")
     train(2, small_data, tmp_path / "reference", *common, "vdep.kernel=reference")
     train(2, small_data, tmp_path / "fused", *common, "vdep.kernel=fused")
-    assert "VDEP kernel fused (Triton)" in (tmp_path / "fused" / "logs" / "train.log").read_text()
-    assert losses(tmp_path / "fused", "align") == pytest.approx(losses(tmp_path / "reference", "align"), rel=1e-4)
+    log = (tmp_path / "fused" / "logs" / "train.log").read_text()
+    assert "VDEP kernel fused (Triton)" in log
+    assert ("added into the text loss's" in log) == (head == "identity")
+    assert losses(tmp_path / "fused", stage) == pytest.approx(losses(tmp_path / "reference", stage), rel=1e-4)

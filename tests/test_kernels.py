@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from vdep.errors import ConfigError
-from vdep.kernels import select_vdep_sum
-from vdep.kernels.fused_vdep import fused_vdep_sum
+from vdep.kernels import pass_through_for, select_vdep_sum
+from vdep.kernels.fused_vdep import fused_vdep_pass_through, fused_vdep_sum
 from vdep.objectives.losses import reference_vdep_sum
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -71,6 +71,70 @@ def test_two_samples_packed_in_one_row_stay_apart():
     assert touched.nonzero().squeeze(1).tolist() == [2, 3, 4, 5, 12, 13, 14]
 
 
+def text_like_loss(hidden: torch.Tensor, seed: int) -> torch.Tensor:
+    """A stand-in for the text loss: reads hidden[:, :-1] with dense weights, as the LM head's path does."""
+    weights = torch.randn(hidden[:, :-1].shape, generator=torch.Generator().manual_seed(seed))
+    return (hidden[:, :-1].float() * weights).sum()
+
+
+def with_text_loss(use_pass_through: bool, h, e, targets, norm, detach_target):
+    """Value and gradients of text + 3 · VDEP, through the pass-through or through reference_vdep_sum."""
+    h = h.detach().clone().requires_grad_()
+    e = e.detach().clone().requires_grad_()
+    if use_pass_through:
+        text_hidden, vdep = fused_vdep_pass_through(h, e, targets, target_norm=norm, detach_target=detach_target)
+    else:
+        text_hidden, vdep = h, reference_vdep_sum(h, e, targets, nn.Identity(), target_norm=norm, detach_target=detach_target)
+    (text_like_loss(text_hidden, seed=1) + 3.0 * vdep).backward()
+    return vdep.detach(), h.grad, e.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("norm", ["none", "layernorm", "l2"])
+@pytest.mark.parametrize("detach_target", [True, False])
+def test_the_pass_through_adds_the_vdep_gradient_to_the_text_gradient(dtype, norm, detach_target):
+    for seed, (batch, length, hidden) in enumerate([(2, 9, 37), (3, 17, 64)]):
+        h, e, targets = random_case(batch, length, hidden, dtype, seed)
+        ref = with_text_loss(False, h, e, targets, norm, detach_target)
+        fused = with_text_loss(True, h, e, targets, norm, detach_target)
+        # bf16/fp16: the reference rounds the VDEP gradient, then the sum; the kernel adds in fp32 and rounds once.
+        tol = TOLERANCE[dtype] * (2 if dtype != torch.float32 else 1)
+        torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused[1].float(), ref[1].float(), rtol=tol, atol=tol)
+        assert fused[1].dtype == dtype
+        if detach_target:
+            assert fused[2] is None and ref[2] is None
+        else:
+            torch.testing.assert_close(fused[2].float(), ref[2].float(), rtol=tol, atol=tol)
+
+
+def test_the_pass_through_updates_the_text_gradient_in_place():
+    """No full-size gradient of its own: the hidden states' gradient is the buffer the text loss sent."""
+    h, e, targets = random_case(2, 9, 37, torch.float32, seed=4)
+    h = h.detach().requires_grad_()
+    text_hidden, vdep = fused_vdep_pass_through(h, e.detach(), targets)
+    arriving: list[int] = []
+    text_hidden.register_hook(lambda grad: arriving.append(grad.data_ptr()))
+    (text_like_loss(text_hidden, seed=2) + vdep).backward()
+    assert arriving == [h.grad.data_ptr()]
+    # ... and it still holds both terms: the text gradient alone differs on the VDEP predictor rows.
+    h_text = h.detach().clone().requires_grad_()
+    text_like_loss(h_text, seed=2).backward()
+    changed = (h.grad - h_text.grad).abs().sum(-1) > 0  # (B, T): rows whose gradient VDEP added to
+    assert changed[:, :-1].tolist() == targets[:, 1:].tolist() and not changed[:, -1].any()
+
+
+def test_the_pass_through_alone_still_gives_the_vdep_gradient():
+    """With nothing reading the passed hidden states, autograd hands the backward zeros: VDEP alone."""
+    h, e, targets = random_case(2, 9, 37, torch.float32, seed=5)
+    ref = value_and_grads(reference_vdep_sum, h, e, targets, "layernorm", True)
+    hh = h.detach().clone().requires_grad_()
+    _, vdep = fused_vdep_pass_through(hh, e.detach(), targets, target_norm="layernorm")
+    (vdep * 3.0).backward()
+    torch.testing.assert_close(vdep.detach(), ref[0])
+    torch.testing.assert_close(hh.grad, ref[1])
+
+
 def test_selection_explains_its_choice():
     cpu = torch.device("cpu")
     function, name = select_vdep_sum("auto", cpu)
@@ -80,6 +144,9 @@ def test_selection_explains_its_choice():
     with pytest.raises(ConfigError, match="vdep.head=mlp is not fused"):
         select_vdep_sum("fused", cpu, head="mlp")
     assert select_vdep_sum("reference", cpu) == (reference_vdep_sum, "reference")
+    assert pass_through_for(fused_vdep_sum, "identity") is fused_vdep_pass_through
+    assert pass_through_for(fused_vdep_sum, "linear") is None  # its chunks gather rows: no pass-through
+    assert pass_through_for(reference_vdep_sum, "identity") is None
 
 
 def linear_head(hidden: int, dtype: torch.dtype, seed: int) -> nn.Linear:
@@ -155,6 +222,39 @@ def test_the_model_trains_the_same_with_the_fused_kernel(tiny_model, tokenizer, 
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_the_model_with_the_pass_through_gives_the_reference_losses_and_gradients(tiny_model, tokenizer, small_data):
+    """Text + VDEP through the model: the fused pass-through (the text loss reads the hidden states
+    through it) against the reference, for every parameter's gradient."""
+    from tests.test_model import samples
+    from vdep.config import VdepConfig
+    from vdep.data.batch import collate
+    from vdep.objectives.supervision import prepare_inputs
+
+    built, _, _ = tiny_model
+    model, spec = built.model, built.spec
+    assert model.vdep_pass_through is None  # the reference on CPU
+    batch = collate(samples(tiny_model, tokenizer, small_data, "plain", 4), tokenizer.pad_token_id, (32, 32))
+    modes = torch.tensor([True, False, True, True])  # VDEP and LLaVA rows: both terms have targets
+    inputs = prepare_inputs(batch, modes, VdepConfig(), spec.image_token_id, spec.num_image_tokens)
+    results = []
+    try:
+        for vdep_sum in (reference_vdep_sum, fused_vdep_sum):
+            model.vdep_sum, model.vdep_pass_through = vdep_sum, pass_through_for(vdep_sum, "identity")
+            model.zero_grad()
+            sums = model(inputs)
+            (sums.text + 0.5 * sums.vdep).backward()
+            results.append(([sums.text.detach(), sums.vdep.detach()],
+                            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    finally:
+        model.vdep_sum, model.vdep_pass_through = reference_vdep_sum, None
+    (ref_sums, ref_grads), (fused_sums, fused_grads) = results
+    assert model.vdep_pass_through is None and ref_sums[1] > 0 and ref_sums[0] > 0
+    torch.testing.assert_close(fused_sums, ref_sums)
+    assert fused_grads.keys() == ref_grads.keys() and len(ref_grads) > 0
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("head", ["identity", "linear"])
 def test_the_kernel_benchmark_runs_in_smoke_mode(head):
     import os
@@ -168,3 +268,4 @@ def test_the_kernel_benchmark_runs_in_smoke_mode(head):
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"head {head}," in result.stdout and "| eager reference |" in result.stdout
     assert "| fused (Triton, 4 warps) |" in result.stdout and "| fused (Triton, 8 warps) |" in result.stdout
+    assert ("| + fused pass-through (Triton) |" in result.stdout) == (head == "identity")  # the in-a-step table

@@ -3,7 +3,9 @@
 `reference` is `vdep.objectives.losses.reference_vdep_sum`, plain PyTorch and the ground truth.
 `fused` is the Triton kernel in `fused_vdep.py` (forward and backward read each selected row once;
 the linear head runs chunk by chunk in front of it). `auto` takes the fused kernel on a CUDA device
-when Triton is installed, the reference elsewhere, and says why.
+when Triton is installed, the reference elsewhere, and says why. With the fused kernel and the identity
+head the model uses the kernel's pass-through form (`pass_through_for`), which adds the VDEP gradient
+into the text loss's gradient instead of allocating a full-size one.
 """
 
 from __future__ import annotations
@@ -41,3 +43,12 @@ def select_vdep_sum(requested: str, device: torch.device, head: str = "identity"
     from .fused_vdep import fused_vdep_sum
 
     return fused_vdep_sum, "fused (Triton)"
+
+
+def pass_through_for(vdep_sum: Callable[..., torch.Tensor], head: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """`fused_vdep_pass_through` when the fused kernel runs with the identity head, else None."""
+    if vdep_sum is reference_vdep_sum or head != "identity":
+        return None
+    from .fused_vdep import fused_vdep_pass_through
+
+    return fused_vdep_pass_through

@@ -7,6 +7,10 @@ rows — normalises both when asked (layernorm without affine, or l2), and write
 (1/D)·||ĥ − ê||² in fp32. The backward reloads the same two rows and writes their gradients, again
 in one pass. Inputs may be bf16, fp16 or fp32; all arithmetic is fp32.
 
+The model uses the pass-through form (`fused_vdep_pass_through`): the text loss reads the hidden
+states through this node, so its backward receives the text loss's dense gradient and adds the VDEP
+rows into it, instead of writing them into a zero-filled full-size gradient that autograd then adds.
+
 Rows are processed whole (one block of next_power_of_2(D) elements), which covers LLM hidden sizes up
 to 16384. With the `linear` VDEP head the selected rows go through the head in a fixed number of
 chunks under activation checkpointing (see `fused_vdep_sum`).
@@ -83,7 +87,10 @@ def _vdep_forward_kernel(hidden_ptr, embeds_ptr, rows_ptr, out_ptr, D, stride_h,
 @triton.jit
 def _vdep_backward_kernel(hidden_ptr, embeds_ptr, rows_ptr, grad_out_ptr, grad_hidden_ptr, grad_embeds_ptr,
                           D, stride_h, stride_e, SHIFT: tl.constexpr, NORM: tl.constexpr, TARGET_GRAD: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
+    """Writes the selected rows' gradients; with ACCUMULATE, adds the hidden rows' gradient to what is
+    there (the pass-through's incoming gradient), in fp32, rounding once. Distinct targets have
+    distinct predictor rows, so no two programs touch the same row."""
     i = tl.program_id(0)
     target_row, cols, mask, p_hat, p_inv, e_hat, e_inv = _load_pair(
         hidden_ptr, embeds_ptr, rows_ptr, i, D, stride_h, stride_e, SHIFT, NORM, BLOCK
@@ -91,8 +98,10 @@ def _vdep_backward_kernel(hidden_ptr, embeds_ptr, rows_ptr, grad_out_ptr, grad_h
     upstream = tl.load(grad_out_ptr)
     grad_p_hat = tl.where(mask, (p_hat - e_hat) * (2.0 * upstream / D), 0.0)
     grad_p = _normalise_backward(grad_p_hat, p_hat, p_inv, mask, D, NORM)
-    tl.store(grad_hidden_ptr + (target_row - SHIFT) * stride_h + cols,
-             grad_p.to(grad_hidden_ptr.dtype.element_ty), mask=mask)
+    grad_row = grad_hidden_ptr + (target_row - SHIFT) * stride_h + cols
+    if ACCUMULATE:
+        grad_p += tl.load(grad_row, mask=mask, other=0.0).to(tl.float32)
+    tl.store(grad_row, grad_p.to(grad_hidden_ptr.dtype.element_ty), mask=mask)
     if TARGET_GRAD:
         grad_e = _normalise_backward(-grad_p_hat, e_hat, e_inv, mask, D, NORM)
         tl.store(grad_embeds_ptr + target_row * stride_e + cols,
@@ -122,6 +131,34 @@ def launch_warps(block: int) -> int:
     return 16 if block >= 8192 else 8 if block >= 2048 else 4
 
 
+def _forward_rows(hidden_rows: torch.Tensor, embed_rows: torch.Tensor, rows: torch.Tensor, norm: int,
+                  shift: int) -> torch.Tensor:
+    """The VDEP sum over `rows` (fp32 scalar)."""
+    block = row_block(hidden_rows.shape[-1])
+    per_row = torch.empty(rows.numel(), dtype=torch.float32, device=hidden_rows.device)
+    if rows.numel():
+        _vdep_forward_kernel[(rows.numel(),)](
+            hidden_rows, embed_rows, rows, per_row, hidden_rows.shape[-1], hidden_rows.stride(0),
+            embed_rows.stride(0), SHIFT=shift, NORM=norm, BLOCK=block, num_warps=launch_warps(block),
+        )
+    return per_row.sum()
+
+
+def _backward_rows(hidden_rows: torch.Tensor, embed_rows: torch.Tensor, rows: torch.Tensor, grad_sum: torch.Tensor,
+                   grad_hidden: torch.Tensor, grad_embeds: torch.Tensor | None, norm: int, shift: int,
+                   accumulate: bool) -> None:
+    """Writes (or, with `accumulate`, adds) the selected rows' gradients into the given full-size tensors."""
+    block = row_block(hidden_rows.shape[1])
+    if rows.numel():
+        _vdep_backward_kernel[(rows.numel(),)](
+            hidden_rows, embed_rows, rows, grad_sum.float().reshape(1).contiguous(), grad_hidden,
+            grad_embeds if grad_embeds is not None else grad_hidden,  # unused when TARGET_GRAD is off
+            hidden_rows.shape[1], hidden_rows.stride(0), embed_rows.stride(0),
+            SHIFT=shift, NORM=norm, TARGET_GRAD=grad_embeds is not None, ACCUMULATE=accumulate, BLOCK=block,
+            num_warps=launch_warps(block),
+        )
+
+
 class FusedVdepSum(torch.autograd.Function):
     """sum over selected rows r of (1/D)·||norm(hidden[r − shift]) − norm(embeds[r])||², fused.
 
@@ -131,34 +168,53 @@ class FusedVdepSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_rows: torch.Tensor, embed_rows: torch.Tensor, rows: torch.Tensor, norm: int,
                 detach_target: bool, shift: int) -> torch.Tensor:
-        block = row_block(hidden_rows.shape[-1])
-        per_row = torch.empty(rows.numel(), dtype=torch.float32, device=hidden_rows.device)
-        if rows.numel():
-            _vdep_forward_kernel[(rows.numel(),)](
-                hidden_rows, embed_rows, rows, per_row, hidden_rows.shape[-1], hidden_rows.stride(0),
-                embed_rows.stride(0), SHIFT=shift, NORM=norm, BLOCK=block, num_warps=launch_warps(block),
-            )
         ctx.save_for_backward(hidden_rows, embed_rows, rows)
         ctx.norm, ctx.detach_target, ctx.shift = norm, detach_target, shift
-        return per_row.sum()
+        return _forward_rows(hidden_rows, embed_rows, rows, norm, shift)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         hidden_rows, embed_rows, rows = ctx.saved_tensors
-        target_grad = not ctx.detach_target and ctx.needs_input_grad[1]
-        block = row_block(hidden_rows.shape[1])
-        # Full-size gradients, as autograd needs; only the selected rows are written below. The zero fill
-        # moves more bytes than the kernel does (docs/benchmarks.md, "Fused VDEP kernel").
+        # Full-size gradients, as autograd needs; only the selected rows are written. The zero fill
+        # moves more bytes than the kernel does; `FusedVdepPassThrough` avoids it for the hidden states.
         grad_hidden = torch.zeros_like(hidden_rows)
+        target_grad = not ctx.detach_target and ctx.needs_input_grad[1]
         grad_embeds = torch.zeros_like(embed_rows) if target_grad else None
-        if rows.numel():
-            _vdep_backward_kernel[(rows.numel(),)](
-                hidden_rows, embed_rows, rows, grad_output.float().reshape(1).contiguous(), grad_hidden,
-                grad_embeds if grad_embeds is not None else grad_hidden,  # unused when TARGET_GRAD is off
-                hidden_rows.shape[1], hidden_rows.stride(0), embed_rows.stride(0),
-                SHIFT=ctx.shift, NORM=ctx.norm, TARGET_GRAD=target_grad, BLOCK=block, num_warps=launch_warps(block),
-            )
+        _backward_rows(hidden_rows, embed_rows, rows, grad_output, grad_hidden, grad_embeds, ctx.norm, ctx.shift,
+                       accumulate=False)
         return grad_hidden, grad_embeds, None, None, None, None
+
+
+class FusedVdepPassThrough(torch.autograd.Function):
+    """(the hidden rows, unchanged; the VDEP sum with the identity head).
+
+    The text loss reads the returned rows, so the gradient that reaches this node's first output is
+    the text loss's (full size, dense). The backward adds the VDEP rows' gradient into that tensor in
+    place and hands it on as the hidden states' gradient: no zero-filled full-size gradient and no
+    second full-size sum, which `FusedVdepSum` plus autograd's accumulation would cost.
+
+    Updating the incoming gradient in place is safe because autograd gives a node's backward a
+    buffer of its own (the output of the text loss's slice-and-index backward, or the sum of several
+    such) that nothing reads afterwards; a non-contiguous one (a broadcast) is copied first.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_rows: torch.Tensor, embed_rows: torch.Tensor, rows: torch.Tensor, norm: int,
+                detach_target: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(hidden_rows, embed_rows, rows)
+        ctx.norm, ctx.detach_target = norm, detach_target
+        return hidden_rows.view_as(hidden_rows), _forward_rows(hidden_rows, embed_rows, rows, norm, 1)
+
+    @staticmethod
+    def backward(ctx, grad_passed: torch.Tensor, grad_sum: torch.Tensor):
+        hidden_rows, embed_rows, rows = ctx.saved_tensors
+        # autograd materialises an unused output's gradient as zeros, so both are tensors here.
+        grad_hidden = grad_passed.contiguous()
+        target_grad = not ctx.detach_target and ctx.needs_input_grad[1]
+        grad_embeds = torch.zeros_like(embed_rows) if target_grad else None
+        _backward_rows(hidden_rows, embed_rows, rows, grad_sum, grad_hidden, grad_embeds, ctx.norm, 1,
+                       accumulate=True)
+        return grad_hidden, grad_embeds, None, None, None
 
 
 # The linear head runs in this many chunks of the selected rows, on every rank alike: ZeRO-3 gathers
@@ -172,6 +228,19 @@ def _linear_head_chunk(hidden_rows: torch.Tensor, embed_rows: torch.Tensor, rows
     target = embed_rows[rows]
     aligned = torch.arange(rows.numel(), device=rows.device)
     return FusedVdepSum.apply(prediction.contiguous(), target.contiguous(), aligned, norm, detach_target, 0)
+
+
+def fused_vdep_pass_through(hidden: torch.Tensor, embeds: torch.Tensor, image_targets: torch.Tensor,
+                            target_norm: str = "none", detach_target: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states for the text loss, the VDEP sum) with the identity head; the value equals
+    `(hidden, fused_vdep_sum(hidden, ...))` and so do the gradients, once the text loss reads the
+    first result (see `FusedVdepPassThrough`)."""
+    batch, length, d = hidden.shape
+    rows = image_targets.reshape(-1).nonzero().squeeze(1)
+    passed, total = FusedVdepPassThrough.apply(
+        hidden.contiguous().view(-1, d), embeds.contiguous().view(-1, d), rows, NORMS[target_norm], detach_target
+    )
+    return passed.view(batch, length, d), total
 
 
 def fused_vdep_sum(hidden: torch.Tensor, embeds: torch.Tensor, image_targets: torch.Tensor, head: torch.nn.Module,

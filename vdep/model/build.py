@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 from ..config import ModelConfig, VdepConfig
 from ..data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessing
 from ..errors import CheckpointError, ConfigError
-from ..kernels import select_vdep_sum
+from ..kernels import pass_through_for, select_vdep_sum
 from .attention import AttentionChoice
 from .llava import MultimodalSpec, VdepLlava
 from .projector import MultiModalProjector, make_vdep_head
@@ -269,6 +269,9 @@ def build_model(
     projector = MultiModalProjector(vision_tower.config.hidden_size, text_hidden, config.projector)
     load_weights_file(projector, paths.projector_init)
     vdep_sum, kernel = select_vdep_sum(vdep.kernel, device, vdep.head)
+    pass_through = pass_through_for(vdep_sum, vdep.head)
+    if pass_through is not None:
+        kernel += ", its gradient added into the text loss's"
     spec = MultimodalSpec(
         image_token_id=image_token_id(tokenizer),
         num_image_tokens=num_image_tokens(vision_tower.config, family, feature_select),
@@ -285,6 +288,7 @@ def build_model(
         vdep_head=make_vdep_head(vdep.head, text_hidden).to(dtype),
         spec=spec,
         vdep_sum=vdep_sum,
+        vdep_pass_through=pass_through,
     )
     vision_tower.requires_grad_(False)
     if config.gradient_checkpointing:

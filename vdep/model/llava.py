@@ -25,6 +25,8 @@ from ..objectives.supervision import ModelInputs
 from .vision import image_features
 
 VdepSumFn = Callable[..., torch.Tensor]
+# (hidden, embeds, image_targets, target_norm, detach_target) → (hidden states for the text loss, VDEP sum)
+VdepPassThroughFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class VdepLlava(nn.Module):
         vdep_head: nn.Module,
         spec: MultimodalSpec,
         vdep_sum: VdepSumFn,
+        vdep_pass_through: VdepPassThroughFn | None = None,
     ):
         super().__init__()
         self.vision_tower = vision_tower
@@ -59,6 +62,8 @@ class VdepLlava(nn.Module):
         self.vdep_head = vdep_head
         self.spec = spec
         self.vdep_sum = vdep_sum
+        # The fused kernel's form that hands the hidden states on to the text loss (identity head only).
+        self.vdep_pass_through = vdep_pass_through
 
     def embed(
         self,
@@ -98,12 +103,20 @@ class VdepLlava(nn.Module):
             pixel_values = normalise_pixels(pixel_values, inputs.pixel_table).to(dtype)
         embeds = self.embed(inputs.input_ids, pixel_values, inputs.num_images, inputs.detached_images)
         hidden = self.hidden_states(embeds, inputs.attention_mask, inputs.position_ids)
-        text = text_loss_sum(hidden, inputs.text_labels, self.lm_head)
         # Always computed, also with nothing to supervise (an empty selection sums to a zero that is
         # still connected to `hidden`): every rank must run the same backward hooks under ZeRO-3.
-        vdep = self.vdep_sum(
-            hidden, embeds, inputs.image_targets, self.vdep_head, self.spec.target_norm, self.spec.detach_target
-        )
+        spec = self.spec
+        if self.vdep_pass_through is not None:
+            # The text loss reads the hidden states through the fused VDEP node, whose backward adds
+            # the VDEP rows into the text loss's gradient in place (no full-size gradient of its own).
+            text_hidden, vdep = self.vdep_pass_through(
+                hidden, embeds, inputs.image_targets, spec.target_norm, spec.detach_target
+            )
+        else:
+            text_hidden = hidden
+            vdep = self.vdep_sum(hidden, embeds, inputs.image_targets, self.vdep_head, spec.target_norm,
+                                 spec.detach_target)
+        text = text_loss_sum(text_hidden, inputs.text_labels, self.lm_head)
         with torch.no_grad():
             predictors = inputs.image_positions[:, 1:]
             hidden_norm = hidden[:, :-1][predictors].float().norm(dim=-1).sum()
