@@ -39,14 +39,18 @@ def test_fused_matches_the_reference_in_value_and_gradients(dtype, norm, detach_
         h, e, targets = random_case(batch, length, hidden, dtype, seed)
         ref = value_and_grads(reference_vdep_sum, h, e, targets, norm, detach_target)
         fused = value_and_grads(fused_vdep_sum, h, e, targets, norm, detach_target)
-        tol = TOLERANCE[dtype]
-        torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-5)  # both accumulate in fp32
-        torch.testing.assert_close(fused[1].float(), ref[1].float(), rtol=tol, atol=tol)
-        assert fused[1].dtype == dtype
-        if detach_target:
-            assert fused[2] is None and ref[2] is None
-        else:
-            torch.testing.assert_close(fused[2].float(), ref[2].float(), rtol=tol, atol=tol)
+        assert_same_value_and_grads(fused, ref, dtype, TOLERANCE[dtype], detach_target)
+
+
+def assert_same_value_and_grads(fused, ref, dtype, tol: float, detach_target: bool) -> None:
+    """(value, hidden grad, target grad) triples: values to fp32 accuracy (both accumulate in fp32)."""
+    torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused[1].float(), ref[1].float(), rtol=tol, atol=tol)
+    assert fused[1].dtype == dtype
+    if detach_target:
+        assert fused[2] is None and ref[2] is None
+    else:
+        torch.testing.assert_close(fused[2].float(), ref[2].float(), rtol=tol, atol=tol)
 
 
 def test_an_empty_selection_gives_a_connected_zero():
@@ -99,13 +103,7 @@ def test_the_pass_through_adds_the_vdep_gradient_to_the_text_gradient(dtype, nor
         fused = with_text_loss(True, h, e, targets, norm, detach_target)
         # bf16/fp16: the reference rounds the VDEP gradient, then the sum; the kernel adds in fp32 and rounds once.
         tol = TOLERANCE[dtype] * (2 if dtype != torch.float32 else 1)
-        torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(fused[1].float(), ref[1].float(), rtol=tol, atol=tol)
-        assert fused[1].dtype == dtype
-        if detach_target:
-            assert fused[2] is None and ref[2] is None
-        else:
-            torch.testing.assert_close(fused[2].float(), ref[2].float(), rtol=tol, atol=tol)
+        assert_same_value_and_grads(fused, ref, dtype, tol, detach_target)
 
 
 def test_the_pass_through_updates_the_text_gradient_in_place():
