@@ -1,6 +1,12 @@
-"""The fused VDEP kernel (Triton, run by its interpreter on CPU) against the reference implementation."""
+"""The fused VDEP kernel (Triton, run by its interpreter on CPU) against the reference implementation.
+
+On a GPU, `TRITON_INTERPRET=0 pytest tests/test_kernels.py` runs the compiled kernel on CUDA tensors
+instead (the tests that need the CPU model or the interpreter are skipped then).
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -12,15 +18,21 @@ from vdep.kernels.fused_vdep import fused_vdep_pass_through, fused_vdep_sum
 from vdep.objectives.losses import reference_vdep_sum
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# conftest sets TRITON_INTERPRET=1 unless told otherwise; 0 compiles the kernels, which then need CUDA tensors.
+COMPILED = os.environ.get("TRITON_INTERPRET") == "0"
+DEVICE = torch.device("cuda" if COMPILED else "cpu")
+interpreter_only = pytest.mark.skipif(COMPILED, reason="runs on CPU tensors: needs Triton's interpreter")
+pytestmark = pytest.mark.skipif(COMPILED and not torch.cuda.is_available(),
+                                reason="TRITON_INTERPRET=0 compiles the kernels for CUDA, and there is no CUDA device")
 
 
 def random_case(batch: int, length: int, hidden: int, dtype: torch.dtype, seed: int, fraction: float = 0.4):
     generator = torch.Generator().manual_seed(seed)
-    h = (torch.randn(batch, length, hidden, generator=generator) * 2 + 0.5).to(dtype).requires_grad_()
-    e = (torch.randn(batch, length, hidden, generator=generator) - 0.3).to(dtype).requires_grad_()
+    h = (torch.randn(batch, length, hidden, generator=generator) * 2 + 0.5).to(DEVICE, dtype).requires_grad_()
+    e = (torch.randn(batch, length, hidden, generator=generator) - 0.3).to(DEVICE, dtype).requires_grad_()
     targets = torch.rand(batch, length, generator=generator) < fraction
     targets[:, 0] = False  # position 0 has no predecessor (guaranteed by the data path)
-    return h, e, targets
+    return h, e, targets.to(DEVICE)
 
 
 def value_and_grads(fn, h, e, targets, norm, detach_target):
@@ -55,7 +67,7 @@ def assert_same_value_and_grads(fused, ref, dtype, tol: float, detach_target: bo
 
 def test_an_empty_selection_gives_a_connected_zero():
     h, e, _ = random_case(2, 6, 33, torch.float32, seed=7)
-    targets = torch.zeros(2, 6, dtype=torch.bool)
+    targets = torch.zeros(2, 6, dtype=torch.bool, device=DEVICE)
     value, grad_h, _ = value_and_grads(fused_vdep_sum, h, e, targets, "layernorm", True)
     assert value.item() == 0.0
     assert grad_h is not None and torch.count_nonzero(grad_h) == 0  # the backward ran (ZeRO-3 hooks fire)
@@ -64,7 +76,7 @@ def test_an_empty_selection_gives_a_connected_zero():
 def test_two_samples_packed_in_one_row_stay_apart():
     """Image spans of two packed samples: each target is predicted from its own sample's previous row."""
     h, e, _ = random_case(1, 20, 48, torch.float32, seed=3)
-    targets = torch.zeros(1, 20, dtype=torch.bool)
+    targets = torch.zeros(1, 20, dtype=torch.bool, device=DEVICE)
     targets[0, 3:7] = True  # sample A: image tokens 2..6, first one not a target
     targets[0, 13:16] = True  # sample B starts at 10: image tokens 12..15
     ref = value_and_grads(reference_vdep_sum, h, e, targets, "none", False)
@@ -77,7 +89,7 @@ def test_two_samples_packed_in_one_row_stay_apart():
 
 def text_like_loss(hidden: torch.Tensor, seed: int) -> torch.Tensor:
     """A stand-in for the text loss: reads hidden[:, :-1] with dense weights, as the LM head's path does."""
-    weights = torch.randn(hidden[:, :-1].shape, generator=torch.Generator().manual_seed(seed))
+    weights = torch.randn(hidden[:, :-1].shape, generator=torch.Generator().manual_seed(seed)).to(hidden.device)
     return (hidden[:, :-1].float() * weights).sum()
 
 
@@ -133,6 +145,7 @@ def test_the_pass_through_alone_still_gives_the_vdep_gradient():
     torch.testing.assert_close(hh.grad, ref[1])
 
 
+@interpreter_only
 def test_selection_explains_its_choice():
     cpu = torch.device("cpu")
     function, name = select_vdep_sum("auto", cpu)
@@ -152,7 +165,7 @@ def linear_head(hidden: int, dtype: torch.dtype, seed: int) -> nn.Linear:
     with torch.no_grad():  # the identity plus noise, as a head looks after some training
         head.weight.copy_(torch.eye(hidden) + 0.1 * torch.randn(hidden, hidden, generator=torch.Generator().manual_seed(seed)))
         head.bias.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed + 1))
-    return head.to(dtype)
+    return head.to(DEVICE, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -185,6 +198,7 @@ def test_the_linear_head_runs_its_chunks_even_with_nothing_selected():
     calls = []
     head.register_forward_hook(lambda *_: calls.append(1))
     for targets in (torch.zeros(1, 6, dtype=torch.bool), torch.tensor([[False, True, True, True, True, True]])):
+        targets = targets.to(DEVICE)
         calls.clear()
         out = fused_vdep_sum(h, e, targets, head)
         out.backward()
@@ -194,6 +208,7 @@ def test_the_linear_head_runs_its_chunks_even_with_nothing_selected():
     assert head.weight.grad is not None
 
 
+@interpreter_only
 def test_the_model_trains_the_same_with_the_fused_kernel(tiny_model, tokenizer, small_data):
     from tests.test_model import samples
     from vdep.config import VdepConfig
@@ -220,6 +235,7 @@ def test_the_model_trains_the_same_with_the_fused_kernel(tiny_model, tokenizer, 
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@interpreter_only
 def test_the_model_with_the_pass_through_gives_the_reference_losses_and_gradients(tiny_model, tokenizer, small_data):
     """Text + VDEP through the model: the fused pass-through (the text loss reads the hidden states
     through it) against the reference, for every parameter's gradient."""
@@ -253,6 +269,7 @@ def test_the_model_with_the_pass_through_gives_the_reference_losses_and_gradient
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@interpreter_only
 @pytest.mark.parametrize("head", ["identity", "linear"])
 def test_the_kernel_benchmark_runs_in_smoke_mode(head):
     import os
