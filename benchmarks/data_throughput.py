@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -296,7 +297,7 @@ def main() -> None:
         print("| " + " | ".join(row) + " |")
     print("\n| step of vdep's per-sample work | ms per sample |\n| --- | --- |")
     for name, milliseconds in costs:
-        print(f"| {name} | {'-' if milliseconds != milliseconds else f'{milliseconds:.2f}'} |")  # NaN: none
+        print(f"| {name} | {'-' if math.isnan(milliseconds) else f'{milliseconds:.2f}'} |")  # NaN: no such image
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ class ConversationTemplate(ABC):
     stop_text: str | None = None
 
     def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
         self.eos_text: str | None = tokenizer.eos_token
         self.eos_token_id: int | None = tokenizer.eos_token_id
 
@@ -206,7 +207,6 @@ class HeaderTemplate(RoundTemplate):
 
     def __init__(self, tokenizer):
         super().__init__(tokenizer)
-        self.tokenizer = tokenizer
         for token in self.special_tokens:
             if token not in tokenizer.get_vocab():
                 raise DataError(
@@ -266,7 +266,6 @@ class TokenizerChatTemplate(ConversationTemplate):
         super().__init__(tokenizer)
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f"template: chat_template, but tokenizer {tokenizer.name_or_path} has no chat_template")
-        self.tokenizer = tokenizer
         bos = tokenizer.bos_token
         # Strip a BOS the template writes when the tokenizer adds one itself (else it would appear twice).
         self.strip_bos = bool(bos) and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
