@@ -6,9 +6,13 @@ positions `[i·N, (i+1)·N)`. A shard is therefore a function of its slice of th
 
 - deterministic keys (`KEY` = the record's 9-digit position in the plan) and contents;
 - parallel workers that each build whole shards, with no coordination;
-- atomic shards: a shard is written as `NNNNNN.tar.tmp` and renamed when complete, then its stats file
-  `shard_stats/NNNNNN.json` is written (also atomically): that file is the shard's "done" mark;
-- `--resume` after a crash: shards with a done mark are kept, the rest are built again;
+- atomic shards: a shard is written under a temporary name (`NNNNNN.tar.<pid>.tmp`, see `vdep.atomic`)
+  and renamed when complete, then its stats file `shard_stats/NNNNNN.json` is written (also atomically):
+  that file is the shard's "done" mark;
+- `--resume` after a crash: shards with a done mark are kept, the rest are built again (first removing
+  the temporary files that killed writers left of those shards, and only of those);
+- a worker process that raises or dies (killed, out of memory) ends the build with an error naming its
+  shard; the shards finished so far keep their done marks for `--resume`;
 - disjoint parts of one plan in a SLURM array (`--part K --num-parts P`), all writing into one folder.
 
 Output in `--out`: `NNNNNN.tar` (per sample `KEY.<image extension>` with the original bytes unless a
@@ -24,15 +28,20 @@ import io
 import json
 import math
 import multiprocessing
-import os
 import random
 import sys
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
+from vdep.atomic import atomic_path, atomic_write
 from vdep.data.conversation import SampleError, check_image_markers, parse_conversation
 from vdep.data.shards import IMAGE_EXTENSIONS, SIZES_FILE
 from vdep.errors import DataError
@@ -164,11 +173,23 @@ def shard_name(index: int) -> str:
     return f"{index:06d}.tar"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    # The process id keeps concurrent writers (array tasks writing the summaries) off each other's files.
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+def done_mark(out: Path, index: int) -> Path:
+    return out / SHARD_STATS_DIR / f"{index:06d}.json"
+
+
+def remove_leftovers(out: Path, index: int) -> None:
+    """The temporary files of shard `index` (and of its done mark) that a killed writer left behind.
+
+    Temporary names carry the writer's pid (`vdep.atomic`), so the pattern names this shard's only:
+    the parts of an array job share the folder, and another part may be writing its shards now."""
+    shard = shard_name(index)
+    for path in [out / f"{shard}.tmp",  # the name used before vdep.atomic
+                 *out.glob(f"{shard}.*.tmp"), *(out / SHARD_STATS_DIR).glob(f"{done_mark(out, index).name}.*.tmp")]:
+        path.unlink(missing_ok=True)
+
+
+class _NoSample(Exception):
+    """Every record of a shard was rejected: leave the block without renaming its temporary file."""
 
 
 # ------------------------------------------------------------------------------------------ one record
@@ -215,38 +236,41 @@ def build_shard(index: int, refs: list[tuple[int, RecordRef]], options: BuildOpt
     """Write shard `index` from its (plan position, record) pairs; atomic, then the done mark."""
     started = time.perf_counter()
     result = ShardResult(index, records=len(refs))
-    out = options.out
-    final = out / shard_name(index)
-    temporary = final.with_name(final.name + ".tmp")
-    with tarfile.open(temporary, "w") as tar:
-        for position, ref in refs:
-            try:
-                payload, extension, image, notes = prepare_record(ref, options.image_root, options)
-            except SampleError as exc:
-                result.rejected[exc.reason] = result.rejected.get(exc.reason, 0) + 1
-                result.errors.append({"file": ref.file, "index": ref.index, "id": _jsonable(ref.record_id),
-                                      "reason": exc.reason, "message": str(exc)})
-                continue
-            key = f"{position:09d}"
-            payload["source"] = {"file": Path(ref.file).name, "index": ref.index}
-            _add_member(tar, f"{key}.json", json.dumps(payload, ensure_ascii=False).encode())
-            if image is not None:
-                _add_member(tar, f"{key}.{extension}", image)
-                result.with_image += 1
-                result.image_bytes += len(image)
-                if notes["converted_from"]:
-                    result.converted[notes["converted_from"]] = result.converted.get(notes["converted_from"], 0) + 1
-                result.resized += int(notes["resized"])
-            else:
-                result.text_only += 1
-            result.written += 1
-    if result.written:
-        os.replace(temporary, final)
-    else:
-        temporary.unlink()  # nothing accepted: no shard, but the done mark below records why
+    try:
+        with atomic_path(options.out / shard_name(index)) as temporary:
+            with tarfile.open(temporary, "w") as tar:
+                for position, ref in refs:
+                    _add_record(tar, position, ref, options, result)
+            if not result.written:
+                raise _NoSample
+    except _NoSample:
+        pass  # nothing accepted: no shard (atomic_path removed the file), but the done mark records why
     result.seconds = time.perf_counter() - started
-    write_atomically(out / SHARD_STATS_DIR / f"{index:06d}.json", json.dumps(asdict(result)))
+    atomic_write(done_mark(options.out, index), json.dumps(asdict(result)))
     return result
+
+
+def _add_record(tar: tarfile.TarFile, position: int, ref: RecordRef, options: BuildOptions, result: ShardResult) -> None:
+    try:
+        payload, extension, image, notes = prepare_record(ref, options.image_root, options)
+    except SampleError as exc:
+        result.rejected[exc.reason] = result.rejected.get(exc.reason, 0) + 1
+        result.errors.append({"file": ref.file, "index": ref.index, "id": _jsonable(ref.record_id),
+                              "reason": exc.reason, "message": str(exc)})
+        return
+    key = f"{position:09d}"
+    payload["source"] = {"file": Path(ref.file).name, "index": ref.index}
+    _add_member(tar, f"{key}.json", json.dumps(payload, ensure_ascii=False).encode())
+    if image is not None:
+        _add_member(tar, f"{key}.{extension}", image)
+        result.with_image += 1
+        result.image_bytes += len(image)
+        if notes["converted_from"]:
+            result.converted[notes["converted_from"]] = result.converted.get(notes["converted_from"], 0) + 1
+        result.resized += int(notes["resized"])
+    else:
+        result.text_only += 1
+    result.written += 1
 
 
 def _jsonable(value: object) -> object:
@@ -261,8 +285,52 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _build_shard_task(task: tuple[int, list[tuple[int, RecordRef]], BuildOptions]) -> ShardResult:
-    return build_shard(*task)
+Task = tuple[int, list[tuple[int, RecordRef]], BuildOptions]  # build_shard's arguments
+
+
+def _in_shard(index: int) -> str:
+    return f"while building shard {shard_name(index)}"
+
+
+def build_serially(tasks: list[Task]) -> Iterator[ShardResult]:
+    for task in tasks:
+        try:
+            yield build_shard(*task)
+        except Exception as exc:
+            exc.add_note(_in_shard(task[0]))
+            raise
+
+
+def build_in_parallel(tasks: list[Task], workers: int) -> Iterator[ShardResult]:
+    """Results in the order they finish, from forked worker processes (they inherit the imported modules).
+
+    A worker that raises ends the build with its exception (its shard named); one that dies (a signal,
+    the out-of-memory killer) breaks the pool, which ends the build with a `DataError` naming the
+    shards left unfinished. Either way nothing waits for a result that will not come; the shards done
+    so far keep their done marks for `--resume`.
+    """
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    futures = {pool.submit(build_shard, *task): task[0] for task in tasks}
+    unfinished = set(futures.values())
+    try:
+        for future in as_completed(futures):
+            shard = futures[future]
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                names = ", ".join(shard_name(i) for i in sorted(unfinished))
+                raise DataError(
+                    f"a worker process died (killed by a signal, perhaps by the out-of-memory killer) while building "
+                    f"the shards; unfinished: {names}. The shards finished so far are kept: run the same command "
+                    "with --resume to build the rest (with fewer --workers if memory ran out)"
+                ) from None
+            except Exception as exc:
+                exc.add_note(f"{_in_shard(shard)} in a worker process")
+                raise
+            unfinished.discard(shard)
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------ the build
@@ -277,7 +345,7 @@ def plan_positions(num_records: int, shuffle: bool, seed: int) -> list[int]:
 def load_done_marks(out: Path, shards: range) -> dict[int, ShardResult]:
     done: dict[int, ShardResult] = {}
     for index in shards:
-        path = out / SHARD_STATS_DIR / f"{index:06d}.json"
+        path = done_mark(out, index)
         if not path.is_file():
             continue
         result = ShardResult(**json.loads(path.read_text()))
@@ -306,7 +374,7 @@ def prepare_out_dir(options: BuildOptions) -> None:
     elif options.num_parts == 1 and any(out.glob("*.tar")):  # (parts start together: another may be writing)
         raise DataError(f"{out} already holds shards; choose an empty --out folder")
     else:
-        write_atomically(build_file, json.dumps(settings, indent=1))
+        atomic_write(build_file, json.dumps(settings, indent=1))
 
 
 def build_shards(options: BuildOptions) -> BuildReport:
@@ -324,22 +392,19 @@ def build_shards(options: BuildOptions) -> BuildReport:
         for index in mine if index not in done
     ]
     for index, _, _ in tasks:  # a shard of this part whose writer died is written again below
-        (options.out / (shard_name(index) + ".tmp")).unlink(missing_ok=True)
+        remove_leftovers(options.out, index)
     results = dict(done)
-    progress = Progress(sum(len(t[1]) for t in tasks), enabled=options.progress)
-    if options.workers == 1 or len(tasks) <= 1:
-        for task in tasks:
-            result = _build_shard_task(task)
+    parallel = options.workers > 1 and len(tasks) > 1
+    # A build that fails leaves here with the exception: no summary, whose sizes.json a training run would take for
+    # the whole data set; the done marks stay for --resume, which writes it.
+    results_in_order = build_in_parallel(tasks, min(options.workers, len(tasks))) if parallel else build_serially(tasks)
+    kept = 0
+    with progress_bar(sum(len(t[1]) for t in tasks), options.progress) as progress:
+        for result in results_in_order:
             results[result.shard] = result
-            progress.advance(result)
-    else:
-        # fork: the workers inherit the imported modules; each task carries its own refs.
-        context = multiprocessing.get_context("fork")
-        with context.Pool(options.workers) as pool:
-            for result in pool.imap_unordered(_build_shard_task, tasks):
-                results[result.shard] = result
-                progress.advance(result)
-    progress.close()
+            kept += result.written
+            progress.set_postfix(kept=kept, refresh=False)
+            progress.update(result.records)
     report = BuildReport([results[i] for i in sorted(results)], planned, reused_shards=len(done))
     report.seconds = time.perf_counter() - started
     write_summary(options.out, planned)
@@ -351,7 +416,7 @@ def write_summary(out: Path, planned: int) -> None:
     results = load_done_marks(out, range(planned))
     complete = len(results) == planned
     sizes = {shard_name(i): r.written for i, r in sorted(results.items()) if r.written}
-    write_atomically(out / SIZES_FILE, json.dumps(sizes, indent=1))
+    atomic_write(out / SIZES_FILE, json.dumps(sizes, indent=1))
     report = BuildReport(list(results.values()), planned)
     stats = {
         "complete": complete,
@@ -368,33 +433,15 @@ def write_summary(out: Path, planned: int) -> None:
         "resized": report.total("resized"),
         "shards": len(sizes),
     }
-    write_atomically(out / "stats.json", json.dumps(stats, indent=1))
+    atomic_write(out / "stats.json", json.dumps(stats, indent=1))
     lines = [json.dumps(error, ensure_ascii=False) for _, r in sorted(results.items()) for error in r.errors]
-    write_atomically(out / "errors.jsonl", "".join(line + "\n" for line in lines))
+    atomic_write(out / "errors.jsonl", "".join(line + "\n" for line in lines))
 
 
-class Progress:
-    """Records done, rate and ETA on stderr; one line per update when stderr is not a terminal (SLURM logs)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.kept = total, 0, 0
-        self.enabled = enabled and total > 0
-        self.started = self.last = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def advance(self, result: ShardResult) -> None:
-        self.done += result.records
-        self.kept += result.written
-        now = time.perf_counter()
-        if not self.enabled or (not self.tty and now - self.last < 30 and self.done < self.total):
-            return
-        self.last = now
-        rate = self.done / max(now - self.started, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        line = (f"build-shards: {self.done}/{self.total} records ({100 * self.done / self.total:.1f}%), "
-                f"{self.kept} kept, {rate:.0f} records/s, ETA {int(eta // 60)}m{int(eta % 60):02d}s")
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            print(file=sys.stderr)
+def progress_bar(total: int, enabled: bool) -> tqdm:
+    """Records done, kept, rate and ETA on stderr: live on a terminal, at most one update every 30 s in a
+    log file (SLURM); the first and last states are always shown."""
+    terminal = sys.stderr.isatty()
+    return tqdm(total=total, desc="build-shards", unit=" records", file=sys.stderr,
+                disable=not enabled or total == 0, mininterval=0.5 if terminal else 30.0, miniters=1,
+                dynamic_ncols=terminal, ascii=not terminal)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import pickle
+import re
 import signal
 import struct
 import subprocess
@@ -18,11 +21,12 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_tools.build_shards import SHARD_STATS_DIR, BuildOptions, build_shards
-from data_tools.inspect_shards import inspect_shards, make_length_encoder
 from vdep.cli import main
+from vdep.data.conversation import SampleError
 from vdep.data.images import decode_image
 from vdep.data.shards import discover_shards
+from vdep.data_tools.build_shards import SHARD_STATS_DIR, BuildOptions, build_shards
+from vdep.data_tools.inspect_shards import inspect_shards, make_length_encoder
 from vdep.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,31 +177,169 @@ def test_shuffled_builds_are_deterministic_across_workers_and_parts(tmp_path, im
     assert sorted(other) == sorted(ids) and other != ids
 
 
+def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 60.0) -> None:
+    """Poll until `condition()` holds, while `process` runs (a build that ends or stalls fails the test)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the build ended (status {process.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s"
+        time.sleep(0.01)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGKILL a build started with `start_new_session=True`, with any workers it left."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def fifo_readers(fifo: Path) -> list[int]:
+    """Processes other than this one holding `fifo` open."""
+    target, pids = os.path.realpath(fifo), []
+    for link in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(link) == target and int(link.parts[2]) != os.getpid():
+                pids.append(int(link.parts[2]))
+        except OSError:
+            continue  # the process or descriptor went away meanwhile
+    return sorted(set(pids))
+
+
+@pytest.mark.timeout(120)
 def test_resume_after_a_killed_build_gives_the_same_shards(tmp_path, image_folder):
     source = make_llava_input(tmp_path, image_folder, 400)
+    records = json.loads(source.read_text())
+    records[26]["image"] = "blocks.jpg"  # in shard 5 of 5-record shards
+    source.write_text(json.dumps(records))
+    blocking = image_folder / "blocks.jpg"
+    blocking.write_bytes((image_folder / "rgb.jpg").read_bytes())
     arguments = [str(source), "--image-root", str(image_folder), "--samples-per-shard", "5", "--max-side", "40",
-                 "--no-progress"]
+                 "--no-progress", "--workers", "1"]
     assert main(["build-shards", *arguments, "--out", str(tmp_path / "clean")]) == 0
+    # As a named pipe that nothing writes to, the image stops the build when it reaches shard 5: the kill
+    # below lands after shards 0-4 and before any later one, whatever the machine's speed.
+    blocking.unlink()
+    os.mkfifo(blocking)
     out = tmp_path / "crashed"
-    command = [sys.executable, "-m", "vdep", "build-shards", *arguments, "--out", str(out)]
-    process = subprocess.Popen(command, cwd=REPO)
     marks = out / SHARD_STATS_DIR
-    while process.poll() is None and len(list(marks.glob("*.json"))) < 3:
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    finished = len(list(marks.glob("*.json")))
-    assert 0 < finished < 80, "the kill must land mid-build for this test to mean anything"
+    before = {f"{index:06d}.json" for index in range(5)}
+    process = subprocess.Popen([sys.executable, "-m", "vdep", "build-shards", *arguments, "--out", str(out)],
+                               cwd=REPO, start_new_session=True)
+    try:
+        wait_for(lambda: before <= {p.name for p in marks.glob("*.json")}, process, "the done marks of shards 0-4")
+    finally:
+        stop(process)
+    assert {p.name for p in marks.glob("*.json")} == before
+    assert list(out.glob("000005.tar*.tmp")), "the kill must leave shard 5 half-written"
+    blocking.unlink()
+    blocking.write_bytes((image_folder / "rgb.jpg").read_bytes())
     with pytest.raises(DataError, match="--resume"):
         build_shards(options([source], image_folder, out, samples_per_shard=5, max_side=40))
     with pytest.raises(DataError, match="different settings.*samples_per_shard"):
         build_shards(options([source], image_folder, out, samples_per_shard=6, max_side=40, resume=True))
     report = build_shards(options([source], image_folder, out, samples_per_shard=5, max_side=40, resume=True))
-    assert report.reused_shards == finished
-    assert not list(out.glob("*.tmp"))
+    assert report.reused_shards == 5
+    assert not list(out.rglob("*.tmp"))
     assert tar_bytes(out) == tar_bytes(tmp_path / "clean")
     for name in ("sizes.json", "stats.json", "errors.jsonl"):
         assert (out / name).read_text() == (tmp_path / "clean" / name).read_text()
+
+
+def test_sample_errors_survive_pickling():
+    error = pickle.loads(pickle.dumps(SampleError("bad_json", "line 4 is not valid JSON")))
+    assert type(error) is SampleError and error.reason == "bad_json" and str(error) == "line 4 is not valid JSON"
+
+
+@pytest.mark.timeout(120)
+def test_a_malformed_jsonl_line_is_rejected_alike_by_one_and_two_workers(tmp_path, image_folder):
+    """The broken line travels to a worker process as a `SampleError`; it used to kill the worker (the
+    error did not unpickle) and leave the build waiting forever."""
+    lines = [json.dumps({"id": f"t{i}", "conversations": caption(f"Say {i}.", f"{i}.")}) for i in range(7)]
+    lines[3] = '{"id": "broken", "conversations": ['
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    for workers in (1, 2):
+        assert main(["build-shards", str(tmp_path / "in.jsonl"), "--image-root", str(image_folder),
+                     "--out", str(tmp_path / f"workers{workers}"), "--samples-per-shard", "2", "--workers",
+                     str(workers), "--no-progress", "--max-error-rate", "0.5"]) == 0
+    one, two = tmp_path / "workers1", tmp_path / "workers2"
+    assert len(tar_bytes(one)) == 4 and tar_bytes(one) == tar_bytes(two)
+    for name in ("sizes.json", "stats.json", "errors.jsonl"):
+        assert (one / name).read_text() == (two / name).read_text()
+    errors = [json.loads(line) for line in (two / "errors.jsonl").read_text().splitlines()]
+    assert [(e["index"], e["id"], e["reason"]) for e in errors] == [(3, None, "bad_json")]
+    assert errors[0]["message"].startswith("line 4 is not valid JSON")
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_dies_ends_the_build_with_an_error(tmp_path, image_folder):
+    records = [{"id": f"r{i}", "image": "blocks.jpg" if i == 2 else "rgb.jpg",
+                "conversations": caption("<image>\nWhat?", f"{i}.")} for i in range(4)]
+    (tmp_path / "in.json").write_text(json.dumps(records))
+    blocking = image_folder / "blocks.jpg"
+    os.mkfifo(blocking)
+    out = tmp_path / "out"
+    arguments = [str(tmp_path / "in.json"), "--image-root", str(image_folder), "--samples-per-shard", "1",
+                 "--workers", "2", "--no-progress"]
+    process = subprocess.Popen([sys.executable, "-m", "vdep", "build-shards", *arguments, "--out", str(out)],
+                               cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        writer = None
+
+        def reader_waits() -> bool:  # our write end opens once the worker building shard 2 opens the pipe
+            nonlocal writer
+            try:
+                writer = os.open(blocking, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                assert exc.errno == errno.ENXIO
+            return writer is not None
+
+        wait_for(reader_waits, process, "a worker reading the pipe")
+        try:
+            wait_for(lambda: fifo_readers(blocking), process, "the reading worker's pid")
+            [worker] = fifo_readers(blocking)
+            assert worker != process.pid
+            os.kill(worker, signal.SIGKILL)  # as the out-of-memory killer would
+        finally:
+            os.close(writer)
+        _, err = process.communicate(timeout=60)
+    finally:
+        stop(process)
+    assert process.returncode == 2, err
+    assert re.search(r"worker process died.*unfinished: [0-9., tar]*000002\.tar.*--resume", err), err
+    assert not (out / "000002.tar").exists() and (out / f"000002.tar.{worker}.tmp").is_file()
+    assert not (out / "sizes.json").exists()  # the build did not finish: no summary that looks final
+    blocking.unlink()
+    blocking.write_bytes((image_folder / "rgb.jpg").read_bytes())
+    assert main(["build-shards", *arguments, "--out", str(out), "--resume"]) == 0
+    assert not list(out.rglob("*.tmp"))
+    assert main(["build-shards", *arguments, "--out", str(tmp_path / "clean")]) == 0
+    assert tar_bytes(out) == tar_bytes(tmp_path / "clean") and len(tar_bytes(out)) == 4
+    for name in ("sizes.json", "stats.json", "errors.jsonl"):
+        assert (out / name).read_text() == (tmp_path / "clean" / name).read_text()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_error_in_a_worker_ends_the_build_naming_the_shard(tmp_path, image_folder, workers):
+    records = [{"id": f"t{i}", "conversations": caption(f"Say {i}.", f"{i}.")} for i in range(4)]
+    (tmp_path / "in.json").write_text(json.dumps(records))
+    out = tmp_path / "out"
+    (out / SHARD_STATS_DIR / "000001.json").mkdir(parents=True)  # shard 1's done mark cannot be written
+    with pytest.raises(IsADirectoryError) as raised:
+        main(["build-shards", str(tmp_path / "in.json"), "--out", str(out), "--samples-per-shard", "1",
+              "--workers", str(workers), "--no-progress"])
+    assert any("shard 000001.tar" in note for note in getattr(raised.value, "__notes__", [])), raised.value
+    assert not (out / "sizes.json").exists()
+
+
+def test_progress_is_a_tqdm_bar_that_does_not_flood_a_log(tmp_path, image_folder, capsys):
+    source = make_llava_input(tmp_path, image_folder, 30)
+    build_shards(BuildOptions([source], image_folder, tmp_path / "out", samples_per_shard=2))
+    updates = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if line.strip()]
+    assert 1 <= len(updates) <= 2, updates  # stderr is not a terminal: the first and the last state only
+    assert re.match(r"build-shards: 100%\|.*\| 30/30 .*records/s.*kept=28", updates[-1]), updates
+    build_shards(BuildOptions([source], image_folder, tmp_path / "quiet", samples_per_shard=2, progress=False))
+    assert capsys.readouterr().err == ""
 
 
 def test_exit_status_follows_the_error_rate(tmp_path, image_folder, capsys):
@@ -254,3 +396,17 @@ def test_parts_built_at_the_same_time_into_one_folder_equal_one_build(tmp_path, 
                                 resume=True, max_error_rate=1)).reused_shards == 60
     assert tar_bytes(out) == tar_bytes(tmp_path / "one")
     assert not [p for p in out.rglob("*.tmp")]
+
+
+def test_a_part_removes_only_the_temporary_files_of_its_own_shards(tmp_path, image_folder):
+    """Left by killed writers (temporary names carry the writer's pid); another part's may be in use."""
+    source = make_llava_input(tmp_path, image_folder, 20)  # 4 shards of 5: part 1 of 2 builds shards 2 and 3
+    out = tmp_path / "out"
+    mine = [out / "000002.tar.4242.tmp", out / "000003.tar.tmp", out / SHARD_STATS_DIR / "000003.json.4242.tmp"]
+    theirs = [out / "000000.tar.4343.tmp", out / "000001.tar.tmp", out / SHARD_STATS_DIR / "000001.json.4343.tmp"]
+    for path in mine + theirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a file")
+    build_shards(options([source], image_folder, out, samples_per_shard=5, part=1, num_parts=2))
+    assert [p.name for p in mine if p.exists()] == [] and all(p.exists() for p in theirs)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["000002.tar", "000003.tar"]
