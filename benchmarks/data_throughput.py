@@ -102,7 +102,7 @@ def naive_batches(data_json: Path, image_root: Path, tokenizer, micro_batch_size
     from vdep.model.tokenizer import image_token_id
 
     processing = clip_336_processing()
-    processor = CLIPImageProcessorPil(**{k: v for k, v in processing.to_hf_dict().items() if k != "image_processor_type"})
+    processor = CLIPImageProcessorPil(**{k: v for k, v in processing.to_hf_dict("clip").items() if k != "image_processor_type"})
     records = json.loads(data_json.read_text())
 
     class NaiveDataset(torch.utils.data.Dataset):
@@ -260,8 +260,8 @@ def main() -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-    from data_tools.build_shards import BuildOptions, build_shards
-    from data_tools.make_tokenizer import make_tokenizer
+    from vdep.data_tools.build_shards import BuildOptions, build_shards
+    from vdep.data_tools.make_tokenizer import make_tokenizer
     from vdep.model.tokenizer import prepare_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -53,7 +53,8 @@ sys.exit(code)
 def build_run(root: Path) -> Path:
     from vdep.config import load_config
     from vdep.demo import DemoSizes, prepare_data
-    from vdep.train.run import prepare_run_dir
+    from vdep.rundir import RunDir
+    from vdep.train.prepare import prepare_run_dir
 
     data = prepare_data(root / "data", seed=0, sizes=DemoSizes(align=64, finetune=64, held_out=8, samples_per_shard=64))
     run_dir = root / "run"
@@ -62,7 +63,7 @@ def build_run(root: Path) -> Path:
         f"stages.finetune.shards=[{data['finetune']}]", f"run.output_dir={root}", "run.name=run", *MODEL_OVERRIDES,
     ])
     if not (run_dir / "base" / "projector_init.safetensors").is_file():
-        prepare_run_dir(config, run_dir)
+        prepare_run_dir(config, RunDir(run_dir))
     return run_dir
 
 

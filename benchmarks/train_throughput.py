@@ -134,23 +134,31 @@ def baseline_worker(spec: dict) -> None:
     """Runs in its own process: HF Trainer + LlavaForConditionalGeneration on the vdep run's setup."""
     import torch
     import webdataset as wds
-    from transformers import (AutoConfig, LlavaConfig, LlavaForConditionalGeneration, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import (
+        AutoConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from vdep.config import load_config
+    from vdep.conventions import IGNORE_INDEX
     from vdep.data.dataset import SamplePreprocessor
     from vdep.data.images import normalise_pixels
     from vdep.data.shards import discover_shards
-    from vdep.data.templates import IGNORE_INDEX, TemplateTokenizer, make_template
-    from vdep.model.build import BasePaths, load_image_processing
+    from vdep.data.templates import TemplateTokenizer, make_template
+    from vdep.model.build import load_image_processing
     from vdep.model.tokenizer import image_token_id, load_tokenizer, padded_vocab_size
+    from vdep.rundir import RunDir
     from vdep.train.deepspeed_config import fill_config, load_preset
 
     run_dir = Path(spec["run_dir"])
     config = load_config(str(run_dir / "config.yaml"), [])
     stage = getattr(config.stages, spec["stage"])
     tokenizer = load_tokenizer(run_dir / "tokenizer")
-    base = BasePaths.for_run(config.model, run_dir)
+    base = RunDir(run_dir).base_paths(config.model)
     processing = load_image_processing(base, config.data.pad_to_square)
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -269,8 +277,8 @@ def main() -> None:
     vision = SMOKE_VISION if args.smoke else CLIP_L_336
     num_image_tokens = (vision["image_size"] // vision["patch_size"]) ** 2
 
-    from data_tools.build_shards import BuildOptions, build_shards
-    from data_tools.make_tokenizer import make_tokenizer
+    from vdep.data_tools.build_shards import BuildOptions, build_shards
+    from vdep.data_tools.make_tokenizer import make_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

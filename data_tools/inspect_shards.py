@@ -21,7 +21,6 @@ from vdep.data.conversation import SampleError, parse_conversation
 from vdep.data.shards import IMAGE_EXTENSIONS, SIZES_FILE
 from vdep.errors import DataError
 
-
 LENGTH_BUCKETS = (128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192)
 
 

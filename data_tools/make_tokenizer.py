@@ -16,7 +16,7 @@ from pathlib import Path
 import sentencepiece as spm
 import webdataset as wds
 
-from vdep.data.conversation import IMAGE_MARKER
+from vdep.conventions import IMAGE_MARKER
 from vdep.data.shards import discover_shards
 from vdep.data.templates import VICUNA_SYSTEM
 from vdep.errors import DataError

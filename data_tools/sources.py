@@ -13,7 +13,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vdep.data.conversation import IMAGE_MARKER, SampleError
+from vdep.conventions import IMAGE_MARKER
+from vdep.data.conversation import SampleError
 from vdep.data.shards import IMAGE_EXTENSIONS, split_member_name
 from vdep.errors import DataError
 

@@ -18,7 +18,7 @@ CHATML_JINJA = (
 
 def byte_level_tokenizer(folder: Path, specials: list[str], bos: str | None, eos: str, chat_template: str):
     """A real byte-level BPE tokenizer (as Llama 3 and Qwen2 use), trained here on a few sentences."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from vdep.model.tokenizer import prepare_tokenizer

@@ -12,16 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
 # Triton kernels run in Triton's interpreter on this CPU-only machine; it must be set before a kernel
 # module is imported (triton.jit decides at decoration time).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from data_tools.build_shards import BuildOptions, build_shards  # noqa: E402
-from data_tools.make_tokenizer import make_tokenizer  # noqa: E402
 from tests.byte_level import CHATML_JINJA, LLAMA3_JINJA, byte_level_tokenizer  # noqa: E402
+from vdep.data_tools.build_shards import BuildOptions, build_shards  # noqa: E402
+from vdep.data_tools.make_tokenizer import make_tokenizer  # noqa: E402
 from vdep.demo_data import write_demo_data  # noqa: E402
 
 # A tiny model (16 image tokens, 2-layer LLM) that trains in seconds on a CPU.
@@ -81,19 +80,24 @@ def tokenizer(small_data):
 
 
 @pytest.fixture(scope="session")
-def tiny_model(small_data, tokenizer, tmp_path_factory):
-    """A built tiny VdepLlava (fp32, CPU, no DeepSpeed) with its spec and image processing."""
+def tiny_run(small_data, tokenizer, tmp_path_factory):
+    """(config, run directory) of the tiny test model, its base weights written once."""
+    from tests.helpers import build_tiny_model
     from vdep.config import load_config
-    from vdep.model.attention import AttentionChoice
-    from vdep.model.build import build_model, load_image_processing, materialize_base
 
     run_dir = tmp_path_factory.mktemp("tiny-run")
     config = load_config("demo-tiny", small_data.overrides(run_dir))
-    base = materialize_base(config.model, tokenizer, run_dir)
-    built = build_model(
-        config.model, config.vdep, tokenizer, base, AttentionChoice("sdpa", "test"), torch.float32, torch.device("cpu")
-    )
-    return built, load_image_processing(base, True), config
+    build_tiny_model(config, tokenizer, run_dir)
+    return config, run_dir
+
+
+@pytest.fixture
+def tiny_model(tiny_run, tokenizer):
+    """A tiny VdepLlava built afresh for each test (tests change its weights, gradients and mode)."""
+    from tests.helpers import build_tiny_model
+
+    config, run_dir = tiny_run
+    return build_tiny_model(config, tokenizer, run_dir, config.vdep)
 
 
 def read_metrics(run_dir: Path, stage: str) -> list[dict]:

@@ -14,10 +14,11 @@ from vdep.config import (
     config_to_yaml,
     find_recipe,
     load_config,
-    save_resolved_config,
 )
 from vdep.errors import ConfigError
+from vdep.rundir import RunDir
 from vdep.structured import structure
+from vdep.train.prepare import save_resolved_config
 
 
 def fake_hf_folder(path: Path) -> Path:
@@ -128,7 +129,7 @@ def test_stage_selection(small_data, tmp_path):
 
 def test_resolved_config_round_trips_with_every_vdep_knob(small_data, tmp_path):
     config = load_config("demo-tiny", small_data.overrides(tmp_path / "r") + ["stages.align.vdep.head=linear"])
-    path = save_resolved_config(config, tmp_path / "run")
+    path = save_resolved_config(config, RunDir(tmp_path / "run"))
     text = path.read_text()
     for knob in ("enabled", "alpha", "mode_ratio", "text_loss_in_vdep_mode", "layout", "detach_target",
                  "detach_input", "head", "target_norm", "skip_first_image_token", "kernel"):
@@ -142,12 +143,13 @@ def test_resolved_config_round_trips_with_every_vdep_knob(small_data, tmp_path):
 def test_a_resume_may_change_how_it_logs_and_saves_but_not_what_it_computes(small_data, tmp_path, caplog):
     import logging
 
-    from vdep.config import load_config, save_resolved_config
+    from vdep.config import load_config
     from vdep.errors import CheckpointError
-    from vdep.train.run import check_resume_changes
+    from vdep.train.prepare import check_resume_changes
 
     run_dir = tmp_path / "run"
-    previous = save_resolved_config(load_config("demo-tiny", small_data.overrides(run_dir)), run_dir)
+    save_resolved_config(load_config("demo-tiny", small_data.overrides(run_dir)), RunDir(run_dir))
+    previous = RunDir(run_dir)
     allowed = load_config("demo-tiny", small_data.overrides(run_dir) + ["run.log_every=1", "stages.finetune.save_every=7"])
     with caplog.at_level(logging.INFO):
         check_resume_changes(previous, allowed)

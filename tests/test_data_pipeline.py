@@ -11,13 +11,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_tools.build_shards import BuildOptions, build_shards
-from vdep.data.dataset import SamplePreprocessor
-from vdep.data.loader import StageLoader
+from tests.helpers import POSITION_CASES, batch_fingerprint, loader_for_case, make_loader
 from vdep.data.shards import discover_shards, plan_epoch, resolve_split
-from vdep.data.templates import TemplateTokenizer, make_template
+from vdep.data_tools.build_shards import BuildOptions, build_shards
 from vdep.errors import DataError
-from vdep.model.tokenizer import image_token_id
 
 
 def png_bytes(colour=(200, 10, 10), size=(40, 30)) -> bytes:
@@ -91,24 +88,6 @@ def test_shard_plan_is_deterministic_and_covers_every_shard_once(small_data):
         resolve_split("shards", 4, 8)
 
 
-def make_loader(small_data, tokenizer, rank: int, world: int, split: str, workers: int = 0, micro: int = 4, seed: int = 0,
-                shard_dir: Path | None = None, shuffle_buffer: int = 8, max_length: int = 256, **batching):
-    """The loader `vdep train` builds for a vicuna_v1 stage of the tiny test model (16 image tokens)."""
-    from vdep.data.dataset import Batching
-    from vdep.data.images import ImageProcessing, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-    processing = ImageProcessing(32, None, (32, 32), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    encoder = TemplateTokenizer(tokenizer, image_token_id(tokenizer), 16)
-    preprocess = SamplePreprocessor(make_template("vicuna_v1", tokenizer), encoder, processing, max_length)
-    return StageLoader.create(
-        discover_shards([str(shard_dir or small_data.finetune_shards)]), preprocess,
-        Batching(micro, tokenizer.pad_token_id, (32, 32), processing.normalisation_table(),
-                 **{"pack_capacity": max_length, **batching}),
-        rank=rank, world_size=world, num_workers=workers, grad_accum_steps=1, seed=seed, split=split,
-        shuffle_buffer=shuffle_buffer,
-    )
-
-
 @pytest.mark.parametrize("split", ["shards", "samples"])
 def test_ranks_read_disjoint_samples_in_a_reproducible_order(small_data, tokenizer, split):
     keys = []
@@ -129,8 +108,24 @@ def test_loader_workers_split_a_ranks_share(small_data, tokenizer):
     a = {k for b in single.micro_batches(0) for k in b.keys}
     b = [k for batch in double.micro_batches(0) for k in batch.keys]
     assert len(b) == len(set(b)) == 64 and set(b) == a
-    assert double.total_steps(1.0, None) == 16 and double.total_steps(1.5, None) == 24
-    assert double.total_steps(1.0, max_steps=5) == 5
+    assert double.stage_length(1.0, None).planned_steps == 16 and double.stage_length(1.5, None).planned_steps == 24
+    assert double.stage_length(1.0, max_steps=5).planned_steps == 5
+
+
+def test_a_stage_of_epochs_ends_with_its_last_pass_and_max_steps_repeats_the_data():
+    from vdep.data.loader import StageLength
+
+    one_and_a_half = StageLength(planned_steps=24, max_steps=None, whole_epochs=1, final_epoch_steps=8)
+    assert one_and_a_half.describe() == "24 steps (1 epoch(s) and a part, by sizes.json)"
+    assert not one_and_a_half.done(step=14, epoch=0, steps_in_epoch=14)
+    assert not one_and_a_half.done(step=14, epoch=1, steps_in_epoch=0)  # the first pass ended early (skips)
+    assert one_and_a_half.done(step=22, epoch=1, steps_in_epoch=8)  # the part of the second pass is done
+    assert one_and_a_half.done(step=20, epoch=2, steps_in_epoch=0)  # the second pass ended before its part
+    one = StageLength(planned_steps=16, max_steps=None, whole_epochs=1, final_epoch_steps=0)
+    assert not one.done(step=15, epoch=0, steps_in_epoch=15) and one.done(step=15, epoch=1, steps_in_epoch=0)
+    steps = StageLength(planned_steps=40, max_steps=40, whole_epochs=1, final_epoch_steps=0)
+    assert not steps.done(step=39, epoch=3, steps_in_epoch=1) and steps.done(step=40, epoch=3, steps_in_epoch=2)
+    assert steps.describe() == "40 steps (max_steps)"
 
 
 def test_corrupt_samples_are_skipped_counted_and_named(small_data, tokenizer, tmp_path):
@@ -166,43 +161,6 @@ def test_missing_sizes_file_is_explained(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- data position
-POSITION_CASES = {
-    "plain, in-process loading": dict(workers=0),
-    "2 workers": dict(workers=2),
-    "2 workers, grouped, packed": dict(workers=2, group_by_modality_length=True, group_window=3, packing=True,
-                                       pack_capacity=400),
-    "grouped, resampled shards": dict(workers=0, group_by_modality_length=True, group_window=4, split="resample"),
-}
-
-
-def loader_for_case(small_data, tokenizer, case: str):
-    settings = dict(POSITION_CASES[case])
-    split = settings.pop("split", "shards")
-    # max_length 148 cuts away every answer of some conversations: the stream skips and counts them.
-    return make_loader(small_data, tokenizer, 1, 2, split, micro=2, seed=5, max_length=148, **settings)
-
-
-def batch_fingerprint(batch) -> list:
-    return [batch.keys, batch.input_ids.tolist(), batch.labels.tolist(), float(batch.pixel_values.sum()),
-            None if batch.position_ids is None else batch.position_ids.tolist(), batch.skipped]
-
-
-def restored_batches_main() -> None:
-    """Run in a fresh process: the batches of a loader restored from a saved position (argv: JSON)."""
-    import sys
-
-    from tests.conftest import SmallData
-    from vdep.data.loader import DataPosition
-    from vdep.model.tokenizer import prepare_tokenizer
-
-    args = json.loads(sys.argv[1])
-    small_data = SmallData(*(Path(p) for p in args["small_data"]))
-    tokenizer = prepare_tokenizer(small_data.tokenizer)
-    loader = loader_for_case(small_data, tokenizer, args["case"])
-    position = DataPosition.from_json(args["position"])
-    print(json.dumps([batch_fingerprint(b) for b in loader.micro_batches(position.epoch, position)]))
-
-
 @pytest.mark.parametrize("case", list(POSITION_CASES))
 def test_a_restored_data_position_continues_with_exactly_the_next_batches(small_data, tokenizer, case):
     import subprocess
@@ -220,7 +178,7 @@ def test_a_restored_data_position_continues_with_exactly_the_next_batches(small_
     args = {"small_data": [str(p) for p in (small_data.root, small_data.raw, small_data.align_shards,
                                             small_data.finetune_shards, small_data.tokenizer)],
             "case": case, "position": json.loads(json.dumps(position.to_json()))}
-    code = "from tests.test_data_pipeline import restored_batches_main; restored_batches_main()"
+    code = "from tests.helpers import restored_batches_main; restored_batches_main()"
     result = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -35,7 +35,7 @@ def losses(run_dir, stage: str) -> list[float]:
 @pytest.fixture(scope="module")
 def mixed_shards(small_data, tmp_path_factory):
     """Half text-only, half image samples in random order: ranks get different modalities at random steps."""
-    from data_tools.build_shards import BuildOptions, build_shards
+    from vdep.data_tools.build_shards import BuildOptions, build_shards
 
     records = json.loads((small_data.raw / "finetune.json").read_text())
     images = [r for r in records if "image" in r][:24]
@@ -51,7 +51,7 @@ def mixed_shards(small_data, tmp_path_factory):
 
 def test_zero3_ranks_with_and_without_images_in_the_same_step_complete(small_data, mixed_shards, tmp_path, tokenizer):
     """ZeRO-3 hang rules: a rank whose micro-batch is text-only runs the same modules as one with images."""
-    from tests.test_data_pipeline import make_loader
+    from tests.helpers import make_loader
 
     steps = 12
     settings = ["data.split=samples", "data.shuffle_buffer=4", "run.seed=3"]
@@ -138,7 +138,8 @@ def test_two_stages_end_to_end_with_logs_checkpoints_and_rerun(small_data, tmp_p
         logged = [m["lr/projector"] for m in read_metrics(run_dir, stage)]
         assert logged == pytest.approx([peak * lr_factor(step, 1, 3) for step in range(3)]), stage
     trained = load_trained_model(run_dir)
-    assert trained.stages == ["align", "finetune"]
+    assert trained.stage == "finetune"
+    assert trained.weights == [run_dir / s / "final" / "trainable.safetensors" for s in ("align", "finetune")]
     records = json.loads((small_data.raw / "eval.json").read_text())
     result = answer_questions(trained, records, small_data.raw / "images", "vicuna_v1")
     assert result.total == len(records)

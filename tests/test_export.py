@@ -16,10 +16,11 @@ from tests.conftest import exported_tensors
 from vdep.config import load_config
 from vdep.data.conversation import Turn
 from vdep.data.templates import make_template, render
+from vdep.errors import ConfigError
 from vdep.export.chat_templates import export_chat_template
 from vdep.export.hf import export_hf
-from vdep.export.importer import projector_from_llava_bin
 from vdep.export.verify import verify_export
+from vdep.train.base_weights import projector_from_llava_bin
 from vdep.train.launch import launch_local
 
 
@@ -107,7 +108,8 @@ def test_deepspeed_checkpoints_of_any_stage_export_like_the_final_weights(traine
 
 @pytest.mark.distributed
 def test_export_import_export_round_trip_is_exact(trained_run, small_data, tmp_path):
-    from vdep.train.run import prepare_run_dir
+    from vdep.rundir import RunDir
+    from vdep.train.prepare import prepare_run_dir
 
     first = export_hf(trained_run, tmp_path / "first", dtype="fp32").out
     run_dir = tmp_path / "imported"
@@ -115,7 +117,7 @@ def test_export_import_export_round_trip_is_exact(trained_run, small_data, tmp_p
         f"model.init_from={first}", "model.vision_tower.tiny=null", "model.language_model.tiny=null", "model.tokenizer=null",
     ]
     config = load_config("demo-tiny", overrides)
-    prepare_run_dir(config, run_dir)  # splits the Llava folder into the run's base weights
+    prepare_run_dir(config, RunDir(run_dir))  # splits the Llava folder into the run's base weights
     second = export_hf(run_dir, tmp_path / "second", dtype="fp32")
     assert second.source.description == "base weights (no stage trained)"
     a, b = exported_tensors(first), exported_tensors(second.out)
@@ -127,7 +129,8 @@ def test_export_import_export_round_trip_is_exact(trained_run, small_data, tmp_p
 
 @pytest.mark.distributed
 def test_llava15_mm_projector_bin_starts_the_projector(trained_run, small_data, tmp_path):
-    from vdep.train.run import prepare_run_dir
+    from vdep.rundir import RunDir
+    from vdep.train.prepare import prepare_run_dir
 
     projector = {}
     with safe_open(str(trained_run / "finetune" / "final" / "trainable.safetensors"), framework="pt") as weights:
@@ -145,11 +148,11 @@ def test_llava15_mm_projector_bin_starts_the_projector(trained_run, small_data, 
         f"model.vision_tower.path={trained_run / 'base' / 'vision_tower'}", "model.vision_tower.tiny=null",
         f"model.language_model.path={trained_run / 'base' / 'language_model'}", "model.language_model.tiny=null",
     ]
-    prepare_run_dir(load_config("demo-tiny", overrides), run_dir)
+    prepare_run_dir(load_config("demo-tiny", overrides), RunDir(run_dir))
     with safe_open(str(run_dir / "base" / "projector_init.safetensors"), framework="pt") as weights:
         for name, tensor in projector.items():
             assert torch.equal(weights.get_tensor(name.removeprefix("multi_modal_projector.")), tensor)
-    with pytest.raises(Exception, match="needs"):
+    with pytest.raises(ConfigError, match="needs"):
         projector_from_llava_bin(tmp_path / "mm_projector.bin", "linear")
 
 

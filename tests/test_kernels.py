@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch import nn
 
+from vdep.config import VdepConfig
 from vdep.errors import ConfigError
-from vdep.kernels import pass_through_for, select_vdep_sum
 from vdep.kernels.fused_vdep import fused_vdep_pass_through, fused_vdep_sum
 from vdep.objectives.losses import reference_vdep_sum
+from vdep.objectives.objective import VdepTerm, select_term
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 # conftest sets TRITON_INTERPRET=1 unless told otherwise; 0 compiles the kernels, which then need CUDA tensors.
@@ -148,16 +149,16 @@ def test_the_pass_through_alone_still_gives_the_vdep_gradient():
 @interpreter_only
 def test_selection_explains_its_choice():
     cpu = torch.device("cpu")
-    function, name = select_vdep_sum("auto", cpu)
-    assert function is reference_vdep_sum and name.startswith("reference (")
-    assert select_vdep_sum("fused", cpu)[0] is fused_vdep_sum  # the interpreter, in tests
-    assert select_vdep_sum("fused", cpu, head="linear")[0] is fused_vdep_sum
+    auto = select_term(VdepConfig(kernel="auto"), cpu)
+    assert auto.vdep_sum is reference_vdep_sum and auto.description.startswith("reference (")
+    fused = select_term(VdepConfig(kernel="fused"), cpu)  # the interpreter, in tests
+    assert fused.vdep_sum is fused_vdep_sum and fused.pass_through is fused_vdep_pass_through
+    linear = select_term(VdepConfig(kernel="fused", head="linear"), cpu)
+    assert linear.vdep_sum is fused_vdep_sum and linear.pass_through is None  # its chunks gather rows
     with pytest.raises(ConfigError, match="vdep.head=mlp is not fused"):
-        select_vdep_sum("fused", cpu, head="mlp")
-    assert select_vdep_sum("reference", cpu) == (reference_vdep_sum, "reference")
-    assert pass_through_for(fused_vdep_sum, "identity") is fused_vdep_pass_through
-    assert pass_through_for(fused_vdep_sum, "linear") is None  # its chunks gather rows: no pass-through
-    assert pass_through_for(reference_vdep_sum, "identity") is None
+        select_term(VdepConfig(kernel="fused", head="mlp"), cpu)  # type: ignore[arg-type]
+    reference = select_term(VdepConfig(kernel="reference", target_norm="l2", detach_target=False), cpu)
+    assert reference == VdepTerm(reference_vdep_sum, "l2", False, None, "reference")
 
 
 def linear_head(hidden: int, dtype: torch.dtype, seed: int) -> nn.Linear:
@@ -210,24 +211,23 @@ def test_the_linear_head_runs_its_chunks_even_with_nothing_selected():
 
 @interpreter_only
 def test_the_model_trains_the_same_with_the_fused_kernel(tiny_model, tokenizer, small_data):
-    from tests.test_model import samples
+    from tests.helpers import samples
     from vdep.config import VdepConfig
     from vdep.data.batch import collate
     from vdep.objectives.supervision import prepare_inputs
 
-    built, _, _ = tiny_model
+    built = tiny_model
     model, spec = built.model, built.spec
     batch = collate(samples(tiny_model, tokenizer, small_data, "plain", 4), tokenizer.pad_token_id, (32, 32))
     results = []
     for vdep_sum in (reference_vdep_sum, fused_vdep_sum):
-        model.vdep_sum = vdep_sum
+        model.vdep_term = VdepTerm(vdep_sum)
         model.zero_grad()
         modes = torch.ones(len(batch.input_ids), dtype=torch.bool)  # every row in VDEP mode
         inputs = prepare_inputs(batch, modes, VdepConfig(), spec.image_token_id, spec.num_image_tokens)
         sums = model(inputs)
         sums.vdep.backward()
         results.append((sums.vdep.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    model.vdep_sum = reference_vdep_sum
     (ref_value, ref_grads), (fused_value, fused_grads) = results
     torch.testing.assert_close(fused_value, ref_value)
     assert len(fused_grads) == len(ref_grads) > 0
@@ -239,30 +239,28 @@ def test_the_model_trains_the_same_with_the_fused_kernel(tiny_model, tokenizer, 
 def test_the_model_with_the_pass_through_gives_the_reference_losses_and_gradients(tiny_model, tokenizer, small_data):
     """Text + VDEP through the model: the fused pass-through (the text loss reads the hidden states
     through it) against the reference, for every parameter's gradient."""
-    from tests.test_model import samples
+    from tests.helpers import samples
     from vdep.config import VdepConfig
     from vdep.data.batch import collate
     from vdep.objectives.supervision import prepare_inputs
 
-    built, _, _ = tiny_model
+    built = tiny_model
     model, spec = built.model, built.spec
-    assert model.vdep_pass_through is None  # the reference on CPU
+    assert model.vdep_term.pass_through is None  # the reference on CPU
     batch = collate(samples(tiny_model, tokenizer, small_data, "plain", 4), tokenizer.pad_token_id, (32, 32))
     modes = torch.tensor([True, False, True, True])  # VDEP and LLaVA rows: both terms have targets
     inputs = prepare_inputs(batch, modes, VdepConfig(), spec.image_token_id, spec.num_image_tokens)
     results = []
-    try:
-        for vdep_sum in (reference_vdep_sum, fused_vdep_sum):
-            model.vdep_sum, model.vdep_pass_through = vdep_sum, pass_through_for(vdep_sum, "identity")
-            model.zero_grad()
-            sums = model(inputs)
-            (sums.text + 0.5 * sums.vdep).backward()
-            results.append(([sums.text.detach(), sums.vdep.detach()],
-                            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    finally:
-        model.vdep_sum, model.vdep_pass_through = reference_vdep_sum, None
+    for kernel in ("reference", "fused"):
+        model.vdep_term = select_term(VdepConfig(kernel=kernel), torch.device("cpu"))
+        model.zero_grad()
+        sums = model(inputs)
+        (sums.text + 0.5 * sums.vdep).backward()
+        results.append(([sums.text.detach(), sums.vdep.detach()],
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert model.vdep_term.pass_through is fused_vdep_pass_through  # the fused run used the pass-through
     (ref_sums, ref_grads), (fused_sums, fused_grads) = results
-    assert model.vdep_pass_through is None and ref_sums[1] > 0 and ref_sums[0] > 0
+    assert ref_sums[1] > 0 and ref_sums[0] > 0
     torch.testing.assert_close(fused_sums, ref_sums)
     assert fused_grads.keys() == ref_grads.keys() and len(ref_grads) > 0
     for name, grad in ref_grads.items():

@@ -99,7 +99,7 @@ def test_cosine_schedule_with_warmup():
 def test_param_groups_separate_the_projector_lr(tiny_model):
     from vdep.train.freezing import apply_trainable, param_groups, trainable_table
 
-    built, _, _ = tiny_model
+    built = tiny_model
     model = built.model
     apply_trainable(model, ["projector"])
     rows = {r.module: r for r in trainable_table(model)}

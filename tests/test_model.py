@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from tests.helpers import TinyModel, build_tiny_model, samples
 from vdep.config import VdepConfig
 from vdep.data.batch import collate
-from vdep.data.dataset import SamplePreprocessor
 from vdep.data.images import normalise_pixels
-from vdep.data.templates import TemplateTokenizer, make_template
 from vdep.model.generate import greedy_generate
 from vdep.model.vision import image_features, num_image_tokens
 from vdep.objectives.losses import GlobalCounts, batch_loss
@@ -16,30 +15,8 @@ from vdep.objectives.supervision import prepare_inputs
 from vdep.train.freezing import apply_trainable
 
 
-def samples(tiny_model, tokenizer, small_data, template: str = "vicuna_v1", count: int = 4, uint8: bool = False):
-    """Real preprocessed samples from the test shards (mixed image and text-only for vicuna_v1)."""
-    import webdataset as wds
-
-    from vdep.data.shards import discover_shards
-
-    built, processing, config = tiny_model
-    encoder = TemplateTokenizer(tokenizer, built.spec.image_token_id, built.spec.num_image_tokens)
-    preprocess = SamplePreprocessor(make_template(template, tokenizer), encoder, processing, 256)
-    shard_dir = small_data.finetune_shards if template == "vicuna_v1" else small_data.align_shards
-    raw = wds.tariterators.tarfile_samples([{"url": s.path} for s in discover_shards([str(shard_dir)])])
-    out = []
-    for sample in raw:
-        processed = preprocess(sample)  # uint8 pixels, as the loader ships them
-        if processed.pixel_values is not None and not uint8:
-            processed.pixel_values = normalise_pixels(processed.pixel_values, processing.normalisation_table())
-        out.append(processed)
-        if len(out) == count:
-            return out
-    raise AssertionError("not enough samples")
-
-
 def test_uint8_pixels_are_normalised_in_the_model_exactly_as_float_pixels(tiny_model, tokenizer, small_data):
-    built, processing, _ = tiny_model
+    built, processing = tiny_model, tiny_model.processing
     table = processing.normalisation_table()
     as_uint8 = collate(samples(tiny_model, tokenizer, small_data, "plain", 3, uint8=True), tokenizer.pad_token_id, (32, 32), table)
     as_float = collate(samples(tiny_model, tokenizer, small_data, "plain", 3), tokenizer.pad_token_id, (32, 32))
@@ -55,7 +32,7 @@ def test_uint8_pixels_are_normalised_in_the_model_exactly_as_float_pixels(tiny_m
 
 
 def test_parameter_names_mirror_the_llava_layout(tiny_model):
-    built, _, _ = tiny_model
+    built = tiny_model
     names = [name for name, _ in built.model.named_parameters()]
     prefixes = {name.split(".")[0] for name in names}
     assert prefixes == {"vision_tower", "multi_modal_projector", "language_model", "lm_head"}
@@ -73,11 +50,11 @@ def test_image_token_counts_follow_the_feature_selection(tiny_model):
     assert num_image_tokens(clip, "clip", "default") == 576  # LLaVA-1.5: CLS dropped
     assert num_image_tokens(clip, "clip", "full") == 577
     assert num_image_tokens(SiglipVisionConfig(image_size=384, patch_size=14), "siglip", "full") == 729
-    assert tiny_model[0].spec.num_image_tokens == 16
+    assert tiny_model.spec.num_image_tokens == 16
 
 
 def test_projector_outputs_fill_the_placeholders_in_order(tiny_model, tokenizer, small_data):
-    built, _, _ = tiny_model
+    built = tiny_model
     model, spec = built.model, built.spec
     batch = collate(samples(tiny_model, tokenizer, small_data, "plain", 3), tokenizer.pad_token_id, (32, 32))
     with torch.no_grad():
@@ -91,7 +68,7 @@ def test_projector_outputs_fill_the_placeholders_in_order(tiny_model, tokenizer,
 
 
 def test_a_batch_without_images_still_runs_the_vision_path(tiny_model, tokenizer, small_data):
-    built, _, _ = tiny_model
+    built = tiny_model
     model = built.model
     text_only = [s for s in samples(tiny_model, tokenizer, small_data, "vicuna_v1", 64) if s.pixel_values is None][:2]
     batch = collate(text_only, tokenizer.pad_token_id, (32, 32))
@@ -109,7 +86,7 @@ def test_a_batch_without_images_still_runs_the_vision_path(tiny_model, tokenizer
 
 def test_accumulating_micro_batches_equals_one_batch(tiny_model, tokenizer, small_data):
     """Two micro-batches normalised by the batch's counts give the gradient of the whole batch."""
-    built, _, _ = tiny_model
+    built = tiny_model
     model, spec = built.model, built.spec
     apply_trainable(model, ["projector", "language_model"])
     data = samples(tiny_model, tokenizer, small_data, "vicuna_v1", 4)
@@ -134,7 +111,7 @@ def test_accumulating_micro_batches_equals_one_batch(tiny_model, tokenizer, smal
 
 
 def test_greedy_generation_with_the_cache_matches_recomputing(tiny_model, tokenizer, small_data):
-    built, _, _ = tiny_model
+    built = tiny_model
     model = built.model.eval()
     data = samples(tiny_model, tokenizer, small_data, "plain", 3)
     prompts = [s.input_ids[: 1 + built.spec.num_image_tokens + i].tolist() for i, s in enumerate(data)]  # ragged
@@ -162,22 +139,18 @@ def test_greedy_generation_with_the_cache_matches_recomputing(tiny_model, tokeni
     model.train()
 
 
-def build_tiny(tokenizer, tmp_path, small_data, *overrides: str):
+def build_tiny(tokenizer, tmp_path, small_data, *overrides: str) -> TinyModel:
     from vdep.config import load_config
-    from vdep.model.attention import AttentionChoice
-    from vdep.model.build import build_model, materialize_base
 
     config = load_config("demo-tiny", small_data.overrides(tmp_path / "run") + list(overrides))
-    base = materialize_base(config.model, tokenizer, tmp_path / "run")
-    return build_model(config.model, config.vdep, tokenizer, base, AttentionChoice("sdpa", "test"),
-                       torch.float32, torch.device("cpu"))
+    return build_tiny_model(config, tokenizer, tmp_path / "run", config.vdep)
 
 
 def test_siglip_towers_and_qwen2_or_mistral_llms_take_the_same_path(tokenizer, small_data, tmp_path):
     for index, (tower, llm) in enumerate((("siglip", "qwen2"), ("clip", "mistral"))):
         built = build_tiny(tokenizer, tmp_path / str(index), small_data,
                            f"model.vision_tower.tiny.architecture={tower}", f"model.language_model.tiny.architecture={llm}")
-        assert built.family == tower
+        assert built.spec.family == tower
         assert built.spec.feature_select == ("full" if tower == "siglip" else "default")
         assert built.spec.num_image_tokens == 16  # 32 px / 8 px patches; SigLIP has no CLS token to drop
         assert type(built.model.language_model).__name__.lower().startswith(llm)
@@ -223,17 +196,12 @@ def test_a_vdep_head_from_an_earlier_stage_loads_only_where_the_model_has_one(to
 
     from vdep.config import load_config
     from vdep.errors import CheckpointError
-    from vdep.model.attention import AttentionChoice
-    from vdep.model.build import build_model, load_weights, materialize_base
+    from vdep.model.build import load_weights
 
     config = load_config("demo-tiny", small_data.overrides(tmp_path))
-    base = materialize_base(config.model, tokenizer, tmp_path)
 
     def model_with_head(head: str):
-        vdep = dataclasses.replace(config.vdep, head=head)
-        return build_model(
-            config.model, vdep, tokenizer, base, AttentionChoice("sdpa", "test"), torch.float32, torch.device("cpu")
-        ).model
+        return build_tiny_model(config, tokenizer, tmp_path, dataclasses.replace(config.vdep, head=head)).model
 
     without_head, with_head = model_with_head("identity"), model_with_head("linear")
     projector = without_head.multi_modal_projector.linear_1.weight

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.test_model import samples
+from tests.helpers import samples
 from vdep.config import VdepConfig
+from vdep.conventions import IGNORE_INDEX
 from vdep.data.batch import collate, collate_packed, pack_rows
-from vdep.data.templates import IGNORE_INDEX
 from vdep.objectives.losses import GlobalCounts, batch_loss
 from vdep.objectives.supervision import prepare_inputs
 from vdep.train.freezing import apply_trainable
@@ -40,7 +40,7 @@ def per_sample_text_losses(model, inputs, sample_index: torch.Tensor, count: int
 
 @pytest.mark.parametrize("layout", ["image_first", "text_first"])
 def test_packed_and_unpacked_batches_give_equal_per_sample_losses_and_gradients(tiny_model, tokenizer, small_data, layout):
-    built, _, _ = tiny_model
+    built = tiny_model
     model, spec = built.model, built.spec
     apply_trainable(model, ["projector", "language_model"])
     pool = samples(tiny_model, tokenizer, small_data, "vicuna_v1", 64)
@@ -85,7 +85,7 @@ def test_packed_and_unpacked_batches_give_equal_per_sample_losses_and_gradients(
 
 def test_a_packed_row_attends_within_each_sample_only(tiny_model, tokenizer, small_data):
     """Changing one sample of a packed row leaves the other samples' hidden states unchanged."""
-    built, _, _ = tiny_model
+    built = tiny_model
     model = built.model
     data = samples(tiny_model, tokenizer, small_data, "vicuna_v1", 3)
     capacity = sum(len(s.input_ids) for s in data)
@@ -112,7 +112,7 @@ def test_a_packed_row_attends_within_each_sample_only(tiny_model, tokenizer, sma
 def test_sdpa_eager_and_flex_attention_agree_on_a_packed_batch(tiny_model, tokenizer, small_data):
     """FlexAttention runs forward only on CPU (PyTorch has no CPU backward for it): enough to check that
     its block mask from the position ids keeps each sample to itself exactly as SDPA's dense mask does."""
-    built, _, _ = tiny_model
+    built = tiny_model
     model = built.model
     data = samples(tiny_model, tokenizer, small_data, "vicuna_v1", 6)
     packed = collate_packed(data, tokenizer.pad_token_id, (32, 32), max(len(s.input_ids) for s in data) * 2)

@@ -6,6 +6,7 @@ same losses at every step (within 1e-6).
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import time
@@ -85,8 +86,9 @@ def assert_same_losses(run_dir, uninterrupted) -> None:
 
 def test_sigkill_at_a_random_step_then_resume_repeats_every_loss(small_data, uninterrupted, tmp_path):
     started = time.time()
-    kill_after = random.Random().randint(2, STEPS - 1)
-    print(f"killing every rank once step {kill_after} is logged")
+    seed = int(os.environ.get("VDEP_TEST_SEED") or time.time_ns() % 2**32)
+    kill_after = random.Random(seed).randint(2, STEPS - 1)
+    print(f"killing every rank once step {kill_after} is logged (VDEP_TEST_SEED={seed} repeats this choice)")
     run_dir = tmp_path / "killed"
     ranks = start_local_ranks(2, argv(small_data, run_dir))
     wait_for_step(run_dir, kill_after, ranks)

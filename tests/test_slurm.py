@@ -123,7 +123,7 @@ def test_a_job_preempted_with_usr1_checkpoints_requeues_and_finishes_like_an_uni
 
 
 def test_build_shards_array_job_and_finalize_give_the_same_shards_as_one_build(cluster, small_data, tmp_path):
-    from data_tools.build_shards import BuildOptions, build_shards
+    from vdep.data_tools.build_shards import BuildOptions, build_shards
 
     source = small_data.raw / "finetune.json"
     build_shards(BuildOptions([source], small_data.raw / "images", tmp_path / "local", samples_per_shard=10,

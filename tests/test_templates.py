@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
+from vdep.conventions import IGNORE_INDEX
 from vdep.data.conversation import SampleError, Turn, check_image_markers, parse_conversation
 from vdep.data.dataset import truncate
 from vdep.data.templates import (
-    IGNORE_INDEX,
     VICUNA_SYSTEM,
     TemplateTokenizer,
     TokenizedConversation,

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from vdep.config import VdepConfig
+from vdep.conventions import IGNORE_INDEX, round_half_up
 from vdep.data.batch import Batch
-from vdep.data.templates import IGNORE_INDEX
-from vdep.model.projector import make_vdep_head
 from vdep.objectives.losses import GlobalCounts, LossSums, batch_loss, reference_vdep_sum, text_loss_sum
-from vdep.objectives.modes import assign_vdep_modes, round_half_up
+from vdep.objectives.modes import assign_vdep_modes
+from vdep.objectives.objective import make_vdep_head
 from vdep.objectives.supervision import prepare_inputs, supervised_image_positions, text_first_order
 
 IMG = 9  # image placeholder id in these hand-made batches

@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-error-rate", type=float, default=0.1,
                        help="exit non-zero when more than this fraction of records is rejected (default: 0.1)")
     build.add_argument("--max-side", type=int, help="re-encode images whose longer side exceeds this many pixels")
-    from data_tools.sources import DEFAULT_CAPTION_PROMPT  # light: no torch, no PIL
+    from vdep.data_tools.sources import DEFAULT_CAPTION_PROMPT  # light: no torch, no PIL
 
     build.add_argument("--caption-prompt", default=DEFAULT_CAPTION_PROMPT,
                        help=f"user turn of img2dataset caption samples (default: {DEFAULT_CAPTION_PROMPT!r})")
@@ -177,7 +177,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _build_shards(args: argparse.Namespace) -> int:
-    from data_tools.build_shards import BuildOptions, build_shards
+    from vdep.data_tools.build_shards import BuildOptions, build_shards
 
     options = BuildOptions(
         inputs=args.inputs, image_root=args.image_root, out=args.out, samples_per_shard=args.samples_per_shard,
@@ -198,7 +198,7 @@ def _build_shards(args: argparse.Namespace) -> int:
 
 
 def _inspect_shards(args: argparse.Namespace) -> int:
-    from data_tools.inspect_shards import format_report, inspect_shards, make_length_encoder
+    from vdep.data_tools.inspect_shards import format_report, inspect_shards, make_length_encoder
 
     encode = make_length_encoder(args.tokenizer, args.template, args.num_image_tokens) if args.tokenizer else None
     report = inspect_shards(args.folder, encode, args.examples)
@@ -223,7 +223,7 @@ def _export_hf(args: argparse.Namespace) -> int:
 
 
 def _make_tokenizer(args: argparse.Namespace) -> int:
-    from data_tools.make_tokenizer import make_tokenizer
+    from vdep.data_tools.make_tokenizer import make_tokenizer
 
     out = make_tokenizer(args.shards, args.vocab_size, args.out)
     print(f"tokenizer written to {out}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -449,23 +448,11 @@ def config_to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(unstructure(config), sort_keys=False)
 
 
-def config_fingerprint(config: TrainConfig) -> str:
-    """A short hash of the settings that decide the model's shape and the data, for resume checks."""
-    material = {
-        "model": unstructure(config.model),
-        "stages": {name: {"shards": s.shards, "template": s.template} for name, s in config.stages_to_run()},
-    }
+def stage_fingerprint(config: TrainConfig, stage: str) -> str:
+    """A short hash of what decides a stage's model shape and data (the model, the stage's shards and
+    template), recorded in its checkpoints: a checkpoint is resumed only into the same. It depends on
+    that stage alone, so running another subset of the stages (`stage=`) keeps it."""
+    settings = getattr(config.stages, stage)
+    material = {"model": unstructure(config.model), "shards": settings.shards, "template": settings.template}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def save_resolved_config(config: TrainConfig, run_dir: Path) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / "config.yaml"
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(
-        "# Fully resolved vdep config: every setting of this run, defaults included.\n"
-        "# `vdep train THIS_FILE` reproduces the run.\n" + config_to_yaml(config)
-    )
-    os.replace(tmp, target)
-    return target
 

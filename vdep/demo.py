@@ -32,8 +32,8 @@ SIZES = DemoSizes()
 
 def prepare_data(data: Path, seed: int, sizes: DemoSizes = SIZES) -> dict[str, Path]:
     """Raw data, shards and tokenizer under `data`; reused when a previous run made them with this seed."""
-    from data_tools.build_shards import BuildOptions, build_shards
-    from data_tools.make_tokenizer import make_tokenizer
+    from vdep.data_tools.build_shards import BuildOptions, build_shards
+    from vdep.data_tools.make_tokenizer import make_tokenizer
 
     stamp = data / "demo-data.json"
     wanted = {"seed": seed, **sizes.__dict__}
@@ -73,7 +73,9 @@ def train_arguments(
 
 
 def run_demo(out: Path, nproc: int, vdep_enabled: bool, seed: int, overrides: list[str] | None = None) -> int:
+    from .config import STAGE_NAMES
     from .evaluate import answer_questions, load_trained_model, write_answers
+    from .rundir import RunDir
     from .train.launch import launch_local
 
     started = time.monotonic()
@@ -95,7 +97,8 @@ def run_demo(out: Path, nproc: int, vdep_enabled: bool, seed: int, overrides: li
     records = json.loads(paths["held_out"].read_text())
     result = answer_questions(trained, records, paths["images"], "vicuna_v1")
     write_answers(result, run_dir / "held_out_answers.json")
-    summaries = {name: json.loads((run_dir / name / "final" / "summary.json").read_text()) for name in trained.stages}
+    run = RunDir(run_dir)
+    summaries = {name: run.stage(name).read_summary() for name in STAGE_NAMES if run.stage(name).is_complete}
     elapsed = time.monotonic() - started
     print()
     print(f"held-out accuracy: {100 * result.accuracy:.1f}% (chance: {100 * chance_accuracy():.1f}%)")

@@ -1,7 +1,7 @@
 """Loading a trained run for inference, and exact-match question answering accuracy.
 
 `load_trained_model` rebuilds the model from the run directory alone (its resolved config, tokenizer,
-base weights and each completed stage's final weights), in one process without DeepSpeed.
+base weights and the last complete stage's weights), in one process without DeepSpeed.
 """
 
 from __future__ import annotations
@@ -12,20 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from .config import STAGE_NAMES, TrainConfig, VdepConfig
+from .config import TrainConfig
 from .data.conversation import Turn, parse_conversation
 from .data.images import ImageProcessing, decode_image, preprocess_image
 from .data.templates import ConversationTemplate, TemplateTokenizer, make_template
 from .errors import CheckpointError
 from .model.attention import AttentionChoice
-from .model.build import BasePaths, build_model, load_image_processing, load_weights_file
+from .model.build import build_model, load_image_processing, load_weights_file, model_spec
 from .model.generate import greedy_generate
 from .model.llava import MultimodalSpec, VdepLlava
 from .model.tokenizer import load_tokenizer
-from .structured import structure
-from .train.checkpoint import FINAL_WEIGHTS, stage_is_complete
+from .rundir import FINAL_WEIGHTS, RunDir, last_complete_stage, stage_weights
 
 
 @dataclass
@@ -35,29 +33,28 @@ class TrainedModel:
     spec: MultimodalSpec
     image_processing: ImageProcessing
     config: TrainConfig
-    stages: list[str]
+    stage: str  # the stage whose model this is
+    weights: list[Path]  # loaded on top of the base weights, in order
 
 
 def load_trained_model(run_dir: Path, device: torch.device | None = None) -> TrainedModel:
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise CheckpointError(f"{run_dir} is not a vdep run directory (no config.yaml)")
-    config = structure(TrainConfig, yaml.safe_load(config_path.read_text()), source=str(config_path))
-    stages = [name for name in STAGE_NAMES if stage_is_complete(run_dir / name)]
-    if not stages:
+    """The model of a run directory's last complete stage: the same files the exporter reads
+    (`rundir.stage_weights`), so evaluating a run and evaluating its export see one model."""
+    run = RunDir(run_dir)
+    config = run.read_config()
+    stage = last_complete_stage(run, config)
+    if stage is None:
         raise CheckpointError(f"{run_dir} has no completed stage (no */final/{FINAL_WEIGHTS})")
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
-    base = BasePaths.for_run(config.model, run_dir)
-    built = build_model(
-        config.model, VdepConfig(), tokenizer, base, AttentionChoice("sdpa", "evaluation"), torch.float32,
-        device or torch.device("cpu"),
-    )
-    for name in stages:
-        load_weights_file(built.model, run_dir / name / "final" / FINAL_WEIGHTS)
-    built.model.to(device or torch.device("cpu")).eval()
-    return TrainedModel(
-        built.model, tokenizer, built.spec, load_image_processing(base, config.data.pad_to_square), config, stages
-    )
+    tokenizer = load_tokenizer(run.tokenizer)
+    base = run.base_paths(config.model)
+    spec = model_spec(config.model, base, tokenizer)
+    model = build_model(config.model, spec, tokenizer, base, AttentionChoice("sdpa", "evaluation"), torch.float32)
+    weights = stage_weights(run, config, stage)
+    for path in weights:
+        load_weights_file(model, path)
+    model.to(device or torch.device("cpu")).eval()
+    image_processing = load_image_processing(base, config.data.pad_to_square)
+    return TrainedModel(model, tokenizer, spec, image_processing, config, stage, weights)
 
 
 def normalise_answer(text: str) -> str:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .templates import IGNORE_INDEX
+from ..conventions import IGNORE_INDEX
 
 
 @dataclass

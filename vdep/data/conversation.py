@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-IMAGE_MARKER = "<image>"
+from ..conventions import IMAGE_MARKER
 
 _ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -22,6 +22,11 @@ class SampleError(Exception):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+    def __reduce__(self):
+        # Pickling an exception re-creates it from `args` (the message alone), which this __init__ refuses:
+        # the shard builder sends SampleErrors (broken JSONL lines) to its worker processes.
+        return type(self), (self.reason, str(self)), self.__dict__
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,12 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..objectives.modes import round_half_up
+from ..conventions import IGNORE_INDEX, round_half_up
 from .batch import Batch, ProcessedSample, collate, collate_packed
 from .conversation import SampleError, check_image_markers, parse_conversation
 from .images import ImageProcessing, decode_image, image_pixels
 from .shards import IMAGE_EXTENSIONS, Shard, plan_epoch
-from .templates import IGNORE_INDEX, ConversationTemplate, TemplateTokenizer, TokenizedConversation
+from .templates import ConversationTemplate, TemplateTokenizer, TokenizedConversation
 
 # Skip messages kept per batch; the counts are always complete.
 MAX_MESSAGES_PER_BATCH = 5

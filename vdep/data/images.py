@@ -85,10 +85,18 @@ class ImageProcessing:
             raise FileNotFoundError(path)
         return cls.from_hf_dict(json.loads(path.read_text()), pad_to_square)
 
-    def to_hf_dict(self, processor_type: str = "CLIPImageProcessor") -> dict:
-        """The `preprocessor_config.json` content that reproduces this processing (without padding)."""
+    @classmethod
+    def tiny(cls, family: str, image_size: int) -> ImageProcessing:
+        """The processing of a tiny random-init tower: the family's usual settings at `image_size`."""
+        if family == "siglip":
+            return cls(None, (image_size, image_size), None, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        return cls(image_size, None, (image_size, image_size), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+    def to_hf_dict(self, family: str) -> dict:
+        """The `preprocessor_config.json` content that reproduces this processing (without padding) for a
+        tower of `family` ("clip" or "siglip")."""
         config: dict = {
-            "image_processor_type": processor_type,
+            "image_processor_type": "SiglipImageProcessor" if family == "siglip" else "CLIPImageProcessor",
             "do_resize": True,
             "resample": self.resample,
             "do_rescale": True,

@@ -43,6 +43,39 @@ class DataPosition:
                    {int(k): ConsumerState.from_json(v) for k, v in data["consumers"].items()})
 
 
+@dataclass(frozen=True)
+class StageLength:
+    """How long a stage trains, and what an epoch is.
+
+    An epoch is one pass over the stage's shards: every sample read once (or, with `data.split:
+    resample`, each consumer's drawn share). `epochs: E` (a fraction allowed) trains E passes and
+    then stops, even when samples skipped on the way (undecodable, too long) made a pass end before
+    the steps sizes.json promised; it never starts an extra pass to make up steps. `planned_steps`,
+    the LR schedule's and the progress bar's length, is the sizes.json count, so such a stage ends a
+    little early, with the LR not quite at its floor (the stage summary says by how much). `max_steps`
+    trains exactly that many steps, repeating the data epoch after epoch as needed.
+    """
+
+    planned_steps: int
+    max_steps: int | None
+    whole_epochs: int
+    final_epoch_steps: int  # steps of the fractional last epoch (0: none)
+
+    def done(self, step: int, epoch: int, steps_in_epoch: int) -> bool:
+        """Whether training stops at this point: `step` steps done, `steps_in_epoch` of them in `epoch`."""
+        if step >= self.planned_steps:
+            return True
+        if self.max_steps is not None:
+            return False
+        return epoch > self.whole_epochs or (epoch == self.whole_epochs and steps_in_epoch >= self.final_epoch_steps)
+
+    def describe(self) -> str:
+        if self.max_steps is not None:
+            return f"{self.max_steps} steps (max_steps)"
+        part = " and a part" if self.final_epoch_steps else ""
+        return f"{self.planned_steps} steps ({self.whole_epochs} epoch(s){part}, by sizes.json)"
+
+
 @dataclass
 class StageLoader:
     """Yields this rank's micro-batches, epoch by epoch, and knows every epoch's length in steps."""
@@ -89,22 +122,21 @@ class StageLoader:
         per_rank = micro_batches_per_rank(plans, s.world_size, self.num_workers, s.micro_batch_size)
         return min(per_rank) // self.grad_accum_steps
 
-    def total_steps(self, epochs: float, max_steps: int | None) -> int:
-        """Optimizer steps of the stage: `max_steps`, or `epochs` worth of steps (a fraction allowed)."""
-        if max_steps is not None:
-            return max_steps
+    def stage_length(self, epochs: float, max_steps: int | None) -> StageLength:
+        """How long a stage of `epochs` epochs (a fraction allowed), or of `max_steps` steps, trains."""
         whole, fraction = int(epochs), epochs - int(epochs)
-        total = sum(self.steps_in_epoch(e) for e in range(whole))
-        if fraction > 0:
-            total += math.floor(fraction * self.steps_in_epoch(whole))
-        if total == 0:
+        final_epoch_steps = math.floor(fraction * self.steps_in_epoch(whole)) if fraction > 0 else 0
+        planned = sum(self.steps_in_epoch(e) for e in range(whole)) + final_epoch_steps
+        if max_steps is not None:
+            return StageLength(max_steps, max_steps, whole, final_epoch_steps)
+        if planned == 0:
             s = self.stream
             raise DataError(
                 f"the data gives no complete optimizer step: {sum(x.num_samples for x in s.shards)} samples "
                 f"for {s.world_size} rank(s) × {self.grad_accum_steps} accumulation step(s) × micro-batch "
                 f"{s.micro_batch_size}; add data or reduce the batch size"
             )
-        return total
+        return StageLength(planned, None, whole, final_epoch_steps)
 
     @property
     def workers(self) -> int:

@@ -19,10 +19,9 @@ import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from ..conventions import IGNORE_INDEX, IMAGE_MARKER
 from ..errors import DataError
-from .conversation import IMAGE_MARKER, SampleError, Turn
-
-IGNORE_INDEX = -100
+from .conversation import SampleError, Turn
 
 VICUNA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "

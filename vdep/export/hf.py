@@ -14,8 +14,6 @@ from __future__ import annotations
 import copy
 import datetime
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,15 +22,18 @@ from transformers import GenerationConfig, LlavaProcessor
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from .. import __version__
-from ..config import STAGE_NAMES, VdepConfig
+from ..atomic import atomic_folder
+from ..config import STAGE_NAMES
 from ..data.images import ImageProcessing
 from ..data.shards import SIZES_FILE
 from ..data.templates import make_template
 from ..errors import CheckpointError
 from ..log import get_logger
 from ..model.attention import AttentionChoice
-from ..model.build import BasePaths, BuiltModel, build_model, load_image_processing
+from ..model.build import build_model, load_image_processing, model_spec
+from ..model.llava import VdepLlava
 from ..model.tokenizer import load_tokenizer
+from ..rundir import RunDir
 from ..structured import unstructure
 from .chat_templates import export_chat_template
 from .layout import NOT_EXPORTED, llava_config, num_additional_image_tokens, to_hf_name
@@ -48,7 +49,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 class ExportResult:
     out: Path
     source: ExportSource
-    built: BuiltModel
+    model: VdepLlava
     tokenizer: object
     image_processing: ImageProcessing
     template: str
@@ -76,8 +77,8 @@ def image_processor_for(processing: ImageProcessing) -> LlavaImageProcessorPil:
     return LlavaImageProcessorPil(**kwargs)
 
 
-def apply_layers(built: BuiltModel, source: ExportSource) -> None:
-    params = dict(built.model.named_parameters())
+def apply_layers(model: VdepLlava, source: ExportSource) -> None:
+    params = dict(model.named_parameters())
     for layer in source.layers:
         for name, tensor in layer.items():
             if name.startswith(NOT_EXPORTED):
@@ -95,10 +96,10 @@ def apply_layers(built: BuiltModel, source: ExportSource) -> None:
         log.info("export: applied %s", layer.description)
 
 
-def write_weights(built: BuiltModel, out: Path, max_shard_bytes: int, tied_lm_head: bool) -> int:
+def write_weights(model: VdepLlava, out: Path, max_shard_bytes: int, tied_lm_head: bool) -> int:
     writer = ShardedWriter(out, max_shard_bytes)
     seen: set[int] = set()
-    for name, param in built.model.named_parameters():
+    for name, param in model.named_parameters():
         hf_name = to_hf_name(name)
         if hf_name is None or id(param) in seen or (tied_lm_head and name.startswith("lm_head.")):
             continue
@@ -154,8 +155,8 @@ def model_card(source: ExportSource, template: str, dtype: str) -> str:
         stage = getattr(config.stages, name)
         if stage is None:
             continue
-        summary_path = source.run_dir / name / "final" / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        stage_dir = RunDir(source.run_dir).stage(name)
+        summary = stage_dir.read_summary() if stage_dir.summary_file.is_file() else {}
         final = summary.get("final", {})
         samples = 0
         for shard_dir in stage.shards:
@@ -181,21 +182,26 @@ def export_hf(checkpoint: Path, out: Path, dtype: str = "bf16", max_shard_size: 
         raise CheckpointError(f"{out} is not empty; choose a new --out folder")
     source = resolve_source(checkpoint)
     log.info("export: %s from %s", source.description, source.run_dir)
-    tokenizer = load_tokenizer(source.run_dir / "tokenizer")
-    base = BasePaths.for_run(source.config.model, source.run_dir)
-    built = build_model(
-        source.config.model, VdepConfig(), tokenizer, base, AttentionChoice("sdpa", "export"), DTYPES[dtype],
-        torch.device("cpu"),
-    )
-    config = llava_config(built.model, built.spec, built.family, tokenizer)
-    apply_layers(built, source)
+    run = RunDir(source.run_dir)
+    tokenizer = load_tokenizer(run.tokenizer)
+    base = run.base_paths(source.config.model)
+    spec = model_spec(source.config.model, base, tokenizer)
+    model = build_model(source.config.model, spec, tokenizer, base, AttentionChoice("sdpa", "export"), DTYPES[dtype])
+    config = llava_config(model, tokenizer)
+    apply_layers(model, source)
     template = exported_template(source)
     image_processing = load_image_processing(base, source.config.data.pad_to_square)
+    with atomic_folder(out) as tmp:
+        shards = write_export(tmp, model, config, tokenizer, image_processing, template, source, dtype,
+                              parse_size(max_shard_size))
+    log.info("export: wrote %s (%d weight shard(s), %s)", out, shards, config.torch_dtype)
+    return ExportResult(out, source, model, tokenizer, image_processing, template)
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shards = write_weights(built, tmp, parse_size(max_shard_size), config.tie_word_embeddings)
+
+def write_export(tmp: Path, model: VdepLlava, config, tokenizer, image_processing: ImageProcessing, template: str,
+                 source: ExportSource, dtype: str, max_shard_bytes: int) -> int:
+    """Every file of the export into `tmp`; returns the number of weight shards."""
+    shards = write_weights(model, tmp, max_shard_bytes, config.tie_word_embeddings)
     config.torch_dtype = dtype_name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
     config.save_pretrained(tmp)
     training_template = make_template(template, tokenizer)
@@ -208,10 +214,10 @@ def export_hf(checkpoint: Path, out: Path, dtype: str = "bf16", max_shard_size: 
     processor = LlavaProcessor(
         image_processor=image_processor_for(image_processing),
         tokenizer=exported_tokenizer,
-        patch_size=built.model.vision_tower.config.patch_size,
-        vision_feature_select_strategy=built.spec.feature_select,
+        patch_size=model.vision_tower.config.patch_size,
+        vision_feature_select_strategy=model.spec.feature_select,
         chat_template=chat_template,
-        num_additional_image_tokens=num_additional_image_tokens(built.family),
+        num_additional_image_tokens=num_additional_image_tokens(model.spec.family),
     )
     processor.save_pretrained(tmp)
     processor.image_processor.save_pretrained(tmp)  # preprocessor_config.json, for readers older than transformers 5
@@ -220,8 +226,4 @@ def export_hf(checkpoint: Path, out: Path, dtype: str = "bf16", max_shard_size: 
         pad_token_id=tokenizer.pad_token_id,
     ).save_pretrained(tmp)
     (tmp / "README.md").write_text(model_card(source, template, dtype_name))
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
-    log.info("export: wrote %s (%d weight shard(s), %s)", out, shards, dtype_name)
-    return ExportResult(out, source, built, tokenizer, image_processing, template)
+    return shards

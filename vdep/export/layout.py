@@ -14,7 +14,7 @@ from __future__ import annotations
 from transformers import LlavaConfig, PreTrainedTokenizerBase
 
 from ..errors import CheckpointError
-from ..model.llava import MultimodalSpec, VdepLlava
+from ..model.llava import VdepLlava
 
 NOT_EXPORTED = ("vdep_head.",)
 
@@ -54,8 +54,9 @@ def from_hf_name(name: str) -> str:
     raise CheckpointError(f"weight {name!r} is not part of a Llava checkpoint")
 
 
-def llava_config(model: VdepLlava, spec: MultimodalSpec, family: str, tokenizer: PreTrainedTokenizerBase) -> LlavaConfig:
+def llava_config(model: VdepLlava, tokenizer: PreTrainedTokenizerBase) -> LlavaConfig:
     """The `LlavaConfig` that makes transformers build exactly this model."""
+    spec = model.spec
     projector = model.multi_modal_projector
     if getattr(projector, "kind", "mlp2x_gelu") != "mlp2x_gelu":
         raise CheckpointError(

@@ -18,13 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors import safe_open
 
 from ..config import STAGE_NAMES, TrainConfig
 from ..errors import CheckpointError
-from ..structured import structure
-from ..train.checkpoint import FINAL_WEIGHTS, latest_tag, stage_is_complete, starting_weights
+from ..rundir import FINAL_WEIGHTS, LATEST, RunDir, latest_tag, stage_weights, tag_step
 
 
 class WeightLayer:
@@ -88,82 +86,64 @@ class ExportSource:
         return " → ".join(self.stages[:-1] + [last])
 
 
-def find_run_dir(path: Path) -> Path:
-    for folder in (path, *path.parents):
-        if (folder / "config.yaml").is_file():
-            return folder
-    raise CheckpointError(
-        f"no vdep run directory (a folder with config.yaml) contains {path}; the exporter needs the run's config, "
-        "tokenizer and base weights"
-    )
-
-
-def read_run_config(run_dir: Path) -> TrainConfig:
-    path = run_dir / "config.yaml"
-    return structure(TrainConfig, yaml.safe_load(path.read_text()), source=str(path))
-
-
 def _zero_checkpoint(path: Path) -> tuple[Path, str] | None:
     """(checkpoints folder, tag) if `path` is a DeepSpeed checkpoint folder or one of its tags."""
-    if (path / "latest").is_file():
+    if (path / LATEST).is_file():
         tag = latest_tag(path)
         if tag is None:
-            raise CheckpointError(f"{path / 'latest'} names a checkpoint that does not exist")
+            raise CheckpointError(f"{path / LATEST} names a checkpoint that does not exist")
         return path, tag
     if any(path.glob("*model_states.pt")):
         return path.parent, path.name
     return None
 
 
+def _from_stage(run: RunDir, config: TrainConfig, name: str, zero: tuple[Path, str] | None) -> ExportSource:
+    """Stage `name`'s final weights (zero=None), or one of its DeepSpeed checkpoints on top of what the
+    stage started from."""
+    source = ExportSource(run.path, config)
+    for path in stage_weights(run, config, name, final=zero is None):
+        source.layers.append(SafetensorsLayer(path))
+        source.stages.append(path.parent.parent.name)
+    if zero is not None:
+        source.layers.append(ZeroCheckpointLayer(*zero))
+        source.stages.append(name)
+        source.step = tag_step(zero[1])
+    return source
+
+
+def _from_run(run: RunDir, config: TrainConfig) -> ExportSource:
+    """A run directory's newest result: its last complete stage, or a later stage's latest checkpoint."""
+    source = ExportSource(run.path, config)  # no stage trained yet: the base weights
+    for name in STAGE_NAMES:
+        if getattr(config.stages, name) is None:
+            continue
+        stage_dir = run.stage(name)
+        if stage_dir.is_complete:
+            source = _from_stage(run, config, name, None)
+            continue
+        zero = _zero_checkpoint(stage_dir.checkpoints) if stage_dir.checkpoints.is_dir() else None
+        if zero is not None:
+            return _from_stage(run, config, name, zero)
+        # this stage never ran: a run can start at a later one (`stage=finetune`)
+    return source
+
+
 def resolve_source(path: Path) -> ExportSource:
     path = path.resolve()
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
-    run_dir = find_run_dir(path)
-    config = read_run_config(run_dir)
-    source = ExportSource(run_dir, config)
-
-    def add_stage(name: str, final: bool) -> None:
-        for earlier in starting_weights(config, run_dir, name):
-            if not any(isinstance(layer, SafetensorsLayer) and layer.path == earlier for layer in source.layers):
-                source.layers.append(SafetensorsLayer(earlier))
-                source.stages.append(earlier.parent.parent.name)
-        if final:
-            source.layers.append(SafetensorsLayer(run_dir / name / "final" / FINAL_WEIGHTS))
-        source.stages.append(name)
-
-    if path == run_dir:
-        for name in STAGE_NAMES:
-            if getattr(config.stages, name) is None:
-                continue
-            if stage_is_complete(run_dir / name):
-                source.layers.clear()
-                source.stages.clear()
-                add_stage(name, final=True)
-                continue
-            zero = _zero_checkpoint(run_dir / name / "checkpoints") if (run_dir / name / "checkpoints").is_dir() else None
-            if zero is None:
-                continue  # this stage never ran: a run can start at a later one (`stage=finetune`)
-            source.layers.clear()
-            source.stages.clear()
-            add_stage(name, final=False)
-            source.layers.append(ZeroCheckpointLayer(*zero))
-            source.step = int(zero[1].rsplit("_", 1)[-1]) if zero[1].startswith("step_") else None
-            break
-        return source
-    stage_dir = next((folder for folder in (path, *path.parents) if folder.parent == run_dir), None)
-    if stage_dir is None or stage_dir.name not in STAGE_NAMES:
-        raise CheckpointError(f"{path} is not inside a stage folder ({', '.join(STAGE_NAMES)}) of {run_dir}")
+    run = RunDir.containing(path)
+    config = run.read_config()
+    if path == run.path:
+        return _from_run(run, config)
+    stage_path = next((folder for folder in (path, *path.parents) if folder.parent == run.path), None)
+    if stage_path is None or stage_path.name not in STAGE_NAMES:
+        raise CheckpointError(f"{path} is not inside a stage folder ({', '.join(STAGE_NAMES)}) of {run.path}")
     zero = _zero_checkpoint(path) if path.is_dir() else None
-    if zero is not None:
-        add_stage(stage_dir.name, final=False)
-        source.layers.append(ZeroCheckpointLayer(*zero))
-        source.step = int(zero[1].rsplit("_", 1)[-1]) if zero[1].startswith("step_") else None
-        return source
-    if not stage_is_complete(stage_dir):
+    if zero is None and not run.stage(stage_path.name).is_complete:
         raise CheckpointError(
-            f"{stage_dir} has no final weights ({FINAL_WEIGHTS}); export one of its checkpoints instead "
-            f"(--checkpoint {stage_dir / 'checkpoints'})"
+            f"{stage_path} has no final weights ({FINAL_WEIGHTS}); export one of its checkpoints instead "
+            f"(--checkpoint {stage_path / 'checkpoints'})"
         )
-    add_stage(stage_dir.name, final=True)
-    return source
+    return _from_stage(run, config, stage_path.name, zero)

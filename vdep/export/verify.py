@@ -10,17 +10,16 @@ and prompt through it and through vdep's own model, and checks:
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from ..data.conversation import IMAGE_MARKER, Turn
+from ..conventions import IMAGE_MARKER
+from ..data.conversation import Turn
 from ..data.images import preprocess_image
 from ..data.templates import TemplateTokenizer, make_template
-from ..demo_data import Scene, draw_scene
 from ..model.generate import greedy_generate, until_stop
 from .hf import ExportResult
 
@@ -58,8 +57,12 @@ class ParityReport:
 
 
 def probe_image() -> Image.Image:
-    """A non-square image, so that the pad-to-square path is exercised."""
-    return draw_scene(Scene("red", "circle", "top left"), random.Random(0)).resize((120, 80))
+    """A non-square image with edges and colours, so that the pad-to-square and resize paths are exercised."""
+    image = Image.new("RGB", (120, 80), (40, 90, 160))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((10, 8, 60, 58), fill=(220, 30, 30))
+    draw.rectangle((70, 30, 110, 75), fill=(250, 220, 40))
+    return image
 
 
 def verify_export(result: ExportResult, max_new_tokens: int = 8) -> ParityReport:
@@ -79,7 +82,7 @@ def verify_export(result: ExportResult, max_new_tokens: int = 8) -> ParityReport
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
     inputs = processor(images=image, text=prompt, return_tensors="pt")
 
-    spec = result.built.spec
+    spec = result.model.spec
     template = make_template(result.template, result.tokenizer)
     encoder = TemplateTokenizer(result.tokenizer, spec.image_token_id, spec.num_image_tokens)
     ids = encoder.encode(template.prompt_segments(turns, has_image=True)).input_ids
@@ -87,7 +90,7 @@ def verify_export(result: ExportResult, max_new_tokens: int = 8) -> ParityReport
     report.input_ids_equal = inputs["input_ids"][0].tolist() == ids
     report.pixel_values_equal = torch.equal(inputs["pixel_values"].float(), pixels)
 
-    model = result.built.model.float().eval()  # the exported weights, now computed in fp32
+    model = result.model.float().eval()  # the exported weights, now computed in fp32
     input_ids = torch.tensor([ids])
     with torch.no_grad():
         embeds = model.embed(input_ids, pixels, 1)

@@ -23,8 +23,6 @@ import triton
 import triton.language as tl
 
 NORMS = {"none": 0, "layernorm": 1, "l2": 2}
-LAYERNORM_EPS = 1e-5  # F.layer_norm's default
-L2_EPS = 1e-12  # F.normalize's default
 MAX_HIDDEN = 16384
 
 
@@ -34,10 +32,10 @@ def _normalise(x, mask, D, NORM: tl.constexpr):
     if NORM == 1:
         mean = tl.sum(x, axis=0) / D
         centred = tl.where(mask, x - mean, 0.0)
-        inv = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / D + 1e-5)
+        inv = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / D + 1e-5)  # F.layer_norm's default eps
         return centred * inv, inv
     elif NORM == 2:
-        inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)), 1e-12)
+        inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)), 1e-12)  # F.normalize's default eps
         return x * inv, inv
     else:
         return x, 1.0

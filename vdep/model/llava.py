@@ -13,7 +13,6 @@ Parameter names mirror transformers' Llava layout (`vision_tower`, `multi_modal_
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,25 +20,23 @@ from torch import nn
 
 from ..data.images import normalise_pixels
 from ..objectives.losses import LossSums, text_loss_sum
+from ..objectives.objective import VdepTerm
 from ..objectives.supervision import ModelInputs
 from .vision import image_features
-
-VdepSumFn = Callable[..., torch.Tensor]
-# (hidden, embeds, image_targets, target_norm, detach_target) → (hidden states for the text loss, VDEP sum)
-VdepPassThroughFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
 class MultimodalSpec:
-    """Facts about the model that the forward needs and that do not live in any submodule."""
+    """Facts about the model that the forward, the data path and the objective need, and that no single
+    submodule holds (see `build.model_spec`)."""
 
     image_token_id: int
     num_image_tokens: int
     feature_layer: int
     feature_select: str
-    # VDEP term settings that shape the computation (alpha only weights the sum: see batch_loss).
-    target_norm: str = "none"
-    detach_target: bool = True
+    family: str  # of the vision tower: "clip" or "siglip"
+    vision_hidden_size: int
+    text_hidden_size: int
 
 
 class VdepLlava(nn.Module):
@@ -51,8 +48,7 @@ class VdepLlava(nn.Module):
         lm_head: nn.Module,
         vdep_head: nn.Module,
         spec: MultimodalSpec,
-        vdep_sum: VdepSumFn,
-        vdep_pass_through: VdepPassThroughFn | None = None,
+        vdep_term: VdepTerm,
     ):
         super().__init__()
         self.vision_tower = vision_tower
@@ -61,9 +57,8 @@ class VdepLlava(nn.Module):
         self.lm_head = lm_head
         self.vdep_head = vdep_head
         self.spec = spec
-        self.vdep_sum = vdep_sum
-        # The fused kernel's form that hands the hidden states on to the text loss (identity head only).
-        self.vdep_pass_through = vdep_pass_through
+        # The objective's implementation of the image term (reference or fused kernel) and its settings.
+        self.vdep_term = vdep_term
 
     def embed(
         self,
@@ -105,17 +100,9 @@ class VdepLlava(nn.Module):
         hidden = self.hidden_states(embeds, inputs.attention_mask, inputs.position_ids)
         # Always computed, also with nothing to supervise (an empty selection sums to a zero that is
         # still connected to `hidden`): every rank must run the same backward hooks under ZeRO-3.
-        spec = self.spec
-        if self.vdep_pass_through is not None:
-            # The text loss reads the hidden states through the fused VDEP node, whose backward adds
-            # the VDEP rows into the text loss's gradient in place (no full-size gradient of its own).
-            text_hidden, vdep = self.vdep_pass_through(
-                hidden, embeds, inputs.image_targets, spec.target_norm, spec.detach_target
-            )
-        else:
-            text_hidden = hidden
-            vdep = self.vdep_sum(hidden, embeds, inputs.image_targets, self.vdep_head, spec.target_norm,
-                                 spec.detach_target)
+        # With the fused kernel's pass-through form the text loss reads the hidden states through the VDEP
+        # node, whose backward adds the VDEP rows into the text loss's gradient in place.
+        text_hidden, vdep = self.vdep_term(hidden, embeds, inputs.image_targets, self.vdep_head)
         text = text_loss_sum(text_hidden, inputs.text_labels, self.lm_head)
         with torch.no_grad():
             predictors = inputs.image_positions[:, 1:]

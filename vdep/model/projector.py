@@ -1,4 +1,4 @@
-"""The projector from vision features to LLM embeddings, and the optional VDEP head."""
+"""The projector from vision features to LLM embeddings."""
 
 from __future__ import annotations
 
@@ -24,14 +24,3 @@ class MultiModalProjector(nn.Module):
         if self.kind == "mlp2x_gelu":
             hidden = self.linear_2(self.act(hidden))
         return hidden
-
-
-def make_vdep_head(kind: str, hidden_size: int) -> nn.Module:
-    """`identity`, or a D→D linear map initialised to the identity (trained, never exported)."""
-    if kind == "identity":
-        return nn.Identity()
-    head = nn.Linear(hidden_size, hidden_size)
-    with torch.no_grad():
-        head.weight.copy_(torch.eye(hidden_size))
-        head.bias.zero_()
-    return head

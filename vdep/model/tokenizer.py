@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from ..data.conversation import IMAGE_MARKER
+from ..conventions import IMAGE_MARKER
 from ..errors import ConfigError
 
 PAD_TOKEN = "<pad>"

@@ -50,6 +50,12 @@ def tiny_tower_config(tiny: TinyVisionTowerConfig) -> PretrainedConfig:
     )
 
 
+def config_hidden_size(config: PretrainedConfig) -> int:
+    """The hidden size of a vision or text config; a full CLIP/SigLIP config nests its vision part."""
+    vision = getattr(config, "vision_config", None)
+    return (vision or config).hidden_size
+
+
 def resolve_feature_select(config: VisionTowerConfig, family: str) -> str:
     if config.feature_select != "auto":
         return config.feature_select

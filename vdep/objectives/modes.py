@@ -9,13 +9,10 @@ Python's banker's rounding. Text-only samples are always in LLaVA mode.
 from __future__ import annotations
 
 import hashlib
-import math
 
 import torch
 
-
-def round_half_up(value: float) -> int:
-    return math.floor(value + 0.5)
+from ..conventions import round_half_up
 
 
 def mode_seed(seed: int, step: int) -> int:

@@ -20,8 +20,8 @@ from typing import NamedTuple
 import torch
 
 from ..config import VdepConfig
+from ..conventions import IGNORE_INDEX
 from ..data.batch import Batch
-from ..data.templates import IGNORE_INDEX
 
 
 class ModelInputs(NamedTuple):

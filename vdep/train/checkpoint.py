@@ -1,22 +1,24 @@
-"""Resumable checkpoints and the stage's final weights.
+"""Resumable checkpoints (`CheckpointManager`) and a stage's final weights.
 
-Layout of a stage directory (RUN_DIR/<stage>/):
-    checkpoints/step_00000100/   DeepSpeed engine state (trainable weights, optimizer, LR schedule),
-                                 vdep's client state, and one RNG file per rank
-    checkpoints/latest           the tag of the newest complete checkpoint: written by rank 0 (tmp file,
-                                 then rename) only after every rank finished its files, so a save
-                                 killed half-way leaves the previous checkpoint selected
-    final/trainable.safetensors  the stage's trainable weights, gathered (what the next stage, the
-                                 evaluation and the exporter read)
-    final/summary.json           steps, final losses, skipped samples
+A checkpoint of a stage (RUN_DIR/<stage>/checkpoints/step_00000100/) holds
+    DeepSpeed's files            trainable weights, optimizer state and LR schedule, written by
+                                 `engine.save_checkpoint` (torch pickles: see docs/cluster.md)
+    vdep_rank00000.json          per rank, written by vdep: where training stands (`TrainState`, with
+                                 this rank's skip counts), this rank's data position, and its Python and
+                                 NumPy RNG states
+    rng_rank00000.safetensors    per rank: the torch (and CUDA) RNG states
+vdep's files load without unpickling anything. Every rank writes its own, so nothing is rank 0's
+alone (DeepSpeed's client state is written by rank 0 only under ZeRO-2). `checkpoints/latest` names
+the newest complete checkpoint: rank 0 moves it (write, rename) only after every rank finished its
+files, so a save killed half-way leaves the previous checkpoint selected.
 
 Checkpoints leave out frozen parameters: they are the base weights, which a resumed run loads again.
+At the end of a stage its trainable weights are gathered into final/trainable.safetensors (rundir.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -24,22 +26,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import STAGE_NAMES, TrainConfig
+from ..atomic import atomic_path, atomic_write
+from ..data.loader import DataPosition
 from ..errors import CheckpointError
+from ..log import get_logger
 from ..model.build import gathered
+from ..rundir import LATEST, StageDir, checkpoint_tag, latest_tag, tag_step
 from .distributed import barrier
 from .faults import Faults
 
-FINAL_WEIGHTS = "trainable.safetensors"
-SUMMARY = "summary.json"
+log = get_logger("checkpoint")
+
+STATE_FORMAT = 1
 
 
 @dataclass
 class TrainState:
-    """vdep's part of a checkpoint: where training stands."""
+    """Where one rank's training of a stage stands."""
 
     stage: str
     step: int  # optimizer steps completed
@@ -47,91 +53,141 @@ class TrainState:
     micro_batches_in_epoch: int  # consumed by this rank in `epoch`
     world_size: int
     config_fingerprint: str
-    skipped_samples: dict[str, int] = field(default_factory=dict)
+    skipped_samples: dict[str, int] = field(default_factory=dict)  # by this rank, by reason
     nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient norm (no update)
+
+
+@dataclass
+class RestoredState:
+    train: TrainState
+    data_position: DataPosition | None  # None: a checkpoint written before vdep recorded positions
+    folder: Path
 
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def state_file(folder: Path, rank: int) -> Path:
+    return folder / f"vdep_rank{rank:05d}.json"
+
+
+def rng_file(folder: Path, rank: int) -> Path:
+    return folder / f"rng_rank{rank:05d}.safetensors"
+
+
+# ------------------------------------------------------------------------------------------ RNG state
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON-able Python and NumPy states, torch state tensors) of this process."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    plain = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(cached)],
+    }
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    return plain, tensors
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
 
 
-def checkpoint_tag(step: int) -> str:
-    return f"step_{step:08d}"
+# --------------------------------------------------------------------------------------- the manager
+class CheckpointManager:
+    """Saves and restores a stage's checkpoints; keeps the newest `keep_last` (0: all)."""
+
+    def __init__(self, stage_dir: StageDir, keep_last: int, faults: Faults | None = None):
+        self.folder = stage_dir.checkpoints
+        self.keep_last = keep_last
+        self.faults = faults
+
+    @property
+    def latest_step(self) -> int | None:
+        tag = latest_tag(self.folder)
+        return tag_step(tag) if tag is not None else None
+
+    def save(self, engine, state: TrainState, position: DataPosition) -> Path:
+        """Collective: every rank calls it. Returns the checkpoint folder."""
+        tag = checkpoint_tag(state.step)
+        engine.save_checkpoint(
+            str(self.folder), tag=tag, exclude_frozen_parameters=True,
+            save_latest=False,  # vdep moves the pointer itself, once every rank is done
+        )
+        folder = self.folder / tag
+        rank = _rank()
+        plain_rng, tensor_rng = rng_state()
+        with atomic_path(rng_file(folder, rank)) as temporary:
+            save_file(tensor_rng, str(temporary))
+        atomic_write(state_file(folder, rank), json.dumps({
+            "format": STATE_FORMAT, "train": asdict(state), "data_position": position.to_json(), "rng": plain_rng,
+        }))
+        if self.faults is not None:
+            self.faults.kill_in_save(state.step, rank, state.world_size)
+        barrier()  # every rank's files are written
+        if rank == 0:
+            atomic_write(self.folder / LATEST, tag)
+            self._remove_old(keep=tag)
+        barrier()
+        return folder
+
+    def _remove_old(self, keep: str) -> None:
+        if self.keep_last <= 0:
+            return
+        tags = sorted(p.name for p in self.folder.glob("step_*") if p.is_dir())
+        for old in tags[: -self.keep_last]:
+            if old != keep:
+                shutil.rmtree(self.folder / old, ignore_errors=True)
+
+    def restore(self, engine, world_size: int, fingerprint: str) -> RestoredState | None:
+        """Load the latest checkpoint into `engine` and this process (None: there is none).
+
+        vdep's own files are read and checked first, so a resume that cannot work (another number of
+        ranks, another model or data) is refused before DeepSpeed tries to load its partitions.
+        """
+        tag = latest_tag(self.folder)
+        if tag is None:
+            return None
+        folder = self.folder / tag
+        rank = _rank()
+        own = state_file(folder, rank)
+        if not own.is_file() and not state_file(folder, 0).is_file():
+            return self._restore_legacy(engine, folder)
+        written_by = json.loads(state_file(folder, 0).read_text())["train"]["world_size"]
+        if written_by != world_size:
+            raise CheckpointError(
+                f"{folder} was written by {written_by} rank(s); this run has {world_size}. "
+                "Resume with the same number of processes"
+            )
+        saved = json.loads(own.read_text())
+        train = TrainState(**saved["train"])
+        if train.config_fingerprint != fingerprint:
+            raise CheckpointError(f"{folder} was written with a different model or data config; use a new run.name")
+        engine.load_checkpoint(str(self.folder), tag=tag, load_module_strict=False)
+        set_rng_state(saved["rng"], load_file(str(rng_file(folder, rank))))
+        return RestoredState(train, DataPosition.from_json(saved["data_position"]), folder)
+
+    def _restore_legacy(self, engine, folder: Path) -> RestoredState:
+        """A checkpoint of vdep 0.1: the train state in DeepSpeed's client state (rank 0's under ZeRO-2),
+        the data position beside it, the RNG state in a pickle (not read: it would have to be unpickled)."""
+        _, client_state = engine.load_checkpoint(str(self.folder), tag=folder.name, load_module_strict=False)
+        if client_state is None or "vdep" not in client_state:
+            raise CheckpointError(f"{folder} is not a vdep checkpoint (no vdep_rank*.json, no vdep client state)")
+        position_file = folder / f"data_rank{_rank():05d}.json"
+        position = DataPosition.from_json(json.loads(position_file.read_text())) if position_file.is_file() else None
+        log.warning("%s was written by vdep 0.1: its RNG state is not restored (it is a pickle)", folder)
+        return RestoredState(TrainState(**client_state["vdep"]), position, folder)
 
 
-def latest_tag(checkpoints: Path) -> str | None:
-    pointer = checkpoints / "latest"
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    return tag if (checkpoints / tag).is_dir() else None
-
-
-def data_position_file(folder: Path, rank: int) -> Path:
-    return folder / f"data_rank{rank:05d}.json"
-
-
-def read_data_position(folder: Path) -> dict | None:
-    """This rank's loader position in a checkpoint (None for a checkpoint written without one)."""
-    path = data_position_file(folder, _rank())
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def save_checkpoint(engine, checkpoints: Path, state: TrainState, keep_last: int, faults: Faults | None = None,
-                    data_position: dict | None = None) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
-    tag = checkpoint_tag(state.step)
-    engine.save_checkpoint(
-        str(checkpoints), tag=tag, client_state={"vdep": asdict(state)}, exclude_frozen_parameters=True,
-        save_latest=False,  # vdep moves the pointer itself, once every rank is done
-    )
-    folder = checkpoints / tag
-    torch.save(_rng_state(), folder / f"rng_rank{_rank():05d}.pt")
-    if data_position is not None:
-        data_position_file(folder, _rank()).write_text(json.dumps(data_position))
-    if faults is not None:
-        faults.kill_in_save(state.step, _rank(), state.world_size)
-    barrier()  # every rank's files are written
-    if _rank() == 0:
-        pointer = checkpoints / "latest"
-        tmp = pointer.with_name("latest.tmp")
-        tmp.write_text(tag)
-        os.replace(tmp, pointer)
-        if keep_last > 0:
-            tags = sorted(p.name for p in checkpoints.glob("step_*") if p.is_dir())
-            for old in tags[:-keep_last]:
-                if old != tag:
-                    shutil.rmtree(checkpoints / old, ignore_errors=True)
-    barrier()
-    return folder
-
-
-def load_checkpoint(engine, checkpoints: Path, tag: str) -> TrainState:
-    _, client_state = engine.load_checkpoint(str(checkpoints), tag=tag, load_module_strict=False)
-    if client_state is None or "vdep" not in client_state:
-        raise CheckpointError(f"{checkpoints / tag} is not a vdep checkpoint (no vdep client state)")
-    rng_file = checkpoints / tag / f"rng_rank{_rank():05d}.pt"
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
-    return TrainState(**client_state["vdep"])
-
-
-def save_final_weights(model: nn.Module, final_dir: Path, summary: dict) -> Path:
+def save_final_weights(model: nn.Module, stage_dir: StageDir, summary: dict) -> Path:
     """Collective: gathers every trainable parameter (one at a time); rank 0 writes the file."""
     tensors = {}
     for name, param in model.named_parameters():
@@ -140,52 +196,9 @@ def save_final_weights(model: nn.Module, final_dir: Path, summary: dict) -> Path
         with gathered([param]):
             if _rank() == 0:
                 tensors[name] = param.detach().to("cpu", copy=True).contiguous()
-    path = final_dir / FINAL_WEIGHTS
     if _rank() == 0:
-        final_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"stage": str(summary.get("stage", ""))})
-        (final_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, path)  # the weights file appears last: its presence means the stage is complete
+        atomic_write(stage_dir.summary_file, json.dumps(summary, indent=1))
+        with atomic_path(stage_dir.final_weights) as temporary:  # last: its presence means the stage is complete
+            save_file(tensors, str(temporary), metadata={"stage": str(summary.get("stage", ""))})
     barrier()
-    return path
-
-
-def stage_is_complete(stage_dir: Path) -> bool:
-    return (stage_dir / "final" / FINAL_WEIGHTS).is_file()
-
-
-def read_summary(stage_dir: Path) -> dict:
-    return json.loads((stage_dir / "final" / SUMMARY).read_text())
-
-
-def starting_weights(config: TrainConfig, run_dir: Path, name: str) -> list[Path]:
-    """Final weights to load, in order, on top of the base model before stage `name` starts.
-
-    `init_from: previous` means every earlier stage of this run (each must be complete), `none` means
-    nothing, and a path names one stage result (its folder, its final/ folder or the file itself).
-    """
-    stage = getattr(config.stages, name)
-    if stage.init_from == "none":
-        return []
-    if stage.init_from == "previous":
-        files = []
-        for earlier in STAGE_NAMES[: STAGE_NAMES.index(name)]:
-            if getattr(config.stages, earlier) is None:
-                continue
-            stage_dir = run_dir / earlier
-            if not stage_is_complete(stage_dir):
-                raise CheckpointError(
-                    f"stage {name} starts from the {earlier} stage's result, but {stage_dir / 'final'} has none; "
-                    f"run stage={earlier} first, or set stages.{name}.init_from=none (or to another run's result)"
-                )
-            files.append(stage_dir / "final" / FINAL_WEIGHTS)
-        return files
-    path = Path(stage.init_from)
-    for candidate in (path, path / FINAL_WEIGHTS, path / "final" / FINAL_WEIGHTS):
-        if candidate.is_file():
-            return [candidate]
-    raise CheckpointError(
-        f"stages.{name}.init_from={stage.init_from}: no {FINAL_WEIGHTS} there (give a stage folder, its final/ "
-        "folder or the file itself)"
-    )
+    return stage_dir.final_weights

@@ -17,7 +17,15 @@ import torch
 
 from ..errors import ConfigError
 
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+def _presets_dir() -> Path:
+    """ds_configs/: inside the installed package (a wheel), or at the top of a source checkout."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "ds_configs"
+    return installed if installed.is_dir() else package.parent / "ds_configs"
+
+
+PRESETS_DIR = _presets_dir()
 
 
 def find_preset(name_or_path: str) -> Path:

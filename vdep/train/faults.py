@@ -4,8 +4,10 @@ VDEP_INJECT_FAULTS is a comma-separated list of FAULT@STEP items, STEP counting 
     nan_loss@3         every rank's loss of step 3 becomes NaN (its gradients too)
     kill_in_save@4     rank 1 (or 0 in a 1-rank run) is SIGKILLed while the step-4 checkpoint is being
                        written: after its own files, before every rank finished
-The tests use these to show that a non-finite step is skipped and that a save killed half-way never
-becomes the latest checkpoint.
+    kill_before_final@6  every rank is SIGKILLed when the stage ends at step 6, after its last checkpoint
+                       and before its final weights
+The tests use these to show that a non-finite step is skipped, that a save killed half-way never
+becomes the latest checkpoint, and that a stage killed after its last checkpoint finishes from it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError
 
 ENV = "VDEP_INJECT_FAULTS"
-KINDS = ("nan_loss", "kill_in_save")
+KINDS = ("nan_loss", "kill_in_save", "kill_before_final")
 
 
 @dataclass(frozen=True)
@@ -40,4 +42,8 @@ class Faults:
 
     def kill_in_save(self, step: int, rank: int, world_size: int) -> None:
         if step in self.at.get("kill_in_save", ()) and rank == min(1, world_size - 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def kill_before_final(self, step: int) -> None:
+        if step in self.at.get("kill_before_final", ()):
             os.kill(os.getpid(), signal.SIGKILL)

@@ -14,17 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import VdepConfig
 from ..data.batch import Batch
-from ..model.llava import MultimodalSpec
 from ..objectives.losses import GlobalCounts
-from ..objectives.modes import assign_vdep_modes
-from ..objectives.supervision import ModelInputs, prepare_inputs
+from ..objectives.objective import VdepObjective
+from ..objectives.supervision import ModelInputs
 from .distributed import all_gather_rows, all_reduce_sum
 
 # Layout of the per-rank row exchanged at the start of a step.
-_READY, _TOKENS, _SQUARED_LENGTHS, _IMAGES = 0, 1, 2, 3
-_HEADER = 3
+_READY, _TOKENS, _SQUARED_LENGTHS = 0, 1, 2
+_HEADER = 3  # then one has-image flag per sample slot
 
 
 @dataclass
@@ -42,10 +40,8 @@ def plan_step(
     micro_batches: list[Batch] | None,
     *,
     step: int,
-    seed: int,
     slots_per_rank: int,
-    vdep: VdepConfig,
-    spec: MultimodalSpec,
+    objective: VdepObjective,
     device: torch.device,
 ) -> StepPlan | None:
     """None when some rank has no full share left in this epoch (the same answer on every rank)."""
@@ -60,15 +56,14 @@ def plan_step(
     if not bool(table[:, _READY].all()):
         return None
     has_image = table[:, _HEADER:].bool()
-    ratio = vdep.mode_ratio if vdep.enabled else 0.0
-    modes = assign_vdep_modes(has_image.flatten(), ratio, seed, step).view_as(has_image)
+    modes = objective.modes(has_image.flatten(), step).view_as(has_image)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     my_modes = modes[rank]
     inputs = []
     offset = 0
     for batch in micro_batches:  # type: ignore[union-attr]
         samples = batch.num_samples
-        inputs.append(prepare_inputs(batch, my_modes[offset : offset + samples], vdep, spec.image_token_id, spec.num_image_tokens))
+        inputs.append(objective.prepare(batch, my_modes[offset : offset + samples]))
         offset += samples
     local = torch.tensor([sum(i.num_text_targets for i in inputs), sum(i.num_image_targets for i in inputs)])
     text, image = all_reduce_sum(local.to(device)).cpu().tolist()

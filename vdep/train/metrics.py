@@ -1,6 +1,7 @@
 """What a stage reports: TensorBoard scalars, a progress bar or log lines, throughput and MFU.
 
-Only rank 0 writes: TensorBoard events in RUN_DIR/tensorboard/<stage>/ and the same scalars, one JSON
+Only rank 0 writes: TensorBoard events in RUN_DIR/tensorboard/<stage>/ (a resumed stage purges the events
+after its checkpoint's step, so no step appears twice) and the same scalars, one JSON
 object per logged step, in RUN_DIR/<stage>/metrics.jsonl. The scalars: `loss/text`, `loss/vdep`,
 `loss/total`, `lr/<group>`, `grad_norm`, `tokens/text`, `tokens/image`, `norm/hidden_at_image`,
 `norm/target_at_image`, `throughput/samples_per_s`, `throughput/tokens_per_s`,
@@ -10,19 +11,19 @@ object per logged step, in RUN_DIR/<stage>/metrics.jsonl. The scalars: `loss/tex
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write
 from ..data.batch import Batch
 from ..log import get_logger
 from ..objectives.losses import LossSums
+from ..rundir import RunDir
 from .distributed import all_reduce_sum
 from .global_batch import StepPlan
 
@@ -75,7 +76,7 @@ class FlopModel:
 class StageMetrics:
     """Rank 0's reporter for one stage; on other ranks every method does nothing."""
 
-    def __init__(self, run_dir: Path, stage: str, total_steps: int, start_step: int, enabled: bool):
+    def __init__(self, run: RunDir, stage: str, total_steps: int, start_step: int, enabled: bool):
         self.enabled = enabled
         self.stage = stage
         self.total_steps = total_steps
@@ -83,14 +84,15 @@ class StageMetrics:
         self.start_step = start_step
         self.writer = None
         self.bar = None
-        self.jsonl = run_dir / stage / "metrics.jsonl"
+        self.jsonl = run.stage(stage).metrics_file
         if not enabled:
             return
-        self.jsonl.parent.mkdir(parents=True, exist_ok=True)
         self._forget_steps_after(start_step)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard" / stage))
+        # A resumed stage repeats the steps after its checkpoint: purge_step makes TensorBoard drop the
+        # events the interrupted run wrote for them, so every step appears once.
+        self.writer = SummaryWriter(log_dir=str(run.tensorboard(stage)), purge_step=start_step + 1 if start_step else None)
         if sys.stdout.isatty():
             from tqdm import tqdm
 
@@ -98,12 +100,9 @@ class StageMetrics:
 
     def _forget_steps_after(self, step: int) -> None:
         """A resumed stage repeats the steps after its checkpoint: their old lines would be duplicates."""
-        if not self.jsonl.is_file():
-            return
-        kept = [line for line in self.jsonl.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = self.jsonl.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.jsonl)
+        lines = self.jsonl.read_text().splitlines() if self.jsonl.is_file() else []
+        kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+        atomic_write(self.jsonl, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:

@@ -1,0 +1,121 @@
+"""Helpers shared by several test modules (test modules import from here or conftest, never from each other)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vdep.config import TrainConfig, VdepConfig
+from vdep.data.dataset import Batching, SamplePreprocessor
+from vdep.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessing, normalise_pixels
+from vdep.data.loader import DataPosition, StageLoader
+from vdep.data.shards import discover_shards
+from vdep.data.templates import TemplateTokenizer, make_template
+from vdep.model.attention import AttentionChoice
+from vdep.model.build import build_model, load_image_processing, model_spec
+from vdep.model.llava import MultimodalSpec, VdepLlava
+from vdep.model.tokenizer import image_token_id
+from vdep.objectives.objective import VdepObjective
+from vdep.rundir import RunDir
+from vdep.train.base_weights import materialize_base
+
+
+# ------------------------------------------------------------------------------------------ the model
+@dataclass
+class TinyModel:
+    """A freshly built tiny VdepLlava (fp32, CPU, no DeepSpeed) with what tests need beside it."""
+
+    model: VdepLlava
+    processing: ImageProcessing
+    config: TrainConfig
+
+    @property
+    def spec(self) -> MultimodalSpec:
+        return self.model.spec
+
+
+def build_tiny_model(config: TrainConfig, tokenizer, run_dir: Path, vdep: VdepConfig | None = None) -> TinyModel:
+    """Base weights written into `run_dir` (once), then the model; with `vdep`, its objective's head and term."""
+    run = RunDir(run_dir)
+    base = materialize_base(config.model, tokenizer, run.base_paths(config.model))
+    spec = model_spec(config.model, base, tokenizer)
+    objective = None
+    if vdep is not None:
+        objective = VdepObjective(vdep, image_token_id=spec.image_token_id, num_image_tokens=spec.num_image_tokens,
+                                  seed=0, device=torch.device("cpu"))
+    model = build_model(config.model, spec, tokenizer, base, AttentionChoice("sdpa", "test"), torch.float32, objective)
+    return TinyModel(model, load_image_processing(base, True), config)
+
+
+def samples(tiny: TinyModel, tokenizer, small_data, template: str = "vicuna_v1", count: int = 4, uint8: bool = False):
+    """Real preprocessed samples from the test shards (mixed image and text-only for vicuna_v1)."""
+    import webdataset as wds
+
+    encoder = TemplateTokenizer(tokenizer, tiny.spec.image_token_id, tiny.spec.num_image_tokens)
+    preprocess = SamplePreprocessor(make_template(template, tokenizer), encoder, tiny.processing, 256)
+    shard_dir = small_data.finetune_shards if template == "vicuna_v1" else small_data.align_shards
+    raw = wds.tariterators.tarfile_samples([{"url": s.path} for s in discover_shards([str(shard_dir)])])
+    out = []
+    for sample in raw:
+        processed = preprocess(sample)  # uint8 pixels, as the loader ships them
+        if processed.pixel_values is not None and not uint8:
+            processed.pixel_values = normalise_pixels(processed.pixel_values, tiny.processing.normalisation_table())
+        out.append(processed)
+        if len(out) == count:
+            return out
+    raise AssertionError("not enough samples")
+
+
+# ------------------------------------------------------------------------------------------ the loader
+def make_loader(small_data, tokenizer, rank: int, world: int, split: str, workers: int = 0, micro: int = 4, seed: int = 0,
+                shard_dir: Path | None = None, shuffle_buffer: int = 8, max_length: int = 256, **batching) -> StageLoader:
+    """The loader `vdep train` builds for a vicuna_v1 stage of the tiny test model (16 image tokens)."""
+    processing = ImageProcessing(32, None, (32, 32), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    encoder = TemplateTokenizer(tokenizer, image_token_id(tokenizer), 16)
+    preprocess = SamplePreprocessor(make_template("vicuna_v1", tokenizer), encoder, processing, max_length)
+    return StageLoader.create(
+        discover_shards([str(shard_dir or small_data.finetune_shards)]), preprocess,
+        Batching(micro, tokenizer.pad_token_id, (32, 32), processing.normalisation_table(),
+                 **{"pack_capacity": max_length, **batching}),
+        rank=rank, world_size=world, num_workers=workers, grad_accum_steps=1, seed=seed, split=split,
+        shuffle_buffer=shuffle_buffer,
+    )
+
+
+# Loader settings whose data position the tests restore in a fresh process.
+POSITION_CASES = {
+    "plain, in-process loading": dict(workers=0),
+    "2 workers": dict(workers=2),
+    "2 workers, grouped, packed": dict(workers=2, group_by_modality_length=True, group_window=3, packing=True,
+                                       pack_capacity=400),
+    "grouped, resampled shards": dict(workers=0, group_by_modality_length=True, group_window=4, split="resample"),
+}
+
+
+def loader_for_case(small_data, tokenizer, case: str) -> StageLoader:
+    settings = dict(POSITION_CASES[case])
+    split = settings.pop("split", "shards")
+    # max_length 148 cuts away every answer of some conversations: the stream skips and counts them.
+    return make_loader(small_data, tokenizer, 1, 2, split, micro=2, seed=5, max_length=148, **settings)
+
+
+def batch_fingerprint(batch) -> list:
+    return [batch.keys, batch.input_ids.tolist(), batch.labels.tolist(), float(batch.pixel_values.sum()),
+            None if batch.position_ids is None else batch.position_ids.tolist(), batch.skipped]
+
+
+def restored_batches_main() -> None:
+    """Run in a fresh process: the batches of a loader restored from a saved position (argv: JSON)."""
+    from tests.conftest import SmallData
+    from vdep.model.tokenizer import prepare_tokenizer
+
+    args = json.loads(sys.argv[1])
+    small_data = SmallData(*(Path(p) for p in args["small_data"]))
+    tokenizer = prepare_tokenizer(small_data.tokenizer)
+    loader = loader_for_case(small_data, tokenizer, args["case"])
+    position = DataPosition.from_json(args["position"])
+    print(json.dumps([batch_fingerprint(b) for b in loader.micro_batches(position.epoch, position)]))

@@ -1,0 +1,144 @@
+"""A run's base weights, written once into RUN_DIR/base by run preparation (rank 0).
+
+Every stage, rank and world size then loads the very same tensors from disk, which is what makes
+single-process, ZeRO-2 and ZeRO-3 runs comparable and resumes exact. What is written depends on
+where the model comes from:
+
+- tiny random-init towers (tests, the demo): seeded, saved as Hugging Face folders;
+- `model.init_from` = a Hugging Face Llava folder (a vdep export or a published llava-hf model): split
+  into a vision tower folder, a causal LM folder and the projector's starting weights; from there on
+  the run is like any other;
+- `model.init_from` = LLaVA-1.5's `mm_projector.bin` (keys `model.mm_projector.0.weight`, ...): the
+  projector's starting weights (the towers come from `model.*.path` as usual);
+- otherwise the projector's initial weights, seeded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+
+from ..atomic import atomic_folder, atomic_path
+from ..config import ModelConfig, TinyLanguageModelConfig, TinyVisionTowerConfig
+from ..data.images import ImageProcessing
+from ..errors import ConfigError
+from ..model.projector import MultiModalProjector
+from ..model.tokenizer import padded_vocab_size
+from ..model.vision import config_hidden_size, tiny_tower_config, tower_classes
+from ..rundir import BasePaths
+
+
+def materialize_base(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, paths: BasePaths) -> BasePaths:
+    """Write whatever of the base weights does not exist yet (rank 0 only); returns `paths`."""
+    if config.init_from is not None:
+        source = Path(config.init_from)
+        if config.imports_llava_folder():
+            if not (paths.vision_tower.is_dir() and paths.language_model.is_dir() and paths.projector_init.is_file()):
+                import_llava_folder(source, paths)
+        elif not paths.projector_init.is_file():
+            save_tensors(projector_from_llava_bin(source, config.projector), paths.projector_init)
+    with torch.random.fork_rng(devices=[]):
+        if config.vision_tower.tiny is not None and not paths.vision_tower.is_dir():
+            torch.manual_seed(config.init_seed)
+            write_tiny_tower(config.vision_tower.tiny, paths.vision_tower)
+        if config.language_model.tiny is not None and not paths.language_model.is_dir():
+            torch.manual_seed(config.init_seed + 1)
+            write_tiny_language_model(config.language_model.tiny, tokenizer, paths.language_model)
+        if not paths.projector_init.is_file():
+            torch.manual_seed(config.init_seed + 2)
+            projector = MultiModalProjector(
+                config_hidden_size(AutoConfig.from_pretrained(paths.vision_tower)),
+                config_hidden_size(AutoConfig.from_pretrained(paths.language_model)),
+                config.projector,
+            )
+            save_tensors(dict(projector.state_dict()), paths.projector_init)
+    return paths
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], target: Path) -> None:
+    with atomic_path(target) as temporary:
+        save_file({name: value.contiguous() for name, value in tensors.items()}, str(temporary))
+
+
+def write_tiny_tower(tiny: TinyVisionTowerConfig, folder: Path) -> None:
+    model_class, _ = tower_classes(tiny.architecture)
+    tower = model_class(tiny_tower_config(tiny))
+    with atomic_folder(folder) as out:
+        tower.save_pretrained(out)
+        processing = ImageProcessing.tiny(tiny.architecture, tiny.image_size)
+        (out / "preprocessor_config.json").write_text(json.dumps(processing.to_hf_dict(tiny.architecture), indent=2))
+
+
+def write_tiny_language_model(tiny: TinyLanguageModelConfig, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    config = AutoConfig.for_model(
+        tiny.architecture,
+        vocab_size=padded_vocab_size(tokenizer),
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_kv_heads,
+        max_position_embeddings=tiny.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    with atomic_folder(folder) as out:
+        AutoModelForCausalLM.from_config(config).save_pretrained(out)
+
+
+# ---------------------------------------------------------------------------------- from other formats
+def import_llava_folder(folder: Path, paths: BasePaths) -> None:
+    """Split a Llava checkpoint into a vision tower folder, a causal LM folder and projector weights."""
+    from transformers import LlavaForConditionalGeneration
+
+    processor_config = folder / "preprocessor_config.json"
+    if not processor_config.is_file():
+        raise ConfigError(f"model.init_from={folder}: no preprocessor_config.json (the image processor) in it")
+    llava = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype="auto")
+    inner = getattr(llava, "model", llava)  # transformers 5.x nests the parts under .model
+    vision_tower = inner.vision_tower
+    with atomic_folder(paths.vision_tower) as out:
+        vision_tower.save_pretrained(out)
+        settings = json.loads(processor_config.read_text())
+        processing = ImageProcessing.from_hf_dict(settings, pad_to_square=bool(settings.get("do_pad", False)))
+        family = "siglip" if "siglip" in vision_tower.config.model_type else "clip"
+        (out / "preprocessor_config.json").write_text(json.dumps(processing.to_hf_dict(family), indent=2))
+    with torch.device("meta"):
+        causal_lm = AutoModelForCausalLM.from_config(llava.config.text_config)
+    weights = {f"model.{name}": tensor for name, tensor in inner.language_model.state_dict().items()}
+    weights["lm_head.weight"] = llava.lm_head.weight
+    causal_lm.load_state_dict(weights, strict=True, assign=True)
+    with atomic_folder(paths.language_model) as out:
+        causal_lm.save_pretrained(out)
+    save_tensors(dict(inner.multi_modal_projector.state_dict()), paths.projector_init)
+
+
+def projector_from_llava_bin(path: Path, kind: str) -> dict[str, torch.Tensor]:
+    """LLaVA-1.5's `mm_projector.bin` (Sequential indices 0 and 2, or one Linear) → our projector's names."""
+    try:
+        state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt or foreign file: say which and why
+        raise ConfigError(f"model.init_from={path}: cannot read it as projector weights ({exc})") from None
+    renamed = {}
+    for key, tensor in state.items():
+        suffix = key.split("mm_projector.", 1)[-1]
+        if suffix.startswith("0."):
+            renamed["linear_1." + suffix[2:]] = tensor
+        elif suffix.startswith("2."):
+            renamed["linear_2." + suffix[2:]] = tensor
+        elif suffix in ("weight", "bias"):
+            renamed["linear_1." + suffix] = tensor
+        else:
+            raise ConfigError(f"model.init_from={path}: unexpected key {key!r} for an LLaVA mm_projector")
+    expected = {"linear_1.weight", "linear_1.bias"} | ({"linear_2.weight", "linear_2.bias"} if kind == "mlp2x_gelu" else set())
+    if set(renamed) != expected:
+        raise ConfigError(
+            f"model.init_from={path}: holds {sorted(renamed)} but model.projector={kind} needs {sorted(expected)}"
+        )
+    return renamed

@@ -1,0 +1,200 @@
+"""Building one stage, always in the same order: spec → objective → loader → model → engine.
+
+The spec (placeholder id, tokens per image, hidden sizes) comes from the tokenizer and the base
+folders' configs; the VDEP objective from the stage's settings and the spec; the loader from the
+spec and the batch geometry; the model from all of them, with the stage's starting weights; the
+DeepSpeed engine last, around the model, the optimizer and the LR schedule.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import PreTrainedTokenizerBase
+
+from ..config import StageConfig, TrainConfig, check_batch_geometry, stage_fingerprint
+from ..data.dataset import Batching, SamplePreprocessor
+from ..data.images import ImageProcessing
+from ..data.loader import StageLength, StageLoader
+from ..data.shards import discover_shards, image_fraction
+from ..data.templates import TemplateTokenizer, check_template_tokenizer, make_template
+from ..errors import DataError
+from ..log import get_logger
+from ..model.attention import choose_attention, packed_attention
+from ..model.build import build_model, load_weights_file, model_spec
+from ..model.llava import MultimodalSpec, VdepLlava
+from ..objectives.objective import VdepObjective
+from ..rundir import BasePaths, RunDir, stage_weights
+from .deepspeed_config import fill_config, load_preset, offloads_optimizer, zero_stage
+from .distributed import LaunchEnv
+from .ds import import_deepspeed, load_op
+from .faults import Faults
+from .freezing import apply_trainable, format_table, numel, param_groups, trainable_table
+from .metrics import FlopModel
+from .preemption import StopRequest
+from .schedule import lr_factor, warmup_steps
+
+log = get_logger("train")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class RunContext:
+    """What every stage of a run shares."""
+
+    config: TrainConfig
+    launch: LaunchEnv
+    device: torch.device
+    run: RunDir
+    tokenizer: PreTrainedTokenizerBase
+    base: BasePaths
+    image_processing: ImageProcessing
+    precision: str
+    stop: StopRequest
+    faults: Faults
+
+    @property
+    def is_main(self) -> bool:
+        return self.launch.rank == 0
+
+
+@dataclass
+class StageParts:
+    """Everything a stage's trainer works with, built once."""
+
+    engine: Any  # deepspeed.DeepSpeedEngine wrapping the VdepLlava
+    objective: VdepObjective
+    loader: StageLoader
+    length: StageLength
+    schedule: Callable[[int], float]  # LR multiplier by step
+    base_lrs: dict[str, float]  # peak LR by parameter group
+    grad_accum: int
+    flops: FlopModel
+    fingerprint: str  # of the settings a checkpoint of this stage must have been written with
+
+
+def build_stage(ctx: RunContext, name: str, stage: StageConfig) -> StageParts:
+    """Model with its starting weights, data, optimizer, schedule and DeepSpeed engine; logs the setup."""
+    spec = model_spec(ctx.config.model, ctx.base, ctx.tokenizer)
+    objective = VdepObjective(
+        stage.vdep, image_token_id=spec.image_token_id, num_image_tokens=spec.num_image_tokens,
+        seed=ctx.config.run.seed, device=ctx.device,
+    )
+    grad_accum = check_batch_geometry(name, stage, ctx.launch.world_size)
+    loader = make_loader(ctx, stage, spec, grad_accum)
+    length = loader.stage_length(stage.epochs, stage.max_steps)
+    ds_config = fill_config(
+        *load_preset(stage.zero), micro_batch_size=stage.micro_batch_size, grad_accum_steps=grad_accum,
+        world_size=ctx.launch.world_size, grad_clip=stage.grad_clip, precision=ctx.precision,
+        hidden_size=spec.text_hidden_size,
+    )
+    attention = choose_attention(ctx.config.model.attn_implementation, ctx.device, ctx.config.data.packing)
+    model = build_model(
+        ctx.config.model, spec, ctx.tokenizer, ctx.base, attention, DTYPES[ctx.precision], objective,
+        zero3_config=ds_config if zero_stage(ds_config) == 3 else None,
+    )
+    load_starting_weights(ctx, name, stage, model)
+    apply_trainable(model, stage.trainable)
+    warmup = warmup_steps(length.planned_steps, stage.warmup_ratio)
+    schedule = functools.partial(lr_factor, warmup=warmup, total=length.planned_steps)
+    groups = param_groups(model, stage.lr, stage.projector_lr, stage.weight_decay)
+    base_lrs = {group["name"]: group["lr"] for group in groups}  # before LambdaLR rescales the groups
+    engine, _, _, _ = import_deepspeed().initialize(
+        model=model,
+        optimizer=make_optimizer(groups, ds_config, ctx.device),
+        lr_scheduler=lambda optimizer: LambdaLR(optimizer, schedule),
+        config=ds_config,
+    )
+    log.info(
+        "stage %s: ZeRO-%d, %s, attention %s (%s)%s, VDEP kernel %s, %d rank(s) × micro-batch %d × %d accumulation "
+        "= global batch %d; %s (%d warmup), template %s\n%s",
+        name, zero_stage(ds_config), ctx.precision, attention.implementation, attention.reason,
+        f"; packed rows: {packed_attention(attention)}" if ctx.config.data.packing else "", objective.term.description,
+        ctx.launch.world_size, stage.micro_batch_size, grad_accum, stage.global_batch_size, length.describe(), warmup,
+        stage.template, format_table(trainable_table(model)),
+    )
+    return StageParts(
+        engine=engine, objective=objective, loader=loader, length=length, schedule=schedule, base_lrs=base_lrs,
+        grad_accum=grad_accum, flops=flop_model(model, spec, llm_trainable="language_model" in stage.trainable),
+        fingerprint=stage_fingerprint(ctx.config, name),
+    )
+
+
+def make_loader(ctx: RunContext, stage: StageConfig, spec: MultimodalSpec, grad_accum_steps: int) -> StageLoader:
+    template = make_template(stage.template, ctx.tokenizer)
+    encoder = TemplateTokenizer(ctx.tokenizer, spec.image_token_id, spec.num_image_tokens)
+    check_template_tokenizer(template, encoder)
+    data = ctx.config.data
+    if data.max_length <= spec.num_image_tokens:
+        raise DataError(
+            f"data.max_length={data.max_length} leaves no room for text after {spec.num_image_tokens} image tokens"
+        )
+    shards = discover_shards(stage.shards)
+    batching = Batching(
+        micro_batch_size=stage.micro_batch_size,
+        pad_token_id=ctx.tokenizer.pad_token_id,
+        image_size=ctx.image_processing.output_size,
+        pixel_table=ctx.image_processing.normalisation_table(),
+        packing=data.packing,
+        pack_capacity=data.max_length,
+        group_by_modality_length=data.group_by_modality_length,
+        group_window=data.group_window,
+        image_fraction=image_fraction(shards) if data.group_by_modality_length else 0.5,
+    )
+    return StageLoader.create(
+        shards,
+        SamplePreprocessor(template, encoder, ctx.image_processing, data.max_length),
+        batching,
+        rank=ctx.launch.rank,
+        world_size=ctx.launch.world_size,
+        num_workers=data.num_workers,
+        grad_accum_steps=grad_accum_steps,
+        seed=ctx.config.run.seed,
+        split=data.split,
+        shuffle_buffer=data.shuffle_buffer,
+        pin_memory=ctx.device.type == "cuda",
+    )
+
+
+def load_starting_weights(ctx: RunContext, name: str, stage: StageConfig, model: VdepLlava) -> None:
+    """The trained weights the stage starts from (`stages.<name>.init_from`), on top of the base weights."""
+    for path in stage_weights(ctx.run, ctx.config, name, final=False):
+        skipped = load_weights_file(model, path)
+        log.info("stage %s: loaded starting weights from %s", name, path)
+        if skipped:
+            log.info(
+                "stage %s: the VDEP head in %s (%s) does not match this stage's vdep.head=%s; it starts afresh",
+                name, path, ", ".join(skipped), stage.vdep.head,
+            )
+
+
+def make_optimizer(groups: list[dict], ds_config: dict, device: torch.device) -> torch.optim.Optimizer:
+    if offloads_optimizer(ds_config):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        load_op(CPUAdamBuilder())  # compiled on first use; serialised across ranks
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+
+
+def flop_model(model: VdepLlava, spec: MultimodalSpec, llm_trainable: bool) -> FlopModel:
+    embeddings = numel(model.language_model.get_input_embeddings().weight)
+    llm = sum(numel(p) for p in model.language_model.parameters()) - embeddings
+    llm += sum(numel(p) for p in model.lm_head.parameters())
+    config = model.language_model.config
+    return FlopModel(
+        llm_params=llm,
+        llm_layers=config.num_hidden_layers,
+        llm_hidden=config.hidden_size,
+        vision_params=sum(numel(p) for p in model.vision_tower.parameters()),
+        vision_tokens_per_image=spec.num_image_tokens,
+        projector_params=sum(numel(p) for p in model.multi_modal_projector.parameters()),
+        llm_trainable=llm_trainable,
+    )

@@ -1,0 +1,297 @@
+"""One training stage as an object: `StageTrainer` owns the engine, the data stream and its position,
+the train state, the metrics and the stop request, and runs the loop:
+
+    restore()                          the latest checkpoint of the stage, if any
+    while the stage is not done:       (StageLength: max_steps, or epochs of data)
+        step()                         one optimizer step over the global batch (or the epoch's end)
+        log()                          every run.log_every steps
+        checkpoint_if_due()            periodic save; stop after too many non-finite steps or on a signal
+    finish()                           the last checkpoint, the final weights and the summary
+
+A step:
+1. take this rank's `grad_accum` micro-batches;
+2. plan the global batch with the other ranks (VDEP modes, N_text, N_img; see global_batch.py);
+3. for each micro-batch: forward (vision tower → projector → LLM → named loss sums), backward of
+   this micro-batch's share of L, `engine.step()` (DeepSpeed updates at the accumulation boundary);
+4. if DeepSpeed found the global gradient norm non-finite (any non-finite loss makes it so), the
+   update was skipped on every rank: count it.
+DeepSpeed averages gradients over data-parallel ranks, so each rank's share is multiplied by the world
+size: summed over micro-batches and averaged over ranks, the gradient is exactly that of L.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+from collections.abc import Iterator
+from dataclasses import asdict
+
+import torch
+
+from ..config import StageConfig
+from ..data.batch import Batch
+from ..data.loader import DataPosition
+from ..errors import DataError, TrainingHalted, TrainingPreempted
+from ..log import get_logger
+from ..rundir import checkpoint_tag
+from .checkpoint import CheckpointManager, TrainState, save_final_weights
+from .distributed import sum_counters
+from .global_batch import StepPlan, plan_step
+from .metrics import IntervalStats, SkipReport, StageMetrics, peak_flops
+from .setup import DTYPES, RunContext, StageParts, build_stage
+
+log = get_logger("train")
+
+
+def take(batches: Iterator[Batch], count: int) -> list[Batch] | None:
+    group = list(itertools.islice(batches, count))
+    return group if len(group) == count else None
+
+
+class StageTrainer:
+    def __init__(self, ctx: RunContext, name: str, stage: StageConfig, parts: StageParts):
+        self.ctx, self.name, self.stage, self.parts = ctx, name, stage, parts
+        self.engine = parts.engine
+        self.stage_dir = ctx.run.stage(name)
+        self.checkpoints = CheckpointManager(self.stage_dir, ctx.config.run.keep_last, ctx.faults)
+        self.state = TrainState(name, 0, 0, 0, ctx.launch.world_size, parts.fingerprint)
+        self.position = DataPosition(0)
+        self.replay = 0  # micro-batches to draw and discard before the next step (a checkpoint without a position)
+        self._batches: Iterator[Batch] | None = None
+        self.skips = SkipReport({})
+        self.interval = IntervalStats(ctx.device)
+        self.metrics: StageMetrics | None = None
+        self.nonfinite_in_a_row = 0
+        self.last_scalars: dict[str, float] = {}
+
+    @classmethod
+    def build(cls, ctx: RunContext, name: str, stage: StageConfig) -> StageTrainer:
+        return cls(ctx, name, stage, build_stage(ctx, name, stage))
+
+    # ------------------------------------------------------------------------------------- the loop
+    def train(self) -> dict:
+        """Train the stage to its end; returns its summary."""
+        self.restore()
+        self.metrics = StageMetrics(self.ctx.run, self.name, self.parts.length.planned_steps, self.state.step,
+                                    enabled=self.ctx.is_main)
+        try:
+            while not self.done:
+                if self.step():
+                    self.log(force=self.done)
+                    self.checkpoint_if_due()
+            if self.interval.steps:  # the data ended between two log lines
+                self.log(force=True)
+        finally:
+            self.metrics.close()
+        return self.finish()
+
+    @property
+    def done(self) -> bool:
+        state = self.state
+        return self.parts.length.done(state.step, state.epoch, state.micro_batches_in_epoch // self.parts.grad_accum)
+
+    # ---------------------------------------------------------------------------------- restoring
+    def restore(self) -> None:
+        """Continue from the stage's latest checkpoint, if there is one."""
+        restored = self.checkpoints.restore(self.engine, self.ctx.launch.world_size, self.parts.fingerprint)
+        if restored is None:
+            return
+        self.state = restored.train
+        self.skips = SkipReport(self.state.skipped_samples)
+        position = restored.data_position
+        if position is not None and (position.epoch, position.micro_batches) == (self.state.epoch, self.state.micro_batches_in_epoch):
+            self.position = position
+        else:  # no position recorded: the consumed micro-batches are drawn again and discarded
+            self.position = DataPosition(self.state.epoch)
+            self.replay = self.state.micro_batches_in_epoch
+        log.info("stage %s: resumed from %s (step %d of %d)", self.name, restored.folder, self.state.step,
+                 self.parts.length.planned_steps)
+
+    @property
+    def batches(self) -> Iterator[Batch]:
+        """This rank's micro-batches from the data position on (opened on first use)."""
+        if self._batches is None:
+            self._batches = iter(self.parts.loader.micro_batches(self.state.epoch, self.position))
+            for _ in range(self.replay):
+                batch = next(self._batches, None)
+                if batch is not None:
+                    self.position.advance(batch, self.parts.loader.workers)
+            self.replay = 0
+        return self._batches
+
+    # ------------------------------------------------------------------------------------ stepping
+    def step(self) -> bool:
+        """One optimizer step; False when some rank ran out of data (every rank then starts the next epoch)."""
+        micro_batches = take(self.batches, self.parts.grad_accum)
+        plan = plan_step(
+            micro_batches, step=self.state.step, slots_per_rank=self.stage.micro_batch_size * self.parts.grad_accum,
+            objective=self.parts.objective, device=self.ctx.device,
+        )
+        if plan is None:
+            self.next_epoch()
+            return False
+        self.skips.add(micro_batches)  # type: ignore[arg-type]
+        for batch in micro_batches:  # type: ignore[union-attr]
+            self.position.advance(batch, self.parts.loader.workers)
+        self.forward_backward(plan)
+        self.state.step += 1
+        self.state.micro_batches_in_epoch += self.parts.grad_accum
+        self.count_nonfinite()
+        return True
+
+    def forward_backward(self, plan: StepPlan) -> None:
+        world, dtype = self.ctx.launch.world_size, DTYPES[self.ctx.precision]
+        poison = self.ctx.faults.nan_loss(self.state.step + 1)
+        for inputs in plan.inputs:
+            sums = self.engine(inputs.to(self.ctx.device, dtype))
+            loss = self.parts.objective.loss(sums, plan.counts) * world
+            self.engine.backward(loss * float("nan") if poison else loss, scale_wrt_gas=False)
+            self.engine.step()
+            self.interval.add_micro(sums, int(inputs.image_positions.sum()))
+        flops = self.parts.flops.step_flops(plan.tokens, plan.squared_lengths, plan.image_samples)
+        self.interval.add_step(plan, flops)
+
+    def next_epoch(self) -> None:
+        if self.state.micro_batches_in_epoch == 0:
+            raise DataError(f"stage {self.name}: epoch {self.state.epoch} produced no complete step; see the skipped samples")
+        self.state.epoch += 1
+        self.state.micro_batches_in_epoch = 0
+        self.position = DataPosition(self.state.epoch)
+        self._batches = None
+
+    def count_nonfinite(self) -> None:
+        """DeepSpeed skips the update of a step with a non-finite gradient norm, on every rank alike."""
+        self.nonfinite_in_a_row = 0 if self.engine.was_step_applied() else self.nonfinite_in_a_row + 1
+        if self.nonfinite_in_a_row:
+            self.state.nonfinite_steps += 1
+            log.warning(
+                "stage %s: step %d had a non-finite loss or gradient norm; its update was skipped (%d in a row, "
+                "%d in this stage)", self.name, self.state.step, self.nonfinite_in_a_row, self.state.nonfinite_steps,
+            )
+
+    # ------------------------------------------------------------------------------------- logging
+    def log(self, force: bool = False) -> None:
+        """Collective, every `run.log_every` steps (and when forced): the interval's scalars to the metrics."""
+        if self.state.step % self.ctx.config.run.log_every and not force:
+            return
+        scalars = self.interval.scalars(self.parts.objective.alpha)
+        scalars["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        # The LR of the latest update: DeepSpeed does not advance the schedule on a skipped step.
+        scheduler_steps = self.engine.lr_scheduler.last_epoch
+        for group, lr in self.parts.base_lrs.items():
+            scalars[f"lr/{group}"] = lr * self.parts.schedule(max(0, scheduler_steps - 1))
+        peak = peak_flops(self.ctx.device, self.ctx.precision)
+        if peak is not None:
+            scalars["perf/mfu"] = scalars["throughput/flops_per_s"] / (peak * self.ctx.launch.world_size)
+        if self.ctx.device.type == "cuda":
+            scalars["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
+        for reason, count in sum_counters(self.skips.counts).items():
+            scalars[f"data/skipped/{reason}"] = float(count)
+        scalars["train/nonfinite_steps"] = float(self.state.nonfinite_steps)
+        self.metrics.log(self.state.step, scalars)  # type: ignore[union-attr]
+        self.last_scalars = scalars
+        self.interval = IntervalStats(self.ctx.device)
+
+    # -------------------------------------------------------------------------------- checkpoints
+    def save(self) -> None:
+        """Collective: a checkpoint of this step (engine, train state, data position, RNG)."""
+        self.state.skipped_samples = dict(self.skips.counts)
+        self.checkpoints.save(self.engine, self.state, self.position)
+
+    def checkpoint_if_due(self) -> None:
+        """The periodic save; then stop (after saving, if not just done) on too many non-finite steps in
+        a row or a stop signal. The stop check comes after the periodic save, so a signal during it still
+        stops this step."""
+        save_every = self.stage.save_every
+        saved = bool(save_every) and self.state.step % save_every == 0 and not self.done
+        if saved:
+            self.save()
+        halt = self.nonfinite_halt()
+        stop = halt is None and self.ctx.stop.agreed(self.ctx.device)
+        if halt is None and not stop:
+            return
+        if not saved:
+            self.save()
+        if halt is not None:
+            raise halt
+        message = (
+            f"stage {self.name}: stopped by {self.ctx.stop.signal_name or 'a signal to another rank'} after step "
+            f"{self.state.step}; checkpoint {self.checkpoints.folder / checkpoint_tag(self.state.step)}. "
+            "Run the same command to continue"
+        )
+        log.warning(message)
+        raise TrainingPreempted(message)
+
+    def nonfinite_halt(self) -> TrainingHalted | None:
+        """The error that stops the run after too many non-finite steps in a row (None: go on).
+
+        The checkpoint saved before raising it holds the weights from before the first of them: skipped
+        steps change no weight.
+        """
+        limit = self.ctx.config.run.max_nonfinite_steps
+        if self.nonfinite_in_a_row < limit:
+            return None
+        first = self.state.step - self.nonfinite_in_a_row + 1
+        return TrainingHalted(
+            f"stage {self.name}: steps {first}-{self.state.step} all had a non-finite loss or gradient norm "
+            f"(run.max_nonfinite_steps={limit}); stopped. "
+            f"{self.checkpoints.folder / checkpoint_tag(self.state.step)} holds the weights and optimizer state from "
+            f"before step {first}, with the data position after the skipped batches. Lower the learning rate or "
+            "inspect the data of those steps, then run the same command to continue from there"
+        )
+
+    # ------------------------------------------------------------------------------------ the end
+    def finish(self) -> dict:
+        """Collective: the end-of-stage checkpoint (unless the latest already is this step's), the final
+        weights and the summary."""
+        if self.checkpoints.latest_step != self.state.step:
+            self.save()
+        self.ctx.faults.kill_before_final(self.state.step)
+        self.state.skipped_samples = dict(self.skips.counts)
+        skipped = sum_counters(self.state.skipped_samples)
+        planned = self.parts.length.planned_steps
+        if self.ctx.is_main and self.state.step < planned:
+            log.warning(
+                "stage %s: its data ended after %d of the %d steps that sizes.json promised (%d sample(s) were "
+                "skipped); the LR schedule stopped at %.3g of its peak", self.name, self.state.step, planned,
+                sum(skipped.values()), self.parts.schedule(self.state.step - 1),
+            )
+        if self.ctx.is_main and skipped:
+            log.warning("stage %s: skipped %d sample(s): %s", self.name, sum(skipped.values()), skipped)
+        summary = {
+            "stage": self.name,
+            "steps": self.state.step,
+            "planned_steps": planned,
+            # An epoch whose data ran out moved the state on to the next one, which has not started.
+            "epochs_started": self.state.epoch + (1 if self.state.micro_batches_in_epoch else 0),
+            "final": {k: v for k, v in self.last_scalars.items() if k.startswith(("loss/", "norm/", "tokens/"))},
+            "skipped_samples": skipped,
+            "vdep": asdict(self.stage.vdep),
+        }
+        save_final_weights(self.engine.module, self.stage_dir, summary)
+        log.info("stage %s: done after %d steps; weights in %s", self.name, self.state.step, self.stage_dir.final)
+        return summary
+
+    def release(self) -> None:
+        """Free the engine before the next stage builds its own (and ZeRO-3's hooks with it)."""
+        destroy = getattr(self.engine, "destroy", None)
+        if callable(destroy):
+            destroy()
+        del self.engine
+        self.parts.engine = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def run_stage(ctx: RunContext, name: str, stage: StageConfig) -> dict:
+    """Train one stage (or find it complete); returns its summary."""
+    stage_dir = ctx.run.stage(name)
+    if stage_dir.is_complete:
+        log.info("stage %s: already complete in %s; skipping it", name, stage_dir.final)
+        return stage_dir.read_summary()
+    trainer = StageTrainer.build(ctx, name, stage)
+    try:
+        return trainer.train()
+    finally:
+        trainer.release()
