@@ -4,6 +4,13 @@
     python benchmarks/data_throughput.py --max-side 336   # images stored near the training resolution
     python benchmarks/data_throughput.py --square         # 336 px squares: no pad, no resize (the ceiling)
     python benchmarks/data_throughput.py --smoke          # 64 samples: checks that it runs (CI)
+    python benchmarks/data_throughput.py --remote --workers 0,1,2,4   # from a throttled local HTTP server
+    python benchmarks/data_throughput.py --remote --shards https://host/prefix/   # from an existing location
+
+`--remote` compares vdep's loader reading the shards from a local HTTP server that limits each connection
+(`--rate-mb`, default 25 MB/s) and delays each request (`--latency-ms`, default 50) with the same loader
+reading them from the local disk, for each number of DataLoader workers; `--shards URL` reads a location
+of your own instead (its shards, not the generated ones).
 
 Both paths produce the same collated micro-batches (LLaVA-1.5 preprocessing: pad to square, CLIP
 336 px resize and centre crop, normalise; `vicuna_v1` template; a real SentencePiece tokenizer
@@ -157,7 +164,7 @@ def naive_batches(data_json: Path, image_root: Path, tokenizer, micro_batch_size
     yield from loader
 
 
-def vdep_batches(shards: Path, tokenizer, micro_batch_size: int, normalise_here: bool):
+def vdep_batches(shards: Path | str, tokenizer, micro_batch_size: int, normalise_here: bool, workers: int = 0):
     from vdep.data.dataset import Batching, SamplePreprocessor
     from vdep.data.images import normalise_pixels
     from vdep.data.loader import StageLoader
@@ -171,7 +178,7 @@ def vdep_batches(shards: Path, tokenizer, micro_batch_size: int, normalise_here:
     batching = Batching(micro_batch_size, tokenizer.pad_token_id, (336, 336), processing.normalisation_table())
     loader = StageLoader.create(
         discover_shards([str(shards)]), preprocess, batching,
-        rank=0, world_size=1, num_workers=0, grad_accum_steps=1, seed=0, split="shards", shuffle_buffer=1000,
+        rank=0, world_size=1, num_workers=workers, grad_accum_steps=1, seed=0, split="auto", shuffle_buffer=1000,
     )
     for batch in loader.micro_batches(0):
         if normalise_here:  # what the model does on the GPU, done on this core instead
@@ -241,6 +248,47 @@ def measure_interleaved(paths: dict[str, Iterator]) -> dict[str, tuple[float, in
     return totals
 
 
+def loader_rate(shards: Path | str, tokenizer, micro_batch_size: int, workers: int) -> tuple[float, float]:
+    """(samples/s, seconds to the first batch) of one epoch of vdep's loader."""
+    started = time.perf_counter()
+    first, samples = None, 0
+    for batch in vdep_batches(shards, tokenizer, micro_batch_size, False, workers):
+        first = first if first is not None else time.perf_counter() - started
+        samples += batch.num_samples
+    return samples / (time.perf_counter() - started), first or 0.0
+
+
+def remote_rows(args, root: Path, shards: Path, tokenizer) -> list[tuple[str, str, str]]:
+    """The loader from a throttled local HTTP server (or --shards URL) against the local disk, by workers."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' server, from a checkout
+    from tests.remote_servers import FaultyHTTP
+
+    samples_total = sum(json.loads((shards / "sizes.json").read_text()).values())
+    bytes_per_sample = sum(p.stat().st_size for p in shards.glob("*.tar")) / samples_total
+    server = None
+    if args.shards is None:
+        server = FaultyHTTP(shards.parent, latency_s=args.latency_ms / 1000, rate_bytes_per_s=args.rate_mb * 2**20).start()
+        location = f"{server.url}/{shards.name}"
+    else:
+        location = args.shards
+    rows = []
+    try:
+        for workers in (int(w) for w in args.workers.split(",")):
+            for name, where in (("local disk", shards), ("remote", location)):
+                if name == "local disk" and args.shards is not None:
+                    continue
+                rate, first = loader_rate(where, tokenizer, args.micro_batch_size, workers)
+                megabytes = rate * bytes_per_sample / 2**20
+                rows.append((f"{name}, {workers} worker(s)", f"{rate:.0f} samples/s ({megabytes:.1f} MB/s)",
+                             f"first batch after {first:.2f} s"))
+    finally:
+        if server is not None:
+            server.stop()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=2000)
@@ -253,6 +301,11 @@ def main() -> None:
     parser.add_argument("--square", action="store_true",
                         help="every image a 336 px square, as img2dataset's border resize mode stores them: "
                              "no padding or resizing is left to do, so this is the loader's ceiling")
+    parser.add_argument("--remote", action="store_true", help="the loader from a throttled HTTP server vs the disk")
+    parser.add_argument("--shards", help="with --remote: read this location (https://, s3://) instead")
+    parser.add_argument("--workers", default="0,1,2,4", help="with --remote: DataLoader workers to try (default 0,1,2,4)")
+    parser.add_argument("--rate-mb", type=float, default=25.0, help="with --remote: MB/s per connection (default 25)")
+    parser.add_argument("--latency-ms", type=float, default=50.0, help="with --remote: delay per request (default 50)")
     args = parser.parse_args()
     if args.square:
         args.max_side = 336
@@ -277,6 +330,19 @@ def main() -> None:
             rows.append((f"build-shards, {workers} worker(s)", f"{report.written / seconds:.0f} images/s", f"{seconds:.2f} s"))
         shards = root / "shards-1"
         tokenizer = prepare_tokenizer(make_tokenizer([str(shards)], 2000, root / "tokenizer"))
+        if args.remote:  # shards of 128 samples (~7 MB): enough of them for every worker to read its own
+            small = root / "shards-128"
+            per_shard = 32 if args.smoke else 128
+            build_shards(BuildOptions([data_json], root / "raw" / "images", small, samples_per_shard=per_shard,
+                                      progress=False))
+            rows = remote_rows(args, root, small, tokenizer)
+            where = args.shards or f"a local HTTP server, {args.rate_mb:g} MB/s per connection, {args.latency_ms:g} ms per request"
+            print(f"\n{count} samples, micro-batch {args.micro_batch_size}, from {where}; torch {torch.__version__}, "
+                  f"{os.cpu_count()} CPU core(s)\n")
+            print("| loader | throughput | detail |\n| --- | --- | --- |")
+            for row in rows:
+                print("| " + " | ".join(row) + " |")
+            return
         totals = measure_interleaved({
             "naive (JSON list + PIL + CLIPImageProcessor)": naive_batches(data_json, root / "raw" / "images", tokenizer,
                                                                           args.micro_batch_size),

@@ -41,12 +41,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vdep.atomic import atomic_path, atomic_write
+from vdep.atomic import atomic_path
 from vdep.data.conversation import SampleError, check_image_markers, parse_conversation
 from vdep.data.shards import IMAGE_EXTENSIONS, SIZES_FILE
 from vdep.errors import DataError
 
 from .image_fixing import fix_image
+from .output import BuildOutput
 from .sources import DEFAULT_CAPTION_PROMPT, RecordRef, expand_inputs, img2dataset_record, read_inputs, read_member
 
 SHARD_STATS_DIR = "shard_stats"
@@ -57,7 +58,7 @@ BUILD_FILE = "build.json"
 class BuildOptions:
     inputs: list[Path]
     image_root: Path | None
-    out: Path
+    out: Path | str  # a folder, or a remote prefix (s3://BUCKET/PREFIX, gs://...)
     samples_per_shard: int = 1000
     workers: int = 1
     shuffle: bool = False
@@ -69,6 +70,11 @@ class BuildOptions:
     part: int = 0
     num_parts: int = 1
     progress: bool = True
+    staging: Path | None = None  # where a remote build writes each file before uploading it
+
+    @property
+    def output(self) -> BuildOutput:
+        return BuildOutput(self.out, self.staging)
 
     def check(self) -> None:
         if self.samples_per_shard < 1:
@@ -173,19 +179,23 @@ def shard_name(index: int) -> str:
     return f"{index:06d}.tar"
 
 
-def done_mark(out: Path, index: int) -> Path:
-    return out / SHARD_STATS_DIR / f"{index:06d}.json"
+def done_mark(index: int) -> str:
+    return f"{SHARD_STATS_DIR}/{index:06d}.json"
 
 
-def remove_leftovers(out: Path, index: int) -> None:
-    """The temporary files of shard `index` (and of its done mark) that a killed writer left behind.
+def remove_leftovers(output: BuildOutput, index: int) -> None:
+    """The temporary files of shard `index` (and of its done mark) that a killed writer left behind
+    (in the folder, or in a remote build's staging folder).
 
     Temporary names carry the writer's pid (`vdep.atomic`), so the pattern names this shard's only:
     the parts of an array job share the folder, and another part may be writing its shards now."""
-    shard = shard_name(index)
-    for path in [out / f"{shard}.tmp",  # the name used before vdep.atomic
-                 *out.glob(f"{shard}.*.tmp"), *(out / SHARD_STATS_DIR).glob(f"{done_mark(out, index).name}.*.tmp")]:
+    shard, folder = shard_name(index), output.local
+    mark = output.path(done_mark(index))
+    for path in [folder / f"{shard}.tmp",  # the name used before vdep.atomic
+                 *folder.glob(f"{shard}.*.tmp"), *mark.parent.glob(f"{mark.name}.*.tmp")]:
         path.unlink(missing_ok=True)
+    if output.remote:  # a staged copy that was never uploaded
+        output.path(shard).unlink(missing_ok=True)
 
 
 class _NoSample(Exception):
@@ -236,8 +246,9 @@ def build_shard(index: int, refs: list[tuple[int, RecordRef]], options: BuildOpt
     """Write shard `index` from its (plan position, record) pairs; atomic, then the done mark."""
     started = time.perf_counter()
     result = ShardResult(index, records=len(refs))
+    output = options.output
     try:
-        with atomic_path(options.out / shard_name(index)) as temporary:
+        with atomic_path(output.path(shard_name(index))) as temporary:
             with tarfile.open(temporary, "w") as tar:
                 for position, ref in refs:
                     _add_record(tar, position, ref, options, result)
@@ -245,8 +256,10 @@ def build_shard(index: int, refs: list[tuple[int, RecordRef]], options: BuildOpt
                 raise _NoSample
     except _NoSample:
         pass  # nothing accepted: no shard (atomic_path removed the file), but the done mark records why
+    else:
+        output.publish(shard_name(index))  # uploaded (remote) before its done mark
     result.seconds = time.perf_counter() - started
-    atomic_write(done_mark(options.out, index), json.dumps(asdict(result)))
+    output.write_text(done_mark(index), json.dumps(asdict(result)))
     return result
 
 
@@ -342,27 +355,28 @@ def plan_positions(num_records: int, shuffle: bool, seed: int) -> list[int]:
     return order
 
 
-def load_done_marks(out: Path, shards: range) -> dict[int, ShardResult]:
+def load_done_marks(output: BuildOutput, shards: range) -> dict[int, ShardResult]:
+    marks, tars = output.listing(f"{SHARD_STATS_DIR}/*.json"), output.listing("*.tar")  # one listing each
     done: dict[int, ShardResult] = {}
     for index in shards:
-        path = done_mark(out, index)
-        if not path.is_file():
+        if done_mark(index) not in marks:
             continue
-        result = ShardResult(**json.loads(path.read_text()))
-        if result.written and not (out / shard_name(index)).is_file():
+        result = ShardResult(**json.loads(output.read_text(done_mark(index)) or "{}"))
+        if result.written and shard_name(index) not in tars:
             continue  # the mark outlived its shard (deleted by hand): build it again
         done[index] = result
     return done
 
 
 def prepare_out_dir(options: BuildOptions) -> None:
-    out = options.out
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SHARD_STATS_DIR).mkdir(exist_ok=True)
+    output = options.output
+    out = output.location
+    output.prepare()
+    output.path(SHARD_STATS_DIR).mkdir(parents=True, exist_ok=True)
     settings = options.plan_settings()
-    build_file = out / BUILD_FILE
-    if build_file.is_file():
-        previous = json.loads(build_file.read_text())
+    previous_text = output.read_text(BUILD_FILE)
+    if previous_text is not None:
+        previous = json.loads(previous_text)
         if not options.resume and options.num_parts == 1:
             raise DataError(f"{out} already holds a build; choose an empty --out folder, or pass --resume to finish it")
         if previous != settings:
@@ -371,10 +385,10 @@ def prepare_out_dir(options: BuildOptions) -> None:
                 f"{out} holds a build made with different settings ({', '.join(changed)}); --resume continues "
                 "only the same plan: use the original inputs and options, or a new --out folder"
             )
-    elif options.num_parts == 1 and any(out.glob("*.tar")):  # (parts start together: another may be writing)
+    elif options.num_parts == 1 and output.listing("*.tar"):  # (parts start together: another may be writing)
         raise DataError(f"{out} already holds shards; choose an empty --out folder")
     else:
-        atomic_write(build_file, json.dumps(settings, indent=1))
+        output.write_text(BUILD_FILE, json.dumps(settings, indent=1))
 
 
 def build_shards(options: BuildOptions) -> BuildReport:
@@ -386,13 +400,14 @@ def build_shards(options: BuildOptions) -> BuildReport:
     per_shard = options.samples_per_shard
     planned = math.ceil(len(order) / per_shard)
     mine = range(planned * options.part // options.num_parts, planned * (options.part + 1) // options.num_parts)
-    done = load_done_marks(options.out, mine) if options.resume or options.num_parts > 1 else {}
+    output = options.output
+    done = load_done_marks(output, mine) if options.resume or options.num_parts > 1 else {}
     tasks = [
         (index, [(p, refs[order[p]]) for p in range(index * per_shard, min((index + 1) * per_shard, len(order)))], options)
         for index in mine if index not in done
     ]
     for index, _, _ in tasks:  # a shard of this part whose writer died is written again below
-        remove_leftovers(options.out, index)
+        remove_leftovers(output, index)
     results = dict(done)
     parallel = options.workers > 1 and len(tasks) > 1
     # A build that fails leaves here with the exception: no summary, whose sizes.json a training run would take for
@@ -407,16 +422,16 @@ def build_shards(options: BuildOptions) -> BuildReport:
             progress.update(result.records)
     report = BuildReport([results[i] for i in sorted(results)], planned, reused_shards=len(done))
     report.seconds = time.perf_counter() - started
-    write_summary(options.out, planned)
+    write_summary(output, planned)
     return report
 
 
-def write_summary(out: Path, planned: int) -> None:
+def write_summary(output: BuildOutput, planned: int) -> None:
     """sizes.json, stats.json and errors.jsonl from every done mark in the folder (all parts so far)."""
-    results = load_done_marks(out, range(planned))
+    results = load_done_marks(output, range(planned))
     complete = len(results) == planned
     sizes = {shard_name(i): r.written for i, r in sorted(results.items()) if r.written}
-    atomic_write(out / SIZES_FILE, json.dumps(sizes, indent=1))
+    output.write_text(SIZES_FILE, json.dumps(sizes, indent=1))
     report = BuildReport(list(results.values()), planned)
     stats = {
         "complete": complete,
@@ -433,9 +448,9 @@ def write_summary(out: Path, planned: int) -> None:
         "resized": report.total("resized"),
         "shards": len(sizes),
     }
-    atomic_write(out / "stats.json", json.dumps(stats, indent=1))
+    output.write_text("stats.json", json.dumps(stats, indent=1))
     lines = [json.dumps(error, ensure_ascii=False) for _, r in sorted(results.items()) for error in r.errors]
-    atomic_write(out / "errors.jsonl", "".join(line + "\n" for line in lines))
+    output.write_text("errors.jsonl", "".join(line + "\n" for line in lines))
 
 
 def progress_bar(total: int, enabled: bool) -> tqdm:

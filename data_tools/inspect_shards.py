@@ -1,6 +1,7 @@
-"""`vdep inspect-shards DIR`: what a shard folder holds, and whether `sizes.json` tells the truth.
+"""`vdep inspect-shards DIR|URL`: what a shard folder (or remote prefix) holds, and whether `sizes.json`
+tells the truth.
 
-Reads every tar (sequentially, without decoding images), counts samples and the image/text-only mix,
+Reads every tar (sequentially, without decoding images, through the loader's own tar reader), counts samples and the image/text-only mix,
 checks each count against `sizes.json` (the loader plans epochs from it, so a wrong count means wrong
 epoch lengths), and with `--tokenizer` tokenizes every conversation with a template to give the
 token-length histogram that `data.max_length` should be chosen from. A few samples are printed as
@@ -15,10 +16,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import webdataset as wds
-
 from vdep.data.conversation import SampleError, parse_conversation
+from vdep.data.remote import MissingShardError, RemoteSettings, is_remote, join, read_text
 from vdep.data.shards import IMAGE_EXTENSIONS, SIZES_FILE
+from vdep.data.tar_reader import iterate_samples, open_shard
 from vdep.errors import DataError
 
 LENGTH_BUCKETS = (128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192)
@@ -40,34 +41,59 @@ class ShardInspection:
         return not self.mismatches
 
 
-def inspect_shards(folder: Path, encode=None, num_examples: int = 3) -> ShardInspection:
-    """`encode(turns, has_image) -> token count` gives token lengths (see `make_length_encoder`)."""
-    sizes_path = folder / SIZES_FILE
-    if not sizes_path.is_file():
-        raise DataError(f"{folder} has no {SIZES_FILE}; is it a folder written by `vdep build-shards`?")
-    sizes = json.loads(sizes_path.read_text())
-    tars = sorted(folder.glob("*.tar"))
+def inspect_shards(folder: str | Path, encode=None, num_examples: int = 3,
+                   settings: RemoteSettings | None = None) -> ShardInspection:
+    """`encode(turns, has_image) -> token count` gives token lengths (see `make_length_encoder`).
+
+    `folder` is a local folder or a remote prefix (https://, s3://, gs://); a remote prefix's shards are
+    the ones its sizes.json names (HTTP cannot list), so an unlisted remote tar goes unnoticed."""
+    settings = settings or RemoteSettings()
+    location = str(folder)
+    sizes = _sizes(location, settings)
+    if is_remote(location):
+        tars = {name: join(location, name) for name in sizes}
+    else:
+        tars = {tar.name: str(tar) for tar in Path(location).glob("*.tar")}
     report = ShardInspection()
-    for name in sorted(set(sizes) - {t.name for t in tars}):
+    for name in sorted(set(sizes) - set(tars)):
         report.mismatches.append(f"{name} is listed in {SIZES_FILE} but missing")
-    for tar in tars:
-        count = 0
-        try:
-            for sample in wds.tariterators.tarfile_samples([{"url": str(tar)}]):
-                count += 1
-                members = {k.lower(): v for k, v in sample.items() if not k.startswith("__")}
-                _inspect_sample(report, tar, sample["__key__"], members, encode, num_examples)
-        except (tarfile.TarError, OSError) as exc:
-            report.mismatches.append(f"{tar.name} cannot be read after {count} samples: {exc}")
+    for name in sorted(tars):
+        count = _inspect_tar(report, tars[name], name, encode, num_examples, settings)
         report.samples += count
-        if tar.name not in sizes:
-            report.mismatches.append(f"{tar.name} holds {count} samples but is not listed in {SIZES_FILE}")
-        elif sizes[tar.name] != count:
-            report.mismatches.append(f"{tar.name} holds {count} samples but {SIZES_FILE} says {sizes[tar.name]}")
+        if name not in sizes:
+            report.mismatches.append(f"{name} holds {count} samples but is not listed in {SIZES_FILE}")
+        elif count is not None and sizes[name] != count:
+            report.mismatches.append(f"{name} holds {count} samples but {SIZES_FILE} says {sizes[name]}")
     return report
 
 
-def _inspect_sample(report: ShardInspection, tar: Path, key: str, members: dict, encode, num_examples: int) -> None:
+def _sizes(location: str, settings: RemoteSettings) -> dict[str, int]:
+    try:
+        text = read_text(join(location, SIZES_FILE), settings) if is_remote(location) else \
+            (Path(location) / SIZES_FILE).read_text()
+    except (MissingShardError, FileNotFoundError):
+        raise DataError(f"{location} has no {SIZES_FILE}; is it a folder written by `vdep build-shards`?") from None
+    return json.loads(text)
+
+
+def _inspect_tar(report: ShardInspection, location: str, name: str, encode, num_examples: int,
+                 settings: RemoteSettings) -> int:
+    """The tar's sample count (what could be read of it: a corrupt tar is reported as a mismatch)."""
+    count = 0
+    try:
+        with open_shard(location, settings) as stream:
+            for sample in iterate_samples(stream, location, 0):
+                count += 1
+                members = {k: v for k, v in sample.items() if not k.startswith("__")}
+                _inspect_sample(report, name, sample["__key__"], members, encode, num_examples)
+    except MissingShardError:
+        report.mismatches.append(f"{name} is listed in {SIZES_FILE} but cannot be read (missing or forbidden)")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        report.mismatches.append(f"{name} cannot be read after {count} samples: {exc}")
+    return count
+
+
+def _inspect_sample(report: ShardInspection, tar: str, key: str, members: dict, encode, num_examples: int) -> None:
     image_format = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
     if image_format:
         report.with_image += 1
@@ -86,7 +112,7 @@ def _inspect_sample(report: ShardInspection, tar: Path, key: str, members: dict,
         report.unusable[exc.reason] += 1
         return
     if len(report.examples) < num_examples:
-        lines = [f"--- {tar.name}:{key} ({'image ' + image_format if image_format else 'text-only'}, "
+        lines = [f"--- {tar}:{key} ({'image ' + image_format if image_format else 'text-only'}, "
                  f"id {meta.get('id')!r}, from {meta.get('source')})"]
         lines += [f"  {turn.role}: {turn.text[:200]!r}" for turn in turns[:4]]
         report.examples.append("\n".join(lines))

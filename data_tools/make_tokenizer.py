@@ -1,4 +1,4 @@
-"""`vdep make-tokenizer`: train a small SentencePiece tokenizer on the texts of a shard directory.
+"""`vdep make-tokenizer`: train a small SentencePiece tokenizer on the texts of shard directories or remote prefixes.
 
 For tiny models (tests, the demo) that have no pretrained tokenizer. The result is a Hugging Face
 tokenizer folder (a Llama-style BPE tokenizer with byte fallback, BOS `<s>`, EOS `</s>`, UNK `<unk>`)
@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import sentencepiece as spm
-import webdataset as wds
 
 from vdep.conventions import IMAGE_MARKER
+from vdep.data.remote import RemoteSettings
 from vdep.data.shards import discover_shards
+from vdep.data.tar_reader import iterate_samples, open_shard
 from vdep.data.templates import VICUNA_SYSTEM
 from vdep.errors import DataError
 
@@ -27,18 +28,25 @@ MIN_VOCAB_SIZE = 300
 TEMPLATE_TEXTS = [VICUNA_SYSTEM + " USER: ASSISTANT:"] * 10
 
 
+def shard_samples(shard_dir: str) -> Iterator[dict]:
+    """Every raw sample of a shard folder or remote prefix, in order."""
+    settings = RemoteSettings()
+    for shard in discover_shards([shard_dir], settings):
+        with open_shard(shard.path, settings) as stream:
+            yield from iterate_samples(stream, shard.path, 0)
+
+
 def shard_texts(shard_dir: str) -> Iterator[str]:
-    for shard in discover_shards([shard_dir]):
-        for sample in wds.tariterators.tarfile_samples([{"url": shard.path}]):
-            if "json" not in sample:
-                continue
-            try:
-                conversations = json.loads(sample["json"]).get("conversations", [])
-            except (json.JSONDecodeError, AttributeError):
-                continue
-            for turn in conversations:
-                if isinstance(turn, dict) and isinstance(turn.get("value"), str):
-                    yield turn["value"].replace(IMAGE_MARKER, "").strip()
+    for sample in shard_samples(shard_dir):
+        if "json" not in sample:
+            continue
+        try:
+            conversations = json.loads(sample["json"]).get("conversations", [])
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        for turn in conversations:
+            if isinstance(turn, dict) and isinstance(turn.get("value"), str):
+                yield turn["value"].replace(IMAGE_MARKER, "").strip()
 
 
 def make_tokenizer(shard_dirs: list[str], vocab_size: int, out: Path) -> Path:

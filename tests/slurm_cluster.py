@@ -15,22 +15,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.system_packages import install_packages
+
 PACKAGES = ("slurm-wlm", "munge")
 DAEMONS = ("munged", "slurmctld", "slurmd")
 
 
 def install_slurm() -> str | None:
     """Install the Debian packages when missing; returns why SLURM cannot be had here, or None."""
-    if all(shutil.which(d) or Path(f"/usr/sbin/{d}").exists() for d in DAEMONS) and shutil.which("sbatch"):
-        return None
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return f"SLURM is not installed and installing {' '.join(PACKAGES)} needs root and apt-get"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *PACKAGES]):
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-        if result.returncode != 0:
-            return f"{' '.join(command)} failed: {result.stderr[-2000:]}"
-    return None
+    reason = install_packages((*DAEMONS, "sbatch"), PACKAGES)
+    return None if reason is None else f"SLURM: {reason}"
 
 
 def _daemon(name: str) -> str:

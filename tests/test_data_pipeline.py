@@ -152,6 +152,25 @@ def test_corrupt_samples_are_skipped_counted_and_named(small_data, tokenizer, tm
     assert any("000000006" in m and "bad_json" in m for m in messages)
 
 
+def test_vdeps_tar_reader_yields_webdatasets_samples_and_restarts_at_any_sample(small_data):
+    """The shard format is WebDataset's: the same samples as its reader, and opening a shard at a
+    sample's first byte yields exactly the samples from there on."""
+    from vdep.data.remote import RemoteSettings
+    from vdep.data.tar_reader import iterate_samples, read_sample
+
+    for shard in discover_shards([str(small_data.finetune_shards)]):
+        theirs = [{k: v for k, v in s.items() if k != "__url__"} for s in wds.tariterators.tarfile_samples([{"url": shard.path}])]
+        with open(shard.path, "rb") as handle:
+            ours = list(iterate_samples(handle, shard.path, 0))
+        assert [{k: v for k, v in s.items() if k not in ("__url__", "__ref__")} for s in ours] == theirs
+        middle = ours[len(ours) // 2]["__ref__"]
+        with open(shard.path, "rb") as handle:
+            handle.seek(middle.start)
+            rest = list(iterate_samples(handle, shard.path, 0, middle.start))
+        assert [s["__ref__"] for s in rest] == [s["__ref__"] for s in ours[len(ours) // 2:]]
+        assert read_sample(shard.path, middle, RemoteSettings())["json"] == ours[len(ours) // 2]["json"]
+
+
 def test_missing_sizes_file_is_explained(tmp_path):
     (tmp_path / "000000.tar").write_bytes(b"")
     with pytest.raises(DataError, match="no sizes.json"):
@@ -185,6 +204,24 @@ def test_a_restored_data_position_continues_with_exactly_the_next_batches(small_
     restored = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(uninterrupted) > consumed + 2
     assert restored == json.loads(json.dumps(uninterrupted[consumed:]))
+
+
+def test_a_position_written_by_vdep_0_1_is_restored_by_replaying_the_stream(small_data, tokenizer):
+    """vdep 0.1 recorded [read, carried indices, window, drop] per consumer: no byte ranges. Such a
+    position is restored by replaying the epoch's raw stream, without decoding, to the same batches."""
+    from vdep.data.loader import DataPosition
+
+    loader = loader_for_case(small_data, tokenizer, "2 workers, grouped, packed")
+    uninterrupted = [batch_fingerprint(b) for b in loader.micro_batches(0)]
+    position = DataPosition(0)
+    for batch in itertools.islice(loader.micro_batches(0), 5):
+        position.advance(batch, loader.workers)
+    saved = position.to_json()
+    for number, state in saved["consumers"].items():  # the old form
+        saved["consumers"][number] = [state["read"], [i for i, _ in state["carry"]], state["window"], state["drop"]]
+    old = DataPosition.from_json(saved)
+    assert all(state.stream is None for state in old.consumers.values())
+    assert [batch_fingerprint(b) for b in loader.micro_batches(0, old)] == uninterrupted[5:]
 
 
 def test_grouping_makes_single_modality_batches_of_similar_length(small_data, tokenizer):

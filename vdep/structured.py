@@ -128,6 +128,12 @@ class _Converter:
             if not isinstance(value, list):
                 raise ConfigError(f"{self.where(key)}: expected {_describe(tp)}, got {value!r}")
             return [self.convert(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        if origin is dict or tp is dict:  # free-form options passed on to a library (e.g. fsspec's)
+            if value is None:
+                return {}
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise ConfigError(f"{self.where(key)}: expected a mapping of option names to values, got {value!r}")
+            return dict(value)
         if tp in (bool, int, float, str):
             return self.convert_scalar(tp, value, key)
         if tp is Any:

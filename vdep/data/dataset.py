@@ -14,19 +14,21 @@ import json
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..conventions import IGNORE_INDEX, round_half_up
 from .batch import Batch, ProcessedSample, collate, collate_packed
 from .conversation import SampleError, check_image_markers, parse_conversation
 from .images import ImageProcessing, decode_image, image_pixels
+from .remote import RemoteSettings
 from .shards import IMAGE_EXTENSIONS, Shard, plan_epoch
+from .stream import ShuffledStream, StreamState
+from .tar_reader import SampleRef
 from .templates import ConversationTemplate, TemplateTokenizer, TokenizedConversation
 
 # Skip messages kept per batch; the counts are always complete.
@@ -89,23 +91,6 @@ def truncate(tokens: TokenizedConversation, max_length: int, image_token_id: int
     return TokenizedConversation(tokens.input_ids[:max_length], tokens.labels[:max_length])
 
 
-def buffer_shuffle(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
-    """Seeded reservoir-style shuffle: fill a buffer, then emit a random element for each new one."""
-    if size <= 1:
-        yield from samples
-        return
-    buffer: list[dict] = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        index = rng.randrange(size)
-        buffer[index], sample = sample, buffer[index]
-        yield sample
-    rng.shuffle(buffer)
-    yield from buffer
-
-
 @dataclass(frozen=True)
 class Batching:
     """How a consumer turns preprocessed samples into micro-batches."""
@@ -155,20 +140,30 @@ def by_length(samples: list[tuple[int, ProcessedSample]]) -> list[tuple[int, Pro
 
 @dataclass(frozen=True)
 class ConsumerState:
-    """Where a consumer resumes: `read` shuffled raw samples consumed, of which those at `carry` are
-    held for a later window; `window` windows complete, `drop` batches of the next one given out."""
+    """Where a consumer resumes: `read` shuffled raw samples consumed, of which those in `carry` (their
+    index in the shuffled stream and their byte range) are held for a later window; `window` windows
+    complete, `drop` batches of the next one given out; `stream`, the shuffled stream after `read`
+    samples (stream.py). A position written by vdep 0.1 has no `stream` and no ranges: it is restored by
+    replaying the stream from the epoch's start, without decoding."""
 
     read: int = 0
-    carry: tuple[int, ...] = ()
+    carry: tuple[tuple[int, SampleRef | None], ...] = ()
     window: int = 0
     drop: int = 0
+    stream: StreamState | None = field(default_factory=StreamState)
 
-    def to_json(self) -> list:
-        return [self.read, list(self.carry), self.window, self.drop]
+    def to_json(self) -> dict:
+        return {"read": self.read, "carry": [[i, ref.to_json() if ref else None] for i, ref in self.carry],
+                "window": self.window, "drop": self.drop,
+                "stream": self.stream.to_json() if self.stream is not None else None}
 
     @classmethod
-    def from_json(cls, data: list) -> ConsumerState:
-        return cls(int(data[0]), tuple(int(i) for i in data[1]), int(data[2]), int(data[3]))
+    def from_json(cls, data: dict | list) -> ConsumerState:
+        if isinstance(data, list):  # vdep 0.1: [read, carried indices, window, drop]
+            return cls(int(data[0]), tuple((int(i), None) for i in data[1]), int(data[2]), int(data[3]), None)
+        carry = tuple((int(i), SampleRef.from_json(ref) if ref else None) for i, ref in data["carry"])
+        stream = StreamState.from_json(data["stream"]) if data["stream"] is not None else None
+        return cls(int(data["read"]), carry, int(data["window"]), int(data["drop"]), stream)
 
 
 class ShardStream(IterableDataset):
@@ -185,10 +180,12 @@ class ShardStream(IterableDataset):
     what it has, oldest first (that window is grouped for this consumer only). At the end of the stream the rest is batched the same way.
 
     Data position. After each micro-batch the consumer records where it resumes (`ConsumerState`): the
-    raw samples read and which of them are carried at the start of the current window, the window's
-    number and its batches already given out. Restoring replays the raw stream up to that point
-    without decoding anything except the carried samples, fills the window again and drops its batches
-    already given out: exactly the stream an uninterrupted run continues with. DataLoader workers take
+    raw samples read and which of them are carried at the start of the current window (with their byte
+    ranges), the shuffled stream's state there (stream.py: the plan's byte position, the shuffle buffer's
+    samples by byte range, its RNG), the window's number and its batches already given out. Restoring
+    reads the buffered and carried samples by range and the plan on from its byte, decodes only the
+    carried samples, fills the window again and drops its batches already given out: exactly the stream
+    an uninterrupted run continues with, and no consumed byte is read twice. DataLoader workers take
     turns, so the restored loader also starts with the consumer whose turn was next (`first_consumer`).
     """
 
@@ -204,6 +201,7 @@ class ShardStream(IterableDataset):
         seed: int,
         split: str,
         shuffle_buffer: int,
+        remote: RemoteSettings | None = None,
     ):
         super().__init__()
         self.shards = shards
@@ -215,6 +213,7 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.split = split
         self.shuffle_buffer = shuffle_buffer
+        self.remote = remote or RemoteSettings()
         self.epoch = 0
         self.start_positions: dict[int, ConsumerState] = {}  # local consumer → where it resumes
         self.first_consumer = 0
@@ -232,21 +231,35 @@ class ShardStream(IterableDataset):
         self.start_positions = dict(positions or {})
         self.first_consumer = first_consumer
 
-    def raw_samples(self, consumer: int) -> Iterator[dict]:
-        """The consumer's raw (undecoded) samples in shuffled order, with tar errors counted."""
+    def shuffled(self, consumer: int, state: StreamState | None) -> ShuffledStream:
+        """The consumer's raw (undecoded) samples in shuffled order, from `state` on (None: the start)."""
         plan = plan_epoch(self.shards, self.seed, self.epoch, self.num_consumers, self.split)[consumer]
-        raw = wds.tariterators.tarfile_samples(({"url": s.path} for s in plan.shards), handler=self._on_tar_error)
-        mine = (sample for index, sample in enumerate(raw) if index % plan.stride == plan.offset)
-        if plan.limit is not None:
-            mine = itertools.islice(mine, plan.limit)
-        rng = random.Random(f"vdep-samples-{self.seed}-{self.epoch}-{consumer}")
-        return buffer_shuffle(mine, self.shuffle_buffer, rng)
+        return ShuffledStream(plan, self.remote, self.shuffle_buffer, f"vdep-samples-{self.seed}-{self.epoch}-{consumer}",
+                              self._on_tar_error, state)
 
-    def _on_tar_error(self, exc: Exception) -> bool:
+    def _on_tar_error(self, location: str, exc: Exception) -> None:
         self._skipped["bad_tar"] += 1
         if len(self._messages) < MAX_MESSAGES_PER_BATCH:
-            self._messages.append(f"unreadable tar data: {exc}")
-        return True  # keep reading
+            self._messages.append(f"{location}: unreadable tar data ({exc}); the rest of this shard is not read")
+
+    def _restore(self, consumer: int, state: ConsumerState) -> tuple[ShuffledStream, list]:
+        """The stream after `state.read` samples, and the carried samples, decoded again."""
+        if state.stream is None:  # a position without byte ranges: replay from the epoch's start
+            stream = self.shuffled(consumer, None)
+            held = {index for index, _ in state.carry}
+            kept = [(index, sample) for index, sample in zip(range(state.read), stream) if index in held]
+        else:
+            stream = self.shuffled(consumer, state.stream)
+            kept = [(index, stream.fetch(ref)) for index, ref in state.carry]  # type: ignore[arg-type]
+        self._skipped.clear()  # anything met while replaying was reported by the original run
+        self._messages.clear()
+        carry = [(index, self.preprocess(sample)) for index, sample in kept]  # these succeeded before
+        for index, sample in kept:
+            self._refs[index] = sample["__ref__"]
+        return stream, carry
+
+    def _position(self, read: int, carry: list, window: int, drop: int, stream: StreamState) -> ConsumerState:
+        return ConsumerState(read, tuple((index, self._refs[index]) for index, _ in carry), window, drop, stream)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -255,18 +268,16 @@ class ShardStream(IterableDataset):
         state = self.start_positions.get(local, ConsumerState())
         self._skipped: Counter[str] = Counter()
         self._messages: list[str] = []
-        raw = enumerate(self.raw_samples(consumer))
-        held = set(state.carry)
-        kept = [(index, sample) for index, sample in itertools.islice(raw, state.read) if index in held]  # no decoding
-        self._skipped.clear()  # anything met while replaying was reported by the original run
-        self._messages.clear()
-        carry = [(index, self.preprocess(sample)) for index, sample in kept]  # these succeeded before
+        self._refs: dict[int, SampleRef] = {}  # byte ranges of the samples read and not yet given out
+        stream, carry = self._restore(consumer, state)
+        raw = zip(itertools.count(state.read), stream)
         read, window, drop = state.read, state.window, state.drop
         while True:
-            at_start = (read, tuple(index for index, _ in carry))
+            at_start = self._position(read, carry, window, 0, stream.state())
             batches, carry, read = self._fill_window(raw, carry, read, window)
             if not batches:
                 return
+            after = self._position(read, carry, window + 1, 0, stream.state())
             for number, members in enumerate(batches):
                 if number < drop:  # given out before the checkpoint, with the window's skip counts
                     self._skipped.clear()
@@ -277,11 +288,9 @@ class ShardStream(IterableDataset):
                 self._skipped.clear()
                 self._messages.clear()
                 batch.consumer = local
-                if number + 1 == len(batches):
-                    batch.resume_position = ConsumerState(read, tuple(index for index, _ in carry), window + 1, 0)
-                else:
-                    batch.resume_position = ConsumerState(*at_start, window, number + 1)
+                batch.resume_position = after if number + 1 == len(batches) else replace(at_start, drop=number + 1)
                 yield batch
+            self._refs = {index: self._refs[index] for index, _ in carry}
             window, drop = window + 1, 0
 
     def _fill_window(self, raw, carry: list, read: int, window: int) -> tuple[list[list[ProcessedSample]], list, int]:
@@ -307,6 +316,7 @@ class ShardStream(IterableDataset):
             read += 1
             try:
                 pools[self._pool_key(processed := self.preprocess(sample), layout)].append((index, processed))
+                self._refs[index] = sample["__ref__"]
             except SampleError as exc:
                 self._skipped[exc.reason] += 1
                 if len(self._messages) < MAX_MESSAGES_PER_BATCH:

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 from ..errors import DataError
 from .batch import Batch
 from .dataset import Batching, ConsumerState, SamplePreprocessor, ShardStream
-from .shards import Shard, micro_batches_per_rank, plan_epoch, resolve_split
+from .remote import RemoteSettings
+from .shards import ConsumerPlan, Shard, micro_batches_per_rank, plan_epoch, resolve_split
 
 
 @dataclass
@@ -100,6 +101,7 @@ class StageLoader:
         split: str,
         shuffle_buffer: int,
         pin_memory: bool = False,
+        remote: RemoteSettings | None = None,
     ) -> StageLoader:
         split = resolve_split(split, len(shards), world_size * max(num_workers, 1))  # type: ignore[arg-type]
         stream = ShardStream(
@@ -112,6 +114,7 @@ class StageLoader:
             seed=seed,
             split=split,
             shuffle_buffer=shuffle_buffer,
+            remote=remote,
         )
         return cls(stream, num_workers, grad_accum_steps, pin_memory)
 
@@ -137,6 +140,12 @@ class StageLoader:
                 f"{s.micro_batch_size}; add data or reduce the batch size"
             )
         return StageLength(planned, None, whole, final_epoch_steps)
+
+    def consumer_plans(self, epoch: int) -> dict[int, ConsumerPlan]:
+        """This rank's consumers' reading plans for `epoch`, by local worker number."""
+        s = self.stream
+        plans = plan_epoch(s.shards, s.seed, epoch, s.num_consumers, s.split)
+        return {local: plans[s.rank * s.workers_per_rank + local] for local in range(s.workers_per_rank)}
 
     @property
     def workers(self) -> int:

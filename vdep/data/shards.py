@@ -1,7 +1,8 @@
 """Shard discovery and the per-epoch shard plan.
 
 A shard directory holds `NNNNNN.tar` files and a `sizes.json` (`{"000000.tar": 1000, ...}`) written
-by `vdep build-shards`. The plan for an epoch is a pure function of (shards, seed, epoch, number of
+by `vdep build-shards`; so does a remote prefix (`https://...`, `s3://...`, `gs://...`, remote.py),
+whose shards are the ones its `sizes.json` names (HTTP has no listing). The plan for an epoch is a pure function of (shards, seed, epoch, number of
 consumers), where a consumer is one DataLoader worker of one rank: every rank computes every
 consumer's plan, so all ranks agree on the epoch length without talking to each other.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import DataError
+from .remote import MissingShardError, RemoteSettings, is_remote, join, read_text
 
 SIZES_FILE = "sizes.json"
 # Image members a shard sample may have (KEY.jpg, ...): the loader reads the first one present.
@@ -53,10 +55,13 @@ class ConsumerPlan:
         return kept if self.limit is None else min(kept, self.limit)
 
 
-def discover_shards(specs: list[str]) -> list[Shard]:
-    """All shards of the given directories (or single .tar files), with sizes from sizes.json."""
+def discover_shards(specs: list[str], settings: RemoteSettings | None = None) -> list[Shard]:
+    """All shards of the given directories or remote prefixes (or single .tar files), with sizes from sizes.json."""
     shards: list[Shard] = []
     for spec in specs:
+        if is_remote(spec):
+            shards += _remote_shards(spec, settings or RemoteSettings())
+            continue
         path = Path(spec)
         if path.is_dir():
             tars = sorted(path.glob("*.tar"))
@@ -77,6 +82,30 @@ def discover_shards(specs: list[str]) -> list[Shard]:
     return shards
 
 
+def _remote_shards(spec: str, settings: RemoteSettings) -> list[Shard]:
+    if spec.endswith(".tar"):
+        prefix, _, name = spec.rpartition("/")
+        sizes = _parse_sizes(_read_remote_sizes(prefix, settings), join(prefix, SIZES_FILE))
+        if name not in sizes:
+            raise DataError(f"{spec} is not listed in {join(prefix, SIZES_FILE)}; rebuild the shards or add its count")
+        return [Shard(spec, sizes[name])]
+    sizes = _parse_sizes(_read_remote_sizes(spec, settings), join(spec, SIZES_FILE))
+    if not sizes:
+        raise DataError(f"{join(spec, SIZES_FILE)} names no shard")
+    return [Shard(join(spec, name), count) for name, count in sorted(sizes.items())]
+
+
+def _read_remote_sizes(prefix: str, settings: RemoteSettings) -> str:
+    try:
+        return read_text(join(prefix, SIZES_FILE), settings)
+    except MissingShardError:
+        raise DataError(
+            f"{prefix} has no {SIZES_FILE} (shard name → sample count), which vdep needs to plan epochs and to find "
+            "the shards (HTTP cannot list a folder): upload the one `vdep build-shards` wrote beside the shards "
+            "(and its shard_stats/), or build into the bucket with `vdep build-shards --out s3://...`"
+        ) from None
+
+
 def _read_sizes(directory: Path) -> dict[str, int]:
     path = directory / SIZES_FILE
     if not path.is_file():
@@ -84,12 +113,16 @@ def _read_sizes(directory: Path) -> dict[str, int]:
             f"{directory} has no {SIZES_FILE} (shard name → sample count), which vdep needs to plan epochs; "
             "shards written by `vdep build-shards` have one"
         )
+    return _parse_sizes(path.read_text(), str(path))
+
+
+def _parse_sizes(text: str, source: str) -> dict[str, int]:
     try:
-        sizes = json.loads(path.read_text())
+        sizes = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from None
+        raise DataError(f"{source} is not valid JSON: {exc}") from None
     if not isinstance(sizes, dict) or not all(isinstance(v, int) and v >= 0 for v in sizes.values()):
-        raise DataError(f"{path} must map shard file names to non-negative sample counts")
+        raise DataError(f"{source} must map shard file names to non-negative sample counts")
     return sizes
 
 
@@ -141,9 +174,20 @@ def micro_batches_per_rank(
     ]
 
 
-def count_image_samples(shard: Shard) -> int:
+def count_image_samples(shard: Shard, settings: RemoteSettings | None = None) -> int:
     """Samples with an image in a shard: from build-shards' `shard_stats/NNNNNN.json` when there is
-    one, otherwise by listing the tar's member names (headers only, no data read)."""
+    one, otherwise, for a local shard, by listing the tar's member names (headers only, no data read).
+    Listing a remote tar costs a request per header block, so a remote shard needs its stats file."""
+    if is_remote(shard.path):
+        prefix, _, name = shard.path.rpartition("/")
+        stats = join(prefix, f"shard_stats/{name.split('.')[0]}.json")
+        try:
+            return int(json.loads(read_text(stats, settings or RemoteSettings()))["with_image"])
+        except MissingShardError:
+            raise DataError(
+                f"{stats} is missing: data.group_by_modality_length needs each remote shard's image count; upload "
+                "the shard_stats/ folder that `vdep build-shards` wrote beside the shards"
+            ) from None
     path = Path(shard.path)
     stats = path.parent / "shard_stats" / f"{path.name.split('.')[0]}.json"
     if stats.is_file():
@@ -163,7 +207,7 @@ def count_image_samples(shard: Shard) -> int:
     return len(keys)
 
 
-def image_fraction(shards: list[Shard]) -> float:
+def image_fraction(shards: list[Shard], settings: RemoteSettings | None = None) -> float:
     """The share of samples with an image over all shards (modality grouping's quotas follow it)."""
     total = sum(s.num_samples for s in shards)
-    return sum(count_image_samples(s) for s in shards) / total if total else 0.0
+    return sum(count_image_samples(s, settings) for s in shards) / total if total else 0.0

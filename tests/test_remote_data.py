@@ -1,0 +1,164 @@
+"""Shards read from real servers on 127.0.0.1 (nginx with Range, an S3 API server, a faulty server of
+our own): the same batches as from disk, transport faults retried and never counted as bad data, and a
+restored position that reads only what was not consumed."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import batch_fingerprint, make_loader, unconsumed_bytes
+from tests.remote_servers import Faults, FaultyHTTP
+from vdep.data.loader import DataPosition
+from vdep.data.remote import MissingShardError, RemoteSettings, TransportError
+from vdep.errors import DataError
+
+FAST = RemoteSettings(retries=4, backoff_s=0.01, max_backoff_s=0.05, request_mb=0.05)  # 52 KB requests
+
+
+def fingerprints(loader, epoch: int = 0, position: DataPosition | None = None) -> list:
+    return [batch_fingerprint(b) for b in loader.micro_batches(epoch, position)]
+
+
+@pytest.mark.parametrize("split", ["shards", "samples"])
+def test_http_and_s3_shards_give_the_batches_of_local_ones(small_data, tokenizer, nginx, s3, split):
+    local = fingerprints(make_loader(small_data, tokenizer, 1, 2, split, micro=3, seed=2))
+    for prefix in (f"{nginx.url}/finetune/", "s3://shards/finetune"):
+        remote = make_loader(small_data, tokenizer, 1, 2, split, micro=3, seed=2, shard_dir=prefix, remote=FAST)
+        assert fingerprints(remote) == local, prefix
+
+
+def test_dropped_connections_and_503s_change_neither_the_batches_nor_the_skip_counts(small_data, tokenizer, served):
+    local = fingerprints(make_loader(small_data, tokenizer, 0, 1, "shards", micro=4, seed=1, workers=2))
+    # Request 1 reads sizes.json; then shard sizes and ranges: cut several bodies part-way, refuse others.
+    faults = Faults(unavailable={4, 9, 10, 17}, drop_after={5: 1000, 8: 0, 12: 30000, 20: 512, 26: 7})
+    server = FaultyHTTP(served, faults).start()
+    try:
+        remote = make_loader(small_data, tokenizer, 0, 1, "shards", micro=4, seed=1, workers=2,
+                             shard_dir=f"{server.url}/finetune", remote=FAST)
+        assert fingerprints(remote) == local  # the skip counts are part of each fingerprint
+        assert all(not f[5] for f in local)
+        assert server.requests > 26  # every scheduled fault was met
+    finally:
+        server.stop()
+
+
+def test_a_transport_failure_that_outlasts_the_retries_stops_with_the_url_and_cause(small_data, tokenizer, served):
+    server = FaultyHTTP(served, Faults(unavailable=set(range(3, 1000)))).start()
+    try:
+        loader = make_loader(small_data, tokenizer, 0, 1, "shards", micro=4, shard_dir=f"{server.url}/finetune",
+                             remote=FAST)
+        with pytest.raises(TransportError) as raised:
+            next(iter(loader.micro_batches(0)))
+        message = str(raised.value)
+        assert f"{server.url}/finetune/0000" in message and "failed 5 times" in message and "503" in message
+        assert "was not skipped" in message
+    finally:
+        server.stop()
+
+
+def test_a_shard_the_manifest_names_but_the_server_lacks_is_an_error_not_a_skip(small_data, tokenizer, served,
+                                                                                  nginx, tmp_path):
+    root = tmp_path / "www"
+    shutil.copytree(served / "finetune", root / "finetune")
+    (root / "finetune" / "000002.tar").unlink()
+    server = FaultyHTTP(root).start()
+    try:
+        loader = make_loader(small_data, tokenizer, 0, 1, "shards", micro=4, shard_dir=f"{server.url}/finetune",
+                             remote=FAST)
+        with pytest.raises(MissingShardError, match="000002.tar.*does it exist"):
+            list(loader.micro_batches(0))
+    finally:
+        server.stop()
+    with pytest.raises(DataError, match="has no sizes.json.*upload the one `vdep build-shards` wrote"):
+        make_loader(small_data, tokenizer, 0, 1, "shards", shard_dir=f"{nginx.url}/no-sizes", remote=FAST)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_restored_position_reads_only_the_bytes_not_yet_consumed(small_data, tokenizer, served, grouped):
+    """Position taken mid-shard; the restored loader asks the server for the unconsumed samples only:
+    the shuffle buffer's and the carried ones by range, then the plan on from its byte."""
+    settings = dict(micro=2, seed=3, workers=2, shuffle_buffer=6)
+    if grouped:  # the grouping windows carry samples: they are read again, by range
+        settings.update(group_by_modality_length=True, group_window=3)
+    server = FaultyHTTP(served).start()
+    try:
+        prefix = f"{server.url}/finetune"
+        loader = make_loader(small_data, tokenizer, 0, 1, "shards", shard_dir=prefix, remote=FAST, **settings)
+        full_start = server.body_bytes
+        uninterrupted = fingerprints(loader)
+        full = server.body_bytes - full_start
+        consumed = 7
+        position = DataPosition(0)
+        for batch in itertools.islice(loader.micro_batches(0), consumed):
+            position.advance(batch, loader.workers)
+        position = DataPosition.from_json(json.loads(json.dumps(position.to_json())))  # as a checkpoint holds it
+        unconsumed, trailers = unconsumed_bytes(position, loader.consumer_plans(0), served / "finetune")
+    finally:
+        server.stop()  # (its loader's workers may still be prefetching: the restored run gets a server of its own)
+    server = FaultyHTTP(served).start()
+    try:
+        restored = fingerprints(make_loader(small_data, tokenizer, 0, 1, "shards", shard_dir=f"{server.url}/finetune",
+                                            remote=FAST, **settings), 0, position)
+        assert restored == uninterrupted[consumed:]
+        assert unconsumed <= server.body_bytes <= unconsumed + trailers
+        assert server.body_bytes < full - 0.1 * full * (not grouped)
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------------- the shard tools
+def bucket_files(prefix: str) -> dict[str, bytes]:
+    """A bucket prefix's summaries and shards, by name (the done marks hold timings: left out)."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    names = [path.rsplit("/", 1)[-1] for path in fs.glob(prefix + "/*")]
+    return {name: fs.cat_file(f"{prefix}/{name}") for name in names if name.endswith((".tar", ".json", ".jsonl"))
+            and name != "build.json"}
+
+
+def folder_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != "build.json"}
+
+
+def test_build_shards_into_a_bucket_equals_a_local_build_in_parts_and_on_resume(small_data, s3, tmp_path, capsys):
+    import fsspec
+
+    from vdep.cli import main
+
+    arguments = [str(small_data.raw / "finetune.json"), "--image-root", str(small_data.raw / "images"),
+                 "--samples-per-shard", "10", "--shuffle", "--no-progress", "--staging", str(tmp_path / "staging")]
+    assert main(["build-shards", *arguments, "--out", str(tmp_path / "local")]) == 0
+    expected = folder_files(tmp_path / "local")
+    assert main(["build-shards", *arguments, "--out", "s3://shards/built", "--workers", "2"]) == 0
+    assert bucket_files("s3://shards/built") == expected
+    assert not list((tmp_path / "staging").rglob("*.tar"))  # every staged file was uploaded and removed
+    for part in (1, 0):  # an array job's two tasks, into one prefix
+        assert main(["build-shards", *arguments, "--out", "s3://shards/parts", "--part", str(part), "--num-parts", "2"]) == 0
+    assert bucket_files("s3://shards/parts") == expected
+    # As after a crash: one shard uploaded without its done mark, another's object gone with its mark left.
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.rm("s3://shards/built/shard_stats/000002.json")
+    fs.rm("s3://shards/built/000004.tar")
+    assert main(["build-shards", *arguments, "--out", "s3://shards/built", "--resume"]) == 0
+    assert bucket_files("s3://shards/built") == expected
+    assert main(["build-shards", *arguments, "--out", "s3://shards/built"]) == 2
+    assert "s3://shards/built already holds a build" in capsys.readouterr().err
+
+
+def test_inspect_shards_and_make_tokenizer_read_remote_prefixes_like_folders(small_data, nginx, s3, tmp_path):
+    from vdep.data_tools.inspect_shards import format_report, inspect_shards
+    from vdep.data_tools.make_tokenizer import make_tokenizer
+
+    local = format_report(inspect_shards(small_data.finetune_shards))
+    assert "sizes.json matches the tars" in local
+    for prefix in (f"{nginx.url}/finetune", "s3://shards/finetune"):
+        assert format_report(inspect_shards(prefix)) == local.replace(str(small_data.finetune_shards), prefix)
+    make_tokenizer([str(small_data.finetune_shards)], 400, tmp_path / "local")
+    make_tokenizer([f"{nginx.url}/finetune"], 400, tmp_path / "remote")
+    assert (tmp_path / "local" / "tokenizer.model").read_bytes() == (tmp_path / "remote" / "tokenizer.model").read_bytes()

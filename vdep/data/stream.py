@@ -1,0 +1,175 @@
+"""One consumer's raw samples in shuffled order, with a position that restores without re-reading.
+
+The raw stream of a consumer is its plan's shards read in order (keeping samples i with
+i % stride == offset, at most `limit`: shards.ConsumerPlan), through a seeded shuffle buffer. Its
+state after any number of samples (`StreamState`) is small and exact:
+- where the plan's reading stands: the shard, the byte after the last sample read, and the counts of
+  samples seen and kept (`SourcePosition`);
+- which samples wait in the shuffle buffer, by byte range (`SampleRef`), and the buffer's RNG state;
+- once the plan is read to its end, the buffer's remaining samples in their final order.
+Restoring reads the waiting samples by range and continues the plan at its byte: no consumed byte is
+read again, locally or remotely. The order of samples is exactly that of an uninterrupted stream.
+
+Corrupt tar data ends the shard it is in (counted by `on_corrupt`); transport errors propagate.
+"""
+
+from __future__ import annotations
+
+import random
+import tarfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .remote import RemoteSettings, is_remote
+from .shards import ConsumerPlan
+from .tar_reader import SampleRef, iterate_samples, open_shard, read_sample
+
+
+@dataclass(frozen=True)
+class SourcePosition:
+    """Where reading a consumer's plan stands: at byte `offset` of shard number `shard`."""
+
+    shard: int = 0
+    offset: int = 0
+    seen: int = 0  # samples of the plan's shards passed so far (before the stride)
+    kept: int = 0  # of which this consumer's (after the stride)
+
+    def to_json(self) -> list[int]:
+        return [self.shard, self.offset, self.seen, self.kept]
+
+    @classmethod
+    def from_json(cls, data: list[int]) -> SourcePosition:
+        return cls(*(int(value) for value in data))
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """A consumer's shuffled stream, restorable (see the module docstring)."""
+
+    source: SourcePosition = field(default_factory=SourcePosition)
+    rng: list | None = None  # the shuffle RNG's state (random.Random.getstate as lists); None: fresh
+    buffer: tuple[SampleRef, ...] = ()
+    draining: bool = False  # the plan is read: `buffer` is the remaining samples in their final order
+
+    def to_json(self) -> dict:
+        return {"source": self.source.to_json(), "rng": self.rng, "buffer": [r.to_json() for r in self.buffer],
+                "draining": self.draining}
+
+    @classmethod
+    def from_json(cls, data: dict) -> StreamState:
+        return cls(SourcePosition.from_json(data["source"]), data["rng"],
+                   tuple(SampleRef.from_json(r) for r in data["buffer"]), bool(data["draining"]))
+
+
+def _rng_to_json(rng: random.Random) -> list:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _rng_from_json(state: list) -> random.Random:
+    rng = random.Random()
+    rng.setstate((state[0], tuple(state[1]), state[2]))
+    return rng
+
+
+class PlanReader:
+    """A consumer plan's raw samples in order, starting at `position`."""
+
+    def __init__(self, plan: ConsumerPlan, settings: RemoteSettings, position: SourcePosition,
+                 on_corrupt: Callable[[str, Exception], None]):
+        self.plan = plan
+        self.settings = settings
+        self.position = position
+        self.on_corrupt = on_corrupt
+
+    def __iter__(self) -> Iterator[dict]:
+        plan = self.plan
+        upcoming: tuple[int, Future] | None = None
+        pool = ThreadPoolExecutor(1, thread_name_prefix="vdep-next-shard")
+        try:
+            while self.position.shard < len(plan.shards):
+                if plan.limit is not None and self.position.kept >= plan.limit:
+                    return
+                number = self.position.shard
+                stream = upcoming[1].result() if upcoming is not None and upcoming[0] == number else \
+                    open_shard(plan.shards[number].path, self.settings, self.position.offset)
+                upcoming = None
+                following = number + 1
+                if following < len(plan.shards) and is_remote(plan.shards[following].path):
+                    # The next remote shard's first request goes out while this one is read.
+                    upcoming = (following, pool.submit(open_shard, plan.shards[following].path, self.settings, 0))
+                with stream:
+                    yield from self._read_shard(number, stream)
+                self.position = SourcePosition(number + 1, 0, self.position.seen, self.position.kept)
+        finally:
+            if upcoming is not None and upcoming[1].done() and upcoming[1].exception() is None:
+                upcoming[1].result().close()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _read_shard(self, number: int, stream) -> Iterator[dict]:
+        location = self.plan.shards[number].path
+        samples = iterate_samples(stream, location, number, self.position.offset)
+        while True:
+            try:
+                sample = next(samples)
+            except StopIteration:
+                return
+            except (tarfile.TarError, EOFError) as exc:  # corrupt data inside the shard: the rest of it is lost
+                self.on_corrupt(location, exc)
+                return
+            position = self.position
+            mine = position.seen % self.plan.stride == self.plan.offset
+            self.position = SourcePosition(number, sample["__ref__"].end, position.seen + 1, position.kept + mine)
+            if mine:
+                yield sample
+                if self.plan.limit is not None and self.position.kept >= self.plan.limit:
+                    return
+
+
+class ShuffledStream:
+    """A seeded reservoir shuffle of a `PlanReader`'s samples: fill a buffer of `size`, then emit a
+    random element for each new one; at the end, shuffle what is left and emit it. With a `state`, it
+    continues exactly where that state was taken."""
+
+    def __init__(self, plan: ConsumerPlan, settings: RemoteSettings, size: int, seed: str,
+                 on_corrupt: Callable[[str, Exception], None], state: StreamState | None = None):
+        state = state or StreamState()
+        self.plan = plan
+        self.settings = settings
+        self.size = size
+        self.reader = PlanReader(plan, settings, state.source, on_corrupt)
+        self.rng = _rng_from_json(state.rng) if state.rng is not None else random.Random(seed)
+        self.buffer = [self.fetch(ref) for ref in state.buffer]
+        self.draining = state.draining
+        self._source = iter(self.reader)
+
+    def fetch(self, ref: SampleRef) -> dict:
+        """The sample at `ref` in this plan's shards (a range read)."""
+        return read_sample(self.plan.shards[ref.shard].path, ref, self.settings)
+
+    def state(self) -> StreamState:
+        return StreamState(self.reader.position, _rng_to_json(self.rng),
+                           tuple(sample["__ref__"] for sample in self.buffer), self.draining)
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        if self.size <= 1:
+            return next(self._source)
+        while not self.draining:
+            sample = next(self._source, None)
+            if sample is None:
+                self.rng.shuffle(self.buffer)
+                self.draining = True
+                break
+            if len(self.buffer) < self.size:
+                self.buffer.append(sample)
+                continue
+            index = self.rng.randrange(self.size)
+            self.buffer[index], sample = sample, self.buffer[index]
+            return sample
+        if not self.buffer:
+            raise StopIteration
+        return self.buffer.pop(0)
