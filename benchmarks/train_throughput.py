@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py                   # one GPU: CLIP ViT-L/14-336 + a 1.1B Llama shape, bf16
     python benchmarks/train_throughput.py --llm 7b --micro-batch-size 4
     python benchmarks/train_throughput.py --smoke           # CPU: tiny shapes, a few steps (checks that it runs)
+    python benchmarks/train_throughput.py --lora            # finetune with LoRA (r 128; --lora-r), both sides
 
 Both sides get the same random-init weights (vdep writes them into its run directory; the baseline
 builds `LlavaForConditionalGeneration` from the same configs), the same shards (synthetic JPEGs and
@@ -10,6 +11,9 @@ conversations, built here with `vdep build-shards`), the same preprocessing (vde
 preparation is not what is compared), the same micro-batch, the same DeepSpeed config (vdep's preset,
 filled) and the same frozen parts (align: projector only; finetune: projector and LLM). vdep runs in
 every configuration: both stages, VDEP on and off, padded and packed. Each run is its own process.
+With `--lora` only finetune runs, with LoRA adapters on every Linear of the LLM and the projector
+trained in full: vdep's `stages.finetune.lora`, and for the baseline peft's `get_peft_model` with the
+same adapters and the projector as `modules_to_save`.
 
 Reported per run: samples/s and tokens/s (mean over the steps after the warm-up), MFU (vdep's FLOP
 model, against `--peak-tflops`; for the baseline the same useful FLOPs per sample at its rate) and the
@@ -88,7 +92,9 @@ def vdep_overrides(args, shards: dict[str, Path], tokenizer: Path, run_dir: Path
     vision = SMOKE_VISION if args.smoke else CLIP_L_336
     llm = SMOKE_LLM if args.smoke else LLMS[args.llm]
     trainable = "[projector]" if stage == "align" else "[projector, language_model]"
+    lora = [f"stages.{stage}.lora={{r: {args.lora_r}, alpha: {2 * args.lora_r}, dropout: 0.05}}"] if args.lora else []
     return [
+        *lora,
         *(f"model.vision_tower.tiny.{k}={v}" for k, v in vision.items()),
         *(f"model.language_model.tiny.{k}={v}" for k, v in llm.items()),
         f"model.language_model.tiny.max_position_embeddings={max(args.max_length, 512)}",
@@ -174,6 +180,13 @@ def baseline_worker(spec: dict) -> None:
     if spec["stage"] == "align":
         model.model.language_model.requires_grad_(False)
         model.lm_head.requires_grad_(False)
+    if spec.get("lora_r"):  # LLaVA's LoRA: every Linear of the LLM, the projector trained in full
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], lora_dropout=0.05,
+            target_modules=r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+            modules_to_save=["model.multi_modal_projector"]))
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -235,7 +248,8 @@ def baseline_worker(spec: dict) -> None:
     Trainer(model=model, args=arguments, train_dataset=ShardSamples(), data_collator=collate,
             callbacks=[StepTimer()]).train()
     result = {"samples_per_s": micro / steady_mean(step_times),
-              "attention": model.model.language_model.config._attn_implementation}
+              "attention": model.get_base_model().model.language_model.config._attn_implementation
+              if spec.get("lora_r") else model.model.language_model.config._attn_implementation}
     if cuda:
         result["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print("BASELINE_RESULT " + json.dumps(result))
@@ -243,7 +257,8 @@ def baseline_worker(spec: dict) -> None:
 
 def run_baseline(args, run_dir: Path, stage: str, num_image_tokens: int, out: Path) -> dict:
     spec = {"run_dir": str(run_dir), "stage": stage, "steps": args.steps, "micro_batch_size": args.micro_batch_size,
-            "workers": args.workers, "num_image_tokens": num_image_tokens, "out": str(out)}
+            "workers": args.workers, "num_image_tokens": num_image_tokens, "out": str(out),
+            "lora_r": args.lora_r if args.lora else None}
     result = subprocess.run([sys.executable, __file__, "--baseline-worker", json.dumps(spec)], cwd=ROOT,
                             capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith("BASELINE_RESULT ")]
@@ -266,6 +281,8 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--attn", default="auto", choices=("auto", "sdpa", "flex_attention", "flash_attention_2"),
                         help="vdep's model.attn_implementation (auto: flex for packed rows on CUDA without flash-attn)")
+    parser.add_argument("--lora", action="store_true", help="finetune only, with LoRA adapters (vdep and the baseline)")
+    parser.add_argument("--lora-r", type=int, default=128, help="LoRA rank with --lora (LLaVA: 128; --smoke: 8)")
     parser.add_argument("--baseline-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_worker:
@@ -273,6 +290,7 @@ def main() -> None:
         return
     if args.smoke:
         args.micro_batch_size, args.steps, args.max_length, args.workers = 4, 5, 256, 0
+        args.lora_r = min(args.lora_r, 8)
     samples = args.samples or args.micro_batch_size * (args.steps + 2)
     vision = SMOKE_VISION if args.smoke else CLIP_L_336
     num_image_tokens = (vision["image_size"] // vision["patch_size"]) ** 2
@@ -291,8 +309,12 @@ def main() -> None:
                                       workers=min(8, os.cpu_count() or 1), progress=False))
         tokenizer = make_tokenizer([str(shards["finetune"])], 400 if args.smoke else 32000, root / "tokenizer")
         configs = [("finetune", True, False), ("finetune", True, True), ("finetune", False, False)]
-        configs += [("align", True, False)] if args.smoke else [("finetune", False, True), ("align", True, False),
-                                                                ("align", False, False)]
+        if args.lora:  # LoRA is a finetune recipe
+            configs += [] if args.smoke else [("finetune", False, True)]
+        else:
+            configs += [("align", True, False)] if args.smoke else [("finetune", False, True), ("align", True, False),
+                                                                    ("align", False, False)]
+        lora = f", LoRA r={args.lora_r}" if args.lora else ""
         rows = []
         baselines: dict[str, dict] = {}
         for index, (stage, vdep_on, packed) in enumerate(configs):
@@ -304,8 +326,9 @@ def main() -> None:
                 if "mfu" in measured:
                     baseline["mfu"] = measured["mfu"] / measured["samples_per_s"] * baseline["samples_per_s"]
                 baselines[stage] = baseline
-                rows.append((f"{stage}, HF Trainer + LlavaForConditionalGeneration (baseline)", baseline, None))
-            label = f"{stage}, vdep, VDEP {'on' if vdep_on else 'off'}, {'packed' if packed else 'padded'}"
+                client = " + peft" if args.lora else ""
+                rows.append((f"{stage}{lora}, HF Trainer + LlavaForConditionalGeneration{client} (baseline)", baseline, None))
+            label = f"{stage}{lora}, vdep, VDEP {'on' if vdep_on else 'off'}, {'packed' if packed else 'padded'}"
             rows.append((label, measured, baselines[stage]))
     print(f"\n{'CPU smoke run (tiny shapes; the numbers mean nothing)' if args.smoke else 'LLM ' + args.llm}, "
           f"micro-batch {args.micro_batch_size}, {args.steps} steps (first {WARMUP_STEPS} excluded), {args.zero}\n")

@@ -100,6 +100,56 @@ def tiny_model(tiny_run, tokenizer):
     return build_tiny_model(config, tokenizer, run_dir, config.vdep)
 
 
+# --------------------------------------------------------------- servers for remote shards (remote_servers.py)
+@pytest.fixture(scope="session")
+def served(small_data, tmp_path_factory) -> Path:
+    """A web root holding copies of the test shards (finetune/, align/) and a prefix without sizes.json."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("www")
+    for name, folder in (("finetune", small_data.finetune_shards), ("align", small_data.align_shards)):
+        shutil.copytree(folder, root / name)
+    (root / "no-sizes").mkdir()
+    shutil.copy(small_data.finetune_shards / "000000.tar", root / "no-sizes" / "000000.tar")
+    return root
+
+
+@pytest.fixture(scope="session")
+def nginx(served, tmp_path_factory):
+    from tests.remote_servers import Nginx
+    from tests.system_packages import require_packages
+
+    require_packages(("nginx",), ("nginx-light",), "VDEP_REQUIRE_SERVERS")
+
+    server = Nginx(served, tmp_path_factory.mktemp("nginx")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(served):
+    """An S3 API server whose bucket `shards` holds finetune/; its endpoint and credentials in the environment."""
+    import fsspec
+
+    from tests.remote_servers import MotoS3
+
+    server = MotoS3().start()
+    previous = {name: os.environ.get(name) for name in server.environment()}
+    os.environ.update(server.environment())
+    try:
+        server.make_bucket("shards")
+        fsspec.filesystem("s3", skip_instance_cache=True).put(str(served / "finetune"), "s3://shards/finetune",
+                                                                 recursive=True)
+        yield server
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.stop()
+
+
 def read_metrics(run_dir: Path, stage: str) -> list[dict]:
     path = run_dir / stage / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]

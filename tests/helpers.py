@@ -13,6 +13,7 @@ from vdep.config import TrainConfig, VdepConfig
 from vdep.data.dataset import Batching, SamplePreprocessor
 from vdep.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessing, normalise_pixels
 from vdep.data.loader import DataPosition, StageLoader
+from vdep.data.remote import RemoteSettings
 from vdep.data.shards import discover_shards
 from vdep.data.templates import TemplateTokenizer, make_template
 from vdep.model.attention import AttentionChoice
@@ -72,17 +73,19 @@ def samples(tiny: TinyModel, tokenizer, small_data, template: str = "vicuna_v1",
 
 # ------------------------------------------------------------------------------------------ the loader
 def make_loader(small_data, tokenizer, rank: int, world: int, split: str, workers: int = 0, micro: int = 4, seed: int = 0,
-                shard_dir: Path | None = None, shuffle_buffer: int = 8, max_length: int = 256, **batching) -> StageLoader:
-    """The loader `vdep train` builds for a vicuna_v1 stage of the tiny test model (16 image tokens)."""
+                shard_dir: Path | str | None = None, shuffle_buffer: int = 8, max_length: int = 256,
+                remote: RemoteSettings | None = None, **batching) -> StageLoader:
+    """The loader `vdep train` builds for a vicuna_v1 stage of the tiny test model (16 image tokens);
+    `shard_dir` may be a remote prefix (read with `remote`)."""
     processing = ImageProcessing(32, None, (32, 32), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     encoder = TemplateTokenizer(tokenizer, image_token_id(tokenizer), 16)
     preprocess = SamplePreprocessor(make_template("vicuna_v1", tokenizer), encoder, processing, max_length)
     return StageLoader.create(
-        discover_shards([str(shard_dir or small_data.finetune_shards)]), preprocess,
+        discover_shards([str(shard_dir or small_data.finetune_shards)], remote), preprocess,
         Batching(micro, tokenizer.pad_token_id, (32, 32), processing.normalisation_table(),
                  **{"pack_capacity": max_length, **batching}),
         rank=rank, world_size=world, num_workers=workers, grad_accum_steps=1, seed=seed, split=split,
-        shuffle_buffer=shuffle_buffer,
+        shuffle_buffer=shuffle_buffer, remote=remote,
     )
 
 
@@ -119,3 +122,28 @@ def restored_batches_main() -> None:
     loader = loader_for_case(small_data, tokenizer, args["case"])
     position = DataPosition.from_json(args["position"])
     print(json.dumps([batch_fingerprint(b) for b in loader.micro_batches(position.epoch, position)]))
+
+
+def unconsumed_bytes(position: DataPosition, plans: dict, folder: Path) -> tuple[int, int]:
+    """(bytes of the samples a data position has not consumed, and of the tar trailers after them).
+
+    What a restored loader must read: the manifest, the samples waiting in each consumer's shuffle
+    buffer and carry (by range), and its plan's samples from the recorded byte on; a shard's trailer
+    (end-of-archive blocks and padding, at most a tar record) may be read or not. `plans` are the
+    consumers' plans by local number, `folder` a local copy of the shards."""
+    from vdep.data.tar_reader import iterate_samples
+
+    unconsumed, trailers = (folder / "sizes.json").stat().st_size, 0
+    for local, state in position.consumers.items():
+        stream, plan = state.stream, plans[local]
+        unconsumed += sum(ref.end - ref.start for ref in stream.buffer)
+        unconsumed += sum(ref.end - ref.start for _, ref in state.carry)
+        for number in range(stream.source.shard, len(plan.shards)):
+            path = folder / Path(plan.shards[number].path).name
+            offset = stream.source.offset if number == stream.source.shard else 0
+            with path.open("rb") as handle:
+                handle.seek(offset)
+                refs = [sample["__ref__"] for sample in iterate_samples(handle, str(path), number, offset)]
+            unconsumed += sum(ref.end - ref.start for ref in refs)
+            trailers += path.stat().st_size - (refs[-1].end if refs else offset)
+    return unconsumed, trailers

@@ -11,9 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def smoke_table(script: str, rows: list[str]) -> str:
-    """Runs `script --smoke` and checks that its table has these rows; returns the output."""
-    result = subprocess.run([sys.executable, script, "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+def smoke_table(script: str, rows: list[str], *options: str) -> str:
+    """Runs `script --smoke [options]` and checks that its table has these rows; returns the output."""
+    result = subprocess.run([sys.executable, script, "--smoke", *options], cwd=ROOT, capture_output=True, text=True,
+                            timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     for row in rows:
         assert f"| {row} |" in result.stdout, result.stdout
@@ -29,6 +30,13 @@ def test_the_data_throughput_benchmark_runs_in_smoke_mode():
     assert "64 samples" in table
 
 
+def test_the_remote_data_benchmark_runs_in_smoke_mode():
+    table = smoke_table("benchmarks/data_throughput.py", [
+        "local disk, 0 worker(s)", "remote, 0 worker(s)", "local disk, 2 worker(s)", "remote, 2 worker(s)",
+    ], "--remote", "--workers", "0,2", "--rate-mb", "50", "--latency-ms", "5")
+    assert "from a local HTTP server, 50 MB/s per connection, 5 ms per request" in table
+
+
 @pytest.mark.distributed
 @pytest.mark.timeout(900)
 def test_the_training_throughput_benchmark_runs_in_smoke_mode():
@@ -39,3 +47,15 @@ def test_the_training_throughput_benchmark_runs_in_smoke_mode():
     ])
     rows = [line for line in table.splitlines() if line.startswith(("| finetune", "| align"))]
     assert rows and all(line.split(" | ")[1] == "sdpa" for line in rows), table  # each run names its attention
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
+def test_the_training_throughput_benchmark_runs_in_lora_mode():
+    """Finetune with LoRA adapters on both sides (vdep's stages.finetune.lora; peft's get_peft_model)."""
+    table = smoke_table("benchmarks/train_throughput.py", [
+        "finetune, LoRA r=8, HF Trainer + LlavaForConditionalGeneration + peft (baseline)",
+        "finetune, LoRA r=8, vdep, VDEP on, padded", "finetune, LoRA r=8, vdep, VDEP on, packed",
+        "finetune, LoRA r=8, vdep, VDEP off, padded",
+    ], "--lora")
+    assert "| align" not in table

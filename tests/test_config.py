@@ -163,3 +163,17 @@ def test_a_resume_may_change_how_it_logs_and_saves_but_not_what_it_computes(smal
     message = str(error.value)
     assert "stages.finetune.lr: 0.001 → 0.5" in message and "\n  vdep.alpha: 1.0 → 2.0" in message
     assert "run.seed: 0 → 3" in message and "Use a new run.name" in message
+
+
+def test_remote_options_take_fsspec_settings_but_never_a_secret(small_data, tmp_path):
+    base = small_data.overrides(tmp_path / "run")
+    config = load_config("demo-tiny", base + ["data.remote.storage_options={endpoint_url: 'http://10.0.0.5:9000'}",
+                                              "stages.finetune.shards=[s3://bucket/shards/]", "data.remote.retries=3"])
+    assert config.data.remote.storage_options == {"endpoint_url": "http://10.0.0.5:9000"}
+    assert config.stages.finetune.shards == ["s3://bucket/shards/"]  # not checked on disk
+    with pytest.raises(ConfigError, match="holds key, secret: credentials never go into a config file.*AWS_SECRET_ACCESS_KEY"):
+        load_config("demo-tiny", base + ["data.remote.storage_options={key: AKIA, secret: s3cr3t}"])
+    with pytest.raises(ConfigError, match="'data.remote.storage_options'.*expected a mapping"):
+        load_config("demo-tiny", base + ["data.remote.storage_options=[a]"])
+    with pytest.raises(ConfigError, match="'data.remote'.*request_mb positive"):
+        load_config("demo-tiny", base + ["data.remote.request_mb=0"])

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,6 +59,18 @@ def test_export_of_a_zero3_run_loads_in_transformers_with_parity(trained_run, tm
     assert (tmp_path / "hf" / "preprocessor_config.json").is_file()
     card = (tmp_path / "hf" / "README.md").read_text()
     assert "vdep 0.1.0" in card and "| finetune | vicuna_v1 |" in card and '"mode_ratio": 0.5' in card
+
+
+@pytest.mark.distributed
+def test_the_inference_snippet_in_the_export_docs_runs_on_an_export(trained_run, small_data, tmp_path):
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
+    snippet = docs.split("The prompt must be built the way the model was trained", 1)[1].split("```python\n", 1)[1]
+    snippet = snippet.split("```", 1)[0]
+    export_hf(trained_run, tmp_path / "hf", dtype="fp32")
+    image = next((small_data.raw / "images").glob("*.png"), None) or next((small_data.raw / "images").glob("*.jpg"))
+    code = snippet.replace("exports/llava15-7b-vdep", str(tmp_path / "hf")).replace("example.jpg", str(image))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.distributed

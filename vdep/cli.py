@@ -4,7 +4,7 @@
     vdep demo [--out DIR] [--nproc N] [--no-vdep]
     vdep build-shards INPUT... --image-root DIR --out DIR [--workers N] [--shuffle --seed S] [--resume] ...
     vdep inspect-shards DIR [--tokenizer PATH --template NAME]
-    vdep export-hf --checkpoint PATH --out DIR [--dtype bf16|fp16|fp32] [--verify]
+    vdep export-hf --checkpoint PATH --out DIR [--dtype bf16|fp16|fp32] [--verify] [--adapter]
     vdep make-tokenizer --shards DIR --vocab-size N --out DIR
 
 Heavy imports happen inside the subcommands, so `vdep --help` answers at once. Errors caused by the
@@ -48,6 +48,7 @@ examples:
   vdep build-shards blip_laion_cc_sbu_558k.json --image-root /data/llava-pretrain --out /data/shards/558k
   vdep build-shards /data/cc3m-img2dataset/ --out /data/shards/cc3m --caption-prompt "Describe the image."
   vdep build-shards part1.jsonl text_only.json --image-root imgs --out shards --resume   # after a crash
+  vdep build-shards mix665k.json --image-root /data/llava --out s3://my-bucket/shards/mix665k --workers 16
 
 INPUT is a LLaVA .json list or .jsonl file (id, image relative to --image-root, conversations; records
 without an image are text-only), an img2dataset .tar, or a folder of them. See docs/data.md.
@@ -57,6 +58,7 @@ INSPECT_EXAMPLES = """\
 examples:
   vdep inspect-shards /data/shards/mix665k
   vdep inspect-shards /data/shards/mix665k --tokenizer /models/vicuna-7b-v1.5 --template vicuna_v1
+  vdep inspect-shards s3://my-bucket/shards/mix665k/      # credentials and endpoint from the environment
 """
 
 EXPORT_EXAMPLES = """\
@@ -64,9 +66,11 @@ examples:
   vdep export-hf --checkpoint runs/llava15-7b-vdep --out exports/llava15-7b-vdep
   vdep export-hf --checkpoint runs/my-run/finetune/checkpoints --out exports/step --dtype fp32 --verify
   vdep export-hf --checkpoint runs/my-run/align/final --out exports/align-only
+  vdep export-hf --checkpoint runs/my-lora-run --out exports/lora --adapter --verify   # OUT/adapter: PEFT
 
 CHECKPOINT is a run directory (its newest result), a stage folder or its final/ folder, or a DeepSpeed
 checkpoint (a stage's checkpoints/ folder or one step folder) written by any number of ranks.
+A LoRA stage is merged into the weights, or with --adapter written as a PEFT adapter (docs/export.md).
 """
 
 TOKENIZER_EXAMPLES = """\
@@ -117,7 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     build = commands.add_parser("build-shards", help="LLaVA JSON/JSONL + images → WebDataset shards", epilog=BUILD_EXAMPLES, formatter_class=formatter)
     build.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="LLaVA .json/.jsonl, img2dataset .tar or folder")
     build.add_argument("--image-root", type=Path, help="folder the LLaVA records' 'image' paths are relative to")
-    build.add_argument("--out", type=Path, required=True, help="output folder for the shards")
+    build.add_argument("--out", required=True,
+                       help="output folder for the shards, or a bucket prefix (s3://BUCKET/PREFIX, gs://...)")
+    build.add_argument("--staging", type=Path,
+                       help="with a bucket --out: local folder where each file is written before its upload "
+                            "(default: a folder under the system's temporary directory)")
     build.add_argument("--samples-per-shard", type=int, default=1000, help="records planned per shard (default: 1000)")
     build.add_argument("--workers", type=int, default=1, help="processes building shards in parallel (default: 1)")
     build.add_argument("--shuffle", action="store_true", help="write records in a seeded random order")
@@ -135,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
 
     inspect = commands.add_parser("inspect-shards", help="count, check and sample a shard folder", epilog=INSPECT_EXAMPLES, formatter_class=formatter)
-    inspect.add_argument("folder", type=Path, help="a folder written by vdep build-shards")
+    inspect.add_argument("folder", help="a folder written by vdep build-shards, or a remote prefix (https://, s3://)")
     inspect.add_argument("--tokenizer", help="tokenizer folder or name for the token-length histogram")
     inspect.add_argument("--template", default="vicuna_v1", help="template for the token lengths (default: vicuna_v1)")
     inspect.add_argument("--num-image-tokens", type=int, default=576, help="placeholders per image (default: 576)")
@@ -147,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     export.add_argument("--max-shard-size", default="5GB", help="largest weight file (default: 5GB)")
     export.add_argument("--verify", action="store_true", help="load the export with transformers and check parity")
+    export.add_argument("--adapter", action="store_true",
+                        help="a LoRA stage: write its PEFT adapter to OUT/adapter over the model it started from (OUT), "
+                             "instead of merging it")
 
     tokenizer = commands.add_parser("make-tokenizer", help="train a small SentencePiece tokenizer on shard texts", epilog=TOKENIZER_EXAMPLES, formatter_class=formatter)
     tokenizer.add_argument("--shards", nargs="+", required=True, help="shard folder(s) to read texts from")
@@ -183,7 +194,7 @@ def _build_shards(args: argparse.Namespace) -> int:
         inputs=args.inputs, image_root=args.image_root, out=args.out, samples_per_shard=args.samples_per_shard,
         workers=args.workers, shuffle=args.shuffle, seed=args.seed, resume=args.resume,
         max_error_rate=args.max_error_rate, max_side=args.max_side, caption_prompt=args.caption_prompt,
-        part=args.part, num_parts=args.num_parts, progress=not args.no_progress,
+        part=args.part, num_parts=args.num_parts, progress=not args.no_progress, staging=args.staging,
     )
     report = build_shards(options)
     print(report.summary())
@@ -211,8 +222,10 @@ def _export_hf(args: argparse.Namespace) -> int:
     from .log import setup_logging
 
     setup_logging(0, 1)
-    result = export_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
-    print(f"exported {result.source.description} to {result.out}")
+    result = export_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                       adapter=args.adapter)
+    print(f"exported {result.source.description} to {result.out}"
+          + (f" (adapter: {result.adapter})" if result.adapter is not None else ""))
     if not args.verify:
         return 0
     from .export.verify import verify_export

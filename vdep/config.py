@@ -16,6 +16,7 @@ from typing import Literal
 
 import yaml
 
+from .data.remote import RemoteSettings, check_storage_options, is_remote
 from .errors import ConfigError
 from .structured import closest_key, dotted_keys, set_dotted, structure, unstructure
 
@@ -138,6 +139,8 @@ class DataConfig:
     # hold samples of one modality and similar length.
     group_by_modality_length: bool = False
     group_window: int = 32
+    # Reading shards from https://, s3:// or gs:// prefixes (data/remote.py; docs/data.md, "Remote shards").
+    remote: RemoteSettings = field(default_factory=RemoteSettings)
 
 
 # ------------------------------------------------------------------------------------------------ vdep
@@ -158,6 +161,26 @@ class VdepConfig:
     target_norm: Literal["none", "layernorm", "l2"] = "none"
     skip_first_image_token: bool = False
     kernel: Literal["auto", "fused", "reference"] = "auto"
+
+
+# ------------------------------------------------------------------------------------------------ lora
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (peft's LoRA) on the LLM: the stage trains the language model through them
+    instead of in full (vdep/model/lora.py, docs/config.md). The projector still trains in full, the
+    vision tower stays frozen. Rank and alpha belong to a recipe, so they have no default here."""
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    # Leaf names of the LLM's Linear layers that get adapters (q_proj, v_proj, ...); null: every Linear
+    # of the LLM, as LLaVA's finetune_lora.sh (the LM head is outside the LLM and never gets one).
+    target_modules: list[str] | None = None
+    # Modules trained in full beside the adapters: `lm_head`, or modules of the LLM by name (`embed_tokens`).
+    modules_to_save: list[str] = field(default_factory=list)
+    # QLoRA: load the LLM's Linear weights in 4 bits with bitsandbytes (`nf4`, as the QLoRA paper, or
+    # `fp4`), double-quantised, computed in the run's precision. Not under ZeRO-3 (docs/config.md).
+    quantize: Literal["none", "nf4", "fp4"] = "none"
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -188,6 +211,8 @@ class StageConfig:
     # Save a resumable checkpoint every N optimizer steps (0: only at the end of the stage).
     save_every: int = 0
     vdep: VdepConfig = field(default_factory=VdepConfig)
+    # Train the language model through LoRA adapters (null: in full, as `trainable` says).
+    lora: LoraConfig | None = None
 
 
 @dataclass
@@ -341,6 +366,12 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
         raise ConfigError(f"'data.num_workers' in {source}: must be 0 or more")
     if config.data.group_window < 1:
         raise ConfigError(f"'data.group_window' in {source}: must be at least 1 (micro-batches per grouping window)")
+    remote = config.data.remote
+    if remote.retries < 0 or remote.backoff_s < 0 or remote.max_backoff_s < 0 or remote.request_mb <= 0:
+        raise ConfigError(
+            f"'data.remote' in {source}: retries, backoff_s and max_backoff_s must be 0 or more, request_mb positive"
+        )
+    check_storage_options(remote.storage_options, "data.remote.storage_options")
     if config.run.log_every < 1:
         raise ConfigError(f"'run.log_every' in {source}: must be at least 1")
     if config.run.max_nonfinite_steps < 1:
@@ -354,6 +385,7 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
         )
     for name, stage in config.stages_to_run():
         _check_stage(name, stage, source)
+    _check_lora_chain(config, source)
 
 
 def _check_init_from(model: ModelConfig, source: str) -> None:
@@ -419,7 +451,7 @@ def _check_stage(name: str, stage: StageConfig, source: str) -> None:
     if not stage.shards:
         raise ConfigError(f"'{key}.shards' in {source}: list at least one shard directory")
     for shard_dir in stage.shards:
-        if not Path(shard_dir).exists():
+        if not is_remote(shard_dir) and not Path(shard_dir).exists():
             raise ConfigError(
                 f"'{key}.shards' in {source}: {shard_dir} does not exist; build shards with "
                 "`vdep build-shards INPUT --image-root DIR --out DIR`"
@@ -429,6 +461,47 @@ def _check_stage(name: str, stage: StageConfig, source: str) -> None:
         raise ConfigError(f"'{key}.vdep.alpha' in {source}: must be 0 or more, got {vdep.alpha}")
     if not 0.0 <= vdep.mode_ratio <= 1.0:
         raise ConfigError(f"'{key}.vdep.mode_ratio' in {source}: must be within [0, 1], got {vdep.mode_ratio}")
+    if stage.lora is not None:
+        _check_lora(key, stage.lora, stage.trainable, source)
+
+
+def _check_lora(key: str, lora: LoraConfig, trainable: list[str], source: str) -> None:
+    if "language_model" not in trainable:
+        raise ConfigError(
+            f"'{key}.lora' in {source}: LoRA trains the language model through adapters, but '{key}.trainable' "
+            f"is {trainable}; add language_model to it, or set {key}.lora=null"
+        )
+    if lora.r < 1:
+        raise ConfigError(f"'{key}.lora.r' in {source}: the adapters' rank must be at least 1, got {lora.r}")
+    if lora.alpha <= 0:
+        raise ConfigError(f"'{key}.lora.alpha' in {source}: must be positive (the update is scaled by alpha / r), got {lora.alpha}")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"'{key}.lora.dropout' in {source}: must be in [0, 1), got {lora.dropout}")
+    if lora.target_modules is not None and (not lora.target_modules or not all(lora.target_modules)):
+        raise ConfigError(
+            f"'{key}.lora.target_modules' in {source}: list the LLM's Linear layers by name (q_proj, v_proj, ...), "
+            "or null for every Linear of the LLM"
+        )
+    if not all(lora.modules_to_save):
+        raise ConfigError(f"'{key}.lora.modules_to_save' in {source}: empty module name")
+
+
+def _check_lora_chain(config: TrainConfig, source: str) -> None:
+    """A stage cannot start from a LoRA stage's result in this run (vdep/model/lora.py: adapters are
+    added on top of a stage's starting weights, never loaded as them)."""
+    for index, name in enumerate(STAGE_NAMES):
+        stage = getattr(config.stages, name)
+        if stage is None or stage.init_from != "previous":
+            continue
+        for earlier in STAGE_NAMES[:index]:
+            settings = getattr(config.stages, earlier)
+            if settings is not None and settings.lora is not None:
+                raise ConfigError(
+                    f"'stages.{name}.init_from' in {source}: 'previous' starts {name} from the {earlier} stage's "
+                    f"result, which holds LoRA adapters (stages.{earlier}.lora); vdep cannot start a stage from "
+                    f"adapters. Export {earlier} merged (vdep export-hf) and start from the export "
+                    f"(model.init_from=EXPORT, stages.{name}.init_from=none), or set stages.{earlier}.lora=null"
+                )
 
 
 def check_batch_geometry(name: str, stage: StageConfig, world_size: int) -> int:
@@ -454,5 +527,7 @@ def stage_fingerprint(config: TrainConfig, stage: str) -> str:
     that stage alone, so running another subset of the stages (`stage=`) keeps it."""
     settings = getattr(config.stages, stage)
     material = {"model": unstructure(config.model), "shards": settings.shards, "template": settings.template}
+    if settings.lora is not None:  # the adapters are part of the model's shape (absent: fingerprints as before)
+        material["lora"] = unstructure(settings.lora)
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 

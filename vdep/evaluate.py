@@ -19,7 +19,7 @@ from .data.images import ImageProcessing, decode_image, preprocess_image
 from .data.templates import ConversationTemplate, TemplateTokenizer, make_template
 from .errors import CheckpointError
 from .model.attention import AttentionChoice
-from .model.build import build_model, load_image_processing, load_weights_file, model_spec
+from .model.build import build_model, load_image_processing, load_stage_weights, model_spec
 from .model.generate import greedy_generate
 from .model.llava import MultimodalSpec, VdepLlava
 from .model.tokenizer import load_tokenizer
@@ -48,10 +48,11 @@ def load_trained_model(run_dir: Path, device: torch.device | None = None) -> Tra
     tokenizer = load_tokenizer(run.tokenizer)
     base = run.base_paths(config.model)
     spec = model_spec(config.model, base, tokenizer)
-    model = build_model(config.model, spec, tokenizer, base, AttentionChoice("sdpa", "evaluation"), torch.float32)
+    lora = getattr(config.stages, stage).lora
+    model = build_model(config.model, spec, tokenizer, base, AttentionChoice("sdpa", "evaluation"), torch.float32,
+                        lora=lora)
     weights = stage_weights(run, config, stage)
-    for path in weights:
-        load_weights_file(model, path)
+    load_stage_weights(model, weights, lora, config.model.init_seed, f"stages.{stage}.lora")
     model.to(device or torch.device("cpu")).eval()
     image_processing = load_image_processing(base, config.data.pad_to_square)
     return TrainedModel(model, tokenizer, spec, image_processing, config, stage, weights)

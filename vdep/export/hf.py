@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +33,11 @@ from ..log import get_logger
 from ..model.attention import AttentionChoice
 from ..model.build import build_model, load_image_processing, model_spec
 from ..model.llava import VdepLlava
+from ..model.lora import add_adapters, base_parameters, has_adapters, is_adapter, merged_parameters, refuse_adapters
 from ..model.tokenizer import load_tokenizer
 from ..rundir import RunDir
 from ..structured import unstructure
+from .adapter import ADAPTER_FOLDER, adapter_card, saved_modules, write_adapter
 from .chat_templates import export_chat_template
 from .layout import NOT_EXPORTED, llava_config, num_additional_image_tokens, to_hf_name
 from .sources import ExportSource, resolve_source
@@ -53,6 +56,8 @@ class ExportResult:
     tokenizer: object
     image_processing: ImageProcessing
     template: str
+    adapter: Path | None = None  # the PEFT adapter folder of an `--adapter` export
+    dtype: str = "fp32"
 
 
 def exported_template(source: ExportSource) -> str:
@@ -77,33 +82,59 @@ def image_processor_for(processing: ImageProcessing) -> LlavaImageProcessorPil:
     return LlavaImageProcessorPil(**kwargs)
 
 
-def apply_layers(model: VdepLlava, source: ExportSource) -> None:
+def apply_layers(model: VdepLlava, source: ExportSource, keep_replaced: bool = False) -> dict[str, torch.Tensor]:
+    """Copy each layer's tensors into the model. A LoRA stage's adapters are added before its own layer
+    (the last), on top of what it started from, as training added them. With `keep_replaced`, returns
+    the values that layer overwrote in parameters other than adapters: where the weights the stage
+    trained in full (the projector) started from."""
     params = dict(model.named_parameters())
-    for layer in source.layers:
+    replaced: dict[str, torch.Tensor] = {}
+    for index, layer in enumerate(source.layers):
+        own = index == len(source.layers) - 1
+        if own and source.lora is not None:
+            add_adapters(model, source.lora, source.config.model.init_seed, f"stages.{source.stages[-1]}.lora")
+            params = dict(model.named_parameters())
         for name, tensor in layer.items():
             if name.startswith(NOT_EXPORTED):
                 continue
             if name not in params:
+                refuse_adapters([name], layer.description)
                 raise CheckpointError(f"{layer.description} holds '{name}', which the model of {source.run_dir} does not have")
             param = params[name]
             if tuple(param.shape) != tuple(tensor.shape):
                 raise CheckpointError(
                     f"{layer.description}: '{name}' has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
                 )
+            if own and keep_replaced and not is_adapter(name):
+                replaced[name] = param.detach().clone()
             with torch.no_grad():
                 param.copy_(tensor)
             del tensor
         log.info("export: applied %s", layer.description)
+    return replaced
 
 
-def write_weights(model: VdepLlava, out: Path, max_shard_bytes: int, tied_lm_head: bool) -> int:
+def exported_parameters(model: VdepLlava, dtype: torch.dtype, replaced: dict[str, torch.Tensor] | None
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
+    """What the export folder holds: the model's parameters, with LoRA adapters merged in (`replaced` is
+    None), or, for an adapter export, the model the adapters sit on (their stage's full-trained weights
+    at their starting values)."""
+    if not has_adapters(model):
+        return model.named_parameters()
+    if replaced is None:
+        return merged_parameters(model, dtype)
+    return ((name, replaced.get(name, tensor)) for name, tensor in base_parameters(model, dtype))
+
+
+def write_weights(named: Iterable[tuple[str, torch.Tensor]], out: Path, max_shard_bytes: int, tied_lm_head: bool) -> int:
     writer = ShardedWriter(out, max_shard_bytes)
-    seen: set[int] = set()
-    for name, param in model.named_parameters():
+    seen: set[int] = set()  # of the model's own parameters, which stay alive (a merged weight is a new tensor)
+    for name, param in named:
         hf_name = to_hf_name(name)
         if hf_name is None or id(param) in seen or (tied_lm_head and name.startswith("lm_head.")):
             continue
-        seen.add(id(param))
+        if isinstance(param, torch.nn.Parameter):
+            seen.add(id(param))
         writer.add(hf_name, param.detach())
     files = writer.close()
     return len(files)
@@ -164,7 +195,8 @@ def model_card(source: ExportSource, template: str, dtype: str) -> str:
             if sizes.is_file():
                 samples += sum(json.loads(sizes.read_text()).values())
         lines.append(
-            f"| {name} | {stage.template} | {', '.join(stage.trainable)} | {stage.lr:g} | {stage.global_batch_size} | "
+            f"| {name} | {stage.template} | {', '.join(stage.trainable)}{f' (LoRA r={stage.lora.r})' if stage.lora else ''} | "
+            f"{stage.lr:g} | {stage.global_batch_size} | "
             f"{summary.get('steps', '–')} | {final.get('loss/text', float('nan')):.4f} | "
             f"{final.get('loss/vdep', float('nan')):.4f} | {samples or '–'} |"
         )
@@ -174,34 +206,56 @@ def model_card(source: ExportSource, template: str, dtype: str) -> str:
     return "\n".join(lines)
 
 
-def export_hf(checkpoint: Path, out: Path, dtype: str = "bf16", max_shard_size: str | int = "5GB") -> ExportResult:
-    """Write the export; returns what the parity check needs (the model stays in memory, in `dtype`)."""
+def export_hf(checkpoint: Path, out: Path, dtype: str = "bf16", max_shard_size: str | int = "5GB",
+              adapter: bool = False) -> ExportResult:
+    """Write the export; returns what the parity check needs (the model stays in memory, in `dtype`, with
+    its LoRA adapters unmerged: vdep's own model). A LoRA stage is merged into the weights, or, with
+    `adapter`, written as a PEFT adapter folder (OUT/adapter) over the model it started from (OUT)."""
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype must be one of {', '.join(DTYPES)}")
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out} is not empty; choose a new --out folder")
     source = resolve_source(checkpoint)
+    if adapter and source.lora is None:
+        raise CheckpointError(f"--adapter: {source.description} has no LoRA adapters; export it without --adapter")
     log.info("export: %s from %s", source.description, source.run_dir)
     run = RunDir(source.run_dir)
     tokenizer = load_tokenizer(run.tokenizer)
     base = run.base_paths(source.config.model)
     spec = model_spec(source.config.model, base, tokenizer)
-    model = build_model(source.config.model, spec, tokenizer, base, AttentionChoice("sdpa", "export"), DTYPES[dtype])
+    model = build_model(source.config.model, spec, tokenizer, base, AttentionChoice("sdpa", "export"), DTYPES[dtype],
+                        lora=source.lora)
     config = llava_config(model, tokenizer)
-    apply_layers(model, source)
+    replaced = apply_layers(model, source, keep_replaced=adapter)
     template = exported_template(source)
     image_processing = load_image_processing(base, source.config.data.pad_to_square)
     with atomic_folder(out) as tmp:
-        shards = write_export(tmp, model, config, tokenizer, image_processing, template, source, dtype,
+        weights = exported_parameters(model, DTYPES[dtype], replaced if adapter else None)
+        shards = write_export(tmp, model, weights, config, tokenizer, image_processing, template, source, dtype,
                               parse_size(max_shard_size))
-    log.info("export: wrote %s (%d weight shard(s), %s)", out, shards, config.torch_dtype)
-    return ExportResult(out, source, model, tokenizer, image_processing, template)
+        if adapter:
+            write_stage_adapter(model, source, config, tmp / ADAPTER_FOLDER, DTYPES[dtype])
+    log.info("export: wrote %s (%d weight shard(s), %s)%s", out, shards, config.torch_dtype,
+             f", the adapters in {out / ADAPTER_FOLDER}" if adapter else "")
+    return ExportResult(out, source, model, tokenizer, image_processing, template,
+                        out / ADAPTER_FOLDER if adapter else None, dtype)
 
 
-def write_export(tmp: Path, model: VdepLlava, config, tokenizer, image_processing: ImageProcessing, template: str,
-                 source: ExportSource, dtype: str, max_shard_bytes: int) -> int:
+def write_stage_adapter(model: VdepLlava, source: ExportSource, config, folder: Path, dtype: torch.dtype) -> None:
+    """The PEFT adapter folder, and a section of the model card that says how to load it."""
+    name = source.stages[-1]
+    stage = getattr(source.config.stages, name)
+    saved = saved_modules(model, stage.lora, "projector" in stage.trainable, f"stages.{name}.lora")
+    write_adapter(model, stage.lora, config, saved, folder, dtype)
+    card = folder.parent / "README.md"
+    card.write_text(card.read_text() + "\n" + adapter_card(name, stage.lora))
+
+
+def write_export(tmp: Path, model: VdepLlava, weights: Iterable[tuple[str, torch.Tensor]], config, tokenizer,
+                 image_processing: ImageProcessing, template: str, source: ExportSource, dtype: str,
+                 max_shard_bytes: int) -> int:
     """Every file of the export into `tmp`; returns the number of weight shards."""
-    shards = write_weights(model, tmp, max_shard_bytes, config.tie_word_embeddings)
+    shards = write_weights(weights, tmp, max_shard_bytes, config.tie_word_embeddings)
     config.torch_dtype = dtype_name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
     config.save_pretrained(tmp)
     training_template = make_template(template, tokenizer)

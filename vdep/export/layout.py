@@ -36,6 +36,16 @@ def to_hf_name(name: str) -> str | None:
     raise ValueError(f"no llava-hf name for parameter {name!r}")  # a new top-level module: update this table
 
 
+def to_hf_module_name(name: str) -> str:
+    """transformers' in-memory name (>= 4.52) of a vdep module: what peft's adapter folders refer to."""
+    top = name.split(".", 1)[0]
+    if top in ("vision_tower", "multi_modal_projector", "language_model"):
+        return "model." + name
+    if top == "lm_head":
+        return name
+    raise ValueError(f"no transformers module name for {name!r}")
+
+
 def from_hf_name(name: str) -> str:
     """The vdep name of a parameter stored in either Llava layout (published on-disk, or in-memory 5.x)."""
     for hf_prefix, ours in (
@@ -79,8 +89,10 @@ def llava_config(model: VdepLlava, tokenizer: PreTrainedTokenizerBase) -> LlavaC
 
 
 def portable(sub_config: dict) -> dict:
-    """A sub-config without the machine-local folder it was loaded from (the run's base/ copy)."""
-    return {key: value for key, value in sub_config.items() if key != "_name_or_path"}
+    """A sub-config without the machine-local folder it was loaded from (the run's base/ copy), and without
+    the 4-bit loading settings of a QLoRA stage's LLM: the export holds floating-point weights."""
+    dropped = ("_name_or_path", "quantization_config", "_pre_quantization_dtype")
+    return {key: value for key, value in sub_config.items() if key not in dropped}
 
 
 def num_additional_image_tokens(family: str) -> int:

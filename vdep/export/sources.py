@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..config import STAGE_NAMES, TrainConfig
+from ..config import STAGE_NAMES, LoraConfig, TrainConfig
 from ..errors import CheckpointError
 from ..rundir import FINAL_WEIGHTS, LATEST, RunDir, latest_tag, stage_weights, tag_step
 
@@ -77,12 +77,17 @@ class ExportSource:
     layers: list[WeightLayer] = field(default_factory=list)
     stages: list[str] = field(default_factory=list)  # stages whose training the export contains
     step: int | None = None  # optimizer step of a DeepSpeed checkpoint export
+    # The last stage's LoRA settings when it is a LoRA stage: its adapters are added before its own
+    # layer (the last), on top of what it started from, as in training (model/lora.py).
+    lora: LoraConfig | None = None
 
     @property
     def description(self) -> str:
         if not self.stages:
             return "base weights (no stage trained)"
         last = self.stages[-1] + (f" at step {self.step}" if self.step is not None else " (final)")
+        if self.lora is not None:
+            last += f" with LoRA r={self.lora.r}" + (f", {self.lora.quantize} base" if self.lora.quantize != "none" else "")
         return " → ".join(self.stages[:-1] + [last])
 
 
@@ -101,7 +106,7 @@ def _zero_checkpoint(path: Path) -> tuple[Path, str] | None:
 def _from_stage(run: RunDir, config: TrainConfig, name: str, zero: tuple[Path, str] | None) -> ExportSource:
     """Stage `name`'s final weights (zero=None), or one of its DeepSpeed checkpoints on top of what the
     stage started from."""
-    source = ExportSource(run.path, config)
+    source = ExportSource(run.path, config, lora=getattr(config.stages, name).lora)
     for path in stage_weights(run, config, name, final=zero is None):
         source.layers.append(SafetensorsLayer(path))
         source.stages.append(path.parent.parent.name)

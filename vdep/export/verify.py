@@ -1,7 +1,8 @@
 """`vdep export-hf --verify`: the export computes what vdep computes.
 
-Loads the export with transformers (`LlavaForConditionalGeneration`, `AutoProcessor`), runs one image
-and prompt through it and through vdep's own model, and checks:
+Loads the export with transformers (`LlavaForConditionalGeneration`, `AutoProcessor`; an `--adapter`
+export with its PEFT adapter on top, `PeftModel.from_pretrained`), runs one image and prompt through
+it and through vdep's own model (a LoRA stage's with its adapters unmerged), and checks:
 - loading reports no missing, unexpected or mismatched weights;
 - the processor's pixel values and input ids equal vdep's preprocessing of the same inputs;
 - the logits agree (both models in fp32 with the exported weights; max |Δ| ≤ 1e-4);
@@ -21,6 +22,7 @@ from ..data.conversation import Turn
 from ..data.images import preprocess_image
 from ..data.templates import TemplateTokenizer, make_template
 from ..model.generate import greedy_generate, until_stop
+from ..model.lora import fold_adapters, has_adapters
 from .hf import ExportResult
 
 LOGIT_TOLERANCE = 1e-4
@@ -35,6 +37,8 @@ class ParityReport:
     max_abs_logit_diff: float = float("inf")
     vdep_tokens: list[int] = field(default_factory=list)
     hf_tokens: list[int] = field(default_factory=list)
+    client: str = "transformers"
+    reference: str = "vdep's model (a LoRA stage's with its adapters unmerged)"
 
     @property
     def greedy_equal(self) -> bool:
@@ -47,11 +51,12 @@ class ParityReport:
 
     def summary(self) -> str:
         return "\n".join([
+            f"compared: {self.client} against {self.reference}",
             f"weights loaded by transformers: {'all, none unexpected' if not self.loading_problems else self.loading_problems}",
             f"processor pixel values equal vdep's: {self.pixel_values_equal}",
             f"processor input ids equal vdep's: {self.input_ids_equal}",
             f"max |logit difference| (fp32): {self.max_abs_logit_diff:.2e} (tolerance {LOGIT_TOLERANCE:.0e})",
-            f"greedy tokens equal: {self.greedy_equal} (vdep {self.vdep_tokens}, transformers {self.hf_tokens})",
+            f"greedy tokens equal: {self.greedy_equal} (vdep {self.vdep_tokens}, {self.client} {self.hf_tokens})",
             f"parity: {'PASSED' if self.passed else 'FAILED'}",
         ])
 
@@ -71,6 +76,11 @@ def verify_export(result: ExportResult, max_new_tokens: int = 8) -> ParityReport
         str(result.out), dtype=torch.float32, output_loading_info=True
     )
     report.loading_problems = {k: list(v) for k, v in info.items() if v}
+    if result.adapter is not None:  # the base folder with the stage's PEFT adapter on top, as a user loads it
+        from peft import PeftModel
+
+        hf_model = PeftModel.from_pretrained(hf_model, str(result.adapter))
+        report.client = "transformers + peft"
     hf_model.eval()
     processor = AutoProcessor.from_pretrained(str(result.out))
     image = probe_image()
@@ -90,6 +100,11 @@ def verify_export(result: ExportResult, max_new_tokens: int = 8) -> ParityReport
     report.input_ids_equal = inputs["input_ids"][0].tolist() == ids
     report.pixel_values_equal = torch.equal(inputs["pixel_values"].float(), pixels)
 
+    if result.adapter is None and result.dtype != "fp32" and has_adapters(result.model):
+        # Merging, then rounding to bf16/fp16, is not rounding, then adding the adapters: compare with the
+        # merged weights as exported (an fp32 export is compared with the unmerged adapters).
+        fold_adapters(result.model, result.model.multi_modal_projector.linear_1.weight.dtype)
+        report.reference = f"vdep's model, its LoRA adapters merged and rounded to {result.dtype} as exported"
     model = result.model.float().eval()  # the exported weights, now computed in fp32
     input_ids = torch.tensor([ids])
     with torch.no_grad():

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from ..config import ModelConfig
+from ..config import LoraConfig, ModelConfig
 from ..data.images import ImageProcessing
 from ..errors import CheckpointError, ConfigError
 from ..objectives.losses import reference_vdep_sum
@@ -31,6 +31,7 @@ from ..objectives.objective import VdepObjective, VdepTerm
 from ..rundir import BasePaths
 from .attention import AttentionChoice
 from .llava import MultimodalSpec, VdepLlava
+from .lora import add_adapters, keep_4bit_numerics, quantization_config, refuse_adapters
 from .projector import MultiModalProjector
 from .tokenizer import image_token_id, padded_vocab_size
 from .vision import (
@@ -111,9 +112,15 @@ def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str
         tensors = {name: value for name, value in tensors.items() if name not in head_in_file}
         unknown = [name for name in unknown if name not in head_in_file]
     if unknown:
+        refuse_adapters(unknown, source)
         raise CheckpointError(f"{source} holds weights this model does not have: {unknown[:5]}")
     for name, value in tensors.items():
         param = params[name]
+        if getattr(param, "quant_state", None) is not None:
+            raise CheckpointError(
+                f"{source} holds '{name}', a weight this QLoRA stage loads in 4 bits from the base LLM; export the "
+                "model it belongs to (vdep export-hf) and start from the export (model.init_from=EXPORT)"
+            )
         with gathered([param], modifier_rank=0):
             if tuple(param.shape) != tuple(value.shape):
                 raise CheckpointError(
@@ -129,6 +136,18 @@ def load_weights_file(model: nn.Module, path: Path) -> list[str]:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     return load_weights(model, load_file(str(path)), str(path))
+
+
+def load_stage_weights(model: VdepLlava, files: list[Path], lora: LoraConfig | None, seed: int, where: str) -> None:
+    """A trained stage's model from `rundir.stage_weights(..., final=True)`: the files it started from, then
+    its adapters (a LoRA stage), then its own final weights (the last file). Training adds the adapters at
+    the same point (train/setup.py), export too (export/hf.py: apply_layers)."""
+    *starting, own = files
+    for path in starting:
+        load_weights_file(model, path)
+    if lora is not None:
+        add_adapters(model, lora, seed, where)
+    load_weights_file(model, own)
 
 
 def resize_embeddings(language_model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -157,11 +176,14 @@ def build_model(
     dtype: torch.dtype,
     objective: VdepObjective | None = None,
     zero3_config: dict | None = None,
+    lora: LoraConfig | None = None,
 ) -> VdepLlava:
     """The model with base weights, on CPU (DeepSpeed moves it); ZeRO-3 loads the towers partitioned.
 
     `objective` gives the VDEP head and the image term's implementation; without one (inference,
-    export) the head is the identity and the term the reference.
+    export) the head is the identity and the term the reference. With a QLoRA stage's `lora` the LLM's
+    Linear weights load in 4 bits; adapters are added later, on top of the starting weights
+    (`lora.add_adapters`).
     """
     tower_class, _ = tower_classes(spec.family)
     keep_alive = _zero3_context(zero3_config)
@@ -169,9 +191,14 @@ def build_model(
         vision_tower = tower_class.from_pretrained(
             str(paths.vision_tower), dtype=dtype, attn_implementation=attention.vision_implementation
         )
+        quantization = quantization_config(lora, dtype)
         causal_lm = AutoModelForCausalLM.from_pretrained(
-            str(paths.language_model), dtype=dtype, attn_implementation=attention.implementation
+            str(paths.language_model), dtype=dtype, attn_implementation=attention.implementation,
+            **({"quantization_config": quantization} if quantization is not None else {}),
         )
+        if quantization is not None:  # what peft reads to wrap 4-bit layers (transformers sets it on the CausalLM only)
+            causal_lm.get_decoder().is_loaded_in_4bit = True
+            keep_4bit_numerics(causal_lm)
         resize_embeddings(causal_lm, tokenizer)
     finally:
         del keep_alive  # transformers checks ZeRO-3 through this object's lifetime

@@ -1,13 +1,21 @@
-"""Which parts train in a stage, the table that says so, and the optimizer's parameter groups."""
+"""Which parts train in a stage, the table that says so, and the optimizer's parameter groups.
+
+A LoRA stage trains the language model through its adapters: the LLM and the LM head are frozen
+except the adapters and `lora.modules_to_save` (model/lora.py), and the table shows the adapters on
+a row of their own.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..config import LoraConfig
 from ..model.llava import VdepLlava
+from ..model.lora import is_adapter, train_adapters
 
 # Top-level modules of VdepLlava and the stage `trainable` entry that unfreezes each.
 PART_OF_MODULE = {
@@ -20,13 +28,21 @@ PART_OF_MODULE = {
 
 
 def numel(param: torch.Tensor) -> int:
-    """Full element count, also for a ZeRO-3 partitioned parameter (whose local tensor is empty)."""
+    """Full element count, also for a ZeRO-3 partitioned parameter (whose local tensor is empty) and a
+    4-bit one (whose tensor holds two weights per byte)."""
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None:
+        return math.prod(quant_state.shape)
     return int(getattr(param, "ds_numel", param.numel()))
 
 
-def apply_trainable(model: VdepLlava, trainable: list[str]) -> None:
+def apply_trainable(model: VdepLlava, trainable: list[str], lora: LoraConfig | None = None, where: str = "lora") -> None:
     for module_name, part in PART_OF_MODULE.items():
-        getattr(model, module_name).requires_grad_(part is not None and part in trainable)
+        # A LoRA stage's LLM trains through its adapters only (and a 4-bit weight cannot require a gradient).
+        trains = part is not None and part in trainable and not (lora is not None and part == "language_model")
+        getattr(model, module_name).requires_grad_(trains)
+    if lora is not None:
+        train_adapters(model, lora, where)
 
 
 @dataclass(frozen=True)
@@ -37,19 +53,23 @@ class ModuleRow:
 
 
 def trainable_table(model: VdepLlava) -> list[ModuleRow]:
+    """A row per top-level module; a module with LoRA adapters gets a second row for them."""
     rows = []
     for module_name in PART_OF_MODULE:
-        params = list(getattr(model, module_name).parameters())
-        trainable = sum(numel(p) for p in params if p.requires_grad)
-        rows.append(ModuleRow(module_name, trainable, sum(numel(p) for p in params) - trainable))
+        params = list(getattr(model, module_name).named_parameters())
+        for label, selected in ((module_name, [p for n, p in params if not is_adapter(n)]),
+                                (f"{module_name} LoRA adapters", [p for n, p in params if is_adapter(n)])):
+            if selected or label == module_name:
+                trainable = sum(numel(p) for p in selected if p.requires_grad)
+                rows.append(ModuleRow(label, trainable, sum(numel(p) for p in selected) - trainable))
     return rows
 
 
 def format_table(rows: list[ModuleRow]) -> str:
-    lines = [f"{'module':<24}{'trainable':>16}{'frozen':>16}"]
+    lines = [f"{'module':<32}{'trainable':>16}{'frozen':>16}"]
     for row in rows:
-        lines.append(f"{row.module:<24}{row.trainable:>16,}{row.frozen:>16,}")
-    lines.append(f"{'total':<24}{sum(r.trainable for r in rows):>16,}{sum(r.frozen for r in rows):>16,}")
+        lines.append(f"{row.module:<32}{row.trainable:>16,}{row.frozen:>16,}")
+    lines.append(f"{'total':<32}{sum(r.trainable for r in rows):>16,}{sum(r.frozen for r in rows):>16,}")
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ DeepSpeed engine last, around the model, the optimizer and the LR schedule.
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,9 +26,10 @@ from ..data.shards import discover_shards, image_fraction
 from ..data.templates import TemplateTokenizer, check_template_tokenizer, make_template
 from ..errors import DataError
 from ..log import get_logger
-from ..model.attention import choose_attention, packed_attention
+from ..model.attention import AttentionChoice, choose_attention, packed_attention
 from ..model.build import build_model, load_weights_file, model_spec
 from ..model.llava import MultimodalSpec, VdepLlava
+from ..model.lora import add_adapters, check_quantization
 from ..objectives.objective import VdepObjective
 from ..rundir import BasePaths, RunDir, stage_weights
 from .deepspeed_config import fill_config, load_preset, offloads_optimizer, zero_stage
@@ -95,12 +97,7 @@ def build_stage(ctx: RunContext, name: str, stage: StageConfig) -> StageParts:
         hidden_size=spec.text_hidden_size,
     )
     attention = choose_attention(ctx.config.model.attn_implementation, ctx.device, ctx.config.data.packing)
-    model = build_model(
-        ctx.config.model, spec, ctx.tokenizer, ctx.base, attention, DTYPES[ctx.precision], objective,
-        zero3_config=ds_config if zero_stage(ds_config) == 3 else None,
-    )
-    load_starting_weights(ctx, name, stage, model)
-    apply_trainable(model, stage.trainable)
+    model = build_stage_model(ctx, name, stage, spec, objective, attention, ds_config)
     warmup = warmup_steps(length.planned_steps, stage.warmup_ratio)
     schedule = functools.partial(lr_factor, warmup=warmup, total=length.planned_steps)
     groups = param_groups(model, stage.lr, stage.projector_lr, stage.weight_decay)
@@ -111,6 +108,7 @@ def build_stage(ctx: RunContext, name: str, stage: StageConfig) -> StageParts:
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, schedule),
         config=ds_config,
     )
+    seed_torch(ctx.config.run.seed, name, ctx.launch.rank)
     log.info(
         "stage %s: ZeRO-%d, %s, attention %s (%s)%s, VDEP kernel %s, %d rank(s) × micro-batch %d × %d accumulation "
         "= global batch %d; %s (%d warmup), template %s\n%s",
@@ -121,9 +119,37 @@ def build_stage(ctx: RunContext, name: str, stage: StageConfig) -> StageParts:
     )
     return StageParts(
         engine=engine, objective=objective, loader=loader, length=length, schedule=schedule, base_lrs=base_lrs,
-        grad_accum=grad_accum, flops=flop_model(model, spec, llm_trainable="language_model" in stage.trainable),
+        grad_accum=grad_accum,
+        # LoRA: the LLM's backward computes input gradients only (the adapters' own are negligible)
+        flops=flop_model(model, spec, llm_trainable="language_model" in stage.trainable and stage.lora is None),
         fingerprint=stage_fingerprint(ctx.config, name),
     )
+
+
+def seed_torch(seed: int, stage: str, rank: int) -> None:
+    """torch's RNG (what dropout, e.g. LoRA's, draws from) from the run's seed, the stage and the rank, so a
+    stage started twice computes the same; a resumed stage then continues its checkpoint's RNG state."""
+    torch.manual_seed(int(hashlib.sha256(f"{seed}:{stage}:{rank}".encode()).hexdigest()[:15], 16))
+
+
+def build_stage_model(ctx: RunContext, name: str, stage: StageConfig, spec: MultimodalSpec, objective: VdepObjective,
+                      attention: AttentionChoice, ds_config: dict) -> VdepLlava:
+    """Base weights, the stage's starting weights, its adapters (a LoRA stage), then what trains."""
+    where = f"stages.{name}.lora"
+    check_quantization(stage.lora, zero_stage(ds_config), ctx.device, where)
+    model = build_model(
+        ctx.config.model, spec, ctx.tokenizer, ctx.base, attention, DTYPES[ctx.precision], objective,
+        zero3_config=ds_config if zero_stage(ds_config) == 3 else None, lora=stage.lora,
+    )
+    load_starting_weights(ctx, name, stage, model)
+    if stage.lora is not None:  # on top of the starting weights, as evaluation and export add them
+        adapted = add_adapters(model, stage.lora, ctx.config.model.init_seed, where)
+        lora = stage.lora
+        log.info("stage %s: LoRA r=%d, alpha=%g, dropout=%g on %d LLM layers (%s)%s", name, lora.r, lora.alpha, lora.dropout,
+                 len(adapted), ", ".join(sorted({n.rsplit(".", 1)[-1] for n in adapted})),
+                 f"; the LLM's Linear weights in 4 bits ({lora.quantize})" if lora.quantize != "none" else "")
+    apply_trainable(model, stage.trainable, stage.lora, where)
+    return model
 
 
 def make_loader(ctx: RunContext, stage: StageConfig, spec: MultimodalSpec, grad_accum_steps: int) -> StageLoader:
@@ -135,7 +161,8 @@ def make_loader(ctx: RunContext, stage: StageConfig, spec: MultimodalSpec, grad_
         raise DataError(
             f"data.max_length={data.max_length} leaves no room for text after {spec.num_image_tokens} image tokens"
         )
-    shards = discover_shards(stage.shards)
+    remote = data.remote
+    shards = discover_shards(stage.shards, remote)
     batching = Batching(
         micro_batch_size=stage.micro_batch_size,
         pad_token_id=ctx.tokenizer.pad_token_id,
@@ -145,7 +172,7 @@ def make_loader(ctx: RunContext, stage: StageConfig, spec: MultimodalSpec, grad_
         pack_capacity=data.max_length,
         group_by_modality_length=data.group_by_modality_length,
         group_window=data.group_window,
-        image_fraction=image_fraction(shards) if data.group_by_modality_length else 0.5,
+        image_fraction=image_fraction(shards, remote) if data.group_by_modality_length else 0.5,
     )
     return StageLoader.create(
         shards,
@@ -158,6 +185,7 @@ def make_loader(ctx: RunContext, stage: StageConfig, spec: MultimodalSpec, grad_
         seed=ctx.config.run.seed,
         split=data.split,
         shuffle_buffer=data.shuffle_buffer,
+        remote=remote,
         pin_memory=ctx.device.type == "cuda",
     )
 

@@ -122,7 +122,11 @@ class StageTrainer:
     # ------------------------------------------------------------------------------------ stepping
     def step(self) -> bool:
         """One optimizer step; False when some rank ran out of data (every rank then starts the next epoch)."""
-        micro_batches = take(self.batches, self.parts.grad_accum)
+        # The DataLoader draws its workers' seed from torch's RNG whenever it (re)starts, which a resumed
+        # stage does at another point than an uninterrupted one: kept off the RNG that dropout (LoRA's)
+        # draws from, so both draw the same masks.
+        with torch.random.fork_rng(devices=[]):
+            micro_batches = take(self.batches, self.parts.grad_accum)
         plan = plan_step(
             micro_batches, step=self.state.step, slots_per_rank=self.stage.micro_batch_size * self.parts.grad_accum,
             objective=self.parts.objective, device=self.ctx.device,
