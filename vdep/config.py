@@ -247,6 +247,9 @@ class RunConfig:
     stop_timeout_s: float = 100.0
     # Steps skipped in a row for a non-finite loss or gradient norm before the run stops.
     max_nonfinite_steps: int = 5
+    # The run stops (with a checkpoint) when more than this share of the samples that sizes.json lists
+    # for the epochs so far is missing from the shards (a truncated or corrupt shard; docs/data.md).
+    max_missing_fraction: float = 0.01
 
     @property
     def directory(self) -> Path:
@@ -376,6 +379,8 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
         raise ConfigError(f"'run.log_every' in {source}: must be at least 1")
     if config.run.max_nonfinite_steps < 1:
         raise ConfigError(f"'run.max_nonfinite_steps' in {source}: must be at least 1")
+    if not 0.0 <= config.run.max_missing_fraction <= 1.0:
+        raise ConfigError(f"'run.max_missing_fraction' in {source}: a fraction within [0, 1] (0.01: 1% of the samples)")
     if config.run.stop_timeout_s <= 0:
         raise ConfigError(f"'run.stop_timeout_s' in {source}: must be positive (seconds)")
     if not config.stages_to_run():

@@ -46,6 +46,8 @@ class Batch:
     # messages naming them. Filled by the loader; empty elsewhere.
     skipped: dict[str, int] = field(default_factory=dict)
     skip_messages: list[str] = field(default_factory=list)
+    # Shards found shorter than sizes.json says since the previous batch: location → (listed, held).
+    shortfalls: dict[str, tuple[int, int]] = field(default_factory=dict)
     # Where the producing consumer resumes after this batch (a dataset.ConsumerState, filled by the loader).
     consumer: int = 0
     resume_position: object = None

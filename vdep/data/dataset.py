@@ -27,7 +27,7 @@ from .conversation import SampleError, check_image_markers, parse_conversation
 from .images import ImageProcessing, decode_image, image_pixels
 from .remote import RemoteSettings
 from .shards import IMAGE_EXTENSIONS, Shard, plan_epoch
-from .stream import ShuffledStream, StreamState
+from .stream import ShardEvents, ShuffledStream, StreamState
 from .tar_reader import SampleRef
 from .templates import ConversationTemplate, TemplateTokenizer, TokenizedConversation
 
@@ -166,6 +166,17 @@ class ConsumerState:
         return cls(int(data["read"]), carry, int(data["window"]), int(data["drop"]), stream)
 
 
+@dataclass
+class StreamReport:
+    """What a consumer met after its last micro-batch of the epoch (skipped samples, short shards): it
+    ends the stream in place of a batch, and the loader hands it to the trainer aside (loader.py)."""
+
+    consumer: int
+    skipped: dict[str, int]
+    skip_messages: list[str]
+    shortfalls: dict[str, tuple[int, int]]
+
+
 class ShardStream(IterableDataset):
     """The micro-batches of one rank for one epoch; DataLoader workers split the rank's share.
 
@@ -235,12 +246,25 @@ class ShardStream(IterableDataset):
         """The consumer's raw (undecoded) samples in shuffled order, from `state` on (None: the start)."""
         plan = plan_epoch(self.shards, self.seed, self.epoch, self.num_consumers, self.split)[consumer]
         return ShuffledStream(plan, self.remote, self.shuffle_buffer, f"vdep-samples-{self.seed}-{self.epoch}-{consumer}",
-                              self._on_tar_error, state)
+                              ShardEvents(self._on_tar_error, self._on_short_shard), state)
 
     def _on_tar_error(self, location: str, exc: Exception) -> None:
         self._skipped["bad_tar"] += 1
         if len(self._messages) < MAX_MESSAGES_PER_BATCH:
             self._messages.append(f"{location}: unreadable tar data ({exc}); the rest of this shard is not read")
+
+    def _on_short_shard(self, location: str, expected: int, read: int) -> None:
+        self._skipped["missing_from_shard"] += expected - read
+        self._shortfalls[location] = (expected, read)
+        if len(self._messages) < MAX_MESSAGES_PER_BATCH:
+            self._messages.append(f"{location}: sizes.json lists {expected} samples, the shard held {read}; "
+                                  f"{expected - read} are missing from this epoch")
+
+    def _clear_report(self) -> None:
+        """Forget what the stream met since the last batch (it was reported with an earlier batch)."""
+        self._skipped.clear()
+        self._messages.clear()
+        self._shortfalls.clear()
 
     def _restore(self, consumer: int, state: ConsumerState) -> tuple[ShuffledStream, list]:
         """The stream after `state.read` samples, and the carried samples, decoded again."""
@@ -251,8 +275,7 @@ class ShardStream(IterableDataset):
         else:
             stream = self.shuffled(consumer, state.stream)
             kept = [(index, stream.fetch(ref)) for index, ref in state.carry]  # type: ignore[arg-type]
-        self._skipped.clear()  # anything met while replaying was reported by the original run
-        self._messages.clear()
+        self._clear_report()  # anything met while replaying was reported by the original run
         carry = [(index, self.preprocess(sample)) for index, sample in kept]  # these succeeded before
         for index, sample in kept:
             self._refs[index] = sample["__ref__"]
@@ -268,6 +291,7 @@ class ShardStream(IterableDataset):
         state = self.start_positions.get(local, ConsumerState())
         self._skipped: Counter[str] = Counter()
         self._messages: list[str] = []
+        self._shortfalls: dict[str, tuple[int, int]] = {}  # shard → (samples listed, samples held)
         self._refs: dict[int, SampleRef] = {}  # byte ranges of the samples read and not yet given out
         stream, carry = self._restore(consumer, state)
         raw = zip(itertools.count(state.read), stream)
@@ -276,17 +300,18 @@ class ShardStream(IterableDataset):
             at_start = self._position(read, carry, window, 0, stream.state())
             batches, carry, read = self._fill_window(raw, carry, read, window)
             if not batches:
+                if self._skipped or self._shortfalls:  # met after the last batch: reported all the same
+                    yield StreamReport(local, dict(self._skipped), list(self._messages), dict(self._shortfalls))
                 return
             after = self._position(read, carry, window + 1, 0, stream.state())
             for number, members in enumerate(batches):
                 if number < drop:  # given out before the checkpoint, with the window's skip counts
-                    self._skipped.clear()
-                    self._messages.clear()
+                    self._clear_report()
                     continue
                 batch = self.batching.collate(members)
                 batch.skipped, batch.skip_messages = dict(self._skipped), list(self._messages)
-                self._skipped.clear()
-                self._messages.clear()
+                batch.shortfalls = dict(self._shortfalls)
+                self._clear_report()
                 batch.consumer = local
                 batch.resume_position = after if number + 1 == len(batches) else replace(at_start, drop=number + 1)
                 yield batch
@@ -320,7 +345,8 @@ class ShardStream(IterableDataset):
             except SampleError as exc:
                 self._skipped[exc.reason] += 1
                 if len(self._messages) < MAX_MESSAGES_PER_BATCH:
-                    self._messages.append(f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}: {exc} [{exc.reason}]")
+                    self._messages.append(f"skipped sample {sample.get('__url__', '?')}:{sample.get('__key__', '?')}: {exc} "
+                                          f"[{exc.reason}]")
         if all(len(pools[k]) >= wanted[k] for k in wanted):
             if layout is None:
                 return [[s for _, s in pools[None][:size]]], pools[None][size:], read

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import DataError
 from .batch import Batch
-from .dataset import Batching, ConsumerState, SamplePreprocessor, ShardStream
+from .dataset import Batching, ConsumerState, SamplePreprocessor, ShardStream, StreamReport
 from .remote import RemoteSettings
 from .shards import ConsumerPlan, Shard, micro_batches_per_rank, plan_epoch, resolve_split
 
@@ -85,6 +85,8 @@ class StageLoader:
     num_workers: int
     grad_accum_steps: int
     pin_memory: bool = False
+    # What consumers met after their last micro-batch (dataset.StreamReport), for the trainer to count.
+    reports: list[StreamReport] = field(default_factory=list)
 
     @classmethod
     def create(
@@ -141,6 +143,11 @@ class StageLoader:
             )
         return StageLength(planned, None, whole, final_epoch_steps)
 
+    @property
+    def samples_per_epoch(self) -> int:
+        """The samples sizes.json lists for the stage's shards."""
+        return sum(shard.num_samples for shard in self.stream.shards)
+
     def consumer_plans(self, epoch: int) -> dict[int, ConsumerPlan]:
         """This rank's consumers' reading plans for `epoch`, by local worker number."""
         s = self.stream
@@ -165,4 +172,8 @@ class StageLoader:
             prefetch_factor=4 if self.num_workers > 0 else None,
             persistent_workers=False,
         )
-        yield from loader
+        for item in loader:
+            if isinstance(item, StreamReport):
+                self.reports.append(item)
+            else:
+                yield item

@@ -10,14 +10,15 @@ state after any number of samples (`StreamState`) is small and exact:
 Restoring reads the waiting samples by range and continues the plan at its byte: no consumed byte is
 read again, locally or remotely. The order of samples is exactly that of an uninterrupted stream.
 
-Corrupt tar data ends the shard it is in (counted by `on_corrupt`); transport errors propagate.
+Corrupt tar data ends the shard it is in, and a shard that holds fewer samples than sizes.json says is
+reported with the count (`ShardEvents`: the consumer counts both); transport errors propagate.
 """
 
 from __future__ import annotations
 
 import random
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -34,9 +35,10 @@ class SourcePosition:
     offset: int = 0
     seen: int = 0  # samples of the plan's shards passed so far (before the stride)
     kept: int = 0  # of which this consumer's (after the stride)
+    in_shard: int = 0  # samples of shard `shard` passed so far
 
     def to_json(self) -> list[int]:
-        return [self.shard, self.offset, self.seen, self.kept]
+        return [self.shard, self.offset, self.seen, self.kept, self.in_shard]
 
     @classmethod
     def from_json(cls, data: list[int]) -> SourcePosition:
@@ -73,15 +75,28 @@ def _rng_from_json(state: list) -> random.Random:
     return rng
 
 
-class PlanReader:
-    """A consumer plan's raw samples in order, starting at `position`."""
+@dataclass(frozen=True)
+class ShardEvents:
+    """What a reader tells its consumer about a shard's data (the consumer counts it)."""
 
-    def __init__(self, plan: ConsumerPlan, settings: RemoteSettings, position: SourcePosition,
-                 on_corrupt: Callable[[str, Exception], None]):
+    # corrupt tar data: the rest of the shard cannot be read
+    corrupt: Callable[[str, Exception], None]
+    # (location, samples sizes.json lists, samples the shard held): a shard shorter than its manifest
+    short: Callable[[str, int, int], None]
+
+
+class PlanReader:
+    """A consumer plan's raw samples in order, starting at `position`.
+
+    Each shard read to its end (or to a corruption) is checked against the sample count sizes.json gives
+    it: a shortfall is reported once per shard and reading (in a plan that reads every shard for several
+    consumers, `split: samples`, by the first of them only)."""
+
+    def __init__(self, plan: ConsumerPlan, settings: RemoteSettings, position: SourcePosition, events: ShardEvents):
         self.plan = plan
         self.settings = settings
         self.position = position
-        self.on_corrupt = on_corrupt
+        self.events = events
 
     def __iter__(self) -> Iterator[dict]:
         plan = self.plan
@@ -100,31 +115,37 @@ class PlanReader:
                     # The next remote shard's first request goes out while this one is read.
                     upcoming = (following, pool.submit(open_shard, plan.shards[following].path, self.settings, 0))
                 with stream:
-                    yield from self._read_shard(number, stream)
+                    ended = yield from self._read_shard(number, stream)
+                expected = plan.shards[number].num_samples
+                if ended and self.position.in_shard < expected and plan.offset == 0:
+                    self.events.short(plan.shards[number].path, expected, self.position.in_shard)
                 self.position = SourcePosition(number + 1, 0, self.position.seen, self.position.kept)
         finally:
             if upcoming is not None and upcoming[1].done() and upcoming[1].exception() is None:
                 upcoming[1].result().close()
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _read_shard(self, number: int, stream) -> Iterator[dict]:
+    def _read_shard(self, number: int, stream) -> Generator[dict, None, bool]:
+        """The shard's samples for this consumer; returns whether the shard was read to its end (its
+        last byte or a corruption), rather than left at the plan's limit."""
         location = self.plan.shards[number].path
         samples = iterate_samples(stream, location, number, self.position.offset)
         while True:
             try:
                 sample = next(samples)
             except StopIteration:
-                return
+                return True
             except (tarfile.TarError, EOFError) as exc:  # corrupt data inside the shard: the rest of it is lost
-                self.on_corrupt(location, exc)
-                return
+                self.events.corrupt(location, exc)
+                return True
             position = self.position
             mine = position.seen % self.plan.stride == self.plan.offset
-            self.position = SourcePosition(number, sample["__ref__"].end, position.seen + 1, position.kept + mine)
+            self.position = SourcePosition(number, sample["__ref__"].end, position.seen + 1, position.kept + mine,
+                                           position.in_shard + 1)
             if mine:
                 yield sample
                 if self.plan.limit is not None and self.position.kept >= self.plan.limit:
-                    return
+                    return False
 
 
 class ShuffledStream:
@@ -132,13 +153,13 @@ class ShuffledStream:
     random element for each new one; at the end, shuffle what is left and emit it. With a `state`, it
     continues exactly where that state was taken."""
 
-    def __init__(self, plan: ConsumerPlan, settings: RemoteSettings, size: int, seed: str,
-                 on_corrupt: Callable[[str, Exception], None], state: StreamState | None = None):
+    def __init__(self, plan: ConsumerPlan, settings: RemoteSettings, size: int, seed: str, events: ShardEvents,
+                 state: StreamState | None = None):
         state = state or StreamState()
         self.plan = plan
         self.settings = settings
         self.size = size
-        self.reader = PlanReader(plan, settings, state.source, on_corrupt)
+        self.reader = PlanReader(plan, settings, state.source, events)
         self.rng = _rng_from_json(state.rng) if state.rng is not None else random.Random(seed)
         self.buffer = [self.fetch(ref) for ref in state.buffer]
         self.draining = state.draining

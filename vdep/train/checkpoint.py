@@ -55,6 +55,8 @@ class TrainState:
     config_fingerprint: str
     skipped_samples: dict[str, int] = field(default_factory=dict)  # by this rank, by reason
     nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient norm (no update)
+    # Shards this rank found shorter than sizes.json says: location → [samples listed, samples held].
+    shortfalls: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass

@@ -186,6 +186,15 @@ def sum_counters(counts: dict[str, int]) -> dict[str, int]:
     return total
 
 
+def merge_mappings(mapping: dict) -> dict:
+    """Every rank's entries in one mapping (collective; for keys on several ranks, the last rank's value)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(mapping)
+    gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, dict(mapping))
+    return {key: value for rank_mapping in gathered for key, value in rank_mapping.items()}
+
+
 def all_reduce_max(value: float, device: torch.device) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:

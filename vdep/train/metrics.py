@@ -21,6 +21,7 @@ import torch
 
 from ..atomic import atomic_write
 from ..data.batch import Batch
+from ..data.dataset import StreamReport
 from ..log import get_logger
 from ..objectives.losses import LossSums
 from ..rundir import RunDir
@@ -197,18 +198,21 @@ class IntervalStats:
 
 
 class SkipReport:
-    """This rank's skipped samples by reason; the first few are named in the log."""
+    """This rank's skipped samples by reason, and the shards found shorter than sizes.json says
+    (location → [listed, held]); the first few skips are named in the log."""
 
-    def __init__(self, counts: dict[str, int]):
+    def __init__(self, counts: dict[str, int], shortfalls: dict[str, list[int]] | None = None):
         self.counts: Counter[str] = Counter(counts)
+        self.shortfalls: dict[str, list[int]] = {k: list(v) for k, v in (shortfalls or {}).items()}
         self.warnings_left = MAX_SKIP_WARNINGS
 
-    def add(self, batches: list[Batch]) -> None:
+    def add(self, batches: list[Batch] | list[StreamReport]) -> None:
         for batch in batches:
             self.counts.update(batch.skipped)
+            self.shortfalls.update({location: list(counts) for location, counts in batch.shortfalls.items()})
             for message in batch.skip_messages:
                 if self.warnings_left > 0:
-                    log.warning("skipped sample %s", message)
+                    log.warning("data: %s", message)
                     self.warnings_left -= 1
                     if self.warnings_left == 0:
                         log.warning("further skipped samples are counted, not named (see data/skipped in TensorBoard)")

@@ -24,7 +24,7 @@ log = get_logger("run")
 # of differences.
 CHANGEABLE_ON_RESUME = (
     "stages.*.save_every", "run.log_every", "run.keep_last", "run.resume", "run.stop_timeout_s",
-    "run.max_nonfinite_steps", "deepspeed.timeout_minutes", "stage",
+    "run.max_nonfinite_steps", "run.max_missing_fraction", "deepspeed.timeout_minutes", "stage",
 )
 
 

@@ -35,7 +35,7 @@ from ..errors import DataError, TrainingHalted, TrainingPreempted
 from ..log import get_logger
 from ..rundir import checkpoint_tag
 from .checkpoint import CheckpointManager, TrainState, save_final_weights
-from .distributed import sum_counters
+from .distributed import merge_mappings, sum_counters
 from .global_batch import StepPlan, plan_step
 from .metrics import IntervalStats, SkipReport, StageMetrics, peak_flops
 from .setup import DTYPES, RunContext, StageParts, build_stage
@@ -62,6 +62,7 @@ class StageTrainer:
         self.interval = IntervalStats(ctx.device)
         self.metrics: StageMetrics | None = None
         self.nonfinite_in_a_row = 0
+        self.missing = 0  # samples missing from short shards, all ranks, as of the last log line or epoch end
         self.last_scalars: dict[str, float] = {}
 
     @classmethod
@@ -97,7 +98,7 @@ class StageTrainer:
         if restored is None:
             return
         self.state = restored.train
-        self.skips = SkipReport(self.state.skipped_samples)
+        self.skips = SkipReport(self.state.skipped_samples, self.state.shortfalls)
         position = restored.data_position
         if position is not None and (position.epoch, position.micro_batches) == (self.state.epoch, self.state.micro_batches_in_epoch):
             self.position = position
@@ -156,6 +157,18 @@ class StageTrainer:
         self.interval.add_step(plan, flops)
 
     def next_epoch(self) -> None:
+        """Collective (every rank ran out together): count what this rank's stream met to its end, stop if
+        too much data was missing, and start the next epoch."""
+        for batch in self._batches or ():  # this rank's share beyond the shortest rank's: unused, but counted
+            self.skips.add([batch])
+        self.skips.add(self.parts.loader.reports)
+        self.parts.loader.reports.clear()
+        self.missing = sum_counters(self.skips.counts).get("missing_from_shard", 0)
+        halt = self.missing_halt(epochs=self.state.epoch + 1)
+        if halt is not None:
+            self.save()
+            log.error("%s", halt)
+            raise halt
         if self.state.micro_batches_in_epoch == 0:
             raise DataError(f"stage {self.name}: epoch {self.state.epoch} produced no complete step; see the skipped samples")
         self.state.epoch += 1
@@ -189,8 +202,10 @@ class StageTrainer:
             scalars["perf/mfu"] = scalars["throughput/flops_per_s"] / (peak * self.ctx.launch.world_size)
         if self.ctx.device.type == "cuda":
             scalars["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
-        for reason, count in sum_counters(self.skips.counts).items():
+        skipped = sum_counters(self.skips.counts)
+        for reason, count in skipped.items():
             scalars[f"data/skipped/{reason}"] = float(count)
+        self.missing = skipped.get("missing_from_shard", 0)
         scalars["train/nonfinite_steps"] = float(self.state.nonfinite_steps)
         self.metrics.log(self.state.step, scalars)  # type: ignore[union-attr]
         self.last_scalars = scalars
@@ -200,6 +215,7 @@ class StageTrainer:
     def save(self) -> None:
         """Collective: a checkpoint of this step (engine, train state, data position, RNG)."""
         self.state.skipped_samples = dict(self.skips.counts)
+        self.state.shortfalls = dict(self.skips.shortfalls)
         self.checkpoints.save(self.engine, self.state, self.position)
 
     def checkpoint_if_due(self) -> None:
@@ -210,13 +226,14 @@ class StageTrainer:
         saved = bool(save_every) and self.state.step % save_every == 0 and not self.done
         if saved:
             self.save()
-        halt = self.nonfinite_halt()
+        halt = self.nonfinite_halt() or self.missing_halt(epochs=self.state.epoch + 1)
         stop = halt is None and self.ctx.stop.agreed(self.ctx.device)
         if halt is None and not stop:
             return
         if not saved:
             self.save()
         if halt is not None:
+            log.error("%s", halt)
             raise halt
         message = (
             f"stage {self.name}: stopped by {self.ctx.stop.signal_name or 'a signal to another rank'} after step "
@@ -244,6 +261,23 @@ class StageTrainer:
             "inspect the data of those steps, then run the same command to continue from there"
         )
 
+    def missing_halt(self, epochs: int) -> TrainingHalted | None:
+        """The error that stops the run when more than `run.max_missing_fraction` of the samples that
+        sizes.json lists for `epochs` epochs is missing from short shards (None: go on). The same on
+        every rank: `self.missing` is the all-ranks count."""
+        listed = self.parts.loader.samples_per_epoch * max(epochs, 1)
+        limit = self.ctx.config.run.max_missing_fraction
+        if self.missing <= limit * listed:
+            return None
+        shards = ", ".join(f"{location} ({held} of {listed_here})" for location, (listed_here, held)
+                           in sorted(self.skips.shortfalls.items())[:5]) or "on other ranks"
+        return TrainingHalted(
+            f"stage {self.name}: {self.missing} of the {listed} samples that sizes.json lists are missing from their "
+            f"shards (more than run.max_missing_fraction={limit:g}); stopped after step {self.state.step} with a "
+            f"checkpoint. Short shards (samples held of listed): {shards}. Rebuild or re-upload them "
+            "(vdep inspect-shards checks a folder), or raise run.max_missing_fraction to train on what is there"
+        )
+
     # ------------------------------------------------------------------------------------ the end
     def finish(self) -> dict:
         """Collective: the end-of-stage checkpoint (unless the latest already is this step's), the final
@@ -253,6 +287,7 @@ class StageTrainer:
         self.ctx.faults.kill_before_final(self.state.step)
         self.state.skipped_samples = dict(self.skips.counts)
         skipped = sum_counters(self.state.skipped_samples)
+        shortfalls = merge_mappings(self.skips.shortfalls)
         planned = self.parts.length.planned_steps
         if self.ctx.is_main and self.state.step < planned:
             log.warning(
@@ -262,6 +297,9 @@ class StageTrainer:
             )
         if self.ctx.is_main and skipped:
             log.warning("stage %s: skipped %d sample(s): %s", self.name, sum(skipped.values()), skipped)
+        if self.ctx.is_main and shortfalls:
+            log.warning("stage %s: shards shorter than sizes.json says (samples held of listed): %s", self.name,
+                        ", ".join(f"{location} ({held} of {listed})" for location, (listed, held) in sorted(shortfalls.items())))
         summary = {
             "stage": self.name,
             "steps": self.state.step,
@@ -270,6 +308,9 @@ class StageTrainer:
             "epochs_started": self.state.epoch + (1 if self.state.micro_batches_in_epoch else 0),
             "final": {k: v for k, v in self.last_scalars.items() if k.startswith(("loss/", "norm/", "tokens/"))},
             "skipped_samples": skipped,
+            # Shards that held fewer samples than sizes.json lists: what they were missing is counted in
+            # skipped_samples as missing_from_shard.
+            "short_shards": {location: {"listed": listed, "held": held} for location, (listed, held) in shortfalls.items()},
             "vdep": asdict(self.stage.vdep),
         }
         save_final_weights(self.engine.module, self.stage_dir, summary)
