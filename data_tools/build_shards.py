@@ -52,6 +52,8 @@ from .sources import DEFAULT_CAPTION_PROMPT, RecordRef, expand_inputs, img2datas
 
 SHARD_STATS_DIR = "shard_stats"
 BUILD_FILE = "build.json"
+# Rejected records the summary names on the console (all of them are in errors.jsonl).
+ERRORS_SHOWN = 5
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,12 @@ class BuildReport:
                 f"rejected {sum(self.rejected.values())} record(s) ({100 * self.error_rate:.2f}%): {reasons} "
                 "(details in errors.jsonl)"
             )
+            errors = [error for shard in self.shards for error in shard.errors]
+            for error in errors[:ERRORS_SHOWN]:
+                record = f"{error['file']} record {error['index']}" + (f" (id {error['id']})" if error["id"] is not None else "")
+                lines.append(f"  {record}: {error['message']} [{error['reason']}]")
+            if len(errors) > ERRORS_SHOWN:
+                lines.append(f"  ... and {len(errors) - ERRORS_SHOWN} more")
         converted = self.counter("converted")
         if converted or self.total("resized"):
             modes = ", ".join(f"{mode}: {count}" for mode, count in converted.most_common())
@@ -223,6 +231,7 @@ def prepare_record(ref: RecordRef, image_root: Path | None, options: BuildOption
     if extension is not None:  # img2dataset
         data = read_member(ref, extension)
         payload["source_metadata"] = record["source_metadata"]
+        image_name = f"member {ref.key}.{extension} of {ref.file}"
     else:
         if not isinstance(image_name, str) or not image_name:
             raise SampleError("bad_record", "'image' must be a relative path string")
@@ -236,7 +245,7 @@ def prepare_record(ref: RecordRef, image_root: Path | None, options: BuildOption
             data = image_path.read_bytes()
         except OSError as exc:
             raise SampleError("missing_image", f"{image_path}: {exc.strerror or exc}") from None
-    fixed = fix_image(data, extension, options.max_side)
+    fixed = fix_image(data, extension, options.max_side, image_name)
     notes = {"converted_from": fixed.converted_from, "resized": fixed.resized_from is not None}
     return payload, fixed.extension, fixed.data, notes
 

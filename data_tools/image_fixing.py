@@ -51,9 +51,10 @@ def to_eight_bit_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # CMYK, YCbCr, P, 1, ...
 
 
-def fix_image(data: bytes, extension: str, max_side: int | None) -> FixedImage:
-    """Validate image bytes; return them unchanged, or re-encoded when the mode or size asks for it."""
-    image = decode_image(data)  # SampleError("bad_image", ...) for anything the loader could not read
+def fix_image(data: bytes, extension: str, max_side: int | None, name: str | None = None) -> FixedImage:
+    """Validate image bytes; return them unchanged, or re-encoded when the mode or size asks for it.
+    `name` (the image's path or tar member) starts the message of a rejection."""
+    image = decode_image(data, name)  # SampleError("bad_image", ...) for anything the loader could not read
     converted_from = image.mode if image.mode not in READY_MODES else None
     resized_from = None
     if max_side is not None and max(image.size) > max_side:

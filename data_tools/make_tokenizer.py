@@ -15,6 +15,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from vdep.atomic import atomic_folder
 from vdep.conventions import IMAGE_MARKER
 from vdep.data.remote import RemoteSettings
 from vdep.data.shards import discover_shards
@@ -50,9 +51,15 @@ def shard_texts(shard_dir: str) -> Iterator[str]:
 
 
 def make_tokenizer(shard_dirs: list[str], vocab_size: int, out: Path) -> Path:
-    """Train the tokenizer and write a Hugging Face tokenizer folder to `out`."""
+    """Train the tokenizer and write a Hugging Face tokenizer folder to `out`, a new or empty folder
+    (a tokenizer is never overwritten: runs and shards made with it would no longer match it)."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise DataError(f"--vocab-size {vocab_size} is too small: byte fallback needs at least {MIN_VOCAB_SIZE}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(
+            f"--out {out} already exists and is not an empty folder; make-tokenizer does not overwrite it "
+            "(remove it first, or choose another --out)"
+        )
     texts = [t for d in shard_dirs for t in shard_texts(d) if t] + TEMPLATE_TEXTS
     model = io.BytesIO()
     try:
@@ -76,11 +83,10 @@ def make_tokenizer(shard_dirs: list[str], vocab_size: int, out: Path) -> Path:
         raise DataError(f"SentencePiece training failed: {exc}") from None
     from transformers import LlamaTokenizer
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, atomic_folder(out) as folder:  # complete, or not there at all
         (Path(tmp) / "tokenizer.model").write_bytes(model.getvalue())
         # Like Llama/Vicuna's tokenizer, it adds BOS to every encoded text (templates rely on the tokenizer for it).
         tokenizer = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False)
-        out.mkdir(parents=True, exist_ok=True)
-        tokenizer.save_pretrained(str(out))
-    (out / "tokenizer.model").write_bytes(model.getvalue())
+        tokenizer.save_pretrained(str(folder))
+        (folder / "tokenizer.model").write_bytes(model.getvalue())
     return out

@@ -18,6 +18,10 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().paren
 # module is imported (triton.jit decides at decoration time).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from tests import deprecations  # noqa: E402
+
+deprecations.install()  # before vdep and the libraries are imported (tests/deprecations.py)
+
 from tests.byte_level import CHATML_JINJA, LLAMA3_JINJA, byte_level_tokenizer  # noqa: E402
 from vdep.data_tools.build_shards import BuildOptions, build_shards  # noqa: E402
 from vdep.data_tools.make_tokenizer import make_tokenizer  # noqa: E402

@@ -100,6 +100,12 @@ def test_image_modes_are_converted_bombs_rejected_and_max_side_applied(tmp_path,
     errors = {e["id"]: e for e in map(json.loads, (tmp_path / "out" / "errors.jsonl").read_text().splitlines())}
     assert set(errors) == {"bomb.png", "truncated.jpg", "notes.png"}
     assert "pixel limit" in errors["bomb.png"]["message"] or "decompression" in errors["bomb.png"]["message"].lower()
+    # Each names the file under --image-root and the cause in words (Pillow's messages name a BytesIO object).
+    assert errors["notes.png"]["message"] == ("notes.png: cannot decode the image: its bytes (starting b'plain text, not ') "
+                                              "are in no image format Pillow reads: not an image, or its header is damaged")
+    assert errors["truncated.jpg"]["message"].startswith("truncated.jpg: cannot decode the image: the file is cut short (200 bytes)")
+    assert errors["bomb.png"]["message"].startswith("bomb.png: ")
+    assert not any("BytesIO" in e["message"] for e in errors.values())
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["converted_modes"] == {"CMYK": 1, "P": 1, "I;16": 1} and stats["resized"] == 1
 
@@ -130,6 +136,8 @@ def test_img2dataset_llava_and_text_only_inputs_mix_in_one_build(tmp_path, image
                                   tmp_path / "out", caption_prompt="Caption this."))
     assert (report.written, report.total("with_image"), report.total("text_only")) == (5, 3, 2)
     assert report.rejected == {"missing_caption": 1, "bad_image": 1}
+    bad = next(e for e in report.shards[0].errors if e["reason"] == "bad_image")
+    assert bad["message"].startswith(f"member 000000002.jpg of {crawl / '00000.tar'}: cannot decode the image: its bytes")
     metas = [json.loads(s["json"]) for s in read_samples(tmp_path / "out")]
     first = metas[0]
     assert first["conversations"] == caption("<image>\nCaption this.", "a red square number 0")
@@ -340,6 +348,19 @@ def test_progress_is_a_tqdm_bar_that_does_not_flood_a_log(tmp_path, image_folder
     assert re.match(r"build-shards: 100%\|.*\| 30/30 .*records/s.*kept=28", updates[-1]), updates
     build_shards(BuildOptions([source], image_folder, tmp_path / "quiet", samples_per_shard=2, progress=False))
     assert capsys.readouterr().err == ""
+
+
+def test_the_console_names_the_first_rejected_records(tmp_path, image_folder, capsys):
+    records = [{"id": "ok", "image": "rgb.jpg", "conversations": caption("<image>\nQ", "A")}] + [
+        {"id": f"bad{i}", "image": "notes.png", "conversations": caption("<image>\nQ", "A")} for i in range(7)
+    ]
+    (tmp_path / "in.json").write_text(json.dumps(records))
+    assert main(["build-shards", str(tmp_path / "in.json"), "--image-root", str(image_folder), "--no-progress",
+                 "--out", str(tmp_path / "out"), "--max-error-rate", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"  {tmp_path / 'in.json'} record 1 (id bad0): notes.png: cannot decode the image: its bytes" in lines[2]
+    assert lines[2].endswith("[bad_image]") and "BytesIO" not in lines[2]
+    assert len(lines) == 2 + 5 + 1 and lines[-1] == "  ... and 2 more"  # the rest are in errors.jsonl
 
 
 def test_exit_status_follows_the_error_rate(tmp_path, image_folder, capsys):

@@ -22,6 +22,22 @@ def test_help_lists_every_subcommand_with_examples():
         assert sub.returncode == 0 and "examples:" in sub.stdout, command
 
 
+def test_every_option_with_a_default_states_it_in_its_help():
+    import argparse
+
+    from vdep.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    silent = [
+        f"{name} {option.option_strings[0]}"
+        for name, command in commands.choices.items() for option in command._actions
+        if option.option_strings and option.default not in (None, argparse.SUPPRESS) and option.default is not False
+        and not option.required and not ("default: " in (option.help or "") and str(option.default) in option.help)
+    ]
+    assert silent == []
+    assert "(default: bf16)" in " ".join(vdep("export-hf", "--help").stdout.split())
+
+
 def test_bad_input_is_one_message_without_a_traceback(small_data, tmp_path):
     result = vdep("train", "demo-tiny", *small_data.overrides(tmp_path / "run"), "stages.align.learnig_rate=1")
     assert result.returncode == 2
@@ -40,6 +56,14 @@ def test_print_config_shows_the_resolved_config_and_accepts_launcher_arguments(s
     assert not (tmp_path / "run").exists()  # printing the config trains nothing
 
 
+def test_print_config_needs_neither_data_nor_models(tmp_path):
+    printed = vdep("train", "demo-tiny", "--print-config", cwd=tmp_path)  # no vdep-demo/ here
+    assert printed.returncode == 0, printed.stderr
+    assert "tokenizer: vdep-demo/data/tokenizer" in printed.stdout
+    trained = vdep("train", "demo-tiny", cwd=tmp_path)  # training checks the files
+    assert trained.returncode == 2 and "tokenizer folder vdep-demo/data/tokenizer does not exist" in trained.stderr
+
+
 def test_build_shards_and_make_tokenizer(tmp_path, small_data):
     records = json.loads((small_data.raw / "align.json").read_text())[:10]
     records.append({"id": "broken", "image": "missing.png", "conversations": records[0]["conversations"]})
@@ -56,3 +80,7 @@ def test_build_shards_and_make_tokenizer(tmp_path, small_data):
     assert (tokenizer.bos_token, tokenizer.eos_token) == ("<s>", "</s>")
     too_small = vdep("make-tokenizer", "--shards", str(tmp_path / "shards"), "--vocab-size", "50", "--out", str(tmp_path / "t2"))
     assert too_small.returncode == 2 and "too small" in too_small.stderr
+    written = {path.name: path.read_bytes() for path in (tmp_path / "tok").iterdir()}
+    again = vdep("make-tokenizer", "--shards", str(small_data.align_shards), "--vocab-size", "330", "--out", str(tmp_path / "tok"))
+    assert again.returncode == 2 and f"--out {tmp_path / 'tok'} already exists and is not an empty folder" in again.stderr
+    assert {path.name: path.read_bytes() for path in (tmp_path / "tok").iterdir()} == written  # not overwritten

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from vdep.config import (
+    KEY_ALIASES,
     TrainConfig,
     check_batch_geometry,
     config_to_yaml,
@@ -17,7 +18,7 @@ from vdep.config import (
 )
 from vdep.errors import ConfigError
 from vdep.rundir import RunDir
-from vdep.structured import structure
+from vdep.structured import closest_key, dotted_keys, structure
 from vdep.train.prepare import save_resolved_config
 
 
@@ -70,6 +71,57 @@ def test_unknown_key_names_the_closest_valid_key(small_data, tmp_path):
     recipe.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=rf"unknown key 'vdep.mode_ratoi' in {recipe}.*'vdep.mode_ratio'"):
         load_config(str(recipe), small_data.overrides(tmp_path / "r"))
+
+
+def test_trainer_names_at_the_top_level_suggest_the_stage_key(small_data, tmp_path):
+    base = small_data.overrides(tmp_path / "r")
+    with pytest.raises(ConfigError, match=r"^unknown key 'learning_rate' in the command-line override 'learning_rate=1'; "
+                                          r"did you mean 'stages.<stage>.lr'\?$"):
+        load_config("demo-tiny", base + ["learning_rate=1"])
+    valid = dotted_keys(TrainConfig)
+    assert closest_key("num_train_epochs", valid, KEY_ALIASES) == "stages.<stage>.epochs"
+    assert closest_key("batch_size", valid, KEY_ALIASES) == "stages.<stage>.global_batch_size"  # not patch_size
+    assert closest_key("save_steps", valid, KEY_ALIASES) == "stages.<stage>.save_every"  # not max_steps
+    assert closest_key("stages.align.model_max_length", valid, KEY_ALIASES) == "data.max_length"
+    assert closest_key("model.path", valid, KEY_ALIASES) == "model.<vision_tower|language_model>.path"
+    assert closest_key("seed", valid, KEY_ALIASES) == "run.seed"
+
+
+def test_a_bad_value_names_the_override_it_came_from(small_data, tmp_path):
+    base = small_data.overrides(tmp_path / "r")
+    with pytest.raises(ConfigError) as error:
+        load_config("demo-tiny", base + ["stages.align.lr=abc"])
+    assert str(error.value) == (
+        "'stages.align.lr' (from the command-line override 'stages.align.lr=abc'): expected a number, got 'abc'"
+    )
+    # The top-level vdep section's value, copied into each stage; a key inside an overridden mapping.
+    with pytest.raises(ConfigError, match=r"^'stages.align.vdep.mode_ratio' \(from the command-line override "
+                                          r"'vdep.mode_ratio=1.5'\): must be within \[0, 1\]"):
+        load_config("demo-tiny", base + ["vdep.mode_ratio=1.5"])
+    with pytest.raises(ConfigError, match=r"^missing required key 'stages.finetune.lora.alpha' \(from the command-line "
+                                          r"override 'stages.finetune.lora=\{r: 8\}'\)"):
+        load_config("demo-tiny", base + ["stages.finetune.lora={r: 8}"])
+    # A value from the recipe names the recipe.
+    recipe = tmp_path / "bad-lr.yaml"
+    raw = yaml.safe_load(find_recipe("demo-tiny").read_text())
+    raw["stages"]["align"]["lr"] = "abc"
+    recipe.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=rf"^'stages.align.lr' in {recipe}: expected a number, got 'abc'"):
+        load_config(str(recipe), base)
+
+
+def test_settings_are_checked_without_the_files_the_files_before_training(tmp_path):
+    imported = ["model.init_from=/no/such/llava-folder", "model.vision_tower.tiny=null", "model.language_model.tiny=null",
+                "model.tokenizer=null"]
+    config = load_config("demo-tiny", imported, files=False)  # nor do the recipe's shards exist
+    assert config.model.init_from == "/no/such/llava-folder"
+    with pytest.raises(ConfigError, match=r"'model.init_from' \(from the command-line override "
+                                          r"'model.init_from=/no/such/llava-folder'\): /no/such/llava-folder does not exist"):
+        load_config("demo-tiny", imported)
+    with pytest.raises(ConfigError, match="a Llava folder provides the vision_tower"):  # values are checked all the same
+        load_config("demo-tiny", ["model.init_from=/no/such/llava-folder"], files=False)
+    with pytest.raises(ConfigError, match="'stages.align.shards' in .*demo-tiny.yaml: vdep-demo/data/shards/align does not"):
+        load_config("demo-tiny", [f"model.tokenizer={tmp_path}"])
 
 
 def test_wrong_types_and_values_are_named(small_data, tmp_path):

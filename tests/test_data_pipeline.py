@@ -139,7 +139,9 @@ def test_corrupt_samples_are_skipped_counted_and_named(small_data, tokenizer, tm
         tar.write({"__key__": "000000007", "json": good, "png": b"garbage"})  # image without marker + bad bytes
         tar.write({"__key__": "000000008", "json": json.dumps({"conversations": conversation("<image>\nq", "a")}).encode(),
                    "png": png_bytes()[:50]})  # truncated image
-    (out / "sizes.json").write_text(json.dumps({"000000.tar": 9}))
+        tar.write({"__key__": "000000009", "json": json.dumps({"conversations": conversation("<image>\nq", "a")}).encode(),
+                   "png": b"<html>not found</html>"})  # not an image
+    (out / "sizes.json").write_text(json.dumps({"000000.tar": 10}))
     loader = make_loader(small_data, tokenizer, 0, 1, "shards", micro=3, shard_dir=out)
     batches = list(loader.micro_batches(0))
     assert sum(len(b.keys) for b in batches) == 6
@@ -147,9 +149,12 @@ def test_corrupt_samples_are_skipped_counted_and_named(small_data, tokenizer, tm
     for batch in batches:
         for reason, count in batch.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + count
-    assert skipped == {"bad_json": 1, "image_marker_mismatch": 1, "bad_image": 1}
+    assert skipped == {"bad_json": 1, "image_marker_mismatch": 1, "bad_image": 2}
     messages = [m for b in batches for m in b.skip_messages]
     assert any("000000006" in m and "bad_json" in m for m in messages)
+    not_an_image = next(m for m in messages if "000000009" in m)  # the cause in words, not Pillow's BytesIO repr
+    assert "cannot decode the image: its bytes (starting b'<html>not found<') are in no image format" in not_an_image
+    assert "BytesIO" not in " ".join(messages)
 
 
 def test_vdeps_tar_reader_yields_webdatasets_samples_and_restarts_at_any_sample(small_data):

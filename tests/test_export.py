@@ -19,7 +19,8 @@ from vdep.data.conversation import Turn
 from vdep.data.templates import make_template, render
 from vdep.errors import ConfigError
 from vdep.export.chat_templates import export_chat_template
-from vdep.export.hf import export_hf
+from vdep.export.hf import export_hf, exported_template
+from vdep.export.sources import ExportSource
 from vdep.export.verify import verify_export
 from vdep.train.base_weights import projector_from_llava_bin
 from vdep.train.launch import launch_local
@@ -124,7 +125,8 @@ def test_export_import_export_round_trip_is_exact(trained_run, small_data, tmp_p
     from vdep.rundir import RunDir
     from vdep.train.prepare import prepare_run_dir
 
-    first = export_hf(trained_run, tmp_path / "first", dtype="fp32").out
+    exported = export_hf(trained_run, tmp_path / "first", dtype="fp32")
+    first = exported.out
     run_dir = tmp_path / "imported"
     overrides = small_data.overrides(run_dir) + [
         f"model.init_from={first}", "model.vision_tower.tiny=null", "model.language_model.tiny=null", "model.tokenizer=null",
@@ -133,11 +135,28 @@ def test_export_import_export_round_trip_is_exact(trained_run, small_data, tmp_p
     prepare_run_dir(config, RunDir(run_dir))  # splits the Llava folder into the run's base weights
     second = export_hf(run_dir, tmp_path / "second", dtype="fp32")
     assert second.source.description == "base weights (no stage trained)"
+    # The imported vicuna_v1 model exports in vicuna_v1 (the recipe's last stage), not in align's plain.
+    assert exported.template == second.template == "vicuna_v1"
+    assert (first / "chat_template.jinja").read_text() == (second.out / "chat_template.jinja").read_text()
     a, b = exported_tensors(first), exported_tensors(second.out)
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
     config_a = json.loads((first / "config.json").read_text())
     config_b = json.loads((second.out / "config.json").read_text())
     assert config_a["text_config"] == config_b["text_config"] and config_a["vision_config"] == config_b["vision_config"]
+
+
+def test_an_export_before_any_training_has_the_recipes_last_template(tmp_path):
+    """A run that imported a Llava folder (model.init_from) and trained nothing yet exports in the chat format
+    of the recipe's last stage, whichever stages the last `vdep train` selected; a trained stage's export, in
+    its own."""
+    imported = ["model.init_from=/models/llava-vicuna", "model.vision_tower.tiny=null", "model.language_model.tiny=null",
+                "model.tokenizer=null"]
+    for stage in ("all", "align", "finetune"):
+        config = load_config("demo-tiny", [*imported, f"stage={stage}"], files=False)  # align: plain, finetune: vicuna_v1
+        assert exported_template(ExportSource(tmp_path, config)) == "vicuna_v1", stage
+    assert exported_template(ExportSource(tmp_path, config, stages=["align"])) == "plain"
+    align_only = load_config("demo-tiny", [*imported, "stages.finetune=null"], files=False)
+    assert exported_template(ExportSource(tmp_path, align_only)) == "plain"
 
 
 @pytest.mark.distributed

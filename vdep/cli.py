@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("vdep-demo"), help="output folder (default: ./vdep-demo)")
     demo.add_argument("--nproc", type=int, default=2, help="number of CPU ranks (default: 2)")
     demo.add_argument("--no-vdep", action="store_true", help="train without the VDEP objective")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the data and the run")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the data and the run (default: 0)")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo-tiny recipe")
 
     build = commands.add_parser("build-shards", help="LLaVA JSON/JSONL + images → WebDataset shards", epilog=BUILD_EXAMPLES, formatter_class=formatter)
@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     build.add_argument("--caption-prompt", default=DEFAULT_CAPTION_PROMPT,
                        help=f"user turn of img2dataset caption samples (default: {DEFAULT_CAPTION_PROMPT!r})")
-    build.add_argument("--part", type=int, default=0, help="build only this part of the plan (SLURM array task id)")
-    build.add_argument("--num-parts", type=int, default=1, help="number of parts the plan is split into")
+    build.add_argument("--part", type=int, default=0, help="build only this part of the plan (SLURM array task id; default: 0)")
+    build.add_argument("--num-parts", type=int, default=1, help="number of parts the plan is split into (default: 1)")
     build.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
 
     inspect = commands.add_parser("inspect-shards", help="count, check and sample a shard folder", epilog=INSPECT_EXAMPLES, formatter_class=formatter)
@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export-hf", help="export a checkpoint as a Hugging Face Llava folder", epilog=EXPORT_EXAMPLES, formatter_class=formatter)
     export.add_argument("--checkpoint", type=Path, required=True, help="run dir, stage dir, final/ or DeepSpeed checkpoint")
     export.add_argument("--out", type=Path, required=True, help="new folder for the export")
-    export.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    export.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                        help="dtype of the exported weights (default: bf16)")
     export.add_argument("--max-shard-size", default="5GB", help="largest weight file (default: 5GB)")
     export.add_argument("--verify", action="store_true", help="load the export with transformers and check parity")
     export.add_argument("--adapter", action="store_true",
@@ -162,14 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer = commands.add_parser("make-tokenizer", help="train a small SentencePiece tokenizer on shard texts", epilog=TOKENIZER_EXAMPLES, formatter_class=formatter)
     tokenizer.add_argument("--shards", nargs="+", required=True, help="shard folder(s) to read texts from")
     tokenizer.add_argument("--vocab-size", type=int, required=True)
-    tokenizer.add_argument("--out", type=Path, required=True, help="output tokenizer folder")
+    tokenizer.add_argument("--out", type=Path, required=True,
+                           help="new tokenizer folder (an existing one is refused, never overwritten)")
     return parser
 
 
 def _train(args: argparse.Namespace) -> int:
     from .config import config_to_yaml, load_config
 
-    config = load_config(args.recipe, args.overrides)
+    # Printing a config needs no data or models: the file checks are for training.
+    config = load_config(args.recipe, args.overrides, files=not args.print_config)
     if args.print_config:
         print(config_to_yaml(config), end="")
         return 0

@@ -18,7 +18,7 @@ import yaml
 
 from .data.remote import RemoteSettings, check_storage_options, is_remote
 from .errors import ConfigError
-from .structured import closest_key, dotted_keys, set_dotted, structure, unstructure
+from .structured import Source, closest_key, dotted_keys, set_dotted, structure, unstructure
 
 STAGE_NAMES: tuple[str, ...] = ("align", "finetune")
 TRAINABLE_PARTS: tuple[str, ...] = ("projector", "language_model")
@@ -305,8 +305,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, object]]:
     return parsed
 
 
-def load_config(recipe: str, overrides: list[str] | None = None) -> TrainConfig:
-    """Load a recipe, apply overrides, merge per-stage VDEP settings, build and check the dataclasses."""
+def load_config(recipe: str, overrides: list[str] | None = None, files: bool = True) -> TrainConfig:
+    """Load a recipe, apply overrides, merge per-stage VDEP settings, build and check the dataclasses.
+
+    `files=False` leaves out the checks that the files and folders the config names exist (models,
+    tokenizer, shards): `vdep train --print-config` shows a config before its data and models are there.
+    """
     path = find_recipe(recipe)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -314,46 +318,108 @@ def load_config(recipe: str, overrides: list[str] | None = None) -> TrainConfig:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections (model, data, stages, ...)")
+    source = Source(str(path))
     valid = dotted_keys(TrainConfig)
-    for key, value in parse_overrides(overrides or []):
+    overrides = overrides or []
+    for item, (key, value) in zip(overrides, parse_overrides(overrides)):
         if key not in valid:
             suggestion = closest_key(key, valid, KEY_ALIASES)
             hint = f"; did you mean '{suggestion}'?" if suggestion else ""
-            raise ConfigError(f"unknown key '{key}' in command-line override{hint}")
+            raise ConfigError(f"unknown key '{key}' in the command-line override '{item}'{hint}")
         set_dotted(raw, key, value)
-    _merge_stage_vdep(raw, str(path))
-    config = structure(TrainConfig, raw, source=str(path), aliases=KEY_ALIASES)
-    check_config(config, source=str(path))
+        source.add_override(key, item)
+    _merge_stage_vdep(raw, source)
+    config = structure(TrainConfig, raw, source=source, aliases=KEY_ALIASES)
+    check_settings(config, source)
+    if files:
+        check_files(config, source)
     return config
 
 
-def _merge_stage_vdep(raw: dict, source: str) -> None:
+def _merge_stage_vdep(raw: dict, source: Source) -> None:
     """Give every stage the top-level `vdep` section, overridden key by key by the stage's own."""
     shared = raw.get("vdep") or {}
     if not isinstance(shared, dict):
-        raise ConfigError(f"'vdep' in {source}: expected a mapping of VDEP settings")
+        raise ConfigError(f"{source.where('vdep')}: expected a mapping of VDEP settings")
     for name, stage in (raw.get("stages") or {}).items():
         if isinstance(stage, dict):
             own = stage.get("vdep") or {}
             if not isinstance(own, dict):
-                raise ConfigError(f"'stages.{name}.vdep' in {source}: expected a mapping of VDEP settings")
+                raise ConfigError(f"{source.where(f'stages.{name}.vdep')}: expected a mapping of VDEP settings")
             stage["vdep"] = {**shared, **own}
+            for key in shared.keys() - own.keys():  # an error in a copied value names the override that set it
+                source.copies[f"stages.{name}.vdep.{key}"] = f"vdep.{key}"
 
 
 # ------------------------------------------------------------------------------------------- validation
-def check_config(config: TrainConfig, source: str = "config") -> None:
-    """Cross-field checks that need no knowledge of the launch (files, ranges, combinations)."""
+# Two kinds of checks: `check_settings` looks at the values alone (ranges, combinations) and runs for
+# every loaded config; `check_files` looks at the file system (the models, tokenizer and shards a config
+# names exist) and runs before training, not for `vdep train --print-config`.
+PROJECTOR_FILE_SUFFIXES = (".bin", ".pt", ".safetensors")
+
+
+def check_settings(config: TrainConfig, source: str | Source = "config") -> None:
+    """Cross-field checks of the values alone (ranges, combinations); no file needs to exist."""
+    source = Source(source) if isinstance(source, str) else source
     model = config.model
-    if model.init_from is not None:
-        _check_init_from(model, source)
-    if not model.imports_llava_folder():
+    if model.init_from is not None and _names_llava_folder(model.init_from):
+        for part in ("vision_tower", "language_model"):
+            section = getattr(model, part)
+            if section.path is not None or section.tiny is not None:
+                raise ConfigError(
+                    f"{source.where('model.init_from')}: a Llava folder provides the {part}; "
+                    f"leave model.{part}.path/tiny unset"
+                )
+    else:
         _exactly_one(model.vision_tower.path, model.vision_tower.tiny, "model.vision_tower", source)
         _exactly_one(model.language_model.path, model.language_model.tiny, "model.language_model", source)
     if model.language_model.tiny is not None and model.tokenizer is None:
         raise ConfigError(
-            f"'model.tokenizer' in {source}: a tiny language model needs a tokenizer folder "
+            f"{source.where('model.tokenizer')}: a tiny language model needs a tokenizer folder "
             "(make one with `vdep make-tokenizer --shards DIR --vocab-size N --out DIR`)"
         )
+    if config.data.max_length < 16:
+        raise ConfigError(f"{source.where('data.max_length')}: {config.data.max_length} is too small")
+    if config.data.num_workers < 0:
+        raise ConfigError(f"{source.where('data.num_workers')}: must be 0 or more")
+    if config.data.group_window < 1:
+        raise ConfigError(
+            f"{source.where('data.group_window')}: must be at least 1 (micro-batches per grouping window)"
+        )
+    remote = config.data.remote
+    if remote.retries < 0 or remote.backoff_s < 0 or remote.max_backoff_s < 0 or remote.request_mb <= 0:
+        raise ConfigError(
+            f"{source.where('data.remote')}: retries, backoff_s and max_backoff_s must be 0 or more, "
+            "request_mb positive"
+        )
+    check_storage_options(remote.storage_options, "data.remote.storage_options")
+    if config.run.log_every < 1:
+        raise ConfigError(f"{source.where('run.log_every')}: must be at least 1")
+    if config.run.max_nonfinite_steps < 1:
+        raise ConfigError(f"{source.where('run.max_nonfinite_steps')}: must be at least 1")
+    if not 0.0 <= config.run.max_missing_fraction <= 1.0:
+        raise ConfigError(
+            f"{source.where('run.max_missing_fraction')}: a fraction within [0, 1] (0.01: 1% of the samples)"
+        )
+    if config.run.stop_timeout_s <= 0:
+        raise ConfigError(f"{source.where('run.stop_timeout_s')}: must be positive (seconds)")
+    if not config.stages_to_run():
+        raise ConfigError(
+            f"{source.where('stage')}: no stage to run: stage={config.stage} but 'stages.{config.stage}' is not defined"
+            if config.stage != "all" else f"{source}: 'stages' defines neither align nor finetune"
+        )
+    for name, stage in config.stages_to_run():
+        _check_stage(name, stage, source)
+    _check_lora_chain(config, source)
+
+
+def check_files(config: TrainConfig, source: str | Source = "config") -> None:
+    """The files and folders the config names exist and are what they should be (local ones; remote
+    shards are found when a stage starts)."""
+    source = Source(source) if isinstance(source, str) else source
+    model = config.model
+    if model.init_from is not None:
+        _check_init_from(model, source)
     for key, value in (
         ("model.vision_tower.path", model.vision_tower.path),
         ("model.language_model.path", model.language_model.path),
@@ -362,136 +428,117 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
             _require_hf_folder(value, key, source)
     tokenizer = model.tokenizer_source()
     if tokenizer is not None and not Path(tokenizer).is_dir():
-        raise ConfigError(f"'model.tokenizer' in {source}: tokenizer folder {tokenizer} does not exist")
-    if config.data.max_length < 16:
-        raise ConfigError(f"'data.max_length' in {source}: {config.data.max_length} is too small")
-    if config.data.num_workers < 0:
-        raise ConfigError(f"'data.num_workers' in {source}: must be 0 or more")
-    if config.data.group_window < 1:
-        raise ConfigError(f"'data.group_window' in {source}: must be at least 1 (micro-batches per grouping window)")
-    remote = config.data.remote
-    if remote.retries < 0 or remote.backoff_s < 0 or remote.max_backoff_s < 0 or remote.request_mb <= 0:
-        raise ConfigError(
-            f"'data.remote' in {source}: retries, backoff_s and max_backoff_s must be 0 or more, request_mb positive"
-        )
-    check_storage_options(remote.storage_options, "data.remote.storage_options")
-    if config.run.log_every < 1:
-        raise ConfigError(f"'run.log_every' in {source}: must be at least 1")
-    if config.run.max_nonfinite_steps < 1:
-        raise ConfigError(f"'run.max_nonfinite_steps' in {source}: must be at least 1")
-    if not 0.0 <= config.run.max_missing_fraction <= 1.0:
-        raise ConfigError(f"'run.max_missing_fraction' in {source}: a fraction within [0, 1] (0.01: 1% of the samples)")
-    if config.run.stop_timeout_s <= 0:
-        raise ConfigError(f"'run.stop_timeout_s' in {source}: must be positive (seconds)")
-    if not config.stages_to_run():
-        raise ConfigError(
-            f"{source}: no stage to run: stage={config.stage} but 'stages.{config.stage}' is not defined"
-            if config.stage != "all" else f"{source}: 'stages' defines neither align nor finetune"
-        )
+        raise ConfigError(f"{source.where('model.tokenizer')}: tokenizer folder {tokenizer} does not exist")
     for name, stage in config.stages_to_run():
-        _check_stage(name, stage, source)
-    _check_lora_chain(config, source)
+        for shard_dir in stage.shards:
+            if not is_remote(shard_dir) and not Path(shard_dir).exists():
+                raise ConfigError(
+                    f"{source.where(f'stages.{name}.shards')}: {shard_dir} does not exist; build shards with "
+                    "`vdep build-shards INPUT --image-root DIR --out DIR`"
+                )
 
 
-def _check_init_from(model: ModelConfig, source: str) -> None:
+def _names_llava_folder(init_from: str) -> bool:
+    """Whether `model.init_from` stands for a Llava folder rather than an mm_projector file, also when it
+    does not exist (yet)."""
+    path = Path(init_from)
+    return path.is_dir() or (not path.exists() and path.suffix not in PROJECTOR_FILE_SUFFIXES)
+
+
+def _check_init_from(model: ModelConfig, source: Source) -> None:
     path = Path(model.init_from)  # type: ignore[arg-type]
-    where = f"'model.init_from' in {source}"
+    where = source.where("model.init_from")
     if not path.exists():
         raise ConfigError(f"{where}: {path} does not exist")
     if path.is_dir():
         config = path / "config.json"
         if not config.is_file() or json.loads(config.read_text()).get("model_type") != "llava":
             raise ConfigError(f"{where}: {path} is not a Hugging Face Llava folder (config.json with model_type llava)")
-        for part in ("vision_tower", "language_model"):
-            section = getattr(model, part)
-            if section.path is not None or section.tiny is not None:
-                raise ConfigError(f"{where}: a Llava folder provides the {part}; leave model.{part}.path/tiny unset")
-    elif path.suffix not in (".bin", ".pt", ".safetensors"):
+    elif path.suffix not in PROJECTOR_FILE_SUFFIXES:
         raise ConfigError(f"{where}: {path} is neither a Llava folder nor an mm_projector .bin/.safetensors file")
 
 
-def _exactly_one(path: str | None, tiny: object, key: str, source: str) -> None:
+def _exactly_one(path: str | None, tiny: object, key: str, source: Source) -> None:
     if (path is None) == (tiny is None):
         raise ConfigError(
-            f"'{key}' in {source}: set exactly one of '{key}.path' (a local Hugging Face folder) "
+            f"{source.where(key)}: set exactly one of '{key}.path' (a local Hugging Face folder) "
             f"and '{key}.tiny' (sizes of a random-init model)"
         )
 
 
-def _require_hf_folder(path: str, key: str, source: str) -> None:
+def _require_hf_folder(path: str, key: str, source: Source) -> None:
     folder = Path(path)
     if not folder.is_dir():
         raise ConfigError(
-            f"'{key}' in {source}: {path} does not exist; point it at a local Hugging Face model folder "
+            f"{source.where(key)}: {path} does not exist; point it at a local Hugging Face model folder "
             "(vdep never downloads weights at run time)"
         )
     if not (folder / "config.json").is_file():
-        raise ConfigError(f"'{key}' in {source}: {path} has no config.json; is it a Hugging Face model folder?")
+        raise ConfigError(f"{source.where(key)}: {path} has no config.json; is it a Hugging Face model folder?")
 
 
-def _check_stage(name: str, stage: StageConfig, source: str) -> None:
+def _check_stage(name: str, stage: StageConfig, source: Source) -> None:
     key = f"stages.{name}"
     unknown = [part for part in stage.trainable if part not in TRAINABLE_PARTS]
     if unknown:
         extra = " (the vision tower is always frozen)" if "vision_tower" in unknown else ""
         raise ConfigError(
-            f"'{key}.trainable' in {source}: unknown part(s) {unknown}{extra}; choose from {list(TRAINABLE_PARTS)}"
+            f"{source.where(f'{key}.trainable')}: unknown part(s) {unknown}{extra}; choose from {list(TRAINABLE_PARTS)}"
         )
     if not stage.trainable:
-        raise ConfigError(f"'{key}.trainable' in {source}: nothing to train; list at least 'projector'")
+        raise ConfigError(f"{source.where(f'{key}.trainable')}: nothing to train; list at least 'projector'")
     for field_name in ("lr", "global_batch_size", "micro_batch_size", "epochs"):
         if getattr(stage, field_name) <= 0:
-            raise ConfigError(f"'{key}.{field_name}' in {source}: must be positive, got {getattr(stage, field_name)}")
+            raise ConfigError(
+                f"{source.where(f'{key}.{field_name}')}: must be positive, got {getattr(stage, field_name)}"
+            )
     if stage.global_batch_size % stage.micro_batch_size:
         raise ConfigError(
-            f"'{key}.global_batch_size' in {source}: {stage.global_batch_size} is not a multiple of "
+            f"{source.where(f'{key}.global_batch_size')}: {stage.global_batch_size} is not a multiple of "
             f"micro_batch_size {stage.micro_batch_size}"
         )
     if stage.max_steps is not None and stage.max_steps <= 0:
-        raise ConfigError(f"'{key}.max_steps' in {source}: must be positive or null")
+        raise ConfigError(f"{source.where(f'{key}.max_steps')}: must be positive or null")
     if not 0.0 <= stage.warmup_ratio < 1.0:
-        raise ConfigError(f"'{key}.warmup_ratio' in {source}: must be in [0, 1)")
+        raise ConfigError(f"{source.where(f'{key}.warmup_ratio')}: must be in [0, 1)")
     if stage.grad_clip < 0:
-        raise ConfigError(f"'{key}.grad_clip' in {source}: must be 0 (off) or positive")
+        raise ConfigError(f"{source.where(f'{key}.grad_clip')}: must be 0 (off) or positive")
     if not stage.shards:
-        raise ConfigError(f"'{key}.shards' in {source}: list at least one shard directory")
-    for shard_dir in stage.shards:
-        if not is_remote(shard_dir) and not Path(shard_dir).exists():
-            raise ConfigError(
-                f"'{key}.shards' in {source}: {shard_dir} does not exist; build shards with "
-                "`vdep build-shards INPUT --image-root DIR --out DIR`"
-            )
+        raise ConfigError(f"{source.where(f'{key}.shards')}: list at least one shard directory")
     vdep = stage.vdep
     if vdep.alpha < 0:
-        raise ConfigError(f"'{key}.vdep.alpha' in {source}: must be 0 or more, got {vdep.alpha}")
+        raise ConfigError(f"{source.where(f'{key}.vdep.alpha')}: must be 0 or more, got {vdep.alpha}")
     if not 0.0 <= vdep.mode_ratio <= 1.0:
-        raise ConfigError(f"'{key}.vdep.mode_ratio' in {source}: must be within [0, 1], got {vdep.mode_ratio}")
+        raise ConfigError(f"{source.where(f'{key}.vdep.mode_ratio')}: must be within [0, 1], got {vdep.mode_ratio}")
     if stage.lora is not None:
         _check_lora(key, stage.lora, stage.trainable, source)
 
 
-def _check_lora(key: str, lora: LoraConfig, trainable: list[str], source: str) -> None:
+def _check_lora(key: str, lora: LoraConfig, trainable: list[str], source: Source) -> None:
     if "language_model" not in trainable:
         raise ConfigError(
-            f"'{key}.lora' in {source}: LoRA trains the language model through adapters, but '{key}.trainable' "
+            f"{source.where(f'{key}.lora')}: LoRA trains the language model through adapters, but '{key}.trainable' "
             f"is {trainable}; add language_model to it, or set {key}.lora=null"
         )
     if lora.r < 1:
-        raise ConfigError(f"'{key}.lora.r' in {source}: the adapters' rank must be at least 1, got {lora.r}")
+        raise ConfigError(f"{source.where(f'{key}.lora.r')}: the adapters' rank must be at least 1, got {lora.r}")
     if lora.alpha <= 0:
-        raise ConfigError(f"'{key}.lora.alpha' in {source}: must be positive (the update is scaled by alpha / r), got {lora.alpha}")
+        raise ConfigError(
+            f"{source.where(f'{key}.lora.alpha')}: must be positive (the update is scaled by alpha / r), "
+            f"got {lora.alpha}"
+        )
     if not 0.0 <= lora.dropout < 1.0:
-        raise ConfigError(f"'{key}.lora.dropout' in {source}: must be in [0, 1), got {lora.dropout}")
+        raise ConfigError(f"{source.where(f'{key}.lora.dropout')}: must be in [0, 1), got {lora.dropout}")
     if lora.target_modules is not None and (not lora.target_modules or not all(lora.target_modules)):
         raise ConfigError(
-            f"'{key}.lora.target_modules' in {source}: list the LLM's Linear layers by name (q_proj, v_proj, ...), "
-            "or null for every Linear of the LLM"
+            f"{source.where(f'{key}.lora.target_modules')}: list the LLM's Linear layers by name "
+            "(q_proj, v_proj, ...), or null for every Linear of the LLM"
         )
     if not all(lora.modules_to_save):
-        raise ConfigError(f"'{key}.lora.modules_to_save' in {source}: empty module name")
+        raise ConfigError(f"{source.where(f'{key}.lora.modules_to_save')}: empty module name")
 
 
-def _check_lora_chain(config: TrainConfig, source: str) -> None:
+def _check_lora_chain(config: TrainConfig, source: Source) -> None:
     """A stage cannot start from a LoRA stage's result in this run (vdep/model/lora.py: adapters are
     added on top of a stage's starting weights, never loaded as them)."""
     for index, name in enumerate(STAGE_NAMES):
@@ -502,7 +549,7 @@ def _check_lora_chain(config: TrainConfig, source: str) -> None:
             settings = getattr(config.stages, earlier)
             if settings is not None and settings.lora is not None:
                 raise ConfigError(
-                    f"'stages.{name}.init_from' in {source}: 'previous' starts {name} from the {earlier} stage's "
+                    f"{source.where(f'stages.{name}.init_from')}: 'previous' starts {name} from the {earlier} stage's "
                     f"result, which holds LoRA adapters (stages.{earlier}.lora); vdep cannot start a stage from "
                     f"adapters. Export {earlier} merged (vdep export-hf) and start from the export "
                     f"(model.init_from=EXPORT, stages.{name}.init_from=none), or set stages.{earlier}.lora=null"

@@ -30,6 +30,17 @@ class DemoSizes:
 SIZES = DemoSizes()
 
 
+def demo_paths(data: Path) -> dict[str, Path]:
+    """Where the demo's data lives under `data` (`--out`/data)."""
+    return {
+        "align": data / "shards" / "align",
+        "finetune": data / "shards" / "finetune",
+        "tokenizer": data / "tokenizer",
+        "held_out": data / "raw" / "eval.json",
+        "images": data / "raw" / "images",
+    }
+
+
 def prepare_data(data: Path, seed: int, sizes: DemoSizes = SIZES) -> dict[str, Path]:
     """Raw data, shards and tokenizer under `data`; reused when a previous run made them with this seed."""
     from vdep.data_tools.build_shards import BuildOptions, build_shards
@@ -38,22 +49,30 @@ def prepare_data(data: Path, seed: int, sizes: DemoSizes = SIZES) -> dict[str, P
     stamp = data / "demo-data.json"
     wanted = {"seed": seed, **sizes.__dict__}
     raw = data / "raw"
-    if not stamp.is_file() or json.loads(stamp.read_text()) != wanted:
-        if data.exists() and any(data.iterdir()):
-            raise VdepError(f"{data} holds other data; remove it or choose another --out")
-        write_demo_data(raw, seed, sizes.align, sizes.finetune, sizes.held_out)
-        for stage in ("align", "finetune"):
-            report = build_shards(BuildOptions([raw / f"{stage}.json"], raw / "images", data / "shards" / stage, sizes.samples_per_shard, progress=False))
-            print(f"  {stage} shards: {report.summary()}")
-        make_tokenizer([str(data / "shards" / s) for s in ("align", "finetune")], sizes.vocab_size, data / "tokenizer")
-        stamp.write_text(json.dumps(wanted))
-    return {
-        "align": data / "shards" / "align",
-        "finetune": data / "shards" / "finetune",
-        "tokenizer": data / "tokenizer",
-        "held_out": raw / "eval.json",
-        "images": raw / "images",
-    }
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        print(f"[1/3] data: reusing the shapes images, shards and tokenizer in {data} (made by an earlier vdep demo "
+              f"with seed {seed})", flush=True)
+        return demo_paths(data)
+    if data.exists() and any(data.iterdir()):
+        raise VdepError(f"{data} holds other data; remove it or choose another --out")
+    print(f"[1/3] data: generating shapes images, shards and a tokenizer in {data}", flush=True)
+    write_demo_data(raw, seed, sizes.align, sizes.finetune, sizes.held_out)
+    for stage in ("align", "finetune"):
+        report = build_shards(BuildOptions([raw / f"{stage}.json"], raw / "images", data / "shards" / stage, sizes.samples_per_shard, progress=False))
+        print(f"  {stage} shards: {report.summary()}")
+    make_tokenizer([str(data / "shards" / s) for s in ("align", "finetune")], sizes.vocab_size, data / "tokenizer")
+    stamp.write_text(json.dumps(wanted))
+    return demo_paths(data)
+
+
+def as_recipe_path(path: Path) -> str:
+    """`path` written as the demo-tiny recipe writes its paths: relative to the working directory when it
+    lies inside it (`vdep-demo/data/tokenizer` for the default --out). The run's config.yaml and its
+    checkpoints' fingerprints are then those of `vdep train demo-tiny`, which continues the demo's run."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def train_arguments(
@@ -61,10 +80,10 @@ def train_arguments(
 ) -> list[str]:
     return [
         "train", "demo-tiny",
-        f"model.tokenizer={paths['tokenizer']}",
-        f"stages.align.shards=[{paths['align']}]",
-        f"stages.finetune.shards=[{paths['finetune']}]",
-        f"run.output_dir={out}",
+        f"model.tokenizer={as_recipe_path(paths['tokenizer'])}",
+        f"stages.align.shards=[{as_recipe_path(paths['align'])}]",
+        f"stages.finetune.shards=[{as_recipe_path(paths['finetune'])}]",
+        f"run.output_dir={as_recipe_path(out)}",
         f"run.name={run_name}",
         f"run.seed={seed}",
         f"vdep.enabled={'true' if vdep_enabled else 'false'}",
@@ -80,14 +99,13 @@ def run_demo(out: Path, nproc: int, vdep_enabled: bool, seed: int, overrides: li
 
     started = time.monotonic()
     out = out.resolve()
-    print(f"[1/3] data: generating shapes images, shards and a tokenizer in {out / 'data'}", flush=True)
     paths = prepare_data(out / "data", seed)
     from .config import load_config
 
     overrides = list(overrides or [])
     run_name = "vdep" if vdep_enabled else "no-vdep"
     arguments = train_arguments(paths, out, run_name, seed, vdep_enabled, overrides)
-    run_dir = load_config(arguments[1], arguments[2:]).run.directory  # overrides may rename the run
+    run_dir = load_config(arguments[1], arguments[2:]).run.directory.resolve()  # overrides may rename the run
     print(f"[2/3] training align then finetune on {nproc} CPU rank(s) under ZeRO-3:\n      vdep {' '.join(arguments)}", flush=True)
     code = launch_local(nproc, arguments)
     if code != 0:

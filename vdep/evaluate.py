@@ -100,7 +100,7 @@ def answer_questions(
             has_image = "image" in record
             prompts.append(_prompt(template, encoder, turns[:-1], has_image))
             if has_image:
-                image = decode_image((image_root / record["image"]).read_bytes())
+                image = decode_image((image_root / record["image"]).read_bytes(), record["image"])
                 images.append(preprocess_image(image, trained.image_processing))
         pixel_values = torch.stack(images) if images else torch.zeros((1, 3, *trained.image_processing.output_size))
         outputs = greedy_generate(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -17,13 +18,55 @@ from .errors import ConfigError
 _MISSING = dataclasses.MISSING
 
 
-def structure(cls: type, data: Any, key: str = "", source: str = "config", aliases: dict[str, str] | None = None) -> Any:
+@dataclasses.dataclass
+class Source:
+    """Where the values of a config came from, for error messages: a file, and the keys that command-line
+    overrides set (a value copied from an overridden key, as the `vdep` section into each stage, came
+    from that override too)."""
+
+    file: str
+    overrides: dict[str, str] = dataclasses.field(default_factory=dict)  # dotted key → "key=value" as typed
+    copies: dict[str, str] = dataclasses.field(default_factory=dict)  # dotted key → the key it was copied from
+
+    def add_override(self, key: str, item: str) -> None:
+        """`item` set `key`, replacing whatever earlier overrides set inside it."""
+        for earlier in [k for k in self.overrides if k.startswith(key + ".")]:
+            del self.overrides[earlier]
+        self.overrides[key] = item
+
+    def override_of(self, key: str) -> str | None:
+        """The command-line override that set `key` (itself, or a mapping or list that holds it)."""
+        parts = re.sub(r"\[\d+\]", "", key).split(".")
+        for depth in range(len(parts), 0, -1):
+            head = ".".join(parts[:depth])
+            if head in self.overrides:
+                return self.overrides[head]
+            if head in self.copies:
+                return self.override_of(".".join([self.copies[head], *parts[depth:]]))
+        return None
+
+    def where(self, key: str) -> str:
+        """`'key' in FILE`, or `'key' (from the command-line override 'key=value')`."""
+        if not key:
+            return self.file
+        override = self.override_of(key)
+        if override is not None:
+            return f"'{key}' (from the command-line override '{override}')"
+        return f"'{key}' in {self.file}"
+
+    def __str__(self) -> str:
+        return self.file
+
+
+def structure(
+    cls: type, data: Any, key: str = "", source: str | Source = "config", aliases: dict[str, str] | None = None
+) -> Any:
     """Build dataclass `cls` from `data` (a dict), recursively, validating keys and types.
 
     `aliases` maps names users bring from other tools (e.g. `learning_rate`) to ours (`lr`), for the
     "did you mean" hint of an unknown key.
     """
-    return _Converter(source, aliases or {}).convert(cls, data, key)
+    return _Converter(Source(source) if isinstance(source, str) else source, aliases or {}).convert(cls, data, key)
 
 
 def unstructure(obj: Any) -> Any:
@@ -49,19 +92,50 @@ def dotted_keys(cls: type, prefix: str = "") -> list[str]:
 
 
 def closest_key(key: str, candidates: list[str], aliases: dict[str, str] | None = None) -> str | None:
-    """The valid key a user most likely meant: via a known alias of the last component, else by similarity."""
+    """The valid key a user most likely meant.
+
+    The last component, or the name a known alias gives it, is looked for as the last component of a
+    key: beside `key`, deeper under the same sections (`learning_rate` → `stages.<stage>.lr`), then
+    anywhere; else the most similar key.
+    """
     prefix, _, leaf = key.rpartition(".")
     prefix = prefix + "." if prefix else ""
     aliases = aliases or {}
     alias = difflib.get_close_matches(leaf, list(aliases), n=1, cutoff=0.8)
-    if alias and prefix + aliases[alias[0]] in candidates:
-        return prefix + aliases[alias[0]]
+    for name in ([aliases[alias[0]]] if alias else []) + [leaf]:
+        if prefix + name in candidates:
+            return prefix + name
+        found = _shallowest_with_leaf(name, [c for c in candidates if c.startswith(prefix)]) or _shallowest_with_leaf(
+            name, candidates
+        )
+        if found is not None:
+            return found
     matches = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     if matches:
         return matches[0]
     by_leaf = {c.rsplit(".", 1)[-1]: c for c in candidates}
     leaf_matches = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
     return by_leaf[leaf_matches[0]] if leaf_matches else None
+
+
+def _shallowest_with_leaf(leaf: str, candidates: list[str]) -> str | None:
+    """The shortest keys ending in `leaf`; several become one pattern, a differing component written as a
+    placeholder: `<stage>` under `stages` (the section's name in the singular), else `<a|b>`."""
+    found = [c.split(".") for c in candidates if c.rsplit(".", 1)[-1] == leaf]
+    if not found:
+        return None
+    depth = min(len(parts) for parts in found)
+    found = [parts for parts in found if len(parts) == depth]
+    pattern = []
+    for index, values in enumerate(zip(*found)):
+        distinct = list(dict.fromkeys(values))
+        if len(distinct) == 1:
+            pattern.append(distinct[0])
+        elif index > 0 and pattern[index - 1].endswith("s"):
+            pattern.append(f"<{pattern[index - 1][:-1]}>")
+        else:
+            pattern.append(f"<{'|'.join(distinct)}>")
+    return ".".join(pattern)
 
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -106,12 +180,12 @@ def _describe(tp: Any) -> str:
 
 
 class _Converter:
-    def __init__(self, source: str, aliases: dict[str, str]):
+    def __init__(self, source: Source, aliases: dict[str, str]):
         self.source = source
         self.aliases = aliases
 
     def where(self, key: str) -> str:
-        return f"'{key}' in {self.source}" if key else self.source
+        return self.source.where(key)
 
     def convert(self, tp: Any, value: Any, key: str) -> Any:
         if dataclasses.is_dataclass(tp):
@@ -153,13 +227,13 @@ class _Converter:
                 candidates = [prefix + k for k in dotted_keys(cls)]
                 suggestion = closest_key(prefix + str(name), candidates, self.aliases)
                 hint = f"; did you mean '{suggestion}'?" if suggestion else f"; valid keys here: {', '.join(fields)}"
-                raise ConfigError(f"unknown key '{prefix}{name}' in {self.source}{hint}")
+                raise ConfigError(f"unknown key {self.where(f'{prefix}{name}')}{hint}")
         kwargs = {}
         for name, f in fields.items():
             if name in value:
                 kwargs[name] = self.convert(hints[name], value[name], prefix + name)
             elif f.default is _MISSING and f.default_factory is _MISSING:  # type: ignore[misc]
-                raise ConfigError(f"missing required key '{prefix}{name}' in {self.source} ({_describe(hints[name])})")
+                raise ConfigError(f"missing required key {self.where(prefix + name)} ({_describe(hints[name])})")
         return cls(**kwargs)
 
     def convert_union(self, tp: Any, value: Any, key: str) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,17 +215,38 @@ def _normalisation_table(rescale_factor: float, mean: tuple[float, ...], std: tu
     return torch.from_numpy(table)
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes fully, refusing truncated files and decompression bombs."""
+def decode_image(data: bytes, name: str | None = None) -> Image.Image:
+    """Decode image bytes fully, refusing truncated files and decompression bombs.
+
+    A refusal is a `SampleError("bad_image")` whose message says why in words, after `name` (the image's
+    file or tar member) when the caller gives one.
+    """
+    prefix = f"{name}: " if name else ""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise SampleError("bad_image", f"image of {image.width}x{image.height} exceeds the pixel limit")
+                raise SampleError("bad_image", f"{prefix}image of {image.width}x{image.height} exceeds the pixel limit")
             image.load()
     except SampleError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise SampleError("bad_image", f"cannot decode the image: {exc}") from None
+        raise SampleError("bad_image", f"{prefix}cannot decode the image: {why_undecodable(exc, data)}") from None
     return image
+
+
+def why_undecodable(exc: Exception, data: bytes) -> str:
+    """Pillow's reason for refusing `data`, in words; Pillow's own messages name the in-memory file
+    (`<_io.BytesIO object at 0x...>`), which says nothing about the image."""
+    if isinstance(exc, Image.UnidentifiedImageError):
+        if not data:
+            return "the file is empty"
+        return (f"its bytes (starting {data[:16]!r}) are in no image format Pillow reads: not an image, "
+                "or its header is damaged")
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"it is too large to decode safely ({exc})"
+    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the image data", str(exc))
+    if "truncated" in text.lower():
+        return f"the file is cut short ({len(data)} bytes): {text}"
+    return f"the image data is damaged ({text})"

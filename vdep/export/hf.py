@@ -61,9 +61,19 @@ class ExportResult:
 
 
 def exported_template(source: ExportSource) -> str:
-    """The conversation template of the last stage the export contains."""
-    names = source.stages or [next(n for n in STAGE_NAMES if getattr(source.config.stages, n) is not None)]
-    return getattr(source.config.stages, names[-1]).template
+    """The conversation template of the last stage the export contains.
+
+    With no stage trained (the base weights: a Llava folder just imported, or tiny random towers), the
+    template of the recipe's last stage: the chat format the run trains the model for, and for an
+    imported model the one its recipe continues it in (a vicuna_v1 model finetuned in vicuna_v1). The
+    stage the run would train next is no better a guess: for the import that is usually align, whose
+    `plain` captioning format the imported chat model was never prompted with. The recipe's stages, not
+    the `stage=` of the last `vdep train`, so that the export does not depend on how the run was invoked.
+    """
+    if source.stages:
+        return getattr(source.config.stages, source.stages[-1]).template
+    defined = [name for name in STAGE_NAMES if getattr(source.config.stages, name) is not None]
+    return getattr(source.config.stages, defined[-1]).template
 
 
 def image_processor_for(processing: ImageProcessing) -> LlavaImageProcessorPil:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
 
 from .llava import VdepLlava
+
+
+def cache_keyword(decoder: torch.nn.Module) -> str:
+    """The decoder's name for its KV cache: `cache` from transformers 5.24 (where `past_key_values` warns,
+    and goes in 5.40), `past_key_values` before (where `cache` would be taken for an unknown keyword and
+    decoding would silently run without the cache)."""
+    return "cache" if "cache" in inspect.signature(type(decoder).forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -39,8 +47,10 @@ def greedy_generate(
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.language_model.config)
     decoder = model.language_model
+    # The model fills `cache` in place, so every step passes the same object.
+    keyword = cache_keyword(decoder)
     outputs = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=cache, use_cache=True)
+                      use_cache=True, **{keyword: cache})
     stops = torch.tensor(list(stop_token_ids), device=device)
     next_token = model.lm_head(outputs.last_hidden_state[:, -1]).argmax(dim=-1)
     generated = [next_token]
@@ -54,8 +64,8 @@ def greedy_generate(
             inputs_embeds=decoder.get_input_embeddings()(next_token[:, None]),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=outputs.past_key_values,
             use_cache=True,
+            **{keyword: cache},
         )
         next_token = model.lm_head(outputs.last_hidden_state[:, -1]).argmax(dim=-1)
         next_token = torch.where(finished, torch.full_like(next_token, stop_token_ids[0]), next_token)
