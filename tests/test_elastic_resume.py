@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import read_metrics
 from tests.helpers import make_loader
@@ -27,7 +28,7 @@ from vdep.config import load_config
 from vdep.data.loader import DataPosition
 from vdep.data.remainder import epoch_remainder
 from vdep.errors import CheckpointError
-from vdep.train.elastic import UNIVERSAL_ENV, find_elastic_resume
+from vdep.train.elastic import UNIVERSAL_ENV, convert_to_universal, find_elastic_resume
 from vdep.train.launch import launch_local
 from vdep.train.sample_log import ENV as SAMPLE_LOG
 
@@ -113,6 +114,17 @@ def test_a_global_batch_that_does_not_split_over_the_new_ranks_is_refused(small_
         find_elastic_resume(checkpoints, "finetune", stage, 5)
     message = str(refused.value)
     assert "written on 2 rank(s)" in message and "global batch of 12" in message and "2 × 5 = 10" in message
+
+
+def test_a_checkpoint_deepspeed_cannot_convert_is_refused_with_one_message(tmp_path):
+    folder = tmp_path / "step_00000004"
+    folder.mkdir()
+    (folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError) as refused:
+        convert_to_universal(folder, torch.device("cpu"))
+    message = str(refused.value)
+    assert str(folder) in message and "Resume on the number of ranks it was written on" in message
+    assert not (folder / "universal").exists()  # nothing half-converted is ever taken for a conversion
 
 
 # ---------------------------------------------------------------------------------------------- run level

@@ -147,7 +147,8 @@ def restore_elastic(engine, resume: ElasticResume, loader: StageLoader, split: s
         set_rng_state(states[rank]["rng"], load_file(str(rng_file(folder, rank))))
     if resume.old_world == world:  # UNIVERSAL_ENV: the same consumers, each rank's own state and position
         own = states[rank]
-        return RestoredState(TrainState(**own["train"]), DataPosition.from_json(own["data_position"]), folder)
+        position = DataPosition.from_json(own["data_position"]) if own.get("data_position") else None
+        return RestoredState(TrainState(**own["train"]), position, folder)
     train = _merged_train_state(first, [TrainState(**s["train"]) for s in states], resume, world, rank, grad_accum)
     position = DataPosition(train.epoch)
     if first.micro_batches_in_epoch:  # mid-epoch: deal the epoch's rest to this run's consumers
