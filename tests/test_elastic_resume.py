@@ -209,6 +209,7 @@ def test_a_run_killed_on_2_ranks_continues_on_1_and_on_3(small_data, shards96, t
         for loss in ("loss/text", "loss/vdep"):
             assert expected[step][loss] == pytest.approx(uninterrupted[step][loss], rel=1e-6, abs=1e-6), (step, loss)
     assert sorted(consumed + trained_keys(tmp_path / "same-log")) == sorted(everything)
+    print("uninterrupted text loss by step:", [expected[step]["loss/text"] for step in sorted(expected)])
 
     for ranks in (1, 3):
         run_dir = tmp_path / f"on-{ranks}"
@@ -228,5 +229,6 @@ def test_a_run_killed_on_2_ranks_continues_on_1_and_on_3(small_data, shards96, t
         for step in range(1, CHECKPOINT + 1):  # the old ranks' own steps, kept
             assert resumed[step]["loss/text"] == pytest.approx(expected[step]["loss/text"], rel=1e-6)
         gaps = [resumed[s]["loss/text"] - expected[s]["loss/text"] for s in range(CHECKPOINT + 1, STEPS + 1)]
+        print(f"on {ranks} rank(s): text loss minus the uninterrupted run's, steps {CHECKPOINT + 1}-{STEPS}: {gaps}")
         assert max(abs(g) for g in gaps) <= LOSS_TOLERANCE, (ranks, gaps)
         assert abs(sum(gaps) / len(gaps)) <= MEAN_TOLERANCE, (ranks, gaps)

@@ -14,7 +14,8 @@ new consumer gets the same number of samples to within one, and the order differ
 uninterrupted run's. The next epoch is planned for the new consumers as usual.
 
 Costs and limits: a new consumer reads every old plan's rest and keeps its deal, so the rest of the
-interrupted epoch is read once per new consumer (the next epoch reads each shard once again). A
+interrupted epoch is read once per new consumer (under `split: samples`, where every old plan spans
+every shard, once per old consumer as well; the next epoch reads each shard once again). A
 remainder is built from plain epoch positions only: an epoch that already continued after a change
 of consumers must end before the number changes again.
 """
