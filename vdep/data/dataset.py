@@ -25,9 +25,10 @@ from ..conventions import IGNORE_INDEX, round_half_up
 from .batch import Batch, ProcessedSample, collate, collate_packed
 from .conversation import SampleError, check_image_markers, parse_conversation
 from .images import ImageProcessing, decode_image, image_pixels
+from .remainder import EpochRemainder
 from .remote import RemoteSettings
 from .shards import IMAGE_EXTENSIONS, Shard, plan_epoch
-from .stream import ShardEvents, ShuffledStream, StreamState
+from .stream import ShardEvents, ShuffledStream, SourcePosition, StreamState
 from .tar_reader import SampleRef
 from .templates import ConversationTemplate, TemplateTokenizer, TokenizedConversation
 
@@ -198,6 +199,9 @@ class ShardStream(IterableDataset):
     carried samples, fills the window again and drops its batches already given out: exactly the stream
     an uninterrupted run continues with, and no consumed byte is read twice. DataLoader workers take
     turns, so the restored loader also starts with the consumer whose turn was next (`first_consumer`).
+
+    After a resume on another number of consumers, the epoch's `remainder` (remainder.py) replaces the
+    epoch's plans: each consumer reads its deal of what the checkpoint's consumers had not consumed.
     """
 
     def __init__(
@@ -228,6 +232,7 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         self.start_positions: dict[int, ConsumerState] = {}  # local consumer → where it resumes
         self.first_consumer = 0
+        self.remainder: EpochRemainder | None = None  # the epoch's rest after a change of consumers
 
     @property
     def micro_batch_size(self) -> int:
@@ -237,16 +242,23 @@ class ShardStream(IterableDataset):
     def num_consumers(self) -> int:
         return self.world_size * self.workers_per_rank
 
-    def set_epoch(self, epoch: int, positions: dict[int, ConsumerState] | None = None, first_consumer: int = 0) -> None:
+    def set_epoch(self, epoch: int, positions: dict[int, ConsumerState] | None = None, first_consumer: int = 0,
+                  remainder: EpochRemainder | None = None) -> None:
         self.epoch = epoch
         self.start_positions = dict(positions or {})
         self.first_consumer = first_consumer
+        self.remainder = remainder if remainder is not None and remainder.epoch == epoch else None
 
     def shuffled(self, consumer: int, state: StreamState | None) -> ShuffledStream:
         """The consumer's raw (undecoded) samples in shuffled order, from `state` on (None: the start)."""
+        events = ShardEvents(self._on_tar_error, self._on_short_shard)
+        if self.remainder is not None:  # its own seed: a deal is not the epoch's plan
+            start = None if state == StreamState() else state  # a consumer that has not begun its deal
+            return ShuffledStream(self.remainder.plan(self, consumer), self.remote, self.shuffle_buffer,
+                                  f"vdep-remainder-{self.seed}-{self.epoch}-{consumer}", events, start)
         plan = plan_epoch(self.shards, self.seed, self.epoch, self.num_consumers, self.split)[consumer]
         return ShuffledStream(plan, self.remote, self.shuffle_buffer, f"vdep-samples-{self.seed}-{self.epoch}-{consumer}",
-                              ShardEvents(self._on_tar_error, self._on_short_shard), state)
+                              events, state)
 
     def _on_tar_error(self, location: str, exc: Exception) -> None:
         self._skipped["bad_tar"] += 1
@@ -259,6 +271,12 @@ class ShardStream(IterableDataset):
         if len(self._messages) < MAX_MESSAGES_PER_BATCH:
             self._messages.append(f"{location}: sizes.json lists {expected} samples, the shard held {read}; "
                                   f"{expected - read} are missing from this epoch")
+
+    def _start_report(self) -> None:
+        self._skipped: Counter[str] = Counter()
+        self._messages: list[str] = []
+        self._shortfalls: dict[str, tuple[int, int]] = {}  # shard → (samples listed, samples held)
+        self._refs: dict[int, SampleRef] = {}  # byte ranges of the samples read and not yet given out
 
     def _clear_report(self) -> None:
         """Forget what the stream met since the last batch (it was reported with an earlier batch)."""
@@ -289,10 +307,7 @@ class ShardStream(IterableDataset):
         local = ((info.id if info is not None else 0) + self.first_consumer) % self.workers_per_rank
         consumer = self.rank * self.workers_per_rank + local
         state = self.start_positions.get(local, ConsumerState())
-        self._skipped: Counter[str] = Counter()
-        self._messages: list[str] = []
-        self._shortfalls: dict[str, tuple[int, int]] = {}  # shard → (samples listed, samples held)
-        self._refs: dict[int, SampleRef] = {}  # byte ranges of the samples read and not yet given out
+        self._start_report()
         stream, carry = self._restore(consumer, state)
         raw = zip(itertools.count(state.read), stream)
         read, window, drop = state.read, state.window, state.drop
@@ -308,7 +323,7 @@ class ShardStream(IterableDataset):
                 if number < drop:  # given out before the checkpoint, with the window's skip counts
                     self._clear_report()
                     continue
-                batch = self.batching.collate(members)
+                batch = self.batching.collate([sample for _, sample in members])
                 batch.skipped, batch.skip_messages = dict(self._skipped), list(self._messages)
                 batch.shortfalls = dict(self._shortfalls)
                 self._clear_report()
@@ -318,8 +333,25 @@ class ShardStream(IterableDataset):
             self._refs = {index: self._refs[index] for index, _ in carry}
             window, drop = window + 1, 0
 
-    def _fill_window(self, raw, carry: list, read: int, window: int) -> tuple[list[list[ProcessedSample]], list, int]:
-        """(the window's micro-batches, the new carry, raw samples read); no batches at the end of the stream."""
+    def unconsumed(self, consumer: int, state: ConsumerState | None) -> tuple[SourcePosition, list[SampleRef]]:
+        """Where consumer `consumer` (of this stream's epoch and geometry) stood at `state` (None: it gave out
+        nothing): its plan's reading position and the samples it had read but not given out, by range.
+        A window half given out (`drop`) is filled again to find which of its samples were not."""
+        if state is None:
+            return SourcePosition(), []
+        assert state.stream is not None
+        if state.drop == 0:
+            return state.stream.source, [ref for _, ref in state.carry] + list(state.stream.buffer)  # type: ignore[misc]
+        self._start_report()
+        stream, carry = self._restore(consumer, state)
+        batches, carry, _ = self._fill_window(zip(itertools.count(state.read), stream), carry, state.read, state.window)
+        left = [index for members in batches[state.drop:] for index, _ in members] + [index for index, _ in carry]
+        after = stream.state()
+        return after.source, [self._refs[index] for index in left] + list(after.buffer)  # type: ignore[return-value]
+
+    def _fill_window(self, raw, carry: list, read: int, window: int) -> tuple[list[list[tuple[int, ProcessedSample]]], list, int]:
+        """(the window's micro-batches as (index, sample) pairs, the new carry, raw samples read); no batches at
+        the end of the stream."""
         batching = self.batching
         size = batching.micro_batch_size
         layout = batching.layout(self.seed, self.epoch, window) if batching.group_by_modality_length else None
@@ -349,12 +381,12 @@ class ShardStream(IterableDataset):
                                           f"[{exc.reason}]")
         if all(len(pools[k]) >= wanted[k] for k in wanted):
             if layout is None:
-                return [[s for _, s in pools[None][:size]]], pools[None][size:], read
+                return [pools[None][:size]], pools[None][size:], read
             chunks = {}
             for key in (True, False):
                 members = by_length(pools[key][: wanted[key]])
                 chunks[key] = iter([members[i : i + size] for i in range(0, len(members), size)])
-            batches = [[s for _, s in next(chunks[key])] for key in layout]
+            batches = [next(chunks[key]) for key in layout]
             rest = sorted(pools[True][wanted[True]:] + pools[False][wanted[False]:], key=lambda item: item[0])
             return batches, rest, read
         # The end of the stream, or a carry past its limit: the oldest samples, in as many full
@@ -364,7 +396,7 @@ class ShardStream(IterableDataset):
         if count == 0:
             return [], pool, read
         taken = sorted(pool[:count], key=lambda item: (item[1].pixel_values is None, -len(item[1].input_ids), item[0]))
-        batches = [[s for _, s in taken[i : i + size]] for i in range(0, count, size)]
+        batches = [taken[i : i + size] for i in range(0, count, size)]
         return batches, pool[count:], read
 
     @staticmethod

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from ..errors import DataError
 from .batch import Batch
 from .dataset import Batching, ConsumerState, SamplePreprocessor, ShardStream, StreamReport
+from .remainder import EpochRemainder
 from .remote import RemoteSettings
 from .shards import ConsumerPlan, Shard, micro_batches_per_rank, plan_epoch, resolve_split
 
@@ -21,13 +22,15 @@ class DataPosition:
 
     `consumers` maps each of the rank's loader workers to its resume position (see ShardStream), and
     `next_consumer` is the worker whose turn is next. Valid for the same world size, worker count,
-    shards, seed and batching settings; vdep refuses a resume that changes the world size.
+    shards, seed and batching settings; a resume on another number of ranks deals the epoch's rest
+    (`remainder`, kept for the rest of that epoch: remainder.py) instead.
     """
 
     epoch: int = 0
     micro_batches: int = 0  # consumed by this rank in `epoch`
     next_consumer: int = 0
     consumers: dict[int, ConsumerState] = field(default_factory=dict)
+    remainder: EpochRemainder | None = None
 
     def advance(self, batch: Batch, workers: int) -> None:
         self.micro_batches += 1
@@ -35,13 +38,27 @@ class DataPosition:
         self.next_consumer = (batch.consumer + 1) % workers
 
     def to_json(self) -> dict:
-        return {"epoch": self.epoch, "micro_batches": self.micro_batches, "next_consumer": self.next_consumer,
+        data = {"epoch": self.epoch, "micro_batches": self.micro_batches, "next_consumer": self.next_consumer,
                 "consumers": {str(k): v.to_json() for k, v in self.consumers.items()}}
+        if self.remainder is not None:
+            data["remainder"] = self.remainder.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> DataPosition:
+        remainder = EpochRemainder.from_json(data["remainder"]) if data.get("remainder") else None
         return cls(data["epoch"], data["micro_batches"], data["next_consumer"],
-                   {int(k): ConsumerState.from_json(v) for k, v in data["consumers"].items()})
+                   {int(k): ConsumerState.from_json(v) for k, v in data["consumers"].items()}, remainder)
+
+
+@dataclass(frozen=True)
+class RankGeometry:
+    """How a run's data was split: over `world_size` ranks, `grad_accum` micro-batches a step, `split` as
+    resolved for its number of consumers (data.split: auto depends on it)."""
+
+    world_size: int
+    grad_accum: int
+    split: str
 
 
 @dataclass(frozen=True)
@@ -120,18 +137,27 @@ class StageLoader:
         )
         return cls(stream, num_workers, grad_accum_steps, pin_memory)
 
-    def steps_in_epoch(self, epoch: int) -> int:
-        """Optimizer steps every rank can fill in this epoch (the rank with the fewest samples decides)."""
-        s = self.stream
-        plans = plan_epoch(s.shards, s.seed, epoch, s.num_consumers, s.split)
-        per_rank = micro_batches_per_rank(plans, s.world_size, self.num_workers, s.micro_batch_size)
-        return min(per_rank) // self.grad_accum_steps
+    @property
+    def geometry(self) -> RankGeometry:
+        return RankGeometry(self.stream.world_size, self.grad_accum_steps, self.stream.split)
 
-    def stage_length(self, epochs: float, max_steps: int | None) -> StageLength:
-        """How long a stage of `epochs` epochs (a fraction allowed), or of `max_steps` steps, trains."""
+    def steps_in_epoch(self, epoch: int, geometry: RankGeometry | None = None) -> int:
+        """Optimizer steps every rank can fill in this epoch (the rank with the fewest samples decides), on
+        this loader's ranks or as split by `geometry`."""
+        s = self.stream
+        geometry = geometry or self.geometry
+        world, accum, split = geometry.world_size, geometry.grad_accum, geometry.split
+        plans = plan_epoch(s.shards, s.seed, epoch, world * s.workers_per_rank, split)
+        per_rank = micro_batches_per_rank(plans, world, self.num_workers, s.micro_batch_size)
+        return min(per_rank) // accum
+
+    def stage_length(self, epochs: float, max_steps: int | None, geometry: RankGeometry | None = None) -> StageLength:
+        """How long a stage of `epochs` epochs (a fraction allowed), or of `max_steps` steps, trains; with
+        `geometry`, as planned for that split (an elastic resume keeps the
+        length its checkpoint's run planned, and so the LR schedule)."""
         whole, fraction = int(epochs), epochs - int(epochs)
-        final_epoch_steps = math.floor(fraction * self.steps_in_epoch(whole)) if fraction > 0 else 0
-        planned = sum(self.steps_in_epoch(e) for e in range(whole)) + final_epoch_steps
+        final_epoch_steps = math.floor(fraction * self.steps_in_epoch(whole, geometry)) if fraction > 0 else 0
+        planned = sum(self.steps_in_epoch(e, geometry) for e in range(whole)) + final_epoch_steps
         if max_steps is not None:
             return StageLength(max_steps, max_steps, whole, final_epoch_steps)
         if planned == 0:
@@ -161,7 +187,7 @@ class StageLoader:
     def micro_batches(self, epoch: int, position: DataPosition | None = None) -> Iterator[Batch]:
         """The epoch's micro-batches, from its start or from `position` (of the same epoch)."""
         if position is not None and position.epoch == epoch:
-            self.stream.set_epoch(epoch, position.consumers, position.next_consumer)
+            self.stream.set_epoch(epoch, position.consumers, position.next_consumer, position.remainder)
         else:
             self.stream.set_epoch(epoch)
         loader = DataLoader(

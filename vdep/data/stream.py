@@ -10,6 +10,10 @@ state after any number of samples (`StreamState`) is small and exact:
 Restoring reads the waiting samples by range and continues the plan at its byte: no consumed byte is
 read again, locally or remotely. The order of samples is exactly that of an uninterrupted stream.
 
+After a resume on another number of consumers (elastic resume, remainder.py), a consumer reads a
+`RemainderPlan` instead: its deal of what the checkpoint's consumers had not consumed, with a
+`RemainderPosition` in place of the `SourcePosition`.
+
 Corrupt tar data ends the shard it is in, and a shard that holds fewer samples than sizes.json says is
 reported with the count (`ShardEvents`: the consumer counts both); transport errors propagate.
 """
@@ -46,10 +50,31 @@ class SourcePosition:
 
 
 @dataclass(frozen=True)
+class RemainderPosition:
+    """Where reading a `RemainderPlan` stands: in part `part`, at `source` of that part's plan, with
+    `dealt` samples of the deal (the pending ones included) passed so far."""
+
+    part: int
+    source: SourcePosition
+    dealt: int
+
+    def to_json(self) -> dict:
+        return {"part": self.part, "source": self.source.to_json(), "dealt": self.dealt}
+
+    @classmethod
+    def from_json(cls, data: dict) -> RemainderPosition:
+        return cls(int(data["part"]), SourcePosition.from_json(data["source"]), int(data["dealt"]))
+
+
+def _position_from_json(data: list | dict) -> SourcePosition | RemainderPosition:
+    return RemainderPosition.from_json(data) if isinstance(data, dict) else SourcePosition.from_json(data)
+
+
+@dataclass(frozen=True)
 class StreamState:
     """A consumer's shuffled stream, restorable (see the module docstring)."""
 
-    source: SourcePosition = field(default_factory=SourcePosition)
+    source: SourcePosition | RemainderPosition = field(default_factory=SourcePosition)
     rng: list | None = None  # the shuffle RNG's state (random.Random.getstate as lists); None: fresh
     buffer: tuple[SampleRef, ...] = ()
     draining: bool = False  # the plan is read: `buffer` is the remaining samples in their final order
@@ -60,7 +85,7 @@ class StreamState:
 
     @classmethod
     def from_json(cls, data: dict) -> StreamState:
-        return cls(SourcePosition.from_json(data["source"]), data["rng"],
+        return cls(_position_from_json(data["source"]), data["rng"],
                    tuple(SampleRef.from_json(r) for r in data["buffer"]), bool(data["draining"]))
 
 
@@ -148,18 +173,80 @@ class PlanReader:
                     return False
 
 
+@dataclass(frozen=True)
+class RemainderPlan:
+    """One new consumer's share of an epoch's remainder (remainder.py): the samples that the consumers
+    of a checkpoint written on another number of ranks had read but not consumed (`pending`, dealt before
+    the stream starts), then the rest of each old consumer's plan (`parts`, from `starts`), dealt on:
+    sample number t of the deal (pending ones first) is this consumer's when t % consumers == consumer.
+
+    `shards` is every part's shards one after the other, so a `SampleRef` of this plan names its part's
+    shard by its number in `shards` (`bases[part]` + its number in the part)."""
+
+    parts: tuple[ConsumerPlan, ...]
+    starts: tuple[SourcePosition, ...]
+    pending: tuple[SampleRef, ...]  # this consumer's deal of the pending samples, refs into `shards`
+    pending_total: int  # pending samples of every consumer (the deal of the parts continues after them)
+    consumer: int
+    consumers: int
+
+    @property
+    def shards(self) -> tuple:
+        return tuple(shard for part in self.parts for shard in part.shards)
+
+    @property
+    def bases(self) -> list[int]:
+        bases, total = [], 0
+        for part in self.parts:
+            bases.append(total)
+            total += len(part.shards)
+        return bases
+
+    def initial_state(self) -> StreamState:
+        start = RemainderPosition(0, self.starts[0] if self.starts else SourcePosition(), self.pending_total)
+        return StreamState(start, None, self.pending)
+
+
+class RemainderReader:
+    """A `RemainderPlan`'s samples (after its pending ones) in order, from `position` on."""
+
+    def __init__(self, plan: RemainderPlan, settings: RemoteSettings, position: RemainderPosition, events: ShardEvents):
+        self.plan = plan
+        self.settings = settings
+        self.position = position
+        self.events = events
+
+    def __iter__(self) -> Iterator[dict]:
+        plan, bases = self.plan, self.plan.bases
+        while self.position.part < len(plan.parts):
+            part = self.position.part
+            reader = PlanReader(plan.parts[part], self.settings, self.position.source, self.events)
+            for sample in reader:
+                dealt = self.position.dealt
+                self.position = RemainderPosition(part, reader.position, dealt + 1)
+                if dealt % plan.consumers == plan.consumer:
+                    ref = sample["__ref__"]
+                    sample["__ref__"] = SampleRef(bases[part] + ref.shard, ref.start, ref.end)
+                    yield sample
+            following = part + 1
+            start = plan.starts[following] if following < len(plan.parts) else SourcePosition()
+            self.position = RemainderPosition(following, start, self.position.dealt)
+
+
 class ShuffledStream:
     """A seeded reservoir shuffle of a `PlanReader`'s samples: fill a buffer of `size`, then emit a
     random element for each new one; at the end, shuffle what is left and emit it. With a `state`, it
     continues exactly where that state was taken."""
 
-    def __init__(self, plan: ConsumerPlan, settings: RemoteSettings, size: int, seed: str, events: ShardEvents,
-                 state: StreamState | None = None):
-        state = state or StreamState()
+    def __init__(self, plan: ConsumerPlan | RemainderPlan, settings: RemoteSettings, size: int, seed: str,
+                 events: ShardEvents, state: StreamState | None = None):
+        state = state or (plan.initial_state() if isinstance(plan, RemainderPlan) else StreamState())
         self.plan = plan
         self.settings = settings
         self.size = size
-        self.reader = PlanReader(plan, settings, state.source, events)
+        self.reader: PlanReader | RemainderReader = (
+            RemainderReader(plan, settings, state.source, events) if isinstance(plan, RemainderPlan)  # type: ignore[arg-type]
+            else PlanReader(plan, settings, state.source, events))  # type: ignore[arg-type]
         self.rng = _rng_from_json(state.rng) if state.rng is not None else random.Random(seed)
         self.buffer = [self.fetch(ref) for ref in state.buffer]
         self.draining = state.draining

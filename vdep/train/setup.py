@@ -35,6 +35,7 @@ from ..rundir import BasePaths, RunDir, stage_weights
 from .deepspeed_config import fill_config, load_preset, offloads_optimizer, zero_stage
 from .distributed import LaunchEnv
 from .ds import import_deepspeed, load_op
+from .elastic import ElasticResume, find_elastic_resume
 from .faults import Faults
 from .freezing import apply_trainable, format_table, numel, param_groups, trainable_table
 from .metrics import FlopModel
@@ -79,6 +80,7 @@ class StageParts:
     grad_accum: int
     flops: FlopModel
     fingerprint: str  # of the settings a checkpoint of this stage must have been written with
+    elastic: ElasticResume | None = None  # the latest checkpoint was written on another number of ranks
 
 
 def build_stage(ctx: RunContext, name: str, stage: StageConfig) -> StageParts:
@@ -88,14 +90,19 @@ def build_stage(ctx: RunContext, name: str, stage: StageConfig) -> StageParts:
         stage.vdep, image_token_id=spec.image_token_id, num_image_tokens=spec.num_image_tokens,
         seed=ctx.config.run.seed, device=ctx.device,
     )
+    elastic = find_elastic_resume(ctx.run.stage(name).checkpoints, name, stage, ctx.launch.world_size)
     grad_accum = check_batch_geometry(name, stage, ctx.launch.world_size)
     loader = make_loader(ctx, stage, spec, grad_accum)
-    length = loader.stage_length(stage.epochs, stage.max_steps)
+    # An elastic resume keeps the length (and so the LR schedule) that the checkpoint's run planned.
+    geometry = elastic.geometry(ctx.config.data.split, len(loader.stream.shards), loader.num_workers) if elastic else None
+    length = loader.stage_length(stage.epochs, stage.max_steps, geometry)
     ds_config = fill_config(
         *load_preset(stage.zero), micro_batch_size=stage.micro_batch_size, grad_accum_steps=grad_accum,
         world_size=ctx.launch.world_size, grad_clip=stage.grad_clip, precision=ctx.precision,
         hidden_size=spec.text_hidden_size,
     )
+    if elastic is not None:  # DeepSpeed decides how to load when the engine is built
+        ds_config["checkpoint"] = {"load_universal": True}
     attention = choose_attention(ctx.config.model.attn_implementation, ctx.device, ctx.config.data.packing)
     model = build_stage_model(ctx, name, stage, spec, objective, attention, ds_config)
     warmup = warmup_steps(length.planned_steps, stage.warmup_ratio)
@@ -122,7 +129,7 @@ def build_stage(ctx: RunContext, name: str, stage: StageConfig) -> StageParts:
         grad_accum=grad_accum,
         # LoRA: the LLM's backward computes input gradients only (the adapters' own are negligible)
         flops=flop_model(model, spec, llm_trainable="language_model" in stage.trainable and stage.lora is None),
-        fingerprint=stage_fingerprint(ctx.config, name),
+        fingerprint=stage_fingerprint(ctx.config, name), elastic=elastic,
     )
 
 

@@ -36,8 +36,10 @@ from ..log import get_logger
 from ..rundir import checkpoint_tag
 from .checkpoint import CheckpointManager, TrainState, save_final_weights
 from .distributed import merge_mappings, sum_counters
+from .elastic import restore_elastic
 from .global_batch import StepPlan, plan_step
 from .metrics import IntervalStats, SkipReport, StageMetrics, peak_flops
+from .sample_log import SampleLog
 from .setup import DTYPES, RunContext, StageParts, build_stage
 
 log = get_logger("train")
@@ -64,6 +66,7 @@ class StageTrainer:
         self.nonfinite_in_a_row = 0
         self.missing = 0  # samples missing from short shards, all ranks, as of the last log line or epoch end
         self.last_scalars: dict[str, float] = {}
+        self.sample_log = SampleLog.from_env(ctx.launch.rank)
 
     @classmethod
     def build(cls, ctx: RunContext, name: str, stage: StageConfig) -> StageTrainer:
@@ -94,7 +97,12 @@ class StageTrainer:
     # ---------------------------------------------------------------------------------- restoring
     def restore(self) -> None:
         """Continue from the stage's latest checkpoint, if there is one."""
-        restored = self.checkpoints.restore(self.engine, self.ctx.launch.world_size, self.parts.fingerprint)
+        elastic = self.parts.elastic
+        if elastic is not None:  # written on another number of ranks (elastic.py)
+            restored = restore_elastic(self.engine, elastic, self.parts.loader, self.ctx.config.data.split,
+                                       self.parts.fingerprint, self.parts.grad_accum, self.ctx.device)
+        else:
+            restored = self.checkpoints.restore(self.engine, self.ctx.launch.world_size, self.parts.fingerprint)
         if restored is None:
             return
         self.state = restored.train
@@ -136,6 +144,7 @@ class StageTrainer:
             self.next_epoch()
             return False
         self.skips.add(micro_batches)  # type: ignore[arg-type]
+        self.sample_log.record(self.name, self.state.step + 1, self.state.epoch, micro_batches)  # type: ignore[arg-type]
         for batch in micro_batches:  # type: ignore[union-attr]
             self.position.advance(batch, self.parts.loader.workers)
         self.forward_backward(plan)
