@@ -1,6 +1,6 @@
 """The `vdep` command.
 
-    vdep train RECIPE.yaml [key=value ...]        # both stages, or stage=align|finetune
+    vdep train RECIPE.yaml [key=value ...]        # every stage in order, or stage=NAME
     vdep demo [--out DIR] [--nproc N] [--no-vdep]
     vdep build-shards INPUT... --image-root DIR --out DIR [--workers N] [--shuffle --seed S] [--resume] ...
     vdep inspect-shards DIR [--tokenizer PATH --template NAME]
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     formatter = argparse.RawDescriptionHelpFormatter
 
-    train = commands.add_parser("train", help="train with a recipe (both stages, or one)", epilog=TRAIN_EXAMPLES, formatter_class=formatter)
+    train = commands.add_parser("train", help="train with a recipe (its stages in order, or stage=NAME)", epilog=TRAIN_EXAMPLES, formatter_class=formatter)
     train.add_argument("recipe", help="recipe YAML file or shipped recipe name")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -92,7 +92,6 @@ def train_arguments(
 
 
 def run_demo(out: Path, nproc: int, vdep_enabled: bool, seed: int, overrides: list[str] | None = None) -> int:
-    from .config import STAGE_NAMES
     from .evaluate import answer_questions, load_trained_model, write_answers
     from .rundir import RunDir
     from .train.launch import launch_local
@@ -116,7 +115,7 @@ def run_demo(out: Path, nproc: int, vdep_enabled: bool, seed: int, overrides: li
     result = answer_questions(trained, records, paths["images"], "vicuna_v1")
     write_answers(result, run_dir / "held_out_answers.json")
     run = RunDir(run_dir)
-    summaries = {name: run.stage(name).read_summary() for name in STAGE_NAMES if run.stage(name).is_complete}
+    summaries = {name: run.stage(name).read_summary() for name in run.read_config().stages if run.stage(name).is_complete}
     elapsed = time.monotonic() - started
     print()
     print(f"held-out accuracy: {100 * result.accuracy:.1f}% (chance: {100 * chance_accuracy():.1f}%)")

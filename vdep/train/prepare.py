@@ -48,6 +48,9 @@ def check_resume_changes(run: RunDir, config: TrainConfig) -> None:
         settings.pop("name", None)
         settings.pop("output_dir", None)
     changes = config_changes(old, new)
+    old_order, new_order = list(old.get("stages") or {}), list(new.get("stages") or {})
+    if set(old_order) == set(new_order) and old_order != new_order:  # the order decides what `previous` means
+        changes.append(("stages (their order)", old_order, new_order))
     refused = [c for c in changes if not any(fnmatch.fnmatchcase(c[0], pattern) for pattern in CHANGEABLE_ON_RESUME)]
     if refused:
         raise CheckpointError(
@@ -62,7 +65,7 @@ def check_resume_changes(run: RunDir, config: TrainConfig) -> None:
 
 def has_results(run: RunDir, config: TrainConfig) -> bool:
     """Whether any stage of the recipe has a checkpoint or final weights in the run directory."""
-    stages = [run.stage(name) for name, settings in vars(config.stages).items() if settings is not None]
+    stages = [run.stage(name) for name in config.stages]
     return any(stage.is_complete or stage.latest_checkpoint() is not None for stage in stages)
 
 
