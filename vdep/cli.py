@@ -38,6 +38,7 @@ examples:
   vdep demo                       # 2 CPU ranks under ZeRO-3, output in ./vdep-demo
   vdep demo --nproc 1 --out /tmp/demo
   vdep demo --no-vdep             # the same run without the VDEP objective, for comparison
+  vdep demo --regime paper        # text pretraining, then align with the LLM frozen (the paper's regime)
   vdep demo vdep.alpha=0.5 run.name=alpha05   # extra config overrides for the training run
 """
 
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nproc", type=int, default=2, help="number of CPU ranks (default: 2)")
     demo.add_argument("--no-vdep", action="store_true", help="train without the VDEP objective")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data and the run (default: 0)")
+    demo.add_argument("--regime", choices=("demo", "paper"), default="demo",
+                      help="demo: recipe demo-tiny; paper: demo-tiny-paper, the LLM pretrained on text, then frozen "
+                           "in align (default: demo)")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo-tiny recipe")
 
     build = commands.add_parser("build-shards", help="LLaVA JSON/JSONL + images → WebDataset shards", epilog=BUILD_EXAMPLES, formatter_class=formatter)
@@ -187,7 +191,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise VdepError("--nproc must be at least 1")
-    return run_demo(args.out, nproc=args.nproc, vdep_enabled=not args.no_vdep, seed=args.seed, overrides=args.overrides)
+    return run_demo(args.out, nproc=args.nproc, vdep_enabled=not args.no_vdep, seed=args.seed, overrides=args.overrides,
+                    regime=args.regime)
 
 
 def _build_shards(args: argparse.Namespace) -> int:
