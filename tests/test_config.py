@@ -58,7 +58,7 @@ def test_llava_recipe_states_the_llava15_hyperparameters(llava_paths):
 def test_recipes_are_addressable_by_name_and_path():
     assert find_recipe("demo-tiny").name == "demo-tiny.yaml"
     assert find_recipe(str(find_recipe("llava15-7b-vdep"))).is_file()
-    with pytest.raises(ConfigError, match="shipped recipes: demo-tiny, llava15-7b-vdep"):
+    with pytest.raises(ConfigError, match="shipped recipes: demo-tiny, demo-tiny-paper, llava15-7b-vdep"):
         find_recipe("llava-nope")
 
 

@@ -29,7 +29,7 @@ examples:
   deepspeed --num_gpus 8 --module vdep train my-recipe.yaml
   vdep train my-recipe.yaml --print-config        # show the resolved config and exit
 
-RECIPE is a YAML file or the name of a shipped recipe (llava15-7b-vdep, demo-tiny).
+RECIPE is a YAML file or the name of a shipped recipe (llava15-7b-vdep, llava15-7b-vdep-lora, demo-tiny, demo-tiny-paper).
 Overrides use dotted keys of the config (docs/config.md); values are YAML (1e-3, true, [a, b]).
 """
 

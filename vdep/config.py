@@ -25,7 +25,7 @@ from .structured import Source, closest_key, dotted_keys, set_dotted, structure,
 # The LLaVA-1.5 recipe's two stages. A recipe may list any stages, in the order they run (docs/config.md).
 LLAVA_STAGES: tuple[str, ...] = ("align", "finetune")
 # A stage's folder sits beside these in the run directory (vdep/rundir.py); `all` means every stage.
-RESERVED_STAGE_NAMES: tuple[str, ...] = ("all", "base", "logs", "tensorboard", "tokenizer", "config", "evaluation")
+RESERVED_STAGE_NAMES: tuple[str, ...] = ("all", "base", "logs", "tensorboard", "tokenizer", "config", "validation")
 STAGE_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
 TRAINABLE_PARTS: tuple[str, ...] = ("projector", "language_model")
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -191,6 +191,19 @@ class LoraConfig:
 
 # ---------------------------------------------------------------------------------------------- stages
 @dataclass
+class StageEvalConfig:
+    # Held-out data: a LLaVA-format JSON/JSONL file (made into shards once, in RUN_DIR/validation/<stage>)
+    # or a shard directory written by `vdep build-shards`.
+    data: str
+    # The folder a JSON/JSONL file's image paths are relative to.
+    image_root: str | None = None
+    # Validate every N optimizer steps, and at the stage's end (0: only at the end).
+    every: int = 0
+    # The first this many samples of the set (null: all of it).
+    max_samples: int | None = None
+
+
+@dataclass
 class StageConfig:
     """One training stage. Optimisation values have no defaults: the recipe states them."""
 
@@ -219,6 +232,8 @@ class StageConfig:
     vdep: VdepConfig = field(default_factory=VdepConfig)
     # Train the language model through LoRA adapters (null: in full, as `trainable` says).
     lora: LoraConfig | None = None
+    # Held-out losses during the stage (null: none); vdep/train/validation.py.
+    eval: StageEvalConfig | None = None
 
 
 # ------------------------------------------------------------------------------------------ deepspeed
@@ -453,6 +468,8 @@ def check_files(config: TrainConfig, source: str | Source = "config") -> None:
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise ConfigError(f"{source.where('model.tokenizer')}: tokenizer folder {tokenizer} does not exist")
     for name, stage in config.stages_to_run():
+        if stage.eval is not None:
+            _check_stage_eval_files(stage.eval, f"stages.{name}.eval", source)
         for shard_dir in stage.shards:
             if not is_remote(shard_dir) and not Path(shard_dir).exists():
                 raise ConfigError(
@@ -528,6 +545,8 @@ def _check_stage(name: str, stage: StageConfig, source: Source) -> None:
         raise ConfigError(f"{source.where(f'{key}.grad_clip')}: must be 0 (off) or positive")
     if not stage.shards:
         raise ConfigError(f"{source.where(f'{key}.shards')}: list at least one shard directory")
+    if stage.eval is not None:
+        _check_stage_eval(stage.eval, f"{key}.eval", source)
     vdep = stage.vdep
     if vdep.alpha < 0:
         raise ConfigError(f"{source.where(f'{key}.vdep.alpha')}: must be 0 or more, got {vdep.alpha}")
@@ -559,6 +578,34 @@ def _check_lora(key: str, lora: LoraConfig, trainable: list[str], source: Source
         )
     if not all(lora.modules_to_save):
         raise ConfigError(f"{source.where(f'{key}.lora.modules_to_save')}: empty module name")
+
+
+def _check_stage_eval(settings: StageEvalConfig, key: str, source: Source) -> None:
+    if settings.every < 0:
+        raise ConfigError(f"{source.where(f'{key}.every')}: validate every N steps (0: only at the stage's end), got {settings.every}")
+    if settings.max_samples is not None and settings.max_samples < 1:
+        raise ConfigError(f"{source.where(f'{key}.max_samples')}: must be positive or null (all of the set)")
+
+
+def validation_source_is_file(settings: StageEvalConfig) -> bool:
+    """Whether `eval.data` names a LLaVA JSON/JSONL file (else a shard directory)."""
+    return Path(settings.data).suffix in (".json", ".jsonl")
+
+
+def _check_stage_eval_files(settings: StageEvalConfig, key: str, source: Source) -> None:
+    data = Path(settings.data)
+    if is_remote(settings.data):
+        raise ConfigError(f"{source.where(f'{key}.data')}: validation data must be local (a file or a shard directory)")
+    if not data.exists():
+        raise ConfigError(f"{source.where(f'{key}.data')}: {data} does not exist")
+    if validation_source_is_file(settings):
+        if settings.image_root is None or not Path(settings.image_root).is_dir():
+            raise ConfigError(
+                f"{source.where(f'{key}.image_root')}: {data} is a LLaVA file; set {key}.image_root to the folder "
+                f"its image paths are relative to (now {settings.image_root!r})"
+            )
+    elif not data.is_dir():
+        raise ConfigError(f"{source.where(f'{key}.data')}: {data} is neither a .json/.jsonl file nor a shard directory")
 
 
 def _check_stage_names(config: TrainConfig, source: Source) -> None:

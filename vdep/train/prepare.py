@@ -15,6 +15,7 @@ from ..log import get_logger
 from ..model.tokenizer import load_tokenizer, prepare_tokenizer
 from ..rundir import RunDir
 from .base_weights import materialize_base
+from .validation import prepare_validation_shards
 
 log = get_logger("run")
 
@@ -25,6 +26,7 @@ log = get_logger("run")
 CHANGEABLE_ON_RESUME = (
     "stages.*.save_every", "run.log_every", "run.keep_last", "run.resume", "run.stop_timeout_s",
     "run.max_nonfinite_steps", "run.max_missing_fraction", "deepspeed.timeout_minutes", "stage",
+    "stages.*.eval", "stages.*.eval.*",
 )
 
 
@@ -93,3 +95,4 @@ def prepare_run_dir(config: TrainConfig, run: RunDir) -> None:
         with atomic_folder(run.tokenizer) as folder:
             tokenizer.save_pretrained(str(folder))
     materialize_base(config.model, load_tokenizer(run.tokenizer), run.base_paths(config.model))
+    prepare_validation_shards(config, run)
