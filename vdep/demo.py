@@ -125,22 +125,29 @@ def train_arguments(
     ]
 
 
-def run_demo(
-    out: Path, nproc: int, vdep_enabled: bool, seed: int, overrides: list[str] | None = None, regime: str = "demo"
-) -> int:
+@dataclass
+class DemoRun:
+    """One trained and evaluated demo run."""
+
+    run_dir: Path
+    result: object  # evaluate.QAResult: accuracy, by_kind, answers
+    summaries: dict[str, dict]  # per stage, its final/summary.json
+
+    def final_losses(self, stage: str) -> dict[str, float]:
+        return self.summaries.get(stage, {}).get("final", {})
+
+
+def train_and_evaluate(
+    paths: dict[str, Path], out: Path, run_name: str, nproc: int, seed: int, vdep_enabled: bool,
+    overrides: list[str], regime: str = "demo",
+) -> DemoRun:
+    """Train the regime's recipe on the demo data (`vdep train`, nproc local ranks), then answer the
+    held-out questions; a completed run is reused, as `vdep train` reuses completed stages."""
+    from .config import load_config
     from .evaluate import answer_questions, load_trained_model, write_answers
     from .rundir import RunDir
     from .train.launch import launch_local
 
-    started = time.monotonic()
-    out = out.resolve()
-    paths = prepare_data(out / "data", seed)
-    if regime == "paper":
-        prepare_text_data(out / "data", seed)
-    from .config import load_config
-
-    overrides = list(overrides or [])
-    run_name = REGIMES[regime][1] + ("vdep" if vdep_enabled else "no-vdep")
     arguments = train_arguments(paths, out, run_name, seed, vdep_enabled, overrides, regime)
     config = load_config(arguments[1], arguments[2:])
     run_dir = config.run.directory.resolve()  # overrides may rename the run
@@ -156,17 +163,31 @@ def run_demo(
     write_answers(result, run_dir / "held_out_answers.json")
     run = RunDir(run_dir)
     summaries = {name: run.stage(name).read_summary() for name in run.read_config().stages if run.stage(name).is_complete}
+    return DemoRun(run_dir, result, summaries)
+
+
+def run_demo(
+    out: Path, nproc: int, vdep_enabled: bool, seed: int, overrides: list[str] | None = None, regime: str = "demo"
+) -> int:
+    started = time.monotonic()
+    out = out.resolve()
+    paths = prepare_data(out / "data", seed)
+    if regime == "paper":
+        prepare_text_data(out / "data", seed)
+    run_name = REGIMES[regime][1] + ("vdep" if vdep_enabled else "no-vdep")
+    demo = train_and_evaluate(paths, out, run_name, nproc, seed, vdep_enabled, list(overrides or []), regime)
+    result, run_dir = demo.result, demo.run_dir
     elapsed = time.monotonic() - started
     print()
     print(f"held-out accuracy: {100 * result.accuracy:.1f}% (chance: {100 * chance_accuracy():.1f}%)")
     kinds = ", ".join(f"{k} {100 * c / n:.0f}%" for k, (c, n) in sorted(result.by_kind.items()))
     print(f"  by question ({result.total} questions): {kinds}")
-    for name, summary in summaries.items():
+    for name, summary in demo.summaries.items():
         final = summary["final"]
         if final:  # empty only for a stage resumed from its very last checkpoint
             print(f"final losses, {name}: text {final['loss/text']:.4f}, vdep {final['loss/vdep']:.4f} ({summary['steps']} steps)")
     print(f"VDEP: {'on' if vdep_enabled else 'off'}; answers in {run_dir / 'held_out_answers.json'}")
     print(f"TensorBoard logs: tensorboard --logdir {run_dir / 'tensorboard'}")
-    print(f"checkpoints: {run_dir}/{{{','.join(summaries)}}}/checkpoints, final weights in {run_dir}/*/final")
+    print(f"checkpoints: {run_dir}/{{{','.join(demo.summaries)}}}/checkpoints, final weights in {run_dir}/*/final")
     print(f"time: {elapsed / 60:.1f} min")
     return 0

@@ -95,21 +95,28 @@ def text_only_conversation(rng: random.Random) -> list[dict]:
     ]
 
 
-def scene_in_words(scene: Scene, rng: random.Random) -> str:
-    return rng.choice(CAPTIONS).format(**scene.__dict__).capitalize()
+def scene_in_words(scene: Scene) -> str:
+    return f"Scene: {scene.colour} {scene.shape}, {scene.position}."
 
 
 def text_corpus_conversation(rng: random.Random) -> list[dict]:
-    """A shapes question answered from a description in words: the text-only pretraining that gives the
-    tiny LLM the questions, answers and words of the image data before it sees an image."""
-    if rng.random() < 0.1:
+    """The image data's tasks, on a scene given in words instead of an image: captions (as align asks
+    for them) and questions (as finetune asks them), plus the arithmetic. The text-only pretraining that
+    gives the tiny LLM the words, the formats and the answers before it sees an image; align then has to
+    make the projector say to the frozen LLM what the words said."""
+    draw = rng.random()
+    if draw < 0.1:
         return text_only_conversation(rng)
     scene = random_scene(rng)
+    if draw < 0.4:
+        caption = rng.choice(CAPTIONS).format(**scene.__dict__)
+        prompt = ALIGN_PROMPT.replace("<image>", scene_in_words(scene))
+        return [{"from": "human", "value": prompt}, {"from": "gpt", "value": caption}]
     kinds = rng.sample(list(QUESTIONS), k=rng.randint(1, 3))
     conversation = []
     for turn, kind in enumerate(kinds):
         question = QUESTIONS[kind][0]
-        conversation.append({"from": "human", "value": f"{scene_in_words(scene, rng)}\n{question}" if turn == 0 else question})
+        conversation.append({"from": "human", "value": f"{scene_in_words(scene)}\n{question}" if turn == 0 else question})
         conversation.append({"from": "gpt", "value": scene.answer(kind)})
     return conversation
 
