@@ -162,7 +162,7 @@ def baseline_worker(spec: dict) -> None:
 
     run_dir = Path(spec["run_dir"])
     config = load_config(str(run_dir / "config.yaml"), [])
-    stage = getattr(config.stages, spec["stage"])
+    stage = config.stages[spec["stage"]]
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     base = RunDir(run_dir).base_paths(config.model)
     processing = load_image_processing(base, config.data.pad_to_square)

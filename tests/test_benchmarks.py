@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,19 @@ def test_the_training_throughput_benchmark_runs_in_lora_mode():
         "finetune, LoRA r=8, vdep, VDEP off, padded",
     ], "--lora")
     assert "| align" not in table
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
+def test_the_vdep_ablation_runs_in_smoke_mode(tmp_path):
+    """Two variants, two seeds (mean ± std), and a second call reuses every run. (The paper regime's three
+    stages run in tests/test_demo.py.)"""
+    options = ["--out", str(tmp_path), "--regimes", "demo", "--variants", "off,aux", "--seeds", "0,1", "--nproc", "1"]
+    table = smoke_table("benchmarks/vdep_ablation.py", [], *options)
+    rows = [line for line in table.splitlines() if line.startswith(("| demo |", "| paper |"))]
+    assert [row.split(" | ")[:3] for row in rows] == [["| demo", "off", "2"], ["| demo", "aux", "2"]], table
+    assert all(" ± " in row.split(" | ")[3] for row in rows), table
+    results = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(results) == 4 and all(0.0 <= r["accuracy"] <= 1.0 for r in results)
+    again = smoke_table("benchmarks/vdep_ablation.py", [], *options)
+    assert "[2/3] training" not in again and again.splitlines()[-2:] == table.splitlines()[-2:]

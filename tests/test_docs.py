@@ -39,12 +39,12 @@ def test_every_config_key_is_documented_under_its_full_path():
     where = {
         "model": table_rows(config_doc["`model`"]),
         "data": table_rows(config_doc["`data`"]),
-        "stages": table_rows(config_doc["`stages.align`, `stages.finetune`"]),
+        "stages": table_rows(config_doc["`stages.<name>`"]),
         "deepspeed": table_rows(config_doc["`deepspeed`"]),
         "run": table_rows(config_doc["`run`"]),
         "vdep": table_rows(doc_sections(ROOT / "docs" / "vdep.md")["Knobs"]),
     }
-    keys = dotted_keys(TrainConfig)
+    keys = dotted_keys(TrainConfig, names={"stages": ["align"]})  # every stage has the same keys
     leaves = [key for key in keys if not any(other.startswith(key + ".") for other in keys)]
     missing = []
     for key in leaves:

@@ -216,11 +216,11 @@ def test_the_lora_recipe_states_llavas_finetune_lora_numbers(tmp_path):
         f"model.vision_tower.path={tmp_path / 'clip'}", f"model.language_model.path={tmp_path / 'vicuna'}",
         f"stages.align.shards=[{tmp_path / 'align'}]", f"stages.finetune.shards=[{tmp_path / 'finetune'}]",
     ])
-    finetune = config.stages.finetune
+    finetune = config.stages["finetune"]
     assert finetune.lora == LoraConfig(r=128, alpha=256.0, dropout=0.05, target_modules=None, modules_to_save=[])
     assert (finetune.lr, finetune.projector_lr, finetune.global_batch_size, finetune.zero) == (2e-4, 2e-5, 128, "zero3")
     assert finetune.trainable == ["projector", "language_model"] and config.model.gradient_checkpointing
-    assert config.stages.align.lora is None and config.stages.align.lr == 1e-3
+    assert config.stages["align"].lora is None and config.stages["align"].lr == 1e-3
 
 
 def test_lora_without_peft_installed_says_what_to_install(monkeypatch, tiny_run, tokenizer):

@@ -1,6 +1,6 @@
 """The `vdep` command.
 
-    vdep train RECIPE.yaml [key=value ...]        # both stages, or stage=align|finetune
+    vdep train RECIPE.yaml [key=value ...]        # every stage in order, or stage=NAME
     vdep demo [--out DIR] [--nproc N] [--no-vdep]
     vdep build-shards INPUT... --image-root DIR --out DIR [--workers N] [--shuffle --seed S] [--resume] ...
     vdep inspect-shards DIR [--tokenizer PATH --template NAME]
@@ -29,7 +29,7 @@ examples:
   deepspeed --num_gpus 8 --module vdep train my-recipe.yaml
   vdep train my-recipe.yaml --print-config        # show the resolved config and exit
 
-RECIPE is a YAML file or the name of a shipped recipe (llava15-7b-vdep, demo-tiny).
+RECIPE is a YAML file or the name of a shipped recipe (llava15-7b-vdep, llava15-7b-vdep-lora, demo-tiny, demo-tiny-paper).
 Overrides use dotted keys of the config (docs/config.md); values are YAML (1e-3, true, [a, b]).
 """
 
@@ -38,6 +38,7 @@ examples:
   vdep demo                       # 2 CPU ranks under ZeRO-3, output in ./vdep-demo
   vdep demo --nproc 1 --out /tmp/demo
   vdep demo --no-vdep             # the same run without the VDEP objective, for comparison
+  vdep demo --regime paper        # text pretraining, then align with the LLM frozen (the paper's regime)
   vdep demo vdep.alpha=0.5 run.name=alpha05   # extra config overrides for the training run
 """
 
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     formatter = argparse.RawDescriptionHelpFormatter
 
-    train = commands.add_parser("train", help="train with a recipe (both stages, or one)", epilog=TRAIN_EXAMPLES, formatter_class=formatter)
+    train = commands.add_parser("train", help="train with a recipe (its stages in order, or stage=NAME)", epilog=TRAIN_EXAMPLES, formatter_class=formatter)
     train.add_argument("recipe", help="recipe YAML file or shipped recipe name")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nproc", type=int, default=2, help="number of CPU ranks (default: 2)")
     demo.add_argument("--no-vdep", action="store_true", help="train without the VDEP objective")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data and the run (default: 0)")
+    demo.add_argument("--regime", choices=("demo", "paper"), default="demo",
+                      help="demo: recipe demo-tiny; paper: demo-tiny-paper, the LLM pretrained on text, then frozen "
+                           "in align (default: demo)")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo-tiny recipe")
 
     build = commands.add_parser("build-shards", help="LLaVA JSON/JSONL + images → WebDataset shards", epilog=BUILD_EXAMPLES, formatter_class=formatter)
@@ -187,7 +191,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise VdepError("--nproc must be at least 1")
-    return run_demo(args.out, nproc=args.nproc, vdep_enabled=not args.no_vdep, seed=args.seed, overrides=args.overrides)
+    return run_demo(args.out, nproc=args.nproc, vdep_enabled=not args.no_vdep, seed=args.seed, overrides=args.overrides,
+                    regime=args.regime)
 
 
 def _build_shards(args: argparse.Namespace) -> int:

@@ -8,8 +8,10 @@ stage) are not defaults here: they live in the recipe YAML, the single place tha
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,7 +22,11 @@ from .data.remote import RemoteSettings, check_storage_options, is_remote
 from .errors import ConfigError
 from .structured import Source, closest_key, dotted_keys, set_dotted, structure, unstructure
 
-STAGE_NAMES: tuple[str, ...] = ("align", "finetune")
+# The LLaVA-1.5 recipe's two stages. A recipe may list any stages, in the order they run (docs/config.md).
+LLAVA_STAGES: tuple[str, ...] = ("align", "finetune")
+# A stage's folder sits beside these in the run directory (vdep/rundir.py); `all` means every stage.
+RESERVED_STAGE_NAMES: tuple[str, ...] = ("all", "base", "logs", "tensorboard", "tokenizer", "config", "validation")
+STAGE_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
 TRAINABLE_PARTS: tuple[str, ...] = ("projector", "language_model")
 RECIPES_DIR = Path(__file__).parent / "recipes"
 # Names users bring from the HF Trainer and LLaVA's scripts → ours (for "did you mean" hints).
@@ -185,6 +191,19 @@ class LoraConfig:
 
 # ---------------------------------------------------------------------------------------------- stages
 @dataclass
+class StageEvalConfig:
+    # Held-out data: a LLaVA-format JSON/JSONL file (made into shards once, in RUN_DIR/validation/<stage>)
+    # or a shard directory written by `vdep build-shards`.
+    data: str
+    # The folder a JSON/JSONL file's image paths are relative to.
+    image_root: str | None = None
+    # Validate every N optimizer steps, and at the stage's end (0: only at the end).
+    every: int = 0
+    # The first this many samples of the set (null: all of it).
+    max_samples: int | None = None
+
+
+@dataclass
 class StageConfig:
     """One training stage. Optimisation values have no defaults: the recipe states them."""
 
@@ -213,12 +232,8 @@ class StageConfig:
     vdep: VdepConfig = field(default_factory=VdepConfig)
     # Train the language model through LoRA adapters (null: in full, as `trainable` says).
     lora: LoraConfig | None = None
-
-
-@dataclass
-class StagesConfig:
-    align: StageConfig | None = None
-    finetune: StageConfig | None = None
+    # Held-out losses during the stage (null: none); vdep/train/validation.py.
+    eval: StageEvalConfig | None = None
 
 
 # ------------------------------------------------------------------------------------------ deepspeed
@@ -264,15 +279,25 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     # VDEP settings for every stage; `stages.<name>.vdep` overrides single keys for one stage.
     vdep: VdepConfig = field(default_factory=VdepConfig)
-    stages: StagesConfig = field(default_factory=StagesConfig)
+    # The stages, in the order they run (the YAML mapping's order); LLaVA-1.5's are align and finetune.
+    stages: dict[str, StageConfig] = field(default_factory=dict)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    # Which stages to run: both in order, or one.
-    stage: Literal["all", "align", "finetune"] = "all"
+    # Which stages to run: "all" (every stage, in order) or one stage's name.
+    stage: str = "all"
 
     def stages_to_run(self) -> list[tuple[str, StageConfig]]:
-        names = STAGE_NAMES if self.stage == "all" else (self.stage,)
-        return [(name, getattr(self.stages, name)) for name in names if getattr(self.stages, name) is not None]
+        names = list(self.stages) if self.stage == "all" else [self.stage]
+        return [(name, self.stages[name]) for name in names if name in self.stages]
+
+    def stages_before(self, name: str) -> list[str]:
+        """The stages that run before `name`, in order."""
+        names = list(self.stages)
+        return names[: names.index(name)]
+
+    @property
+    def last_stage(self) -> str:
+        return list(self.stages)[-1]
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -319,9 +344,12 @@ def load_config(recipe: str, overrides: list[str] | None = None, files: bool = T
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections (model, data, stages, ...)")
     source = Source(str(path))
-    valid = dotted_keys(TrainConfig)
+    stages = raw.get("stages")
+    valid = dotted_keys(TrainConfig, names={"stages": [str(name) for name in stages] if isinstance(stages, dict) else []})
     overrides = overrides or []
+    stage_names = [str(name) for name in stages] if isinstance(stages, dict) else []
     for item, (key, value) in zip(overrides, parse_overrides(overrides)):
+        _check_stage_in_override(key, item, stage_names)
         if key not in valid:
             suggestion = closest_key(key, valid, KEY_ALIASES)
             hint = f"; did you mean '{suggestion}'?" if suggestion else ""
@@ -334,6 +362,20 @@ def load_config(recipe: str, overrides: list[str] | None = None, files: bool = T
     if files:
         check_files(config, source)
     return config
+
+
+def _check_stage_in_override(key: str, item: str, stage_names: list[str]) -> None:
+    """An override under `stages.` names a stage the recipe defines (a typo would otherwise start a new one)."""
+    section, _, rest = key.partition(".")
+    name = rest.partition(".")[0]
+    if section != "stages" or not name or name in stage_names:
+        return
+    close = difflib.get_close_matches(name, stage_names, n=1)
+    hint = f"; did you mean '{key.replace(f'stages.{name}', f'stages.{close[0]}', 1)}'?" if close else ""
+    raise ConfigError(
+        f"unknown key '{key}' in the command-line override '{item}': the recipe has no stage '{name}' "
+        f"(its stages: {', '.join(stage_names) or 'none'}){hint}"
+    )
 
 
 def _merge_stage_vdep(raw: dict, source: Source) -> None:
@@ -403,11 +445,7 @@ def check_settings(config: TrainConfig, source: str | Source = "config") -> None
         )
     if config.run.stop_timeout_s <= 0:
         raise ConfigError(f"{source.where('run.stop_timeout_s')}: must be positive (seconds)")
-    if not config.stages_to_run():
-        raise ConfigError(
-            f"{source.where('stage')}: no stage to run: stage={config.stage} but 'stages.{config.stage}' is not defined"
-            if config.stage != "all" else f"{source}: 'stages' defines neither align nor finetune"
-        )
+    _check_stage_names(config, source)
     for name, stage in config.stages_to_run():
         _check_stage(name, stage, source)
     _check_lora_chain(config, source)
@@ -430,6 +468,8 @@ def check_files(config: TrainConfig, source: str | Source = "config") -> None:
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise ConfigError(f"{source.where('model.tokenizer')}: tokenizer folder {tokenizer} does not exist")
     for name, stage in config.stages_to_run():
+        if stage.eval is not None:
+            _check_stage_eval_files(stage.eval, f"stages.{name}.eval", source)
         for shard_dir in stage.shards:
             if not is_remote(shard_dir) and not Path(shard_dir).exists():
                 raise ConfigError(
@@ -505,6 +545,8 @@ def _check_stage(name: str, stage: StageConfig, source: Source) -> None:
         raise ConfigError(f"{source.where(f'{key}.grad_clip')}: must be 0 (off) or positive")
     if not stage.shards:
         raise ConfigError(f"{source.where(f'{key}.shards')}: list at least one shard directory")
+    if stage.eval is not None:
+        _check_stage_eval(stage.eval, f"{key}.eval", source)
     vdep = stage.vdep
     if vdep.alpha < 0:
         raise ConfigError(f"{source.where(f'{key}.vdep.alpha')}: must be 0 or more, got {vdep.alpha}")
@@ -538,16 +580,59 @@ def _check_lora(key: str, lora: LoraConfig, trainable: list[str], source: Source
         raise ConfigError(f"{source.where(f'{key}.lora.modules_to_save')}: empty module name")
 
 
+def _check_stage_eval(settings: StageEvalConfig, key: str, source: Source) -> None:
+    if settings.every < 0:
+        raise ConfigError(f"{source.where(f'{key}.every')}: validate every N steps (0: only at the stage's end), got {settings.every}")
+    if settings.max_samples is not None and settings.max_samples < 1:
+        raise ConfigError(f"{source.where(f'{key}.max_samples')}: must be positive or null (all of the set)")
+
+
+def validation_source_is_file(settings: StageEvalConfig) -> bool:
+    """Whether `eval.data` names a LLaVA JSON/JSONL file (else a shard directory)."""
+    return Path(settings.data).suffix in (".json", ".jsonl")
+
+
+def _check_stage_eval_files(settings: StageEvalConfig, key: str, source: Source) -> None:
+    data = Path(settings.data)
+    if is_remote(settings.data):
+        raise ConfigError(f"{source.where(f'{key}.data')}: validation data must be local (a file or a shard directory)")
+    if not data.exists():
+        raise ConfigError(f"{source.where(f'{key}.data')}: {data} does not exist")
+    if validation_source_is_file(settings):
+        if settings.image_root is None or not Path(settings.image_root).is_dir():
+            raise ConfigError(
+                f"{source.where(f'{key}.image_root')}: {data} is a LLaVA file; set {key}.image_root to the folder "
+                f"its image paths are relative to (now {settings.image_root!r})"
+            )
+    elif not data.is_dir():
+        raise ConfigError(f"{source.where(f'{key}.data')}: {data} is neither a .json/.jsonl file nor a shard directory")
+
+
+def _check_stage_names(config: TrainConfig, source: Source) -> None:
+    """Stage names are folder names in the run directory and keys in overrides: short, lower-case."""
+    if not config.stages:
+        raise ConfigError(f"{source.where('stages')}: no stage is defined (LLaVA-1.5's recipe has align and finetune)")
+    for name in config.stages:
+        if not STAGE_NAME_PATTERN.fullmatch(name) or name in RESERVED_STAGE_NAMES:
+            raise ConfigError(
+                f"{source.where(f'stages.{name}')}: {name!r} cannot name a stage; use lower-case letters, digits and "
+                f"'_', starting with a letter (up to 64), and none of {', '.join(RESERVED_STAGE_NAMES)}"
+            )
+    if config.stage != "all" and config.stage not in config.stages:
+        raise ConfigError(
+            f"{source.where('stage')}: no stage named {config.stage!r}; this recipe's stages are "
+            f"{', '.join(config.stages)} (or stage=all)"
+        )
+
+
 def _check_lora_chain(config: TrainConfig, source: Source) -> None:
     """A stage cannot start from a LoRA stage's result in this run (vdep/model/lora.py: adapters are
     added on top of a stage's starting weights, never loaded as them)."""
-    for index, name in enumerate(STAGE_NAMES):
-        stage = getattr(config.stages, name)
-        if stage is None or stage.init_from != "previous":
+    for name, stage in config.stages.items():
+        if stage.init_from != "previous":
             continue
-        for earlier in STAGE_NAMES[:index]:
-            settings = getattr(config.stages, earlier)
-            if settings is not None and settings.lora is not None:
+        for earlier in config.stages_before(name):
+            if config.stages[earlier].lora is not None:
                 raise ConfigError(
                     f"{source.where(f'stages.{name}.init_from')}: 'previous' starts {name} from the {earlier} stage's "
                     f"result, which holds LoRA adapters (stages.{earlier}.lora); vdep cannot start a stage from "
@@ -577,7 +662,7 @@ def stage_fingerprint(config: TrainConfig, stage: str) -> str:
     """A short hash of what decides a stage's model shape and data (the model, the stage's shards and
     template), recorded in its checkpoints: a checkpoint is resumed only into the same. It depends on
     that stage alone, so running another subset of the stages (`stage=`) keeps it."""
-    settings = getattr(config.stages, stage)
+    settings = config.stages[stage]
     material = {"model": unstructure(config.model), "shards": settings.shards, "template": settings.template}
     if settings.lora is not None:  # the adapters are part of the model's shape (absent: fingerprints as before)
         material["lora"] = unstructure(settings.lora)

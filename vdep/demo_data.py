@@ -3,8 +3,9 @@
 Each image shows one coloured shape in one quadrant of a noisy background, at a random size and
 aspect ratio (so LLaVA's pad-to-square matters). Captions describe it; questions ask for its colour,
 shape or position, which only the image can answer. Text-only arithmetic conversations are mixed into
-the instruction data so the text-only path is exercised as well. Everything is a pure function of the
-seed.
+the instruction data so the text-only path is exercised as well. A text corpus (write_text_corpus) asks
+the same questions of scenes described in words, for the recipe whose LLM is pretrained on text first.
+Everything is a pure function of the seed.
 """
 
 from __future__ import annotations
@@ -92,6 +93,43 @@ def text_only_conversation(rng: random.Random) -> list[dict]:
         {"from": "human", "value": f"What is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]}?"},
         {"from": "gpt", "value": NUMBER_WORDS[a + b]},
     ]
+
+
+def scene_in_words(scene: Scene) -> str:
+    return f"Scene: {scene.colour} {scene.shape}, {scene.position}."
+
+
+def text_corpus_conversation(rng: random.Random) -> list[dict]:
+    """The image data's tasks, on a scene given in words instead of an image: captions (as align asks
+    for them) and questions (as finetune asks them), plus the arithmetic. The text-only pretraining that
+    gives the tiny LLM the words, the formats and the answers before it sees an image; align then has to
+    make the projector say to the frozen LLM what the words said."""
+    draw = rng.random()
+    if draw < 0.1:
+        return text_only_conversation(rng)
+    scene = random_scene(rng)
+    if draw < 0.4:
+        caption = rng.choice(CAPTIONS).format(**scene.__dict__)
+        prompt = ALIGN_PROMPT.replace("<image>", scene_in_words(scene))
+        return [{"from": "human", "value": prompt}, {"from": "gpt", "value": caption}]
+    kinds = rng.sample(list(QUESTIONS), k=rng.randint(1, 3))
+    conversation = []
+    for turn, kind in enumerate(kinds):
+        question = QUESTIONS[kind][0]
+        conversation.append({"from": "human", "value": f"{scene_in_words(scene)}\n{question}" if turn == 0 else question})
+        conversation.append({"from": "gpt", "value": scene.answer(kind)})
+    return conversation
+
+
+def write_text_corpus(out: Path, seed: int, count: int) -> Path:
+    """text.json: `count` text-only conversations (no image), from a generator of its own, so the image
+    data of the same seed stays what write_demo_data makes."""
+    rng = random.Random(seed + 2_000_003)
+    records = [{"id": f"text-corpus-{index}", "conversations": text_corpus_conversation(rng)} for index in range(count)]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "text.json"
+    path.write_text(json.dumps(records, indent=0))
+    return path
 
 
 def write_demo_data(out: Path, seed: int, num_align: int, num_finetune: int, num_eval: int) -> dict[str, Path]:

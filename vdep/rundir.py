@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import STAGE_NAMES, ModelConfig, TrainConfig
+from .config import ModelConfig, TrainConfig
 from .errors import CheckpointError
 from .structured import structure
 
@@ -161,12 +161,10 @@ def stage_weights(run: RunDir, config: TrainConfig, name: str, *, final: bool = 
     this run, each of which must be complete; `none` is nothing; a path names one stage result: its
     folder, its final/ folder or the file itself), then, with `final`, the stage's own final weights.
     """
-    stage = getattr(config.stages, name)
+    stage = config.stages[name]
     files: list[Path] = []
     if stage.init_from == "previous":
-        for earlier in STAGE_NAMES[: STAGE_NAMES.index(name)]:
-            if getattr(config.stages, earlier) is None:
-                continue
+        for earlier in config.stages_before(name):
             earlier_dir = run.stage(earlier)
             if not earlier_dir.is_complete:
                 raise CheckpointError(
@@ -193,5 +191,5 @@ def _stage_result(path: Path, where: str) -> Path:
 
 def last_complete_stage(run: RunDir, config: TrainConfig) -> str | None:
     """The last stage, in recipe order, whose final weights exist: the model the run directory stands for."""
-    complete = [name for name in STAGE_NAMES if getattr(config.stages, name) is not None and run.stage(name).is_complete]
+    complete = [name for name in config.stages if run.stage(name).is_complete]
     return complete[-1] if complete else None

@@ -75,11 +75,17 @@ def unstructure(obj: Any) -> Any:
         return {f.name: unstructure(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [unstructure(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: unstructure(v) for k, v in obj.items()}
     return obj
 
 
-def dotted_keys(cls: type, prefix: str = "") -> list[str]:
-    """Every valid dotted key of dataclass `cls`."""
+def dotted_keys(cls: type, prefix: str = "", names: dict[str, list[str]] | None = None) -> list[str]:
+    """Every valid dotted key of dataclass `cls`.
+
+    A named mapping of dataclasses (`stages: dict[str, StageConfig]`) has no fixed keys: `names` gives
+    the entries it has (`{"stages": ["align", "finetune"]}`), each expanded like a field.
+    """
     keys: list[str] = []
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -87,7 +93,12 @@ def dotted_keys(cls: type, prefix: str = "") -> list[str]:
         keys.append(full)
         inner = _dataclass_in(hints[f.name])
         if inner is not None:
-            keys.extend(dotted_keys(inner, full + "."))
+            keys.extend(dotted_keys(inner, full + ".", names))
+        entry = _named_mapping_of(hints[f.name])
+        if entry is not None:
+            for name in (names or {}).get(full, []):
+                keys.append(f"{full}.{name}")
+                keys.extend(dotted_keys(entry, f"{full}.{name}.", names))
     return keys
 
 
@@ -161,6 +172,14 @@ def _dataclass_in(tp: Any) -> type | None:
     return None
 
 
+def _named_mapping_of(tp: Any) -> type | None:
+    """X for a `dict[str, X]` or `dict[str, X | None]` field whose entries are dataclasses."""
+    if get_origin(tp) is not dict:
+        return None
+    key_type, value_type = get_args(tp)
+    return _dataclass_in(value_type) if key_type is str else None
+
+
 def _is_union(tp: Any) -> bool:
     return get_origin(tp) in (Union, types.UnionType)
 
@@ -202,6 +221,8 @@ class _Converter:
             if not isinstance(value, list):
                 raise ConfigError(f"{self.where(key)}: expected {_describe(tp)}, got {value!r}")
             return [self.convert(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        if _named_mapping_of(tp) is not None:
+            return self.convert_named_mapping(tp, value, key)
         if origin is dict or tp is dict:  # free-form options passed on to a library (e.g. fsspec's)
             if value is None:
                 return {}
@@ -235,6 +256,18 @@ class _Converter:
             elif f.default is _MISSING and f.default_factory is _MISSING:  # type: ignore[misc]
                 raise ConfigError(f"missing required key {self.where(prefix + name)} ({_describe(hints[name])})")
         return cls(**kwargs)
+
+    def convert_named_mapping(self, tp: Any, value: Any, key: str) -> dict:
+        """Entries in the order given (YAML mappings keep it); a null entry is dropped, so an override
+        `stages.finetune=null` removes that stage."""
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{self.where(key)}: expected a mapping of names to sections, got {value!r}")
+        _, value_type = get_args(tp)
+        return {
+            name: self.convert(value_type, entry, f"{key}.{name}") for name, entry in value.items() if entry is not None
+        }
 
     def convert_union(self, tp: Any, value: Any, key: str) -> Any:
         args = get_args(tp)

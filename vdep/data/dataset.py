@@ -105,6 +105,9 @@ class Batching:
     group_by_modality_length: bool = False
     group_window: int = 1  # micro-batches per grouping window
     image_fraction: float = 0.5  # of the stage's samples (grouping sets each window's modality quotas from it)
+    # Give out the stream's last samples as one smaller micro-batch (validation reads every sample; training
+    # steps take full micro-batches only).
+    keep_partial: bool = False
 
     @property
     def window_batches(self) -> int:
@@ -393,6 +396,8 @@ class ShardStream(IterableDataset):
         # micro-batches as the window holds, grouped by modality and length among themselves.
         pool = sorted((item for p in pools.values() for item in p), key=lambda item: item[0])
         count = min(len(pool) // size, batching.window_batches) * size
+        if count == 0 and batching.keep_partial:
+            count = len(pool)
         if count == 0:
             return [], pool, read
         taken = sorted(pool[:count], key=lambda item: (item[1].pixel_values is None, -len(item[1].input_ids), item[0]))

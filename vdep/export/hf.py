@@ -24,7 +24,6 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 
 from .. import __version__
 from ..atomic import atomic_folder
-from ..config import STAGE_NAMES
 from ..data.images import ImageProcessing
 from ..data.shards import SIZES_FILE
 from ..data.templates import make_template
@@ -71,9 +70,8 @@ def exported_template(source: ExportSource) -> str:
     the `stage=` of the last `vdep train`, so that the export does not depend on how the run was invoked.
     """
     if source.stages:
-        return getattr(source.config.stages, source.stages[-1]).template
-    defined = [name for name in STAGE_NAMES if getattr(source.config.stages, name) is not None]
-    return getattr(source.config.stages, defined[-1]).template
+        return source.config.stages[source.stages[-1]].template
+    return source.config.stages[source.config.last_stage].template
 
 
 def image_processor_for(processing: ImageProcessing) -> LlavaImageProcessorPil:
@@ -192,10 +190,7 @@ def model_card(source: ExportSource, template: str, dtype: str) -> str:
         "| stage | template | trainable | LR | global batch | steps | final text loss | final VDEP loss | samples in shards |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name in STAGE_NAMES:
-        stage = getattr(config.stages, name)
-        if stage is None:
-            continue
+    for name, stage in config.stages.items():
         stage_dir = RunDir(source.run_dir).stage(name)
         summary = stage_dir.read_summary() if stage_dir.summary_file.is_file() else {}
         final = summary.get("final", {})
@@ -211,7 +206,7 @@ def model_card(source: ExportSource, template: str, dtype: str) -> str:
             f"{final.get('loss/vdep', float('nan')):.4f} | {samples or '–'} |"
         )
     lines += ["", "VDEP settings per stage:", "", "```json"]
-    vdep = {name: unstructure(getattr(config.stages, name).vdep) for name in STAGE_NAMES if getattr(config.stages, name)}
+    vdep = {name: unstructure(stage.vdep) for name, stage in config.stages.items()}
     lines += [json.dumps(vdep, indent=1), "```", ""]
     return "\n".join(lines)
 
@@ -254,7 +249,7 @@ def export_hf(checkpoint: Path, out: Path, dtype: str = "bf16", max_shard_size: 
 def write_stage_adapter(model: VdepLlava, source: ExportSource, config, folder: Path, dtype: torch.dtype) -> None:
     """The PEFT adapter folder, and a section of the model card that says how to load it."""
     name = source.stages[-1]
-    stage = getattr(source.config.stages, name)
+    stage = source.config.stages[name]
     saved = saved_modules(model, stage.lora, "projector" in stage.trainable, f"stages.{name}.lora")
     write_adapter(model, stage.lora, config, saved, folder, dtype)
     card = folder.parent / "README.md"

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..config import STAGE_NAMES, LoraConfig, TrainConfig
+from ..config import LoraConfig, TrainConfig
 from ..errors import CheckpointError
 from ..rundir import FINAL_WEIGHTS, LATEST, RunDir, latest_tag, stage_weights, tag_step
 
@@ -106,7 +106,7 @@ def _zero_checkpoint(path: Path) -> tuple[Path, str] | None:
 def _from_stage(run: RunDir, config: TrainConfig, name: str, zero: tuple[Path, str] | None) -> ExportSource:
     """Stage `name`'s final weights (zero=None), or one of its DeepSpeed checkpoints on top of what the
     stage started from."""
-    source = ExportSource(run.path, config, lora=getattr(config.stages, name).lora)
+    source = ExportSource(run.path, config, lora=config.stages[name].lora)
     for path in stage_weights(run, config, name, final=zero is None):
         source.layers.append(SafetensorsLayer(path))
         source.stages.append(path.parent.parent.name)
@@ -120,9 +120,7 @@ def _from_stage(run: RunDir, config: TrainConfig, name: str, zero: tuple[Path, s
 def _from_run(run: RunDir, config: TrainConfig) -> ExportSource:
     """A run directory's newest result: its last complete stage, or a later stage's latest checkpoint."""
     source = ExportSource(run.path, config)  # no stage trained yet: the base weights
-    for name in STAGE_NAMES:
-        if getattr(config.stages, name) is None:
-            continue
+    for name in config.stages:
         stage_dir = run.stage(name)
         if stage_dir.is_complete:
             source = _from_stage(run, config, name, None)
@@ -143,8 +141,8 @@ def resolve_source(path: Path) -> ExportSource:
     if path == run.path:
         return _from_run(run, config)
     stage_path = next((folder for folder in (path, *path.parents) if folder.parent == run.path), None)
-    if stage_path is None or stage_path.name not in STAGE_NAMES:
-        raise CheckpointError(f"{path} is not inside a stage folder ({', '.join(STAGE_NAMES)}) of {run.path}")
+    if stage_path is None or stage_path.name not in config.stages:
+        raise CheckpointError(f"{path} is not inside a stage folder ({', '.join(config.stages)}) of {run.path}")
     zero = _zero_checkpoint(path) if path.is_dir() else None
     if zero is None and not run.stage(stage_path.name).is_complete:
         raise CheckpointError(

@@ -119,6 +119,21 @@ class StageMetrics:
         else:
             log.info("%s step %d/%d | %s | eta %s", self.stage, step, self.total_steps, self._short(scalars), self._eta(step))
 
+    def log_validation(self, step: int, scalars: dict[str, float]) -> None:
+        """A validation record of its own at `step` (not twice: a stage restored at its end validates again)."""
+        if not self.enabled:
+            return
+        lines = self.jsonl.read_text().splitlines() if self.jsonl.is_file() else []
+        if any(json.loads(line)["step"] == step and set(scalars) <= json.loads(line).keys() for line in lines if line):
+            return
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)  # type: ignore[union-attr]
+        self.writer.flush()  # type: ignore[union-attr]
+        with self.jsonl.open("a") as out:
+            out.write(json.dumps({"step": step, **scalars}) + "\n")
+        log.info("%s step %d/%d | validation: " + ", ".join(f"{k.removeprefix('val/')} %.4g" for k in scalars),
+                 self.stage, step, self.total_steps, *scalars.values())
+
     def _short(self, s: dict[str, float]) -> str:
         parts = [f"loss {s['loss/total']:.4f} (text {s['loss/text']:.4f}, vdep {s['loss/vdep']:.4f})"]
         if "grad_norm" in s:

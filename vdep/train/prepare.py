@@ -15,6 +15,7 @@ from ..log import get_logger
 from ..model.tokenizer import load_tokenizer, prepare_tokenizer
 from ..rundir import RunDir
 from .base_weights import materialize_base
+from .validation import prepare_validation_shards
 
 log = get_logger("run")
 
@@ -25,6 +26,7 @@ log = get_logger("run")
 CHANGEABLE_ON_RESUME = (
     "stages.*.save_every", "run.log_every", "run.keep_last", "run.resume", "run.stop_timeout_s",
     "run.max_nonfinite_steps", "run.max_missing_fraction", "deepspeed.timeout_minutes", "stage",
+    "stages.*.eval", "stages.*.eval.*",
 )
 
 
@@ -48,6 +50,9 @@ def check_resume_changes(run: RunDir, config: TrainConfig) -> None:
         settings.pop("name", None)
         settings.pop("output_dir", None)
     changes = config_changes(old, new)
+    old_order, new_order = list(old.get("stages") or {}), list(new.get("stages") or {})
+    if set(old_order) == set(new_order) and old_order != new_order:  # the order decides what `previous` means
+        changes.append(("stages (their order)", old_order, new_order))
     refused = [c for c in changes if not any(fnmatch.fnmatchcase(c[0], pattern) for pattern in CHANGEABLE_ON_RESUME)]
     if refused:
         raise CheckpointError(
@@ -62,7 +67,7 @@ def check_resume_changes(run: RunDir, config: TrainConfig) -> None:
 
 def has_results(run: RunDir, config: TrainConfig) -> bool:
     """Whether any stage of the recipe has a checkpoint or final weights in the run directory."""
-    stages = [run.stage(name) for name, settings in vars(config.stages).items() if settings is not None]
+    stages = [run.stage(name) for name in config.stages]
     return any(stage.is_complete or stage.latest_checkpoint() is not None for stage in stages)
 
 
@@ -90,3 +95,4 @@ def prepare_run_dir(config: TrainConfig, run: RunDir) -> None:
         with atomic_folder(run.tokenizer) as folder:
             tokenizer.save_pretrained(str(folder))
     materialize_base(config.model, load_tokenizer(run.tokenizer), run.base_paths(config.model))
+    prepare_validation_shards(config, run)

@@ -159,7 +159,10 @@ def build_stage_model(ctx: RunContext, name: str, stage: StageConfig, spec: Mult
     return model
 
 
-def make_loader(ctx: RunContext, stage: StageConfig, spec: MultimodalSpec, grad_accum_steps: int) -> StageLoader:
+def make_loader(ctx: RunContext, stage: StageConfig, spec: MultimodalSpec, grad_accum_steps: int,
+                shards: list[str] | None = None, validation: bool = False) -> StageLoader:
+    """The stage's training loader; with `validation`, one over `shards` that reads every sample once, in
+    order, one consumer per rank (validation.py)."""
     template = make_template(stage.template, ctx.tokenizer)
     encoder = TemplateTokenizer(ctx.tokenizer, spec.image_token_id, spec.num_image_tokens)
     check_template_tokenizer(template, encoder)
@@ -169,7 +172,7 @@ def make_loader(ctx: RunContext, stage: StageConfig, spec: MultimodalSpec, grad_
             f"data.max_length={data.max_length} leaves no room for text after {spec.num_image_tokens} image tokens"
         )
     remote = data.remote
-    shards = discover_shards(stage.shards, remote)
+    found = discover_shards(shards or stage.shards, remote)
     batching = Batching(
         micro_batch_size=stage.micro_batch_size,
         pad_token_id=ctx.tokenizer.pad_token_id,
@@ -177,21 +180,22 @@ def make_loader(ctx: RunContext, stage: StageConfig, spec: MultimodalSpec, grad_
         pixel_table=ctx.image_processing.normalisation_table(),
         packing=data.packing,
         pack_capacity=data.max_length,
-        group_by_modality_length=data.group_by_modality_length,
+        group_by_modality_length=data.group_by_modality_length and not validation,
         group_window=data.group_window,
-        image_fraction=image_fraction(shards, remote) if data.group_by_modality_length else 0.5,
+        image_fraction=image_fraction(found, remote) if data.group_by_modality_length and not validation else 0.5,
+        keep_partial=validation,
     )
     return StageLoader.create(
-        shards,
+        found,
         SamplePreprocessor(template, encoder, ctx.image_processing, data.max_length),
         batching,
         rank=ctx.launch.rank,
         world_size=ctx.launch.world_size,
-        num_workers=data.num_workers,
+        num_workers=0 if validation else data.num_workers,
         grad_accum_steps=grad_accum_steps,
         seed=ctx.config.run.seed,
-        split=data.split,
-        shuffle_buffer=data.shuffle_buffer,
+        split="samples" if validation else data.split,
+        shuffle_buffer=0 if validation else data.shuffle_buffer,
         remote=remote,
         pin_memory=ctx.device.type == "cuda",
     )

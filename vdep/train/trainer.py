@@ -5,6 +5,7 @@ the train state, the metrics and the stop request, and runs the loop:
     while the stage is not done:       (StageLength: max_steps, or epochs of data)
         step()                         one optimizer step over the global batch (or the epoch's end)
         log()                          every run.log_every steps
+        validate()                     held-out losses every eval.every steps (validation.py)
         checkpoint_if_due()            periodic save; stop after too many non-finite steps or on a signal
     finish()                           the last checkpoint, the final weights and the summary
 
@@ -41,6 +42,7 @@ from .global_batch import StepPlan, plan_step
 from .metrics import IntervalStats, SkipReport, StageMetrics, peak_flops
 from .sample_log import SampleLog
 from .setup import DTYPES, RunContext, StageParts, build_stage
+from .validation import Validator, build_validator
 
 log = get_logger("train")
 
@@ -67,10 +69,14 @@ class StageTrainer:
         self.missing = 0  # samples missing from short shards, all ranks, as of the last log line or epoch end
         self.last_scalars: dict[str, float] = {}
         self.sample_log = SampleLog.from_env(ctx.launch.rank)
+        self.validator: Validator | None = None
+        self.validated_step: int | None = None
 
     @classmethod
     def build(cls, ctx: RunContext, name: str, stage: StageConfig) -> StageTrainer:
-        return cls(ctx, name, stage, build_stage(ctx, name, stage))
+        trainer = cls(ctx, name, stage, build_stage(ctx, name, stage))
+        trainer.validator = build_validator(ctx, name, stage, trainer.parts.objective)
+        return trainer
 
     # ------------------------------------------------------------------------------------- the loop
     def train(self) -> dict:
@@ -82,9 +88,11 @@ class StageTrainer:
             while not self.done:
                 if self.step():
                     self.log(force=self.done)
+                    self.validate(due_only=not self.done)
                     self.checkpoint_if_due()
             if self.interval.steps:  # the data ended between two log lines
                 self.log(force=True)
+            self.validate()  # the stage's end (nothing if just done; a stage restored at its end does it here)
         finally:
             self.metrics.close()
         return self.finish()
@@ -219,6 +227,16 @@ class StageTrainer:
         self.metrics.log(self.state.step, scalars)  # type: ignore[union-attr]
         self.last_scalars = scalars
         self.interval = IntervalStats(self.ctx.device)
+
+    def validate(self, due_only: bool = False) -> None:
+        """Collective: the held-out losses, when `eval.every` says so (or always), once per step."""
+        if self.validator is None or (due_only and not self.validator.due(self.state.step)):
+            return
+        if self.validated_step == self.state.step:
+            return
+        result = self.validator.run(self.engine, self.ctx.device, DTYPES[self.ctx.precision])
+        self.validated_step = self.state.step
+        self.metrics.log_validation(self.state.step, result.scalars())  # type: ignore[union-attr]
 
     # -------------------------------------------------------------------------------- checkpoints
     def save(self) -> None:
