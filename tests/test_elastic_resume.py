@@ -107,7 +107,7 @@ def test_a_global_batch_that_does_not_split_over_the_new_ranks_is_refused(small_
     (checkpoints / "step_00000004").mkdir(parents=True)
     (checkpoints / "latest").write_text("step_00000004")
     (checkpoints / "step_00000004" / "vdep_rank00000.json").write_text(json.dumps({"train": {"world_size": 2}}))
-    stage = config.stages.finetune
+    stage = config.stages["finetune"]
     assert find_elastic_resume(checkpoints, "finetune", stage, 2) is None  # the same ranks: the usual restore
     assert find_elastic_resume(checkpoints, "finetune", stage, 3).old_grad_accum == 3
     with pytest.raises(CheckpointError) as refused:
