@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
+from .config import STAGE_NAMES, TrainConfig
 from .data.conversation import Turn, parse_conversation
 from .data.images import ImageProcessing, decode_image, preprocess_image
 from .data.templates import ConversationTemplate, TemplateTokenizer, make_template
@@ -33,26 +33,54 @@ class TrainedModel:
     spec: MultimodalSpec
     image_processing: ImageProcessing
     config: TrainConfig
-    stage: str  # the stage whose model this is
+    stage: str | None  # the stage whose model this is (None: the base weights)
     weights: list[Path]  # loaded on top of the base weights, in order
 
+    @property
+    def template(self) -> str:
+        """The stage's conversation template; for the base weights the recipe's last stage's, as in export."""
+        if self.stage is not None:
+            return getattr(self.config.stages, self.stage).template
+        defined = [name for name in STAGE_NAMES if getattr(self.config.stages, name) is not None]
+        return getattr(self.config.stages, defined[-1]).template
 
-def load_trained_model(run_dir: Path, device: torch.device | None = None) -> TrainedModel:
-    """The model of a run directory's last complete stage: the same files the exporter reads
-    (`rundir.stage_weights`), so evaluating a run and evaluating its export see one model."""
-    run = RunDir(run_dir)
+
+def resolve_stage(path: Path) -> tuple[RunDir, TrainConfig, str | None]:
+    """The run directory `path` is or lies in, and the stage whose model it stands for: a stage folder
+    (or anything inside it) names its stage; a run directory its last complete stage, or None when no
+    stage is trained yet (the base weights: tiny random towers, or an imported Llava folder)."""
+    path = path.resolve()
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    run = RunDir.containing(path)
     config = run.read_config()
-    stage = last_complete_stage(run, config)
-    if stage is None:
-        raise CheckpointError(f"{run_dir} has no completed stage (no */final/{FINAL_WEIGHTS})")
+    if path == run.path:
+        return run, config, last_complete_stage(run, config)
+    stage = next((folder.name for folder in (path, *path.parents) if folder.parent == run.path), None)
+    if stage not in STAGE_NAMES or getattr(config.stages, stage) is None:
+        raise CheckpointError(f"{path} is not inside a stage folder ({', '.join(STAGE_NAMES)}) of {run.path}")
+    return run, config, stage
+
+
+def load_trained_model(path: Path, device: torch.device | None = None, *, allow_base: bool = False,
+                       attention: str = "sdpa") -> TrainedModel:
+    """The model of a run directory's last complete stage, or of the stage folder `path` names: the same
+    files the exporter reads (`rundir.stage_weights`), so evaluating a run and evaluating its export see
+    one model. With `allow_base`, a run with no trained stage gives its base weights (in the chat format
+    of the recipe's last stage, as its export does). `attention`: the LLM's attn_implementation (`eager` returns
+    attention weights, for `vdep attention-map`)."""
+    run, config, stage = resolve_stage(path)
+    if stage is None and not allow_base:
+        raise CheckpointError(f"{path} has no completed stage (no */final/{FINAL_WEIGHTS})")
     tokenizer = load_tokenizer(run.tokenizer)
     base = run.base_paths(config.model)
     spec = model_spec(config.model, base, tokenizer)
-    lora = getattr(config.stages, stage).lora
-    model = build_model(config.model, spec, tokenizer, base, AttentionChoice("sdpa", "evaluation"), torch.float32,
+    lora = getattr(config.stages, stage).lora if stage is not None else None
+    model = build_model(config.model, spec, tokenizer, base, AttentionChoice(attention, "evaluation"), torch.float32,
                         lora=lora)
-    weights = stage_weights(run, config, stage)
-    load_stage_weights(model, weights, lora, config.model.init_seed, f"stages.{stage}.lora")
+    weights = stage_weights(run, config, stage) if stage is not None else []
+    if weights:
+        load_stage_weights(model, weights, lora, config.model.init_seed, f"stages.{stage}.lora")
     model.to(device or torch.device("cpu")).eval()
     image_processing = load_image_processing(base, config.data.pad_to_square)
     return TrainedModel(model, tokenizer, spec, image_processing, config, stage, weights)
