@@ -168,9 +168,9 @@ def test_lmms_eval_gives_the_answers_vdep_eval_gives(exported, small_data, tmp_p
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, check=False)
     samples = sorted((tmp_path / "out").rglob("*vdep_check*.jsonl"))
     assert samples, f"lmms-eval wrote no samples (it exits 0 on failure): {result.stderr[-3000:]}"
-    logged = [json.loads(line) for line in samples[0].read_text().splitlines()]
-    theirs = {str(row["doc"]["id"]): row["filtered_resps"][0] for row in logged}
-    theirs = {key: value[0] if isinstance(value, list) else value for key, value in theirs.items()}
-    assert {answer["id"]: answer["answer"] for answer in ours.answers} == {k: v.strip() for k, v in theirs.items()}
+    logged = sorted((json.loads(line) for line in samples[0].read_text().splitlines()), key=lambda row: row["doc_id"])
+    theirs = [row["filtered_resps"][0] if isinstance(row["filtered_resps"], list) else row["filtered_resps"]
+              for row in logged]
+    assert [answer["answer"] for answer in ours.answers] == [answer.strip() for answer in theirs]
     scored = json.loads(next((tmp_path / "out").rglob("*_results.json")).read_text())
     assert scored["results"]["vdep_check"]["exact_match,none"] == pytest.approx(ours.accuracy)
