@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from ..errors import CheckpointError
 from ..model.generate import greedy_generate, until_stop
 from .questions import Question
 
+if TYPE_CHECKING:
+    from ..evaluate import TrainedModel
+
 
 @dataclass(frozen=True)
 class Prepared:
@@ -31,17 +35,22 @@ class Prepared:
 
 
 class VdepAnswerer:
-    def __init__(self, path: Path, device: torch.device, max_new_tokens: int):
+    def __init__(self, trained: TrainedModel, max_new_tokens: int, template: str | None = None,
+                 description: str = "vdep model"):
+        self.trained = trained
+        self.device = next(trained.model.parameters()).device
+        self.max_new_tokens = max_new_tokens
+        self.template = make_template(template or trained.template, trained.tokenizer)
+        self.encoder = TemplateTokenizer(trained.tokenizer, trained.spec.image_token_id, trained.spec.num_image_tokens)
+        self.description = description
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device, max_new_tokens: int) -> VdepAnswerer:
         from ..evaluate import load_trained_model
 
-        self.trained = load_trained_model(path, device, allow_base=True)
-        self.device = device
-        self.max_new_tokens = max_new_tokens
-        trained = self.trained
-        self.template = make_template(trained.template, trained.tokenizer)
-        self.encoder = TemplateTokenizer(trained.tokenizer, trained.spec.image_token_id, trained.spec.num_image_tokens)
+        trained = load_trained_model(path, device, allow_base=True)
         stage = f"stage {trained.stage}" if trained.stage else "base weights (no stage trained)"
-        self.description = f"vdep model of {path} ({stage}, template {trained.template})"
+        return cls(trained, max_new_tokens, description=f"vdep model of {path} ({stage}, template {trained.template})")
 
     def answer(self, batch: list[Prepared]) -> list[str]:
         trained, template = self.trained, self.template
@@ -115,7 +124,7 @@ def make_answerer(path: Path, device: torch.device, max_new_tokens: int) -> Vdep
         raise CheckpointError(f"--model {path} does not exist")
     if is_hf_folder(path):
         return HFAnswerer(path, device, max_new_tokens)
-    return VdepAnswerer(path, device, max_new_tokens)
+    return VdepAnswerer.load(path, device, max_new_tokens)
 
 
 def prepare(question: Question) -> Prepared:

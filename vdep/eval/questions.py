@@ -72,6 +72,14 @@ def load_questions(data: Path, image_root: Path | None) -> QuestionSet:
     return questions
 
 
+def questions_from_records(records: list, image_root: Path, source: str = "records") -> QuestionSet:
+    """The questions of LLaVA records already read (the demo's held-out list)."""
+    questions = QuestionSet()
+    for index, record in enumerate(records):
+        _add(questions, f"{source}[{index}]", record, lambda name: _image_file(image_root, name))
+    return questions
+
+
 def _file_records(data: Path, questions: QuestionSet):
     text = data.read_text(encoding="utf-8")
     if data.suffix == ".jsonl":

@@ -17,9 +17,11 @@ import torch
 from ..atomic import atomic_write
 from ..data.conversation import SampleError
 from ..errors import VdepError
-from .answerers import make_answerer, prepare
+from .answerers import HFAnswerer, VdepAnswerer, make_answerer, prepare
 from .normalise import answers_match
 from .questions import BadRecord, QuestionSet, load_questions
+
+Answerer = VdepAnswerer | HFAnswerer
 
 # Bad records named on the console; all of them are in the answers file's summary line.
 MAX_NAMED_BAD = 10
@@ -72,9 +74,15 @@ def evaluate(model: Path, questions: QuestionSet, batch_size: int = 16, max_new_
     if batch_size < 1:
         raise VdepError(f"--batch-size must be at least 1, not {batch_size}")
     started = time.monotonic()
-    answerer = make_answerer(model, device or default_device(), max_new_tokens)
+    report = answer_all(make_answerer(model, device or default_device(), max_new_tokens), questions, batch_size)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def answer_all(answerer: Answerer, questions: QuestionSet, batch_size: int) -> EvalReport:
+    """Every question answered in batches and scored; images that do not decode become bad records."""
     report = EvalReport(answerer.description, bad=list(questions.bad))
-    pending = list(questions.questions)
+    pending = questions.questions
     for start in range(0, len(pending), batch_size):
         batch = []
         for question in pending[start : start + batch_size]:
@@ -91,7 +99,6 @@ def evaluate(model: Path, questions: QuestionSet, batch_size: int = 16, max_new_
                 "id": question.id, "question": question.question, "answer": answer, "reference": question.reference,
                 "correct": answers_match(answer, question.reference), "category": question.category,
             })
-    report.seconds = time.monotonic() - started
     return report
 
 
