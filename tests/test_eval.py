@@ -137,7 +137,8 @@ def test_eval_reads_a_shard_directory(untrained_run, small_data):
 def test_the_lmms_task_scores_with_vdeps_normalisation(small_data, tmp_path):
     questions = load_questions(small_data.raw / "eval.json", small_data.raw / "images")
     task = write_lmms_task(questions, tmp_path / "task", max_new_tokens=6)
-    rows = [json.loads(line) for line in (tmp_path / "task" / "task.jsonl").read_text().splitlines()]
+    assert task.name == "vdep_task.yaml" and "task: vdep_task\n" in task.read_text()
+    rows = [json.loads(line) for line in (tmp_path / "task" / "vdep_task.jsonl").read_text().splitlines()]
     assert len(rows) == len(questions.questions) and Path(rows[0]["image"]).is_file()
     assert "<image>" not in rows[0]["question"] and "max_new_tokens: 6" in task.read_text()
     spec = importlib.util.spec_from_file_location("lmms_task_utils", tmp_path / "task" / "utils.py")

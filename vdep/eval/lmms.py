@@ -1,7 +1,8 @@
 """`vdep eval --write-lmms-task DIR`: a local lmms-eval task for a LLaVA-format question set.
 
 lmms-eval (the harness LLaVA-NeXT users run) then asks the same questions of an exported folder through
-its `llava_hf` model, offline (docs/export.md has the command). The task folder holds:
+its `llava_hf` model, offline (docs/export.md has the command).
+The task's NAME is `vdep_` and the folder's name. In it:
 - NAME.jsonl: one row per question (id, question without its `<image>` marker, answer, absolute image path,
   category);
 - NAME.yaml: the task (generate_until, greedy, the same max_new_tokens as `vdep eval`);
@@ -67,7 +68,9 @@ def process_results(doc, results):
 
 def write_lmms_task(questions: QuestionSet, folder: Path, max_new_tokens: int, name: str | None = None) -> Path:
     """Write the task into `folder` (created); returns the task YAML."""
-    name = name or re.sub(r"[^A-Za-z0-9_]", "_", folder.resolve().name)
+    # Never the folder's own name: `lmms_eval --tasks NAME` run where a folder NAME exists reads that folder's
+    # YAMLs on another code path, which fails (lmms-eval 0.7.3: "'function' object has no attribute 'items'").
+    name = name or "vdep_" + re.sub(r"[^A-Za-z0-9_]", "_", folder.resolve().name)
     if not questions.questions:
         raise VdepError("--write-lmms-task: the data holds no usable question")
     if folder.exists() and any(folder.iterdir()):
