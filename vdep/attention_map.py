@@ -217,8 +217,9 @@ def plot(results: list[ModelMaps], layers: list[int], request: AttentionRequest,
             if column == 0:
                 label = Path(result.name).name + (f"\n→ {result.answer!r}" if result.answer else "")
                 axis.set_ylabel(label, fontsize=8)
-    figure.suptitle(f"{request.question!r}\nattention of the {request.source} tokens to the image tokens, "
-                    f"{request.heads} over heads", fontsize=8)
+    who = {"question": "question", "answer": "answer", "both": "question and answer"}[request.source]
+    figure.suptitle(f"{request.question!r}\nattention of the {who} tokens to the image tokens, {request.heads} over heads",
+                    fontsize=8)
     figure.tight_layout()
     figure.savefig(out, dpi=120)
     plt.close(figure)
