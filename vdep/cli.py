@@ -211,7 +211,7 @@ def _add_eval_parsers(commands, formatter) -> None:
     attention = commands.add_parser("attention-map", help="draw the attention of the question to the image, per layer",
                                     epilog=ATTENTION_EXAMPLES, formatter_class=formatter)
     attention.add_argument("--model", type=Path, required=True, help="run directory, stage folder or exported folder")
-    attention.add_argument("--compare", type=Path, nargs="*", default=[], help="more models, one row each")
+    attention.add_argument("--compare", type=Path, nargs="*", help="more models, one row each")
     attention.add_argument("--image", type=Path, required=True)
     attention.add_argument("--question", required=True)
     attention.add_argument("--out", type=Path, required=True, help="the figure (.png); the arrays go to FIG.npz")
@@ -219,7 +219,7 @@ def _add_eval_parsers(commands, formatter) -> None:
     attention.add_argument("--heads", choices=("mean", "max"), default="mean", help="reduction over heads (default: mean)")
     attention.add_argument("--from", dest="source", choices=("question", "answer", "both"), default="question",
                            help="which tokens attend: the question's, the greedy answer's, or both (default: question)")
-    attention.add_argument("--max-new-tokens", type=int, default=8, help="length of the answer for --from answer")
+    attention.add_argument("--max-new-tokens", type=int, default=8, help="longest answer for --from answer/both (default: 8)")
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -257,7 +257,7 @@ def _attention_map(args: argparse.Namespace) -> int:
             layers = [int(item) for item in args.layers.split(",") if item.strip()]
         except ValueError:
             raise VdepError(f"--layers {args.layers!r}: give comma-separated layer numbers, e.g. 0,4,8") from None
-    request = AttentionRequest(models=[args.model, *args.compare], image=args.image, question=args.question,
+    request = AttentionRequest(models=[args.model, *(args.compare or [])], image=args.image, question=args.question,
                                layers=layers, heads=args.heads, source=args.source, max_new_tokens=args.max_new_tokens)
     figure, arrays = draw_attention_maps(request, args.out)
     print(f"attention maps: {figure} (arrays: {arrays})")
