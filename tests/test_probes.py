@@ -29,6 +29,7 @@ def direct_probes(hidden, embeds, positions, head, target_norm) -> dict[str, flo
         "probe/reconstruction_cosine": float(F.cosine_similarity(prediction, target, dim=-1).mean()),
         "probe/target_pairwise_cosine": float((cosines.sum() - cosines.diagonal().sum()) / (count * (count - 1))),
         "probe/target_variance": float(target.var(dim=0, unbiased=False).mean()),
+        "probe/target_relative_variance": float(target.var(dim=0, unbiased=False).sum() / target.pow(2).sum(-1).mean()),
     }
 
 
@@ -54,12 +55,16 @@ def test_collapsed_targets_read_as_collapse():
     torch.manual_seed(1)
     positions = torch.zeros(2, 20, dtype=torch.bool)
     positions[:, 1:] = True
-    hidden = torch.randn(2, 20, 16)
-    spread = probe_scalars(probe_sums(hidden, torch.randn(2, 20, 16), positions, nn.Identity(), "none"), 38)
+    hidden, targets = torch.randn(2, 20, 16), torch.randn(2, 20, 16)
+    spread = probe_scalars(probe_sums(hidden, targets, positions, nn.Identity(), "none"), 38)
     same = torch.randn(16).expand(2, 20, 16) + 1e-4 * torch.randn(2, 20, 16)
     collapsed = probe_scalars(probe_sums(hidden, same, positions, nn.Identity(), "none"), 38)
     assert abs(spread["probe/target_pairwise_cosine"]) < 0.1 and spread["probe/target_variance"] > 0.5
     assert collapsed["probe/target_pairwise_cosine"] > 0.9999 and collapsed["probe/target_variance"] < 1e-6
+    assert collapsed["probe/target_relative_variance"] < 1e-6 and spread["probe/target_relative_variance"] > 0.5
+    grown = probe_scalars(probe_sums(hidden, 10 * targets, positions, nn.Identity(), "none"), 38)
+    assert grown["probe/target_variance"] == pytest.approx(100 * spread["probe/target_variance"], rel=1e-4)
+    assert grown["probe/target_relative_variance"] == pytest.approx(spread["probe/target_relative_variance"], rel=1e-4)
     predicted = probe_scalars(probe_sums(torch.cat([same[:, 1:], same[:, :1]], 1), same, positions, nn.Identity(),
                                          "none"), 38)
     assert predicted["probe/reconstruction_cosine"] > 0.9999  # h_{t-1} = e_t: a perfect prediction
@@ -108,10 +113,10 @@ def test_two_zero3_ranks_log_the_probes_one_rank_logs(small_data, tmp_path):
                                     f"stages.align.zero={zero}", f"stages.align.micro_batch_size={micro}"])
         assert code == 0
         logged[nproc] = [{k: v for k, v in m.items() if k.startswith("probe/")} for m in read_metrics(run_dir, "align")]
-    assert len(logged[1]) == 2 and all(len(step) == 3 for step in logged[1])
+    assert len(logged[1]) == 2 and all(len(step) == 4 for step in logged[1])
     for one, two in zip(logged[1], logged[2]):
         assert two == pytest.approx(one, rel=1e-3, abs=1e-5)
     events = EventAccumulator(str(tmp_path / "run2" / "tensorboard" / "align"))
     events.Reload()
-    assert {"probe/reconstruction_cosine", "probe/target_pairwise_cosine", "probe/target_variance"} <= set(
-        events.Tags()["scalars"])
+    assert {"probe/reconstruction_cosine", "probe/target_pairwise_cosine", "probe/target_variance",
+            "probe/target_relative_variance"} <= set(events.Tags()["scalars"])

@@ -7,8 +7,9 @@ baseline), on the targets e_t and the predictions head(h_{t-1}) after the term's
   spread falls is the prediction getting easy because there is nothing left to predict;
 - the spread of the targets: `probe/target_pairwise_cosine`, the mean cosine between two different e_t
   (1 when all targets point the same way: collapse), and `probe/target_variance`, the per-dimension
-  variance of e_t averaged over dimensions (0 at collapse; in the units of ‖e‖²/D, so read it beside
-  `norm/target_at_image`).
+  variance of e_t averaged over dimensions (0 at collapse; in the units of ‖e‖²/D, so it also grows
+  when the embeddings just grow), and `probe/target_relative_variance`, the same as a share of the mean
+  ‖e‖² (D·variance / E‖e‖² = 1 − ‖E e‖² / E‖e‖², in [0, 1], scale-free: 0 at collapse).
 
 A micro-batch contributes sums that add up across micro-batches, steps and ranks: Σcos, Σ‖e‖², Σe/‖e‖
 and Σe (two vectors of the hidden size). The mean pairwise cosine of N unit vectors u_i is exactly
@@ -51,8 +52,11 @@ def probe_scalars(sums: torch.Tensor, count: int) -> dict[str, float]:
     pairwise = (float(directions.pow(2).sum()) - count) / (count * (count - 1))
     mean = total / count
     variance = (squares / count - float(mean.pow(2).sum())) / size
+    variance = max(variance, 0.0)  # rounding can leave a tiny negative at collapse
     return {
         "probe/reconstruction_cosine": cosine / count,
         "probe/target_pairwise_cosine": pairwise,
-        "probe/target_variance": max(variance, 0.0),  # rounding can leave a tiny negative at collapse
+        "probe/target_variance": variance,
+        # the share of E‖e‖² that is spread rather than the common mean: scale-free, 0 at collapse
+        "probe/target_relative_variance": variance * size / max(squares / count, 1e-30),
     }

@@ -4,8 +4,8 @@ Only rank 0 writes: TensorBoard events in RUN_DIR/tensorboard/<stage>/ (a resume
 after its checkpoint's step, so no step appears twice) and the same scalars, one JSON
 object per logged step, in RUN_DIR/<stage>/metrics.jsonl. The scalars: `loss/text`, `loss/vdep`,
 `loss/total`, `lr/<group>`, `grad_norm`, `tokens/text`, `tokens/image`, `norm/hidden_at_image`,
-`norm/target_at_image`, the VDEP probes `probe/reconstruction_cosine`, `probe/target_pairwise_cosine` and
-`probe/target_variance` (objectives/probes.py), `throughput/samples_per_s`, `throughput/tokens_per_s`,
+`norm/target_at_image`, the VDEP probes `probe/reconstruction_cosine`, `probe/target_pairwise_cosine`,
+`probe/target_variance` and `probe/target_relative_variance` (objectives/probes.py), `throughput/samples_per_s`, `throughput/tokens_per_s`,
 `throughput/flops_per_s`, `perf/mfu` and `memory/max_allocated_gib` (GPU only), `data/skipped/<reason>`.
 """
 
