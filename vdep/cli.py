@@ -6,6 +6,9 @@
     vdep inspect-shards DIR [--tokenizer PATH --template NAME]
     vdep export-hf --checkpoint PATH --out DIR [--dtype bf16|fp16|fp32] [--verify] [--adapter]
     vdep make-tokenizer --shards DIR --vocab-size N --out DIR
+    vdep eval --model PATH --data FILE --image-root DIR [--out answers.jsonl] [--batch-size N]
+    vdep eval --data FILE --image-root DIR --write-lmms-task DIR
+    vdep attention-map --model PATH [--compare PATH2 ...] --image IMG --question Q --out FIG.png
 
 Heavy imports happen inside the subcommands, so `vdep --help` answers at once. Errors caused by the
 user's input (`VdepError`) are printed as one message without a traceback, exit status 2.
@@ -72,6 +75,30 @@ examples:
 CHECKPOINT is a run directory (its newest result), a stage folder or its final/ folder, or a DeepSpeed
 checkpoint (a stage's checkpoints/ folder or one step folder) written by any number of ranks.
 A LoRA stage is merged into the weights, or with --adapter written as a PEFT adapter (docs/export.md).
+"""
+
+EVAL_EXAMPLES = """\
+examples:
+  vdep eval --model vdep-demo/run-vdep --data vdep-demo/data/raw/eval.json --image-root vdep-demo/data/raw/images
+  vdep eval --model exports/llava15-7b-vdep --data questions.jsonl --image-root images --out answers.jsonl
+  vdep eval --model runs/my-run/align --data held_out_shards/ --batch-size 32
+  vdep eval --data questions.jsonl --image-root images --write-lmms-task lmms_task/   # for lmms-eval
+
+--model is a run directory (its last complete stage), a stage folder, or an exported Hugging Face folder
+(answered by transformers' generate). --data is a LLaVA .json/.jsonl file (the first human turn is the
+question, the first gpt turn the reference) or a shard directory. Answers are compared after the VQA
+normalisation (case, punctuation, articles, number words); `category` groups the accuracy (docs/export.md).
+"""
+
+ATTENTION_EXAMPLES = """\
+examples:
+  vdep attention-map --model vdep-demo/run-novdep --compare vdep-demo/run-vdep --image img.png \\
+      --question "What colour is the shape?" --out attention.png --layers 0,1,3
+  vdep attention-map --model exports/llava15-7b-vdep --image cat.jpg --question "Where is the cat?" \\
+      --out cat.png --from answer --heads max
+
+Each cell: the attention from the question (or answer) tokens to the image tokens at one layer, reduced over
+heads, on the patch grid over the image; one row per model. The arrays are written beside FIG as FIG.npz.
 """
 
 TOKENIZER_EXAMPLES = """\
@@ -169,7 +196,76 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer.add_argument("--vocab-size", type=int, required=True)
     tokenizer.add_argument("--out", type=Path, required=True,
                            help="new tokenizer folder (an existing one is refused, never overwritten)")
+    _add_eval_parsers(commands, formatter)
     return parser
+
+
+def _add_eval_parsers(commands, formatter) -> None:
+    evaluate = commands.add_parser("eval", help="answer held-out questions and report accuracy", epilog=EVAL_EXAMPLES,
+                                   formatter_class=formatter)
+    evaluate.add_argument("--model", type=Path, help="run directory, stage folder or exported Hugging Face folder")
+    evaluate.add_argument("--data", type=Path, required=True, help="LLaVA .json/.jsonl file or shard directory")
+    evaluate.add_argument("--image-root", type=Path, help="folder the records' 'image' paths are relative to")
+    evaluate.add_argument("--out", type=Path, help="write every answer here (JSON lines)")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="questions decoded together (default: 16)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=16, help="longest answer in tokens (default: 16)")
+    evaluate.add_argument("--write-lmms-task", type=Path, metavar="DIR",
+                          help="write an lmms-eval task for --data into DIR (new) and exit; needs no --model")
+
+    attention = commands.add_parser("attention-map", help="draw the attention of the question to the image, per layer",
+                                    epilog=ATTENTION_EXAMPLES, formatter_class=formatter)
+    attention.add_argument("--model", type=Path, required=True, help="run directory, stage folder or exported folder")
+    attention.add_argument("--compare", type=Path, nargs="*", help="more models, one row each")
+    attention.add_argument("--image", type=Path, required=True)
+    attention.add_argument("--question", required=True)
+    attention.add_argument("--out", type=Path, required=True, help="the figure (.png); the arrays go to FIG.npz")
+    attention.add_argument("--layers", help="comma-separated layer indices (default: every layer)")
+    attention.add_argument("--heads", choices=("mean", "max"), default="mean", help="reduction over heads (default: mean)")
+    attention.add_argument("--from", dest="source", choices=("question", "answer", "both"), default="question",
+                           help="which tokens attend: the question's, the greedy answer's, or both (default: question)")
+    attention.add_argument("--max-new-tokens", type=int, default=8, help="longest answer for --from answer/both (default: 8)")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .eval.questions import load_questions
+
+    if args.write_lmms_task is not None:
+        from .eval.lmms import write_lmms_task
+
+        questions = load_questions(args.data, args.image_root)
+        task = write_lmms_task(questions, args.write_lmms_task, args.max_new_tokens)
+        print(f"lmms-eval task {task.stem} written to {task.parent} ({len(questions.questions)} questions, "
+              f"{len(questions.bad)} bad records left out)")
+        for bad in questions.bad[:10]:
+            print(f"  left out: {bad.describe()}")
+        return 0
+    if args.model is None:
+        raise VdepError("vdep eval needs --model (or --write-lmms-task DIR)")
+    from .eval.run import run_eval
+    from .log import setup_logging
+
+    setup_logging(0, 1)
+    report = run_eval(args.model, args.data, args.image_root, args.out, args.batch_size, args.max_new_tokens)
+    print(report.summary())
+    if args.out is not None:
+        print(f"answers: {args.out}")
+    return 0
+
+
+def _attention_map(args: argparse.Namespace) -> int:
+    from .attention_map import AttentionRequest, draw_attention_maps
+
+    layers = None
+    if args.layers:
+        try:
+            layers = [int(item) for item in args.layers.split(",") if item.strip()]
+        except ValueError:
+            raise VdepError(f"--layers {args.layers!r}: give comma-separated layer numbers, e.g. 0,4,8") from None
+    request = AttentionRequest(models=[args.model, *(args.compare or [])], image=args.image, question=args.question,
+                               layers=layers, heads=args.heads, source=args.source, max_new_tokens=args.max_new_tokens)
+    figure, arrays = draw_attention_maps(request, args.out)
+    print(f"attention maps: {figure} (arrays: {arrays})")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -258,6 +354,8 @@ COMMANDS = {
     "inspect-shards": _inspect_shards,
     "export-hf": _export_hf,
     "make-tokenizer": _make_tokenizer,
+    "eval": _eval,
+    "attention-map": _attention_map,
 }
 
 

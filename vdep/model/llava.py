@@ -8,7 +8,8 @@ Parameter names mirror transformers' Llava layout (`vision_tower`, `multi_modal_
    (ZeRO-3 gathers parameters module by module and all ranks must run the same modules in the same
    order; a batch without images feeds one zero image and scatters a zero-length slice of it);
 2. the last hidden states, for the VDEP term;
-3. named loss sums, with the LM head applied only to supervised positions.
+3. named loss sums, with the LM head applied only to supervised positions (and, beside them, the sums of
+   the VDEP probes: objectives/probes.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from ..data.images import normalise_pixels
 from ..objectives.losses import LossSums, text_loss_sum
 from ..objectives.objective import VdepTerm
+from ..objectives.probes import probe_sums
 from ..objectives.supervision import ModelInputs
 from .vision import image_features
 
@@ -108,4 +110,5 @@ class VdepLlava(nn.Module):
             predictors = inputs.image_positions[:, 1:]
             hidden_norm = hidden[:, :-1][predictors].float().norm(dim=-1).sum()
             target_norm = embeds[inputs.image_positions].float().norm(dim=-1).sum()
-        return LossSums(text=text, vdep=vdep, hidden_norm=hidden_norm, target_norm=target_norm)
+        probes = probe_sums(hidden, embeds, inputs.image_positions, self.vdep_head, self.vdep_term.target_norm)
+        return LossSums(text=text, vdep=vdep, hidden_norm=hidden_norm, target_norm=target_norm, probes=probes)

@@ -74,6 +74,7 @@ class LossSums(NamedTuple):
     vdep: torch.Tensor  # summed reconstruction error (graph)
     hidden_norm: torch.Tensor  # sum of ||h_{t-1}|| over image positions of all image rows (no graph)
     target_norm: torch.Tensor  # sum of ||e_t|| over the same positions (no graph)
+    probes: torch.Tensor | None = None  # `probes.probe_sums` over the same positions (no graph)
 
 
 @dataclass(frozen=True)

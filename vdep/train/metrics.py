@@ -4,7 +4,8 @@ Only rank 0 writes: TensorBoard events in RUN_DIR/tensorboard/<stage>/ (a resume
 after its checkpoint's step, so no step appears twice) and the same scalars, one JSON
 object per logged step, in RUN_DIR/<stage>/metrics.jsonl. The scalars: `loss/text`, `loss/vdep`,
 `loss/total`, `lr/<group>`, `grad_norm`, `tokens/text`, `tokens/image`, `norm/hidden_at_image`,
-`norm/target_at_image`, `throughput/samples_per_s`, `throughput/tokens_per_s`,
+`norm/target_at_image`, the VDEP probes `probe/reconstruction_cosine`, `probe/target_pairwise_cosine`,
+`probe/target_variance` and `probe/target_relative_variance` (objectives/probes.py), `throughput/samples_per_s`, `throughput/tokens_per_s`,
 `throughput/flops_per_s`, `perf/mfu` and `memory/max_allocated_gib` (GPU only), `data/skipped/<reason>`.
 """
 
@@ -24,6 +25,7 @@ from ..data.batch import Batch
 from ..data.dataset import StreamReport
 from ..log import get_logger
 from ..objectives.losses import LossSums
+from ..objectives.probes import probe_scalars
 from ..rundir import RunDir
 from .distributed import all_reduce_sum
 from .global_batch import StepPlan
@@ -174,6 +176,9 @@ class IntervalStats:
     flops: float = 0.0
     steps: int = 0
     started: float = field(default_factory=time.monotonic)
+    # `probes.probe_sums` summed; sized by the first micro-batch (every rank runs one at every step, with the
+    # same model, so all ranks reduce vectors of one size)
+    probes: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         # text loss sum, vdep loss sum, ||h|| sum, ||e|| sum
@@ -182,6 +187,9 @@ class IntervalStats:
     def add_micro(self, sums: LossSums, image_positions: int) -> None:
         self.sums += torch.stack([sums.text.detach(), sums.vdep.detach(), sums.hidden_norm, sums.target_norm]).double()
         self.image_positions += image_positions
+        if sums.probes is not None:
+            probes = sums.probes.double()
+            self.probes = probes if self.probes is None else self.probes + probes
 
     def add_step(self, plan: StepPlan, flops: float) -> None:
         self.text_targets += plan.counts.text
@@ -193,8 +201,10 @@ class IntervalStats:
 
     def scalars(self, alpha: float) -> dict[str, float]:
         """Collective (all ranks): global averages over the interval."""
-        local = torch.cat([self.sums, torch.tensor([float(self.image_positions)], dtype=torch.float64, device=self.device)])
-        text, vdep, hidden_norm, target_norm, positions = all_reduce_sum(local).tolist()
+        probes = self.probes if self.probes is not None else torch.zeros(0, dtype=torch.float64, device=self.device)
+        count = torch.tensor([float(self.image_positions)], dtype=torch.float64, device=self.device)
+        reduced = all_reduce_sum(torch.cat([self.sums, count, probes]))  # one collective for all of them
+        text, vdep, hidden_norm, target_norm, positions = reduced[:5].tolist()
         elapsed = max(time.monotonic() - self.started, 1e-9)
         loss_text = text / max(self.text_targets, 1)
         loss_vdep = vdep / max(self.image_targets, 1)
@@ -209,6 +219,7 @@ class IntervalStats:
             "throughput/samples_per_s": self.samples / elapsed,
             "throughput/tokens_per_s": self.tokens / elapsed,
             "throughput/flops_per_s": self.flops / elapsed,
+            **probe_scalars(reduced[5:], int(positions)),
         }
 
 

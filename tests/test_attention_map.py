@@ -1,0 +1,113 @@
+"""`vdep attention-map`: its values are softmax(QKᵀ/√d) of the layer's own projections, the same for a run
+directory and its export; the figure and the arrays are written."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vdep.config import load_config
+from vdep.conventions import IMAGE_MARKER
+from vdep.data.conversation import Turn
+from vdep.data.images import preprocess_image
+from vdep.data.templates import TemplateTokenizer, make_template
+from vdep.evaluate import load_trained_model
+from vdep.export.hf import export_hf
+from vdep.rundir import RunDir
+from vdep.train.prepare import prepare_run_dir
+
+pytest.importorskip("matplotlib", reason="the figure needs matplotlib (pip install 'vdep[viz]')")
+
+QUESTION = "What colour is the shape?"
+
+
+@pytest.fixture(scope="module")
+def untrained_run(small_data, tmp_path_factory) -> Path:
+    """A prepared run directory of the tiny model (random weights, no stage trained), made without training."""
+    run_dir = tmp_path_factory.mktemp("attention") / "run"
+    prepare_run_dir(load_config("demo-tiny", small_data.overrides(run_dir)), RunDir(run_dir))
+    return run_dir
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def direct_attention(run_dir: Path, image, question: str, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(heads, T, T) softmax(QKᵀ/√d) with a causal mask, from the layer's input, norm, q/k projections and
+    rotary embedding, computed here step by step; and the image and question positions."""
+    trained = load_trained_model(run_dir, allow_base=True)  # sdpa: no attention weights from transformers
+    spec, tokenizer = trained.spec, trained.tokenizer
+    encoder = TemplateTokenizer(tokenizer, spec.image_token_id, spec.num_image_tokens)
+    template = make_template(trained.template, tokenizer)
+    ids = encoder.encode(template.prompt_segments([Turn("user", f"{IMAGE_MARKER}\n{question}")], True)).input_ids
+    input_ids = torch.tensor([ids])
+    lm = trained.model.language_model
+    with torch.no_grad():
+        embeds = trained.model.embed(input_ids, preprocess_image(image, trained.image_processing).unsqueeze(0), 1)
+        hidden = lm(inputs_embeds=embeds, output_hidden_states=True, use_cache=False).hidden_states[layer]
+        block = lm.layers[layer]
+        x = block.input_layernorm(hidden)
+        config = lm.config
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        dim = config.hidden_size // heads
+        length = input_ids.shape[1]
+        q = block.self_attn.q_proj(x).view(1, length, heads, dim).transpose(1, 2)
+        k = block.self_attn.k_proj(x).view(1, length, kv_heads, dim).transpose(1, 2)
+        position = torch.arange(length, dtype=torch.float64)
+        inverse = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        angles = torch.cat([position[:, None] * inverse[None]] * 2, dim=-1)
+        cos, sin = angles.cos().float(), angles.sin().float()
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        scores = (q @ k.transpose(-1, -2))[0] / math.sqrt(dim)
+        scores = scores.masked_fill(torch.triu(torch.ones(length, length, dtype=torch.bool), 1), float("-inf"))
+        weights = scores.softmax(dim=-1)
+    image_positions = torch.nonzero(input_ids[0] == spec.image_token_id).flatten()
+    question_positions = torch.arange(int(image_positions.max()) + 1, length)
+    return weights, image_positions, question_positions
+
+
+def test_attention_maps_are_the_layers_softmax_and_agree_with_the_export(untrained_run, small_data, tmp_path):
+    from PIL import Image
+
+    from vdep.cli import main
+
+    exported = export_hf(untrained_run, tmp_path / "hf", dtype="fp32").out
+    image_path = next((small_data.raw / "images").glob("eval_*"))
+    out = tmp_path / "maps" / "fig.png"
+    assert main(["attention-map", "--model", str(untrained_run), "--compare", str(exported), "--image", str(image_path),
+                 "--question", QUESTION, "--out", str(out), "--layers", "0,1", "--heads", "mean"]) == 0
+    arrays = np.load(out.with_suffix(".npz"))
+    maps = arrays["maps"]
+    assert maps.shape == (2, 2, 4, 4)  # models, layers, the 4x4 patch grid of the tiny tower (32 px / 8 px)
+    assert list(arrays["layers"]) == [0, 1]
+    image = Image.open(image_path).convert("RGB")
+    for layer in (0, 1):
+        weights, image_positions, questions = direct_attention(untrained_run, image, QUESTION, layer)
+        expected = weights[:, questions][:, :, image_positions].mean(dim=0).mean(dim=0).reshape(4, 4)
+        np.testing.assert_allclose(maps[0, layer], expected.numpy(), rtol=1e-4, atol=1e-6)
+        assert arrays["image_share"][0, layer] == pytest.approx(float(expected.sum()), rel=1e-4)
+    np.testing.assert_allclose(maps[1], maps[0], rtol=1e-4, atol=1e-6)  # the export: the same weights
+    assert not np.allclose(maps[0, 0], maps[0, 0].mean())  # a map, not a constant
+    figure = Image.open(out)
+    assert min(figure.size) > 300  # two rows of two cells, at 120 dpi
+
+
+def test_heads_max_and_answer_tokens_and_bad_layers(untrained_run, small_data, tmp_path):
+    from vdep.attention_map import AttentionRequest, compute_maps
+    from vdep.errors import VdepError
+
+    image = next((small_data.raw / "images").glob("eval_*"))
+    mean, _ = compute_maps(AttentionRequest([untrained_run], image, QUESTION, [1], "mean"))
+    peak, _ = compute_maps(AttentionRequest([untrained_run], image, QUESTION, [1], "max"))
+    assert (peak[0].maps >= mean[0].maps - 1e-7).all() and (peak[0].maps > mean[0].maps + 1e-6).any()
+    answer, _ = compute_maps(AttentionRequest([untrained_run], image, QUESTION, [0], source="answer", max_new_tokens=3))
+    assert answer[0].answer and answer[0].maps.shape == (1, 4, 4)
+    with pytest.raises(VdepError, match="has 2 layers"):
+        compute_maps(AttentionRequest([untrained_run], image, QUESTION, [5]))

@@ -1,0 +1,140 @@
+"""The two ways `vdep eval` answers questions, both batched greedy decoding with the KV cache:
+
+- `VdepAnswerer`: a run directory or stage folder, through vdep's own model (`evaluate.load_trained_model`,
+  the model the exporter writes) and `model.generate.greedy_generate`, prompted by the training template;
+- `HFAnswerer`: an exported Hugging Face folder, through transformers' `LlavaForConditionalGeneration.generate`
+  with the folder's processor and chat template, as a user of the export (and lmms-eval's `llava_hf`) runs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..conventions import IMAGE_MARKER
+from ..data.conversation import SampleError, Turn
+from ..data.images import decode_image, preprocess_image
+from ..data.templates import TemplateTokenizer, make_template
+from ..errors import CheckpointError
+from ..model.generate import greedy_generate, until_stop
+from .questions import Question
+
+if TYPE_CHECKING:
+    from ..evaluate import TrainedModel
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A question whose image (if any) decoded."""
+
+    question: Question
+    image: object | None  # PIL image
+
+
+class VdepAnswerer:
+    def __init__(self, trained: TrainedModel, max_new_tokens: int, template: str | None = None,
+                 description: str = "vdep model"):
+        self.trained = trained
+        self.device = next(trained.model.parameters()).device
+        self.max_new_tokens = max_new_tokens
+        self.template = make_template(template or trained.template, trained.tokenizer)
+        self.encoder = TemplateTokenizer(trained.tokenizer, trained.spec.image_token_id, trained.spec.num_image_tokens)
+        self.description = description
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device, max_new_tokens: int) -> VdepAnswerer:
+        from ..evaluate import load_trained_model
+
+        trained = load_trained_model(path, device, allow_base=True)
+        stage = f"stage {trained.stage}" if trained.stage else "base weights (no stage trained)"
+        return cls(trained, max_new_tokens, description=f"vdep model of {path} ({stage}, template {trained.template})")
+
+    def answer(self, batch: list[Prepared]) -> list[str]:
+        trained, template = self.trained, self.template
+        prompts = [self.encoder.encode(template.prompt_segments([Turn("user", item.question.question)],
+                                                                item.image is not None)).input_ids
+                   for item in batch]
+        images = [preprocess_image(item.image, trained.image_processing) for item in batch if item.image is not None]
+        pixel_values = torch.stack(images) if images else torch.zeros((1, 3, *trained.image_processing.output_size))
+        outputs = greedy_generate(trained.model, prompts, pixel_values.to(self.device), len(images),
+                                  self.max_new_tokens, template.stop_token_ids, trained.tokenizer.pad_token_id)
+        answers = []
+        for output in outputs:
+            text = trained.tokenizer.decode(output, skip_special_tokens=True)
+            if template.stop_text:
+                text = text.split(template.stop_text)[0]
+            answers.append(text.strip())
+        return answers
+
+
+def chat_message(question: Question) -> list[dict]:
+    """The question as one chat message, the image where its `<image>` marker stands."""
+    before, marker, after = question.question.partition(IMAGE_MARKER)
+    parts = [{"type": "text", "text": before.strip()}] if before.strip() else []
+    if marker and question.has_image:
+        parts.append({"type": "image"})
+    if after.strip():
+        parts.append({"type": "text", "text": after.strip()})
+    return [{"role": "user", "content": parts}]
+
+
+class HFAnswerer:
+    def __init__(self, folder: Path, device: torch.device, max_new_tokens: int):
+        from transformers import AutoProcessor, GenerationConfig, LlavaForConditionalGeneration
+
+        try:
+            self.model = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
+            self.processor = AutoProcessor.from_pretrained(str(folder))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"--model {folder}: transformers cannot load it as a Llava folder: {exc}") from None
+        self.processor.tokenizer.padding_side = "left"  # generation continues each prompt from its end
+        self.stop_token_ids = GenerationConfig.from_model_config(self.model.config).eos_token_id
+        if self.model.generation_config.eos_token_id is not None:
+            self.stop_token_ids = self.model.generation_config.eos_token_id
+        if isinstance(self.stop_token_ids, int):
+            self.stop_token_ids = [self.stop_token_ids]
+        self.device = device
+        self.max_new_tokens = max_new_tokens
+        self.description = f"transformers LlavaForConditionalGeneration of {folder}"
+
+    @torch.no_grad()
+    def answer(self, batch: list[Prepared]) -> list[str]:
+        processor = self.processor
+        prompts = [processor.apply_chat_template(chat_message(item.question), add_generation_prompt=True)
+                   for item in batch]
+        images = [item.image for item in batch if item.image is not None]
+        inputs = processor(images=images or None, text=prompts, padding=True, return_tensors="pt").to(self.device)
+        generated = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        new_tokens = generated[:, inputs["input_ids"].shape[1]:].tolist()
+        tokenizer = processor.tokenizer
+        return [tokenizer.decode(until_stop(row, self.stop_token_ids or []), skip_special_tokens=True).strip()
+                for row in new_tokens]
+
+
+def is_hf_folder(path: Path) -> bool:
+    """An exported folder (config.json of a Llava model) rather than a vdep run directory."""
+    return (path / "config.json").is_file() and not (path / "config.yaml").is_file()
+
+
+def make_answerer(path: Path, device: torch.device, max_new_tokens: int) -> VdepAnswerer | HFAnswerer:
+    if not path.exists():
+        raise CheckpointError(f"--model {path} does not exist")
+    if is_hf_folder(path):
+        return HFAnswerer(path, device, max_new_tokens)
+    return VdepAnswerer.load(path, device, max_new_tokens)
+
+
+def prepare(question: Question) -> Prepared:
+    """The question with its image decoded, in RGB as both preprocessors expect it; an image that is
+    missing or does not decode raises `SampleError` (a cause in words)."""
+    if not question.has_image:
+        return Prepared(question, None)
+    try:
+        data = question.read_image()
+    except OSError as exc:
+        raise SampleError("missing_image", f"cannot read the image: {exc}") from None
+    image = decode_image(data, str(question.image_path or question.id))
+    return Prepared(question, image if image.mode == "RGB" else image.convert("RGB"))
