@@ -20,7 +20,8 @@ text first, then frozen in align) on one fixed data set (`--data-seed`), with `r
 
 Runs already in `--out` are reused (delete a run's folder to redo it), so the ablation can be stopped
 and continued. Prints a markdown table, mean ± std over the seeds (sample std, n-1), and writes every
-run's figures to OUT/results.jsonl. It takes about 6 minutes a run on 2 CPU cores at --scale 1: run on
+run's figures to OUT/results.jsonl, and draws `vdep attention-map`'s figure of VDEP off against the best
+variant (OUT/attention-REGIME-off-vs-VARIANT.png, seed of the first run, first held-out image). It takes about 6 minutes a run on 2 CPU cores at --scale 1: run on
 purpose, never in CI.
 """
 
@@ -171,7 +172,37 @@ def main(argv: list[str] | None = None) -> int:
     print(f"VDEP ablation: data seed {args.data_seed}, sizes {asdict(sizes)}, epochs {args.epochs}, "
           f"{args.nproc} rank(s){', smoke' if args.smoke else ''}; mean ± std over seeds")
     print(table(figures))
+    for regime in regimes:
+        figure = attention_figure(args, paths, regime, figures)
+        if figure is not None:
+            print(f"attention maps, {regime}: {figure}")
     return 0
+
+
+def attention_figure(args, paths: dict, regime: str, figures: list[RunFigures]) -> Path | None:
+    """VDEP off against the variant with the best mean accuracy, seed of the first run, on the first
+    held-out question's image (vdep attention-map's figure; needs matplotlib, the `viz` extra)."""
+    accuracies: dict[str, list[float]] = {}
+    for run in figures:
+        if run.regime == regime:
+            accuracies.setdefault(run.variant, []).append(run.accuracy)
+    best = max((v for v in accuracies if v != "off"), key=lambda v: statistics.fmean(accuracies[v]), default=None)
+    if "off" not in accuracies or best is None:
+        return None
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("attention maps: matplotlib is not installed (pip install 'vdep[viz]'); skipped")
+        return None
+    from vdep.attention_map import AttentionRequest, draw_attention_maps
+
+    seed = min(run.seed for run in figures if run.regime == regime)
+    record = json.loads(paths["held_out"].read_text())[0]
+    question = record["conversations"][0]["value"].replace("<image>", "").strip()
+    models = [args.out / f"{regime}-{variant}-seed{seed}" for variant in ("off", best)]
+    out = args.out / f"attention-{regime}-off-vs-{best}.png"
+    draw_attention_maps(AttentionRequest(models, paths["images"] / record["image"], question), out)
+    return out
 
 
 if __name__ == "__main__":
