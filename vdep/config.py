@@ -199,8 +199,13 @@ class StageEvalConfig:
     image_root: str | None = None
     # Validate every N optimizer steps, and at the stage's end (0: only at the end).
     every: int = 0
-    # The first this many samples of the set (null: all of it).
+    # About this many samples of the set (null: all of it).
     max_samples: int | None = None
+    # Also answer the set's questions by greedy decoding (first user turn → first assistant turn, scored
+    # as `vdep eval` scores them) and log the accuracy.
+    qa: bool = True
+    # The longest answer decoded, in tokens.
+    max_new_tokens: int = 16
 
 
 @dataclass
@@ -583,6 +588,8 @@ def _check_lora(key: str, lora: LoraConfig, trainable: list[str], source: Source
 def _check_stage_eval(settings: StageEvalConfig, key: str, source: Source) -> None:
     if settings.every < 0:
         raise ConfigError(f"{source.where(f'{key}.every')}: validate every N steps (0: only at the stage's end), got {settings.every}")
+    if settings.max_new_tokens < 1:
+        raise ConfigError(f"{source.where(f'{key}.max_new_tokens')}: must be at least 1")
     if settings.max_samples is not None and settings.max_samples < 1:
         raise ConfigError(f"{source.where(f'{key}.max_samples')}: must be positive or null (all of the set)")
 

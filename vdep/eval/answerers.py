@@ -36,13 +36,15 @@ class Prepared:
 
 class VdepAnswerer:
     def __init__(self, trained: TrainedModel, max_new_tokens: int, template: str | None = None,
-                 description: str = "vdep model"):
+                 description: str = "vdep model", synced: bool = False):
         self.trained = trained
-        self.device = next(trained.model.parameters()).device
+        parameter = next(trained.model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype  # a bf16 model in training takes bf16 pixels
         self.max_new_tokens = max_new_tokens
         self.template = make_template(template or trained.template, trained.tokenizer)
         self.encoder = TemplateTokenizer(trained.tokenizer, trained.spec.image_token_id, trained.spec.num_image_tokens)
         self.description = description
+        self.synced = synced  # every rank of a ZeRO-3 run decodes at once (validation during training)
 
     @classmethod
     def load(cls, path: Path, device: torch.device, max_new_tokens: int) -> VdepAnswerer:
@@ -59,8 +61,9 @@ class VdepAnswerer:
                    for item in batch]
         images = [preprocess_image(item.image, trained.image_processing) for item in batch if item.image is not None]
         pixel_values = torch.stack(images) if images else torch.zeros((1, 3, *trained.image_processing.output_size))
-        outputs = greedy_generate(trained.model, prompts, pixel_values.to(self.device), len(images),
-                                  self.max_new_tokens, template.stop_token_ids, trained.tokenizer.pad_token_id)
+        outputs = greedy_generate(trained.model, prompts, pixel_values.to(self.device, self.dtype), len(images),
+                                  self.max_new_tokens, template.stop_token_ids, trained.tokenizer.pad_token_id,
+                                  synced=self.synced)
         answers = []
         for output in outputs:
             text = trained.tokenizer.decode(output, skip_special_tokens=True)

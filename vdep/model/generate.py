@@ -1,4 +1,7 @@
-"""Greedy decoding with the KV cache, for evaluation (single process, no DeepSpeed)."""
+"""Greedy decoding with the KV cache, for evaluation: in one process, or (`synced`) on every rank of a
+ZeRO-3 run at once, where each forward gathers parameters with the other ranks, so all must run the
+same number of forwards: a rank whose answers have all ended goes on until every rank's have (as
+transformers' `generate(synced_gpus=True)`)."""
 
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ def greedy_generate(
     max_new_tokens: int,
     stop_token_ids: Sequence[int],
     pad_token_id: int,
+    synced: bool = False,
 ) -> list[list[int]]:
     """Continue each prompt greedily; returns the new tokens of each, up to and without the first stop
     token (EOS, or the template's end of turn: `ConversationTemplate.stop_token_ids`).
@@ -56,7 +60,7 @@ def greedy_generate(
     generated = [next_token]
     finished = torch.isin(next_token, stops)
     for _ in range(max_new_tokens - 1):
-        if bool(finished.all()):
+        if all_finished(finished, synced):
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         position_ids = position_ids[:, -1:] + 1
@@ -72,6 +76,14 @@ def greedy_generate(
         generated.append(next_token)
         finished |= torch.isin(next_token, stops)
     return [until_stop(row, stop_token_ids) for row in torch.stack(generated, dim=1).tolist()]
+
+
+def all_finished(finished: torch.Tensor, synced: bool) -> bool:
+    """Whether every answer has ended: this rank's, or with `synced` every rank's (collective)."""
+    done = finished.all().to(torch.int64).reshape(1)
+    if synced and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
+    return bool(done.item())
 
 
 def until_stop(tokens: list[int], stop_token_ids: Sequence[int]) -> list[int]:

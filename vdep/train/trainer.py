@@ -75,7 +75,7 @@ class StageTrainer:
     @classmethod
     def build(cls, ctx: RunContext, name: str, stage: StageConfig) -> StageTrainer:
         trainer = cls(ctx, name, stage, build_stage(ctx, name, stage))
-        trainer.validator = build_validator(ctx, name, stage, trainer.parts.objective)
+        trainer.validator = build_validator(ctx, name, stage, trainer.parts.objective, trainer.engine)
         return trainer
 
     # ------------------------------------------------------------------------------------- the loop

@@ -12,6 +12,11 @@ micro-batch; one that has run out repeats its first micro-batch with weight zero
 the same forwards. A LLaVA-format file is made into shards once, by rank 0 while it prepares the run
 directory, through `vdep build-shards` (its rejected records counted and named in the log, never
 fatal): the held-out samples are then read, templated and preprocessed exactly as training's.
+
+With `eval.qa` the same set's questions (first user turn) are also answered by greedy decoding in the
+stage's template and scored as `vdep eval` scores them (`val/accuracy`): each rank answers its share,
+every rank decodes the same number of batches and steps (`greedy_generate(synced=True)`), a rank
+whose share has ended answers a question again without counting it.
 """
 
 from __future__ import annotations
@@ -33,7 +38,11 @@ from ..errors import DataError
 from ..log import get_logger
 from ..objectives.objective import VdepObjective
 from ..rundir import RunDir
-from .distributed import all_reduce_sum
+from ..data.conversation import SampleError
+from ..eval.answerers import Prepared, VdepAnswerer, prepare
+from ..eval.normalise import answers_match
+from ..eval.questions import Question, load_questions
+from .distributed import all_reduce_max, all_reduce_sum
 
 log = get_logger("train")
 
@@ -86,16 +95,65 @@ class ValidationResult:
     samples: int
     text_tokens: int
     image_positions: int
+    correct: int | None = None  # QA: questions answered right, of `questions` (None without eval.qa)
+    questions: int = 0
 
     def scalars(self) -> dict[str, float]:
-        return {"val/loss_text": self.text, "val/loss_vdep": self.vdep, "val/samples": float(self.samples)}
+        scalars = {"val/loss_text": self.text, "val/loss_vdep": self.vdep, "val/samples": float(self.samples)}
+        if self.correct is not None:
+            scalars["val/accuracy"] = self.correct / max(self.questions, 1)
+            scalars["val/questions"] = float(self.questions)
+        return scalars
+
+
+class ValidationQuestions:
+    """This rank's share of the held-out questions (of the first `max_samples`), answered in batches."""
+
+    def __init__(self, name: str, settings: StageEvalConfig, questions: list[Question], template: str, trained,
+                 rank: int, world: int, batch_size: int):
+        chosen = questions[: settings.max_samples] if settings.max_samples else questions
+        self.name, self.settings, self.share, self.batch_size = name, settings, chosen[rank::world], batch_size
+        self.answerer = VdepAnswerer(trained, settings.max_new_tokens, template, synced=True)
+
+    def run(self, device: torch.device) -> tuple[int, int]:
+        """Collective: (correct, questions) over every rank."""
+        rounds = math.ceil(len(self.share) / self.batch_size)
+        ranks_with_questions = all_reduce_sum(torch.tensor([int(rounds > 0)], dtype=torch.long, device=device))
+        if int(ranks_with_questions.item()) < _world():  # the same answer on every rank: all raise together
+            raise DataError(f"stage {self.name}: some rank has no validation question ({self.settings.data} holds "
+                            f"fewer usable questions than there are ranks, {_world()})")
+        most = int(all_reduce_max(float(rounds), device))
+        correct = total = 0
+        filler = self._prepared(self.share[:1])
+        for index in range(most):
+            batch = self._prepared(self.share[index * self.batch_size : (index + 1) * self.batch_size])
+            answers = self.answerer.answer(batch or filler)  # every rank decodes, counted or not
+            if batch:
+                correct += sum(answers_match(a, item.question.reference) for a, item in zip(answers, batch))
+                total += len(batch)
+        summed = all_reduce_sum(torch.tensor([correct, total], dtype=torch.long, device=device)).cpu()
+        return int(summed[0]), int(summed[1])
+
+    @staticmethod
+    def _prepared(questions: list[Question]) -> list[Prepared]:
+        """Questions whose image decodes (one that does not was named when the set was loaded, or is left
+        out here: the losses' shards reject it the same way)."""
+        prepared = []
+        for question in questions:
+            try:
+                prepared.append(prepare(question))
+            except SampleError:
+                continue
+        return prepared
 
 
 class Validator:
     """One stage's held-out set on this rank (its share, capped for `max_samples`), and the pass over it."""
 
-    def __init__(self, name: str, settings: StageEvalConfig, loader, objective: VdepObjective, rank: int, world: int):
+    def __init__(self, name: str, settings: StageEvalConfig, loader, objective: VdepObjective, rank: int, world: int,
+                 questions: ValidationQuestions | None = None):
         self.name, self.settings, self.loader, self.objective = name, settings, loader, objective
+        self.questions = questions
         cap = settings.max_samples
         # split=samples gives this rank samples rank, rank+W, ...: of the set's first `cap`, these many.
         self.share = None if cap is None else max(0, math.ceil((cap - rank) / world))
@@ -118,12 +176,13 @@ class Validator:
         engine.eval()
         try:
             totals = self._totals(engine, device, dtype)
+            correct, questions = self.questions.run(device) if self.questions is not None else (None, 0)
         finally:
             engine.train()
         text_sum, text_tokens, vdep_sum, image_positions, samples = totals.tolist()
         return ValidationResult(
             text=text_sum / max(text_tokens, 1), vdep=vdep_sum / max(image_positions, 1), samples=int(samples),
-            text_tokens=int(text_tokens), image_positions=int(image_positions),
+            text_tokens=int(text_tokens), image_positions=int(image_positions), correct=correct, questions=questions,
         )
 
     def _totals(self, engine, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -157,7 +216,7 @@ def _world() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
-def build_validator(ctx, name: str, stage: StageConfig, objective: VdepObjective) -> Validator | None:
+def build_validator(ctx, name: str, stage: StageConfig, objective: VdepObjective, engine) -> Validator | None:
     """The stage's validator (None without `eval`): a loader over the held-out shards, every sample once,
     in order, on one consumer per rank."""
     if stage.eval is None:
@@ -169,7 +228,22 @@ def build_validator(ctx, name: str, stage: StageConfig, objective: VdepObjective
     shards = validation_shard_dirs(ctx.run, name, stage.eval)
     discover_shards(shards, ctx.config.data.remote)  # an empty or unreadable set fails here, on every rank
     loader = make_loader(ctx, stage, spec, grad_accum_steps=1, shards=shards, validation=True)
+    questions = None
+    if stage.eval.qa:
+        from ..evaluate import TrainedModel
+
+        found = load_questions(Path(stage.eval.data), Path(stage.eval.image_root) if stage.eval.image_root else None)
+        for bad in found.bad[:5]:
+            log.info("stage %s: validation question left out: %s", name, bad.describe())
+        trained = TrainedModel(engine_module(engine), ctx.tokenizer, spec, ctx.image_processing, ctx.config, name, [])
+        questions = ValidationQuestions(name, stage.eval, found.questions, stage.template, trained, ctx.launch.rank,
+                                        ctx.launch.world_size, stage.micro_batch_size)
     log.info("stage %s: validation on %s%s, every %s", name, stage.eval.data,
              f" (first {stage.eval.max_samples} samples)" if stage.eval.max_samples else "",
              f"{stage.eval.every} steps and at the end" if stage.eval.every else "stage's end")
-    return Validator(name, stage.eval, loader, objective, ctx.launch.rank, ctx.launch.world_size)
+    return Validator(name, stage.eval, loader, objective, ctx.launch.rank, ctx.launch.world_size, questions)
+
+
+def engine_module(engine) -> torch.nn.Module:
+    """The model inside a DeepSpeed engine (a plain module is its own)."""
+    return getattr(engine, "module", engine)
