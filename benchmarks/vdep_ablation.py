@@ -16,6 +16,9 @@ text first, then frozen in align) on one fixed data set (`--data-seed`), with `r
             demo-tiny-paper: the specification's, so the same runs as spec)
     aux     the recipe's settings with text_loss_in_vdep_mode: every sample keeps its text loss, so the
             text supervision equals VDEP off's and VDEP is a true auxiliary loss
+    alpha0  the recipe's settings with α = 0: its VDEP-mode samples lose their text loss and the image term
+            counts for nothing, so this is VDEP off minus the text supervision VDEP mode takes away
+            (recipe against alpha0 is the image term's own effect; alpha0 against off the lost supervision's)
     aux-alpha0.25, aux-alpha4, aux-ratio0.25, aux-ratio1    aux at two other α and mode_ratio values
 
 Runs already in `--out` are reused (delete a run's folder to redo it), so the ablation can be stopped
@@ -48,6 +51,7 @@ VARIANTS: dict[str, tuple[bool, list[str]]] = {  # name → (VDEP on, overrides 
     "spec": (True, SPEC_DEFAULTS),
     "recipe": (True, []),
     "aux": (True, AUX),
+    "alpha0": (True, ["vdep.alpha=0.0"]),
     "aux-alpha0.25": (True, [*AUX, "vdep.alpha=0.25"]),
     "aux-alpha4": (True, [*AUX, "vdep.alpha=4.0"]),
     "aux-ratio0.25": (True, [*AUX, "vdep.mode_ratio=0.25"]),
