@@ -39,13 +39,13 @@ def address(host: str) -> str:
 
 
 def _ip(*args: str) -> None:
-    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(["ip", *args], check=False, capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
 
 
 def namespace_pids(host: str) -> list[int]:
-    result = subprocess.run(["ip", "netns", "pids", namespace(host)], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(["ip", "netns", "pids", namespace(host)], check=False, capture_output=True, text=True, timeout=30)
     return [int(pid) for pid in result.stdout.split()] if result.returncode == 0 else []
 
 
@@ -63,7 +63,7 @@ class Network:
     namespaces: list[str] = field(default_factory=list)
 
     def create(self) -> None:
-        existing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+        existing = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout.split()
         clash = [namespace(h) for h in (CONTROLLER, *NODES) if namespace(h) in existing]
         if clash:
             raise RuntimeError(f"network namespaces {clash} exist already (a crashed test run?); remove them "
@@ -173,7 +173,7 @@ SlurmdTimeout=10
 
     def leftovers(self) -> list[str]:
         """What a stopped cluster would leave behind (namespaces, /run/netns, processes): [] when clean."""
-        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        names = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout
         found = [f"namespace {namespace(h)}" for h in (CONTROLLER, *NODES) if namespace(h) in names.split()]
         found += [f"process {name}" for name, p in self.daemons.processes.items() if p.poll() is None]
         if self.network.made_netns_dir and (NETNS_DIR.exists() or is_mount_point(NETNS_DIR)):

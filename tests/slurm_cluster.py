@@ -106,7 +106,7 @@ class SlurmClient:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
     def run(self, *command: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        result = subprocess.run([*self.prefix, *command], env=env or self.env, capture_output=True, text=True,
+        result = subprocess.run([*self.prefix, *command], check=False, env=env or self.env, capture_output=True, text=True,
                                 timeout=60)
         if check and result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)}: {result.stderr}")
@@ -154,7 +154,7 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverS
 
     def start(self) -> SlurmCluster:
         self.write_config()
-        if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0:
+        if subprocess.run(["pgrep", "-x", "munged"], check=False, capture_output=True).returncode != 0:
             Path("/run/munge").mkdir(parents=True, exist_ok=True)
             self.daemons.spawn([daemon_path("munged"), "--force", "--foreground"], "munged", self.env)
         self.daemons.spawn([daemon_path("slurmctld"), "-D", "-f", str(self.conf)], "slurmctld", self.env)
