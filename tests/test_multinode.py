@@ -10,7 +10,6 @@ compared with one uninterrupted one-node run of the same two ranks.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from vdep.train.launch import launch_local
 pytestmark = [pytest.mark.distributed, pytest.mark.slurm, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = {"align": 3, "finetune": 6}
+STEPS = {"align": 3, "finetune": 8}
 SAVE_EVERY = 2
 STAGES = [
     *(f"stages.{stage}.max_steps={steps}" for stage, steps in STEPS.items()),
@@ -48,6 +47,15 @@ def cluster(tmp_path_factory):
     yield cluster
     cluster.stop()
     assert cluster.leftovers() == []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def venv_tools_first():
+    """The venv's bin first on PATH here, as in the jobs (train.sbatch activates the venv): DeepSpeed's CPU
+    op, built by one `ninja` (the system's), is rebuilt by the other (pip's), ~2 min on two busy cores."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +200,66 @@ def test_two_nodes_train_both_stages_like_one_node_with_the_same_ranks(cluster, 
         assert (job.run_dir / stage / "final" / "trainable.safetensors").is_file()
         assert ranks_in(job.run_dir / stage / "checkpoints" / checkpoint_tag(steps)) == [0, 1]
     assert_same_losses(job.run_dir, reference)
+
+
+def test_usr1_stops_both_nodes_after_the_same_step_and_the_requeued_job_ends_like_an_uninterrupted_run(
+    cluster, small_data, reference, tmp_path
+):
+    job = submit(cluster, small_data, tmp_path, "run.keep_last=20")  # keeps the stop's checkpoint to look at
+    job.wait(lambda: job.reached("finetune", 2), 300, "finetune step 2")
+    cluster.run("scancel", "--signal=USR1", "--batch", job.id)  # what SLURM does 120 s before the time limit
+    state = job.wait_until_ended(400)
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", job.diagnostics()
+    assert state["Restarts"] == "1", job.diagnostics()
+    text = job.output.read_text()
+    for rank in (0, 1):  # srun passed the signal to torchrun on both nodes
+        assert f"vdep (rank {rank}): SIGUSR1 received; stopping after the current step" in text, text[-5000:]
+    assert f"requeueing job {job.id}" in text and f"job {job.id} (restart 1)" in text
+
+    log_text = (job.run_dir / "logs" / "train.log").read_text()
+    stopped = [line for line in log_text.splitlines() if "stopped by SIGUSR1 after step" in line]
+    assert len(stopped) == 1, log_text[-3000:]
+    step = int(stopped[0].split("after step ")[1].split(";")[0])
+    assert 2 <= step < STEPS["finetune"]
+    # One checkpoint at that step, with both ranks' parts (each stopped after the same step); resumed from it.
+    assert ranks_in(job.run_dir / "finetune" / "checkpoints" / checkpoint_tag(step)) == [0, 1]
+    assert f"(step {step} of {STEPS['finetune']})" in log_text
+    assert_same_losses(job.run_dir, reference)
+
+
+def test_losing_a_node_ends_the_survivor_with_a_message_and_the_requeued_job_resumes(
+    cluster, small_data, reference, tmp_path
+):
+    # A short collective timeout, so that a survivor waiting for a peer that never answers gives up soon.
+    job = submit(cluster, small_data, tmp_path, "deepspeed.timeout_minutes=0.5")
+    job.wait(lambda: job.reached("finetune", SAVE_EVERY + 1), 300, f"finetune step {SAVE_EVERY + 1}")
+    killed = cluster.crash_node("node2")
+    crashed_at = time.monotonic()
+    assert len(killed) >= 4, killed  # slurmd, slurmstepd, torchrun and its rank
+    job.wait(lambda: "another rank stopped answering" in job.output.read_text(), 60, "the survivor's message")
+    message_after_s = time.monotonic() - crashed_at
+    job.wait(lambda: int(job.state().get("Restarts", "0")) >= 1 or job.state()["JobState"] in ENDED, 120,
+             "SLURM to requeue the job")
+    requeued_after_s = time.monotonic() - crashed_at
+    assert int(job.state()["Restarts"]) == 1, job.diagnostics()
+    controller_log = (cluster.root / "log" / "slurmctld.log").read_text()
+    assert f"requeue job JobId={job.id} due to failure of node node2" in controller_log, job.diagnostics()
+    # The survivor cannot save alone: the latest checkpoint is the last one both ranks completed.
+    latest = (job.run_dir / "finetune" / "checkpoints" / "latest").read_text().strip()
+    resumed_from = int(latest.removeprefix("step_"))
+    assert SAVE_EVERY <= resumed_from < STEPS["finetune"]
+    assert ranks_in(job.run_dir / "finetune" / "checkpoints" / latest) == [0, 1]
+    first_run = job.output.read_text()
+    message = next(line for line in first_run.splitlines() if "another rank stopped answering" in line)
+    assert message.startswith("vdep: error: ") and str(job.run_dir / "finetune" / "checkpoints" / latest) in message
+    assert "[rank0]:" not in first_run  # no traceback from the rank: the one paragraph only
+
+    cluster.start_node("node2")  # the node comes back; the pending job starts on both nodes again
+    state = job.wait_until_ended(400)
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", job.diagnostics()
+    assert slurmd_launched(cluster, "node2", job.id) == 2, job.diagnostics()  # before the crash, and after
+    log_text = (job.run_dir / "logs" / "train.log").read_text()
+    assert f"(step {resumed_from} of {STEPS['finetune']})" in log_text, log_text[-3000:]
+    assert_same_losses(job.run_dir, reference)
+    print(f"node2 crashed: survivor's message after {message_after_s:.1f} s, job requeued after "
+          f"{requeued_after_s:.1f} s, resumed from finetune step {resumed_from}")
