@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.slurm_cluster import IDLE, Daemons, SlurmClient, common_settings, daemon_path
+from tests.slurm_cluster import IDLE, Daemons, SlurmClient, common_settings, daemon_path, install_slurm
+from tests.system_packages import install_packages
 
 NETNS_DIR = Path("/run/netns")
 SUBNET = "10.77.0"
@@ -28,6 +29,14 @@ CONTROLLER = "ctl"
 NODES = ("node1", "node2")
 CTLD_PORT, SLURMD_PORT = 17817, 17818
 MUNGED_NAME = "vdep-mn-munged"  # not "munged": the one-node harness starts its own unless one runs
+
+
+def install_multinode() -> str | None:
+    """SLURM and iproute2, installed when missing; returns why the cluster cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "the two-node SLURM cluster needs root (network namespaces, mounts, daemons as root)"
+    reason = install_packages(("ip", "nsenter", "unshare"), ("iproute2", "util-linux"))
+    return install_slurm() if reason is None else f"network namespaces: {reason}"
 
 
 def namespace(host: str) -> str:

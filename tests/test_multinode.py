@@ -10,6 +10,7 @@ compared with one uninterrupted one-node run of the same two ranks.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -18,12 +19,16 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import read_metrics
-from tests.multinode_cluster import NODES, MultiNodeCluster, is_mount_point, namespace_pids
-from tests.slurm_cluster import install_slurm
+from tests.multinode_cluster import NODES, MultiNodeCluster, install_multinode, is_mount_point, namespace_pids
 from vdep.rundir import checkpoint_tag
+from vdep.train.distributed import LOST_PEER_SIGNS, collective_failure_cause, describe_hosts
 from vdep.train.launch import launch_local
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slurm, pytest.mark.timeout(900)]
+
+def on_the_cluster(test):
+    """The cluster tests: several processes (run serially), SLURM, minutes."""
+    return pytest.mark.distributed(pytest.mark.slurm(pytest.mark.timeout(900)(test)))
+
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = {"align": 3, "finetune": 8}
@@ -36,13 +41,17 @@ STAGES = [
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    reason = install_slurm()
+def require_multinode() -> None:
+    reason = install_multinode()
     if reason is not None:
         if os.environ.get("VDEP_REQUIRE_SLURM") == "1":  # CI: a skipped SLURM test would hide a failure
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    require_multinode()
     cluster = MultiNodeCluster(tmp_path_factory.mktemp("multinode")).start()
     yield cluster
     cluster.stop()
@@ -158,10 +167,28 @@ def ranks_in(checkpoint: Path) -> list[int]:
     return sorted(vdep)
 
 
+def test_the_log_names_each_node_with_its_ranks():
+    assert describe_hosts(["node1"]) == "node1 (rank 0)"
+    assert describe_hosts(["a", "a", "b", "b"]) == "a (ranks 0-1), b (ranks 2-3)"
+    assert describe_hosts(["a", "b", "a"]) == "a (ranks 0,2), b (rank 1)"
+
+
+def test_a_lost_peer_is_told_in_one_line_without_gloo_s_source_position_and_advice():
+    # The messages gloo raised in this module's node loss and in a SIGSTOPped rank's timeout.
+    reset = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                         "[10.77.0.2]:29884: Connection reset by peer. This is typically caused by a remote worker "
+                         "hanging or bugs in the application. Check the logs of the remote worker before reporting "
+                         "an error. GLHF!")
+    timeout = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed "
+                           "out waiting 30000ms for recv operation to complete")
+    assert collective_failure_cause(reset) == "Read error [10.77.0.2]:29884: Connection reset by peer"
+    assert collective_failure_cause(timeout) == "Timed out waiting 30000ms for recv operation to complete"
+    assert all(any(sign in str(exc) for sign in LOST_PEER_SIGNS) for exc in (reset, timeout))
+
+
+@on_the_cluster
 def test_the_cluster_runs_tasks_on_both_nodes_and_leaves_nothing_behind(tmp_path):
-    reason = install_slurm()
-    if reason is not None:
-        pytest.fail(reason) if os.environ.get("VDEP_REQUIRE_SLURM") == "1" else pytest.skip(reason)
+    require_multinode()
     netns_existed = Path("/run/netns").exists()
     cluster = MultiNodeCluster(tmp_path / "cluster").start()
     try:
@@ -174,7 +201,7 @@ def test_the_cluster_runs_tasks_on_both_nodes_and_leaves_nothing_behind(tmp_path
             time.sleep(0.2)
         assert cluster.job(job_id)["JobState"] == "COMPLETED"
         assert sorted((tmp_path / "hosts.out").read_text().split()) == list(NODES)
-        assert socket_hostname() not in NODES  # the host's own name is untouched
+        assert socket.gethostname() not in NODES  # the host's own name is untouched
     finally:
         cluster.stop()
     assert cluster.leftovers() == []
@@ -182,12 +209,7 @@ def test_the_cluster_runs_tasks_on_both_nodes_and_leaves_nothing_behind(tmp_path
     assert Path("/run/netns").exists() == netns_existed and (netns_existed or not is_mount_point(Path("/run/netns")))
 
 
-def socket_hostname() -> str:
-    import socket
-
-    return socket.gethostname()
-
-
+@on_the_cluster
 def test_two_nodes_train_both_stages_like_one_node_with_the_same_ranks(cluster, small_data, reference, tmp_path):
     job = submit(cluster, small_data, tmp_path)
     state = job.wait_until_ended(300)
@@ -202,6 +224,7 @@ def test_two_nodes_train_both_stages_like_one_node_with_the_same_ranks(cluster, 
     assert_same_losses(job.run_dir, reference)
 
 
+@on_the_cluster
 def test_usr1_stops_both_nodes_after_the_same_step_and_the_requeued_job_ends_like_an_uninterrupted_run(
     cluster, small_data, reference, tmp_path
 ):
@@ -227,6 +250,7 @@ def test_usr1_stops_both_nodes_after_the_same_step_and_the_requeued_job_ends_lik
     assert_same_losses(job.run_dir, reference)
 
 
+@on_the_cluster
 def test_losing_a_node_ends_the_survivor_with_a_message_and_the_requeued_job_resumes(
     cluster, small_data, reference, tmp_path
 ):
