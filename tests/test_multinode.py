@@ -10,6 +10,7 @@ compared with one uninterrupted one-node run of the same two ranks.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import time
@@ -22,7 +23,7 @@ from tests.conftest import read_metrics
 from tests.multinode_cluster import NODES, MultiNodeCluster, install_multinode, is_mount_point, namespace_pids
 from vdep.rundir import checkpoint_tag
 from vdep.train.distributed import LOST_PEER_SIGNS, collective_failure_cause, describe_hosts
-from vdep.train.launch import launch_local
+from vdep.train.launch import launch_local, start_local_ranks
 
 
 def on_the_cluster(test):
@@ -287,3 +288,35 @@ def test_losing_a_node_ends_the_survivor_with_a_message_and_the_requeued_job_res
     assert_same_losses(job.run_dir, reference)
     print(f"node2 crashed: survivor's message after {message_after_s:.1f} s, job requeued after "
           f"{requeued_after_s:.1f} s, resumed from finetune step {resumed_from}")
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_a_rank_that_stops_answering_ends_the_other_after_the_collective_timeout(small_data, tmp_path, capfd):
+    """A frozen peer (no closed connection, as when a node hangs or loses its network): gloo honours the
+    process group's timeout, deepspeed.timeout_minutes, and the survivor says what happened."""
+    run_dir = tmp_path / "run"
+    timeout_s = 15
+    ranks = start_local_ranks(2, ["train", "demo-tiny", *small_data.overrides(run_dir), "stage=finetune",
+                                  "stages.finetune.init_from=none", "stages.finetune.max_steps=50",
+                                  "run.log_every=1", f"deepspeed.timeout_minutes={timeout_s / 60}"])
+    try:
+        metrics = run_dir / "finetune" / "metrics.jsonl"
+        deadline = time.monotonic() + 200
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            assert time.monotonic() < deadline and ranks[0].poll() is None, "rank 0 never reached step 2"
+            time.sleep(0.2)
+        ranks[1].send_signal(signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        status = ranks[0].wait(timeout=timeout_s + 60)
+        waited_s = time.monotonic() - frozen_at
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
+    err = capfd.readouterr().err
+    assert status == 2, err[-3000:]
+    assert timeout_s - 1 <= waited_s <= timeout_s + 30, waited_s
+    message = next(line for line in err.splitlines() if "another rank stopped answering" in line)
+    assert "Timed out waiting" in message and "[rank0]:" not in err, err[-3000:]
+    print(f"survivor ended {waited_s:.1f} s after its peer froze (timeout {timeout_s} s)")
