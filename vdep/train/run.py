@@ -82,8 +82,9 @@ def lost_peer_error(exc: BaseException, config: TrainConfig) -> PeerLost:
         f"This rank cannot go on alone and stops without saving (a checkpoint needs every rank; a hung "
         f"collective waits at most deepspeed.timeout_minutes={config.deepspeed.timeout_minutes:g}). Running "
         f"the same command again continues from {resume_from}; under slurm/train.sbatch, SLURM requeues "
-        f"the job by itself. If the node does not come back, see \"Resuming on a different number of ranks\" "
-        f"in docs/cluster.md."
+        f"the job once it marks a lost node down (if the node is fine and only a process died, submit the "
+        f"job again). If the node does not come back, see \"Resuming on a different number of ranks\" in "
+        f"docs/cluster.md."
     )
 
 
