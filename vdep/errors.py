@@ -28,6 +28,10 @@ class TrainingHalted(VdepError):
     """Training stopped itself on purpose (e.g. repeated non-finite steps), after writing a checkpoint."""
 
 
+class PeerLost(VdepError):
+    """A collective failed because another rank went away (its node crashed, was killed or cut off)."""
+
+
 # EX_TEMPFAIL, "try again later": a stop signal made training save a checkpoint and exit; running the
 # same command again continues the run. slurm/train.sbatch requeues the job on it.
 EXIT_PREEMPTED = 75

@@ -153,6 +153,32 @@ def release_shm_buffer_name(launch: LaunchEnv) -> None:
     shm_buffer_path(launch).unlink(missing_ok=True)
 
 
+def rank_hosts() -> list[str]:
+    """Every rank's host name, in rank order (collective)."""
+    host = socket.gethostname()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [host]
+    hosts: list[str] = ["" for _ in range(dist.get_world_size())]
+    dist.all_gather_object(hosts, host)
+    return hosts
+
+
+def describe_hosts(hosts: list[str]) -> str:
+    """`node1 (ranks 0-7), node2 (ranks 8-15)`: where the ranks run, for the log."""
+    ranks_by_host: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        ranks_by_host.setdefault(host, []).append(rank)
+    parts = []
+    for host, ranks in ranks_by_host.items():
+        contiguous = ranks == list(range(ranks[0], ranks[-1] + 1))
+        if len(ranks) == 1:
+            parts.append(f"{host} (rank {ranks[0]})")
+        else:
+            listed = f"{ranks[0]}-{ranks[-1]}" if contiguous else ",".join(map(str, ranks))
+            parts.append(f"{host} (ranks {listed})")
+    return ", ".join(parts)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -200,3 +226,28 @@ def all_reduce_max(value: float, device: torch.device) -> float:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return float(tensor.item())
+
+
+# How a collective fails when another rank went away: gloo's transport errors and its timeout (gloo
+# honours the process group's timeout, deepspeed.timeout_minutes), NCCL's aborted communicator or
+# watchdog timeout. A failure without one of these is a bug and keeps its traceback.
+LOST_PEER_SIGNS = (
+    "Connection reset by peer", "Connection closed by peer", "Connection refused", "Broken pipe",
+    "Timed out waiting", "NCCL communicator was aborted", "Watchdog caught collective operation timeout",
+)
+
+
+def is_lost_peer(exc: BaseException) -> bool:
+    """Whether `exc` says another rank of this process group stopped answering."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return False
+    if isinstance(exc, (dist.DistNetworkError, dist.DistStoreError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in LOST_PEER_SIGNS)
+
+
+def collective_failure_cause(exc: BaseException) -> str:
+    """The failure in one line: gloo prefixes its source position and appends advice of its own."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text)
+    return text.split(". This is typically caused")[0].rstrip(".")[:300]

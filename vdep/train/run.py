@@ -11,13 +11,22 @@ from collections.abc import Callable
 import torch
 
 from ..config import TrainConfig, check_batch_geometry
-from ..errors import VdepError
+from ..errors import PeerLost, VdepError
 from ..log import get_logger, setup_logging
 from ..model.build import load_image_processing
 from ..model.tokenizer import load_tokenizer
 from ..rundir import RunDir
 from .deepspeed_config import resolve_precision
-from .distributed import all_reduce_max, barrier, detect_launch, init_distributed
+from .distributed import (
+    all_reduce_max,
+    barrier,
+    collective_failure_cause,
+    describe_hosts,
+    detect_launch,
+    init_distributed,
+    is_lost_peer,
+    rank_hosts,
+)
 from .faults import Faults
 from .preemption import StopRequest
 from .prepare import prepare_run_dir
@@ -33,7 +42,7 @@ def on_rank_zero(action: Callable[[], None], rank: int, device: torch.device) ->
     if rank == 0:
         try:
             action()
-        except Exception as exc:  # re-raised below, after the other ranks know
+        except Exception as exc:  # noqa: BLE001 (re-raised below, after the other ranks know)
             error = exc
     failed = all_reduce_max(1.0 if error is not None else 0.0, device)
     if error is not None:
@@ -46,7 +55,37 @@ def train(config: TrainConfig) -> list[dict]:
     # From the start, SIGUSR1/SIGTERM only raise a flag: training stops with a checkpoint at the next
     # step boundary (a signal during setup stops after the first step), never half-way through a save.
     with StopRequest(config.run.stop_timeout_s) as stop:
-        return _train(config, stop)
+        try:
+            return _train(config, stop)
+        except Exception as exc:
+            if is_lost_peer(exc):
+                # One paragraph instead of a traceback per rank: the cause is elsewhere (another node).
+                raise lost_peer_error(exc, config) from None
+            raise
+
+
+def lost_peer_error(exc: BaseException, config: TrainConfig) -> PeerLost:
+    """What a rank says when a collective failed because another rank went away, and what comes next."""
+    run = RunDir(config.run.directory)
+    resume_from = "the start of the run (no checkpoint was complete yet)"
+    for name, _ in config.stages_to_run():
+        stage_dir = run.stage(name)
+        if stage_dir.is_complete:
+            continue
+        checkpoint = stage_dir.latest_checkpoint()
+        resume_from = (f"{name}'s last complete checkpoint, {checkpoint}" if checkpoint is not None
+                       else f"the start of stage {name} (it had no complete checkpoint yet)")
+        break
+    return PeerLost(
+        f"another rank stopped answering in a collective ({collective_failure_cause(exc)}): its node or "
+        f"process was probably lost (crashed, killed or cut off from the network); its own log says why. "
+        f"This rank cannot go on alone and stops without saving (a checkpoint needs every rank; a hung "
+        f"collective waits at most deepspeed.timeout_minutes={config.deepspeed.timeout_minutes:g}). Running "
+        f"the same command again continues from {resume_from}; under slurm/train.sbatch, SLURM requeues "
+        f"the job once it marks a lost node down (if the node is fine and only a process died, submit the "
+        f"job again). If the node does not come back, see \"Resuming on a different number of ranks\" in "
+        f"docs/cluster.md."
+    )
 
 
 def _train(config: TrainConfig, stop: StopRequest) -> list[dict]:
@@ -61,6 +100,8 @@ def _train(config: TrainConfig, stop: StopRequest) -> list[dict]:
         "vdep train: %d rank(s) via %s, device %s, precision %s, run directory %s",
         launch.world_size, launch.launcher, device, precision, run.path,
     )
+    hosts = rank_hosts()
+    log.info("vdep train: %d node(s): %s", len(set(hosts)), describe_hosts(hosts))
     on_rank_zero(lambda: prepare_run_dir(config, run), launch.rank, device)
     barrier()
     base = run.base_paths(config.model)
