@@ -112,3 +112,31 @@ def test_param_groups_separate_the_projector_lr(tiny_model):
     assert decayed["language_model"]["weight_decay"] == 0.1 and decayed["language_model_no_decay"]["weight_decay"] == 0.0
     assert all(p.dim() == 1 for p in decayed["language_model_no_decay"]["params"])
     assert decayed["projector"]["lr"] == 2e-5
+
+
+def test_ops_build_with_the_ninja_beside_the_interpreter_so_another_on_path_rebuilds_nothing(tmp_path):
+    """A process whose PATH finds another ninja first (the system's, outside the venv) still loads the op
+    the venv's ninja built, without rebuilding it (two versions' build logs make each rebuild)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    venv_ninja = Path(sys.executable).parent / "ninja"
+    other = next((Path(p) / "ninja" for p in os.environ["PATH"].split(os.pathsep)
+                  if (Path(p) / "ninja").is_file() and Path(p) != venv_ninja.parent), None)
+    if not venv_ninja.is_file() or other is None:
+        pytest.skip("needs a ninja beside the interpreter and another on PATH")
+    extensions = tmp_path / "extensions"
+    build = ("from vdep.train.ds import prebuild_ops; prebuild_ops(); import os, glob; "
+             "print(os.stat(glob.glob(os.path.join(os.environ['TORCH_EXTENSIONS_DIR'], '**', '*.so'), recursive=True)[0]).st_mtime_ns)")
+    stamps = []
+    for first in (venv_ninja.parent, other.parent):  # built with the venv's, then loaded with the other first
+        env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "DS_ACCELERATOR": "cpu",
+               "PATH": f"{first}{os.pathsep}{os.environ['PATH']}"}
+        result = subprocess.run([sys.executable, "-c", build], env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        stamps.append(result.stdout.strip().splitlines()[-1])
+    assert stamps[0] == stamps[1], "the op was rebuilt"
+    assert shutil.which("ninja") is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sys
 from pathlib import Path
 
 
@@ -39,12 +40,23 @@ def load_op(builder) -> object:
     configure_environment()
     extensions = Path(os.environ["TORCH_EXTENSIONS_DIR"])
     extensions.mkdir(parents=True, exist_ok=True)
+    prefer_interpreters_ninja()
     with open(extensions / ".vdep-build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             return builder.load(verbose=False)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def prefer_interpreters_ninja() -> None:
+    """Build with the ninja installed beside this Python (pip's, in a venv) rather than another one on
+    PATH: two ninja versions do not read each other's build log, so each rebuilds the op the other built
+    (minutes on a small machine, for every process that started with the other PATH)."""
+    bin_dir = Path(sys.executable).parent
+    path = os.environ.get("PATH", "")
+    if (bin_dir / "ninja").is_file() and path.split(os.pathsep)[0] != str(bin_dir):
+        os.environ["PATH"] = f"{bin_dir}{os.pathsep}{path}"
 
 
 def prebuild_ops() -> None:
