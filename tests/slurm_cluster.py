@@ -164,3 +164,21 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverS
 
     def stop(self) -> None:
         self.daemons.stop_all()  # slurmd, slurmctld, then munged
+
+
+def edited_sbatch(target: Path, overrides: list[str]) -> Path:
+    """slurm/train.sbatch with its OVERRIDES block replaced, as a user edits it before submitting."""
+    text = (Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch").read_text()
+    start = text.index("OVERRIDES=(\n")
+    end = text.index("\n)\n", start) + 3
+    target.write_text(text[:start] + "OVERRIDES=(\n" + "".join(f"  {o}\n" for o in overrides) + ")\n" + text[end:])
+    return target
+
+
+def wait_until(condition, timeout_s: float, what: str, diagnostics=lambda: "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{diagnostics()}")

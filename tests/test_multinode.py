@@ -21,6 +21,7 @@ import pytest
 
 from tests.conftest import read_metrics
 from tests.multinode_cluster import NODES, MultiNodeCluster, install_multinode, is_mount_point, namespace_pids
+from tests.slurm_cluster import edited_sbatch, wait_until
 from vdep.rundir import checkpoint_tag
 from vdep.train.distributed import LOST_PEER_SIGNS, collective_failure_cause, describe_hosts
 from vdep.train.launch import launch_local, start_local_ranks
@@ -90,15 +91,6 @@ def assert_same_losses(run_dir: Path, reference: dict) -> None:
             assert run[stage][step] == pytest.approx(values, rel=1e-6, abs=1e-6), f"{stage} step {step}"
 
 
-def edited_sbatch(target: Path, overrides: list[str]) -> Path:
-    """slurm/train.sbatch with its OVERRIDES block replaced, as a user edits it before submitting."""
-    text = (ROOT / "slurm" / "train.sbatch").read_text()
-    start = text.index("OVERRIDES=(\n")
-    end = text.index("\n)\n", start) + 3
-    target.write_text(text[:start] + "OVERRIDES=(\n" + "".join(f"  {o}\n" for o in overrides) + ")\n" + text[end:])
-    return target
-
-
 @dataclass
 class Job:
     cluster: MultiNodeCluster
@@ -115,12 +107,7 @@ class Job:
         return f"job: {self.state()}\n--- job output ---\n{out[-8000:]}\n{logs}"
 
     def wait(self, condition, timeout_s: float, what: str) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if condition():
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{self.diagnostics()}")
+        wait_until(condition, timeout_s, what, self.diagnostics)
 
     def reached(self, stage: str, step: int) -> bool:
         if self.state().get("JobState") in ENDED:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import read_metrics
-from tests.slurm_cluster import SlurmCluster, install_slurm
+from tests.slurm_cluster import SlurmCluster, edited_sbatch, install_slurm, wait_until
 from vdep.train.distributed import free_port
 from vdep.train.launch import launch_local
 
@@ -40,24 +39,6 @@ def cluster(tmp_path_factory):
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
     yield cluster
     cluster.stop()
-
-
-def edited_sbatch(target: Path, overrides: list[str]) -> Path:
-    """slurm/train.sbatch with its OVERRIDES block replaced, as a user edits it before submitting."""
-    text = (ROOT / "slurm" / "train.sbatch").read_text()
-    start = text.index("OVERRIDES=(\n")
-    end = text.index("\n)\n", start) + 3
-    target.write_text(text[:start] + "OVERRIDES=(\n" + "".join(f"  {o}\n" for o in overrides) + ")\n" + text[end:])
-    return target
-
-
-def wait_until(condition, timeout_s: float, what: str, diagnostics=lambda: "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{diagnostics()}")
 
 
 def test_a_job_preempted_with_usr1_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(

@@ -112,11 +112,16 @@ def text_corpus_conversation(rng: random.Random) -> list[dict]:
         caption = rng.choice(CAPTIONS).format(**scene.__dict__)
         prompt = ALIGN_PROMPT.replace("<image>", scene_in_words(scene))
         return [{"from": "human", "value": prompt}, {"from": "gpt", "value": caption}]
-    kinds = rng.sample(list(QUESTIONS), k=rng.randint(1, 3))
+    return question_turns(scene, rng.sample(list(QUESTIONS), k=rng.randint(1, 3)), scene_in_words(scene))
+
+
+def question_turns(scene: Scene, kinds: list[str], first_prefix: str) -> list[dict]:
+    """One question per kind, answered from the scene; the first question after `first_prefix` (the image
+    marker, or the scene in words)."""
     conversation = []
     for turn, kind in enumerate(kinds):
         question = QUESTIONS[kind][0]
-        conversation.append({"from": "human", "value": f"{scene_in_words(scene)}\n{question}" if turn == 0 else question})
+        conversation.append({"from": "human", "value": f"{first_prefix}\n{question}" if turn == 0 else question})
         conversation.append({"from": "gpt", "value": scene.answer(kind)})
     return conversation
 
@@ -153,12 +158,7 @@ def write_demo_data(out: Path, seed: int, num_align: int, num_finetune: int, num
             continue
         scene = random_scene(rng)
         filename = _save_image(draw_scene(scene, rng), images, f"finetune_{index:06d}", rng)
-        kinds = rng.sample(list(QUESTIONS), k=rng.randint(1, 3))
-        conversation = []
-        for turn, kind in enumerate(kinds):
-            question = QUESTIONS[kind][0]
-            conversation.append({"from": "human", "value": f"<image>\n{question}" if turn == 0 else question})
-            conversation.append({"from": "gpt", "value": scene.answer(kind)})
+        conversation = question_turns(scene, rng.sample(list(QUESTIONS), k=rng.randint(1, 3)), "<image>")
         finetune.append({"id": f"finetune-{index}", "image": filename, "conversations": conversation})
     eval_rng = random.Random(seed + 1_000_003)
     for index in range(num_eval):

@@ -110,11 +110,7 @@ class StageMetrics:
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
-        for name, value in scalars.items():
-            self.writer.add_scalar(name, value, step)  # type: ignore[union-attr]
-        self.writer.flush()  # type: ignore[union-attr]
-        with self.jsonl.open("a") as lines:
-            lines.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._write(step, scalars)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(self._short(scalars), refresh=True)
@@ -128,13 +124,17 @@ class StageMetrics:
         lines = self.jsonl.read_text().splitlines() if self.jsonl.is_file() else []
         if any(json.loads(line)["step"] == step and set(scalars) <= json.loads(line).keys() for line in lines if line):
             return
+        self._write(step, scalars)
+        log.info("%s step %d/%d | validation: " + ", ".join(f"{k.removeprefix('val/')} %.4g" for k in scalars),
+                 self.stage, step, self.total_steps, *scalars.values())
+
+    def _write(self, step: int, scalars: dict[str, float]) -> None:
+        """To TensorBoard and as one line of metrics.jsonl."""
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)  # type: ignore[union-attr]
         self.writer.flush()  # type: ignore[union-attr]
-        with self.jsonl.open("a") as out:
-            out.write(json.dumps({"step": step, **scalars}) + "\n")
-        log.info("%s step %d/%d | validation: " + ", ".join(f"{k.removeprefix('val/')} %.4g" for k in scalars),
-                 self.stage, step, self.total_steps, *scalars.values())
+        with self.jsonl.open("a") as lines:
+            lines.write(json.dumps({"step": step, **scalars}) + "\n")
 
     def _short(self, s: dict[str, float]) -> str:
         parts = [f"loss {s['loss/total']:.4f} (text {s['loss/text']:.4f}, vdep {s['loss/vdep']:.4f})"]
