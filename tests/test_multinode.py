@@ -120,8 +120,8 @@ class Job:
         return self.state()
 
 
-def submit(cluster: MultiNodeCluster, small_data, folder: Path, *extra: str) -> Job:
-    """slurm/train.sbatch on both nodes, one CPU rank each; `extra` overrides go last."""
+def submit(cluster: MultiNodeCluster, small_data, folder: Path, *extra: str, nodes: int = 2) -> Job:
+    """slurm/train.sbatch on both nodes (or `nodes`), one CPU rank each; `extra` overrides go last."""
     run_dir = folder / "run"
     output = folder / "job.out"
     env = {
@@ -133,7 +133,7 @@ def submit(cluster: MultiNodeCluster, small_data, folder: Path, *extra: str) -> 
         "OMP_NUM_THREADS": "1",
     }
     submit = [
-        "sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+        "sbatch", "--parsable", f"--nodes={nodes}", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
         "--time=15", f"--output={output}", f"--chdir={ROOT}", "--export=ALL",
         str(edited_sbatch(folder / "train.sbatch", small_data.overrides(run_dir))), *STAGES, *extra,
     ]
@@ -275,6 +275,36 @@ def test_losing_a_node_ends_the_survivor_with_a_message_and_the_requeued_job_res
     assert_same_losses(job.run_dir, reference)
     print(f"node2 crashed: survivor's message after {message_after_s:.1f} s, job requeued after "
           f"{requeued_after_s:.1f} s, resumed from finetune step {resumed_from}")
+
+
+@on_the_cluster
+def test_a_run_whose_node_never_comes_back_continues_on_the_node_left(cluster, small_data, reference, tmp_path):
+    """node2 dies for good: the requeued job is cancelled, and the run is resubmitted on one node. Its
+    checkpoint (2 ranks) continues on 1 rank through the universal checkpoint: the stage completes, with
+    the accumulation doubled and the steps before the checkpoint as they were."""
+    job = submit(cluster, small_data, tmp_path, "deepspeed.timeout_minutes=0.5")
+    job.wait(lambda: job.reached("finetune", SAVE_EVERY + 1), 300, f"finetune step {SAVE_EVERY + 1}")
+    cluster.crash_node("node2")
+    job.wait(lambda: int(job.state().get("Restarts", "0")) >= 1, 120, "SLURM to requeue the job")
+    cluster.run("scancel", job.id)  # the node does not come back: the user gives up on this job
+    job.wait(lambda: job.state().get("JobState") in ENDED, 60, "the job to be cancelled")
+    latest = (job.run_dir / "finetune" / "checkpoints" / "latest").read_text().strip()
+    resumed_from = int(latest.removeprefix("step_"))
+    assert ranks_in(job.run_dir / "finetune" / "checkpoints" / latest) == [0, 1]
+
+    single = submit(cluster, small_data, tmp_path, "deepspeed.timeout_minutes=0.5", nodes=1)
+    try:
+        state = single.wait_until_ended(400)
+    finally:
+        cluster.start_node("node2")  # for whatever runs on the cluster next
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", single.diagnostics()
+    log_text = (job.run_dir / "logs" / "train.log").read_text()
+    assert f"(written on 2 rank(s)) continues on 1: 2 accumulation step(s) instead of 1" in log_text, log_text[-3000:]
+    run, expected = losses(job.run_dir), reference
+    assert sorted(run["finetune"]) == list(range(1, STEPS["finetune"] + 1))
+    for step in range(1, resumed_from + 1):  # trained before the loss, on both nodes
+        assert run["finetune"][step] == pytest.approx(expected["finetune"][step], rel=1e-6, abs=1e-6)
+    assert (job.run_dir / "finetune" / "final" / "trainable.safetensors").is_file()
 
 
 @pytest.mark.distributed

@@ -179,6 +179,14 @@ def describe_hosts(hosts: list[str]) -> str:
     return ", ".join(parts)
 
 
+def close_process_group() -> None:
+    """Destroy the default process group before the interpreter exits: left to exit, gloo's threads
+    can be torn down while still joinable, which aborts the process (SIGABRT, "terminate called
+    without an active exception") after a clean error message, and the exit status is lost."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

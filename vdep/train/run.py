@@ -20,6 +20,7 @@ from .deepspeed_config import resolve_precision
 from .distributed import (
     all_reduce_max,
     barrier,
+    close_process_group,
     collective_failure_cause,
     describe_hosts,
     detect_launch,
@@ -56,12 +57,16 @@ def train(config: TrainConfig) -> list[dict]:
     # step boundary (a signal during setup stops after the first step), never half-way through a save.
     with StopRequest(config.run.stop_timeout_s) as stop:
         try:
-            return _train(config, stop)
+            summaries = _train(config, stop)
         except Exception as exc:
             if is_lost_peer(exc):
                 # One paragraph instead of a traceback per rank: the cause is elsewhere (another node).
+                # The process group is left as it is: tearing it down may wait for the rank that is gone.
                 raise lost_peer_error(exc, config) from None
+            close_process_group()
             raise
+        close_process_group()
+        return summaries
 
 
 def lost_peer_error(exc: BaseException, config: TrainConfig) -> PeerLost:
