@@ -35,7 +35,7 @@ from ..errors import CheckpointError
 from ..log import get_logger
 from ..model.build import gathered
 from ..rundir import LATEST, StageDir, checkpoint_tag, latest_tag, tag_step
-from .distributed import barrier
+from .distributed import barrier, current_rank
 from .faults import Faults
 
 log = get_logger("checkpoint")
@@ -64,10 +64,6 @@ class RestoredState:
     train: TrainState
     data_position: DataPosition | None  # None: a checkpoint written before vdep recorded positions
     folder: Path
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def state_file(folder: Path, rank: int) -> Path:
@@ -125,7 +121,7 @@ class CheckpointManager:
             save_latest=False,  # vdep moves the pointer itself, once every rank is done
         )
         folder = self.folder / tag
-        rank = _rank()
+        rank = current_rank()
         plain_rng, tensor_rng = rng_state()
         with atomic_path(rng_file(folder, rank)) as temporary:
             save_file(tensor_rng, str(temporary))
@@ -159,7 +155,7 @@ class CheckpointManager:
         if tag is None:
             return None
         folder = self.folder / tag
-        rank = _rank()
+        rank = current_rank()
         own = state_file(folder, rank)
         if not own.is_file() and not state_file(folder, 0).is_file():
             return self._restore_legacy(engine, folder)
@@ -183,7 +179,7 @@ class CheckpointManager:
         _, client_state = engine.load_checkpoint(str(self.folder), tag=folder.name, load_module_strict=False)
         if client_state is None or "vdep" not in client_state:
             raise CheckpointError(f"{folder} is not a vdep checkpoint (no vdep_rank*.json, no vdep client state)")
-        position_file = folder / f"data_rank{_rank():05d}.json"
+        position_file = folder / f"data_rank{current_rank():05d}.json"
         position = DataPosition.from_json(json.loads(position_file.read_text())) if position_file.is_file() else None
         log.warning("%s was written by vdep 0.1: its RNG state is not restored (it is a pickle)", folder)
         return RestoredState(TrainState(**client_state["vdep"]), position, folder)
@@ -196,9 +192,9 @@ def save_final_weights(model: nn.Module, stage_dir: StageDir, summary: dict) -> 
         if not param.requires_grad:
             continue
         with gathered([param]):
-            if _rank() == 0:
+            if current_rank() == 0:
                 tensors[name] = param.detach().to("cpu", copy=True).contiguous()
-    if _rank() == 0:
+    if current_rank() == 0:
         atomic_write(stage_dir.summary_file, json.dumps(summary, indent=1))
         with atomic_path(stage_dir.final_weights) as temporary:  # last: its presence means the stage is complete
             save_file(tensors, str(temporary), metadata={"stage": str(summary.get("stage", ""))})

@@ -179,6 +179,16 @@ def describe_hosts(hosts: list[str]) -> str:
     return ", ".join(parts)
 
 
+def current_rank() -> int:
+    """This process's rank in the default process group (0 without one)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def current_world_size() -> int:
+    """The default process group's size (1 without one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def close_process_group() -> None:
     """Destroy the default process group before the interpreter exits: left to exit, gloo's threads
     can be torn down while still joinable, which aborts the process (SIGABRT, "terminate called

@@ -39,7 +39,7 @@ from ..errors import CheckpointError, ConfigError, VdepError
 from ..log import get_logger
 from ..rundir import latest_tag
 from .checkpoint import RestoredState, TrainState, rng_file, set_rng_state, state_file
-from .distributed import all_reduce_max
+from .distributed import all_reduce_max, current_rank, current_world_size
 
 log = get_logger("checkpoint")
 
@@ -102,7 +102,7 @@ def convert_to_universal(folder: Path, device: torch.device) -> Path:
     rank raises the same CheckpointError if the conversion failed."""
     target = folder / UNIVERSAL
     error = ""
-    if _rank() == 0 and not target.is_dir():
+    if current_rank() == 0 and not target.is_dir():
         try:
             _convert(folder, target)
         except Exception as exc:  # noqa: BLE001 (DeepSpeed's converter raises assertions, ValueErrors, ...: one message)
@@ -136,7 +136,7 @@ def _convert(folder: Path, target: Path) -> None:
 def restore_elastic(engine, resume: ElasticResume, loader: StageLoader, split: str, fingerprint: str,
                     grad_accum: int, device: torch.device) -> RestoredState:
     """Collective: load the checkpoint written on `resume.old_world` ranks into this run's ranks."""
-    folder, world, rank = resume.folder, _world(), _rank()
+    folder, world, rank = resume.folder, current_world_size(), current_rank()
     states = [_read_state(folder, old) for old in range(resume.old_world)]
     first = TrainState(**states[0]["train"])
     if first.config_fingerprint != fingerprint:
@@ -205,12 +205,3 @@ def _merged_train_state(first: TrainState, old: list[TrainState], resume: Elasti
     steps_in_epoch = first.micro_batches_in_epoch // resume.old_grad_accum
     return replace(first, world_size=world, micro_batches_in_epoch=steps_in_epoch * grad_accum,
                    skipped_samples=skipped if rank == 0 else {}, shortfalls=shortfalls if rank == 0 else {})
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _world() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-

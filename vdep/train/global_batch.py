@@ -18,7 +18,7 @@ from ..data.batch import Batch
 from ..objectives.losses import GlobalCounts
 from ..objectives.objective import VdepObjective
 from ..objectives.supervision import ModelInputs
-from .distributed import all_gather_rows, all_reduce_sum
+from .distributed import all_gather_rows, all_reduce_sum, current_rank
 
 # Layout of the per-rank row exchanged at the start of a step.
 _READY, _TOKENS, _SQUARED_LENGTHS = 0, 1, 2
@@ -57,7 +57,7 @@ def plan_step(
         return None
     has_image = table[:, _HEADER:].bool()
     modes = objective.modes(has_image.flatten(), step).view_as(has_image)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    rank = current_rank()
     my_modes = modes[rank]
     inputs = []
     offset = 0

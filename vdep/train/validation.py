@@ -33,16 +33,16 @@ import torch
 
 from ..config import StageConfig, StageEvalConfig, TrainConfig, validation_source_is_file
 from ..data.batch import Batch
+from ..data.conversation import SampleError
 from ..data.shards import discover_shards
 from ..errors import DataError
-from ..log import get_logger
-from ..objectives.objective import VdepObjective
-from ..rundir import RunDir
-from ..data.conversation import SampleError
 from ..eval.answerers import Prepared, VdepAnswerer, prepare
 from ..eval.normalise import answers_match
 from ..eval.questions import Question, load_questions
-from .distributed import all_reduce_max, all_reduce_sum
+from ..log import get_logger
+from ..objectives.objective import VdepObjective
+from ..rundir import RunDir
+from .distributed import all_reduce_max, all_reduce_sum, current_world_size
 
 log = get_logger("train")
 
@@ -119,9 +119,9 @@ class ValidationQuestions:
         """Collective: (correct, questions) over every rank."""
         rounds = math.ceil(len(self.share) / self.batch_size)
         ranks_with_questions = all_reduce_sum(torch.tensor([int(rounds > 0)], dtype=torch.long, device=device))
-        if int(ranks_with_questions.item()) < _world():  # the same answer on every rank: all raise together
+        if int(ranks_with_questions.item()) < current_world_size():  # the same answer on every rank: all raise together
             raise DataError(f"stage {self.name}: some rank has no validation question ({self.settings.data} holds "
-                            f"fewer usable questions than there are ranks, {_world()})")
+                            f"fewer usable questions than there are ranks, {current_world_size()})")
         most = int(all_reduce_max(float(rounds), device))
         correct = total = 0
         filler = self._prepared(self.share[:1])
@@ -193,10 +193,10 @@ class Validator:
             batch = next(batches, None)
             first = first or batch
             have = all_reduce_sum(torch.tensor([batch is not None, first is not None], dtype=torch.long, device=device))
-            if int(have[1]) < _world():  # the same answer on every rank: all raise together
+            if int(have[1]) < current_world_size():  # the same answer on every rank: all raise together
                 raise DataError(
                     f"stage {self.name}: some rank has no validation sample: {self.settings.data} holds fewer samples "
-                    f"than there are ranks ({_world()}), or stages.{self.name}.eval.max_samples is below that"
+                    f"than there are ranks ({current_world_size()}), or stages.{self.name}.eval.max_samples is below that"
                 )
             if int(have[0]) == 0:
                 return all_reduce_sum(totals.to(device)).cpu()
@@ -210,10 +210,6 @@ class Validator:
         image = engine(vdep.to(device, dtype)).vdep
         return torch.tensor([float(text), llava.num_text_targets, float(image), vdep.num_image_targets,
                              batch.num_samples], dtype=torch.float64)
-
-
-def _world() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def build_validator(ctx, name: str, stage: StageConfig, objective: VdepObjective, engine) -> Validator | None:
