@@ -3,6 +3,7 @@
     python benchmarks/vdep_ablation.py                              # every variant, both regimes, seeds 0,1,2
     python benchmarks/vdep_ablation.py --regimes demo --variants off,recipe,aux --seeds 0,1,2
     python benchmarks/vdep_ablation.py --scale 2 --epochs 2         # more data and steps, when seeds disagree
+    python benchmarks/vdep_ablation.py --set stages.finetune.epochs=2   # any override, for every run
     python benchmarks/vdep_ablation.py --smoke                      # tiny sizes, 2 steps a stage (the tests)
 
 Each run is `vdep train` of the regime's recipe (`demo-tiny`, or `demo-tiny-paper`: the LLM trained on
@@ -81,13 +82,13 @@ class RunFigures:
 def run_one(args, paths: dict, regime: str, variant: str, seed: int) -> RunFigures:
     enabled, overrides = VARIANTS[variant]
     stages = ("text", "align", "finetune") if regime == "paper" else ("align", "finetune")
-    scale = [f"stages.{name}.epochs={args.epochs}" for name in stages]
+    scale = [f"stages.{name}.epochs={args.epochs}" for name in stages] if args.epochs is not None else []
     if args.smoke:
         scale = [*SMOKE_OVERRIDES, *(f"stages.{name}.max_steps=2" for name in stages)]
     run_name = f"{regime}-{variant}-seed{seed}"
     started = time.monotonic()
     demo = train_and_evaluate(paths, args.out, run_name, args.nproc, args.data_seed, enabled,
-                              [*overrides, *scale, f"run.seed={seed}", "run.log_every=50"], regime)
+                              [*overrides, *scale, *args.set, f"run.seed={seed}", "run.log_every=50"], regime)
     result, final = demo.result, demo.final_losses(stages[-1])
     return RunFigures(
         regime, variant, seed, result.accuracy, {k: c / n for k, (c, n) in sorted(result.by_kind.items())},
@@ -123,6 +124,21 @@ def table(figures: list[RunFigures]) -> str:
     return "\n".join(lines)
 
 
+def check_same_settings(args, sizes: DemoSizes) -> None:
+    """Finished runs are reused by (regime, variant, seed): refuse an --out whose runs had other sizes or
+    overrides, rather than put them in one table."""
+    settings = {"data_seed": args.data_seed, "sizes": asdict(sizes), "epochs": args.epochs, "set": args.set, "nproc": args.nproc}
+    stamp = args.out / "settings.json"
+    if stamp.is_file():
+        before = json.loads(stamp.read_text())
+        if before != settings:
+            raise SystemExit(f"error: {args.out} holds runs made with other settings ({before}, now {settings}); "
+                             "choose another --out, or delete that folder to start again")
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(settings, indent=1) + "\n")
+
+
 def load_results(path: Path) -> dict[tuple[str, str, int], RunFigures]:
     if not path.is_file():
         return {}
@@ -138,7 +154,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2", help="run seeds (default: 0,1,2)")
     parser.add_argument("--data-seed", type=int, default=0, help="the one data set every run trains on (default: 0)")
     parser.add_argument("--scale", type=float, default=1.0, help="data sizes × this (default: 1, the demo's)")
-    parser.add_argument("--epochs", type=float, default=1.0, help="epochs of every stage (default: 1)")
+    parser.add_argument("--epochs", type=float, default=None, help="epochs of every stage (default: the recipe's own)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run, after the variant's (repeatable), e.g. stages.finetune.epochs=2")
     parser.add_argument("--nproc", type=int, default=2, help="CPU ranks per run (default: 2)")
     parser.add_argument("--smoke", action="store_true", help="tiny data and model, 2 steps a stage: checks that it runs")
     args = parser.parse_args(argv)
@@ -159,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if "paper" in regimes:
         prepare_text_data(args.out / "data", args.data_seed, sizes)
     results_file = args.out / "results.jsonl"
+    check_same_settings(args, sizes)
     done = load_results(results_file)
     figures = []
     for regime in regimes:
@@ -173,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                         out.write(json.dumps(asdict(done[key])) + "\n")
                 figures.append(done[key])
     print()
-    print(f"VDEP ablation: data seed {args.data_seed}, sizes {asdict(sizes)}, epochs {args.epochs}, "
+    print(f"VDEP ablation: data seed {args.data_seed}, sizes {asdict(sizes)}, epochs {args.epochs or 'as the recipe'}, "
+          f"overrides {' '.join(args.set) or 'none'}, "
           f"{args.nproc} rank(s){', smoke' if args.smoke else ''}; mean ± std over seeds")
     print(table(figures))
     for regime in regimes:

@@ -77,3 +77,7 @@ def test_the_vdep_ablation_runs_in_smoke_mode(tmp_path):
     again = smoke_table("benchmarks/vdep_ablation.py", [], *options)
     assert "[2/3] training" not in again and "| demo | aux | 2 |" in again
     assert (tmp_path / "attention-demo-off-vs-aux.png").is_file() and (tmp_path / "attention-demo-off-vs-aux.npz").is_file()
+    # Runs are reused by (regime, variant, seed): other overrides into the same folder are refused, not mixed.
+    other = subprocess.run([sys.executable, "benchmarks/vdep_ablation.py", "--smoke", *options, "--set", "stages.finetune.epochs=2"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and "holds runs made with other settings" in other.stderr, other.stderr[-2000:]
