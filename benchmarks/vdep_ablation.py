@@ -12,21 +12,28 @@ text first, then frozen in align) on one fixed data set (`--data-seed`), with `r
 `vdep demo` does. The variants:
 
     off     VDEP off
-    spec    the specification's defaults (α 1, mode_ratio 0.5, no detach_input, no target norm)
-    recipe  the regime recipe's own VDEP settings (demo-tiny: detach_input, layernorm targets;
-            demo-tiny-paper: the specification's, so the same runs as spec)
+    spec    the specification's defaults (α 1, mode_ratio 0.5, no detach_input, no target norm, VDEP-mode
+            samples without their text loss)
+    no-aux  the recipe's settings with text_loss_in_vdep_mode off: VDEP-mode samples give up their text
+            loss (demo-tiny's settings until 2026-12-02)
     aux     the recipe's settings with text_loss_in_vdep_mode: every sample keeps its text loss, so the
             text supervision equals VDEP off's and VDEP is a true auxiliary loss
-    alpha0  the recipe's settings with α = 0: its VDEP-mode samples lose their text loss and the image term
-            counts for nothing, so this is VDEP off minus the text supervision VDEP mode takes away
-            (recipe against alpha0 is the image term's own effect; alpha0 against off the lost supervision's)
+    recipe  the regime recipe's own VDEP settings (demo-tiny: detach_input, layernorm targets and
+            text_loss_in_vdep_mode, i.e. aux; demo-tiny-paper: the specification's, i.e. spec)
+    alpha0  VDEP modes without the text loss in VDEP mode, and α = 0: the image term counts for nothing,
+            so this is VDEP off minus the text supervision VDEP mode takes away (no-aux against alpha0
+            is the image term's own effect; alpha0 against off the lost supervision's)
     aux-alpha0.25, aux-alpha4, aux-ratio0.25, aux-ratio1    aux at two other α and mode_ratio values
+
+A variant whose settings, in a regime, equal an earlier variant's is not run twice; it says which
+(demo: recipe = aux; paper: no-aux = recipe = spec).
 
 Runs already in `--out` are reused (delete a run's folder to redo it), so the ablation can be stopped
 and continued. Prints a markdown table, mean ± std over the seeds (sample std, n-1), and writes every
 run's figures to OUT/results.jsonl, and draws `vdep attention-map`'s figure of VDEP off against the best
-variant (OUT/attention-REGIME-off-vs-VARIANT.png, seed of the first run, first held-out image). It takes about 6 minutes a run on 2 CPU cores at --scale 1: run on
-purpose, never in CI.
+variant (OUT/attention-REGIME-off-vs-VARIANT.png, seed of the first run, first held-out image). One folder
+holds one setting of --scale, --epochs, --set and --nproc (a mismatch is refused). A run takes 4–10 minutes
+on 2 CPU cores at --scale 1: run on purpose, never in CI.
 """
 
 from __future__ import annotations
@@ -47,12 +54,14 @@ from vdep.demo import REGIMES, SIZES, DemoSizes, prepare_data, prepare_text_data
 SPEC_DEFAULTS = ["vdep.alpha=1.0", "vdep.mode_ratio=0.5", "vdep.detach_input=false", "vdep.target_norm=none",
                  "vdep.text_loss_in_vdep_mode=false", "vdep.head=identity"]
 AUX = ["vdep.text_loss_in_vdep_mode=true"]
+NO_AUX = ["vdep.text_loss_in_vdep_mode=false"]
 VARIANTS: dict[str, tuple[bool, list[str]]] = {  # name → (VDEP on, overrides of the recipe)
     "off": (False, []),
     "spec": (True, SPEC_DEFAULTS),
-    "recipe": (True, []),
+    "no-aux": (True, NO_AUX),
     "aux": (True, AUX),
-    "alpha0": (True, ["vdep.alpha=0.0"]),
+    "recipe": (True, []),
+    "alpha0": (True, [*NO_AUX, "vdep.alpha=0.0"]),
     "aux-alpha0.25": (True, [*AUX, "vdep.alpha=0.25"]),
     "aux-alpha4": (True, [*AUX, "vdep.alpha=4.0"]),
     "aux-ratio0.25": (True, [*AUX, "vdep.mode_ratio=0.25"]),
@@ -124,6 +133,22 @@ def table(figures: list[RunFigures]) -> str:
     return "\n".join(lines)
 
 
+def vdep_settings(regime: str, variant: str):
+    """The VDEP settings a variant trains with in a regime (every stage's), from the recipe itself."""
+    from vdep.config import load_config
+
+    enabled, overrides = VARIANTS[variant]
+    config = load_config(REGIMES[regime][0], [f"vdep.enabled={str(enabled).lower()}", *overrides], files=False)
+    return [(name, stage.vdep) for name, stage in config.stages.items()]
+
+
+def same_as_earlier(regime: str, variant: str) -> str | None:
+    """The first variant listed before `variant` that trains with the same VDEP settings in this regime."""
+    names = list(VARIANTS)
+    settings = vdep_settings(regime, variant)
+    return next((other for other in names[:names.index(variant)] if vdep_settings(regime, other) == settings), None)
+
+
 def check_same_settings(args, sizes: DemoSizes) -> None:
     """Finished runs are reused by (regime, variant, seed): refuse an --out whose runs had other sizes or
     overrides, rather than put them in one table."""
@@ -182,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     figures = []
     for regime in regimes:
         for variant in args.variants.split(","):
-            if regime == "paper" and variant == "recipe":
-                continue  # demo-tiny-paper's VDEP settings are the specification's: the spec runs
+            twin = same_as_earlier(regime, variant)
+            if twin is not None:
+                print(f"{regime}: {variant} has the settings of {twin} in this regime's recipe; not run twice")
+                continue
             for seed in (int(s) for s in args.seeds.split(",")):
                 key = (regime, variant, seed)
                 if key not in done:

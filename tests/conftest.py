@@ -61,6 +61,7 @@ class SmallData:
             f"run.output_dir={run_dir.parent}",
             f"run.name={run_dir.name}",
             "deepspeed.timeout_minutes=2",  # a hang becomes a failure
+            "stages.finetune.epochs=1",  # the recipe's 2 are for the demo's minutes, not the tests'
             *TINY_MODEL_OVERRIDES,
         ]
 
