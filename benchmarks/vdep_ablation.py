@@ -23,10 +23,12 @@ text first, then frozen in align) on one fixed data set (`--data-seed`), with `r
     alpha0  VDEP modes without the text loss in VDEP mode, and α = 0: the image term counts for nothing,
             so this is VDEP off minus the text supervision VDEP mode takes away (no-aux against alpha0
             is the image term's own effect; alpha0 against off the lost supervision's)
-    aux-alpha0.25, aux-alpha4, aux-ratio0.25, aux-ratio1    aux at two other α and mode_ratio values
+    aux-detach  demo-tiny's VDEP settings in any regime: detach_input, layernorm targets, the text loss
+            kept (demo: the same runs as aux; paper: the demo's fix for the specification's defaults)
+    aux-alpha0.25, aux-alpha4, aux-ratio0.25, aux-ratio1    aux-detach at two other α and mode_ratio values
 
 A variant whose settings, in a regime, equal an earlier variant's is not run twice; it says which
-(demo: recipe = aux; paper: no-aux = recipe = spec).
+(demo: recipe = aux-detach = aux; paper: no-aux = recipe = spec).
 
 Runs already in `--out` are reused (delete a run's folder to redo it), so the ablation can be stopped
 and continued. Prints a markdown table, mean ± std over the seeds (sample std, n-1), and writes every
@@ -55,17 +57,19 @@ SPEC_DEFAULTS = ["vdep.alpha=1.0", "vdep.mode_ratio=0.5", "vdep.detach_input=fal
                  "vdep.text_loss_in_vdep_mode=false", "vdep.head=identity"]
 AUX = ["vdep.text_loss_in_vdep_mode=true"]
 NO_AUX = ["vdep.text_loss_in_vdep_mode=false"]
+DEMO_VDEP = ["vdep.detach_input=true", "vdep.target_norm=layernorm", *AUX]  # demo-tiny's VDEP settings, in any regime
 VARIANTS: dict[str, tuple[bool, list[str]]] = {  # name → (VDEP on, overrides of the recipe)
     "off": (False, []),
     "spec": (True, SPEC_DEFAULTS),
     "no-aux": (True, NO_AUX),
     "aux": (True, AUX),
     "recipe": (True, []),
+    "aux-detach": (True, DEMO_VDEP),
     "alpha0": (True, [*NO_AUX, "vdep.alpha=0.0"]),
-    "aux-alpha0.25": (True, [*AUX, "vdep.alpha=0.25"]),
-    "aux-alpha4": (True, [*AUX, "vdep.alpha=4.0"]),
-    "aux-ratio0.25": (True, [*AUX, "vdep.mode_ratio=0.25"]),
-    "aux-ratio1": (True, [*AUX, "vdep.mode_ratio=1.0"]),
+    "aux-alpha0.25": (True, [*DEMO_VDEP, "vdep.alpha=0.25"]),
+    "aux-alpha4": (True, [*DEMO_VDEP, "vdep.alpha=4.0"]),
+    "aux-ratio0.25": (True, [*DEMO_VDEP, "vdep.mode_ratio=0.25"]),
+    "aux-ratio1": (True, [*DEMO_VDEP, "vdep.mode_ratio=1.0"]),
 }
 SMOKE_SIZES = DemoSizes(align=64, finetune=64, held_out=12, samples_per_shard=32, vocab_size=300, text=64)
 SMOKE_OVERRIDES = [
