@@ -25,6 +25,9 @@ text first, then frozen in align) on one fixed data set (`--data-seed`), with `r
             is the image term's own effect; alpha0 against off the lost supervision's)
     aux-detach  demo-tiny's VDEP settings in any regime: detach_input, layernorm targets, the text loss
             kept (demo: the same runs as aux; paper: the demo's fix for the specification's defaults)
+    aux-detach-ft  aux-detach with VDEP off in align: VDEP in finetune only (detach_input also cuts the
+            text loss of VDEP-mode samples from the projector, which in a projector-only align is all
+            they could train)
     aux-alpha0.25, aux-alpha4, aux-ratio0.25, aux-ratio1    aux-detach at two other α and mode_ratio values
 
 A variant whose settings, in a regime, equal an earlier variant's is not run twice; it says which
@@ -65,6 +68,7 @@ VARIANTS: dict[str, tuple[bool, list[str]]] = {  # name → (VDEP on, overrides 
     "aux": (True, AUX),
     "recipe": (True, []),
     "aux-detach": (True, DEMO_VDEP),
+    "aux-detach-ft": (True, [*DEMO_VDEP, "stages.align.vdep.enabled=false"]),
     "alpha0": (True, [*NO_AUX, "vdep.alpha=0.0"]),
     "aux-alpha0.25": (True, [*DEMO_VDEP, "vdep.alpha=0.25"]),
     "aux-alpha4": (True, [*DEMO_VDEP, "vdep.alpha=4.0"]),
