@@ -150,11 +150,18 @@ def vdep_settings(regime: str, variant: str):
     return [(name, stage.vdep) for name, stage in config.stages.items()]
 
 
-def same_as_earlier(regime: str, variant: str) -> str | None:
-    """The first variant listed before `variant` that trains with the same VDEP settings in this regime."""
-    names = list(VARIANTS)
-    settings = vdep_settings(regime, variant)
-    return next((other for other in names[:names.index(variant)] if vdep_settings(regime, other) == settings), None)
+def twins(regime: str) -> dict[str, str]:
+    """Each variant that trains with the same VDEP settings as one listed before it in this regime → the
+    first such variant."""
+    first: dict[str, str] = {}  # repr of the settings → the first variant with them
+    found = {}
+    for variant in VARIANTS:
+        key = repr(vdep_settings(regime, variant))
+        if key in first:
+            found[variant] = first[key]
+        else:
+            first[key] = variant
+    return found
 
 
 def check_same_settings(args, sizes: DemoSizes) -> None:
@@ -205,17 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = SMOKE_SIZES if args.smoke else replace(
         SIZES, **{k: max(1, round(getattr(SIZES, k) * args.scale)) for k in ("align", "finetune", "text")})
+    check_same_settings(args, sizes)  # before the data: other sizes would rebuild it under the old runs
     paths = prepare_data(args.out / "data", args.data_seed, sizes)
     regimes = args.regimes.split(",")
     if "paper" in regimes:
         prepare_text_data(args.out / "data", args.data_seed, sizes)
     results_file = args.out / "results.jsonl"
-    check_same_settings(args, sizes)
     done = load_results(results_file)
     figures = []
     for regime in regimes:
+        regime_twins = twins(regime)
         for variant in args.variants.split(","):
-            twin = same_as_earlier(regime, variant)
+            twin = regime_twins.get(variant)
             if twin is not None:
                 print(f"{regime}: {variant} has the settings of {twin} in this regime's recipe; not run twice")
                 continue
