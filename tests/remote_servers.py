@@ -3,7 +3,7 @@
 - `Nginx`: Debian's nginx with a private config (daemon off, its own pid, logs and temp folders):
   HTTP with Range, an optional rate limit, and an access log of the body bytes of every request.
 - `FaultyHTTP`: a small threaded server of our own that serves a folder with Range and, on a schedule
-  keyed by the request number, answers 503 or drops the connection part-way through the body; it can
+  keyed by the request number, answers 503 or 429 (throttled) or drops the connection part-way through the body; it can
   also add a latency to every request and limit each connection's rate. It counts the body bytes it
   sent.
 - `MotoS3`: the S3 API (`moto_server`), with a bucket made for the test.
@@ -130,6 +130,7 @@ class Faults:
     """What the server does to request number N (counting from 1, every request of any file)."""
 
     unavailable: set[int] = field(default_factory=set)  # answer 503 Service Unavailable
+    throttled: set[int] = field(default_factory=set)  # answer 429 Too Many Requests, as a throttling store does
     drop_after: dict[int, int] = field(default_factory=dict)  # send this many body bytes, then close
 
 
@@ -174,8 +175,10 @@ class FaultyHTTP:
                 if owner.latency_s:
                     time.sleep(owner.latency_s)
                 path = owner.root / self.path.split("?")[0].lstrip("/")
-                if number in owner.faults.unavailable:
-                    self.send_response(503)
+                if number in owner.faults.unavailable or number in owner.faults.throttled:
+                    self.send_response(503 if number in owner.faults.unavailable else 429)
+                    if number in owner.faults.throttled:
+                        self.send_header("Retry-After", "1")
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return

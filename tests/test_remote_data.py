@@ -32,10 +32,13 @@ def test_http_and_s3_shards_give_the_batches_of_local_ones(small_data, tokenizer
         assert fingerprints(remote) == local, prefix
 
 
-def test_dropped_connections_and_503s_change_neither_the_batches_nor_the_skip_counts(small_data, tokenizer, served):
+def test_dropped_connections_503s_and_429s_change_neither_the_batches_nor_the_skip_counts(small_data, tokenizer,
+                                                                                          served):
     local = fingerprints(make_loader(small_data, tokenizer, 0, 1, "shards", micro=4, seed=1, workers=2))
-    # Request 1 reads sizes.json; then shard sizes and ranges: cut several bodies part-way, refuse others.
-    faults = Faults(unavailable={4, 9, 10, 17}, drop_after={5: 1000, 8: 0, 12: 30000, 20: 512, 26: 7})
+    # Request 1 reads sizes.json; then shard sizes and ranges: cut several bodies part-way, refuse others,
+    # throttle some (429, as an object store answers a reader that asks too fast).
+    faults = Faults(unavailable={4, 9, 10, 17}, throttled={6, 14, 23},
+                    drop_after={5: 1000, 8: 0, 12: 30000, 20: 512, 26: 7})
     server = FaultyHTTP(served, faults).start()
     try:
         remote = make_loader(small_data, tokenizer, 0, 1, "shards", micro=4, seed=1, workers=2,
