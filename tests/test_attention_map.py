@@ -4,17 +4,22 @@ directory and its export; the figure and the arrays are written."""
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from vdep.attention_map import patch_coverage
 from vdep.config import load_config
 from vdep.conventions import IMAGE_MARKER
 from vdep.data.conversation import Turn
-from vdep.data.images import preprocess_image
+from vdep.data.images import ImageProcessing, image_pixels, preprocess_image
 from vdep.data.templates import TemplateTokenizer, make_template
+from vdep.demo_data import COLOURS, POSITIONS, Scene, draw_scene, object_mask
+from vdep.errors import VdepError
 from vdep.evaluate import load_trained_model
 from vdep.export.hf import export_hf
 from vdep.rundir import RunDir
@@ -23,6 +28,7 @@ from vdep.train.prepare import prepare_run_dir
 pytest.importorskip("matplotlib", reason="the figure needs matplotlib (pip install 'vdep[viz]')")
 
 QUESTION = "What colour is the shape?"
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +117,32 @@ def test_heads_max_and_answer_tokens_and_bad_layers(untrained_run, small_data, t
     assert answer[0].answer and answer[0].maps.shape == (1, 4, 4)
     with pytest.raises(VdepError, match="has 2 layers"):
         compute_maps(AttentionRequest([untrained_run], image, QUESTION, [5]))
+
+
+def test_patch_coverage_is_each_patchs_share_of_region_pixels():
+    rng = np.random.default_rng(0)
+    mask = rng.random((12, 12)) < 0.3
+    coverage = patch_coverage(mask, 4)
+    direct = [[mask[3 * y: 3 * y + 3, 3 * x: 3 * x + 3].mean() for x in range(4)] for y in range(4)]
+    np.testing.assert_allclose(coverage, direct)
+    with pytest.raises(VdepError, match="does not split into a 5x5 patch grid"):
+        patch_coverage(mask, 5)
+
+
+@pytest.mark.parametrize("shape, fill", [("square", 1.0), ("circle", math.pi / 4), ("triangle", 0.5)])
+def test_the_demo_object_mask_finds_the_shape_in_its_quadrant(shape, fill):
+    """The attention-on-object benchmark's region: the painted shape, not the noise or the padding."""
+    rng = random.Random(3)
+    for colour, position in zip(COLOURS, POSITIONS):
+        picture = np.asarray(draw_scene(Scene(colour, shape, position), rng))
+        mask = object_mask(picture)
+        ys, xs = np.nonzero(mask)
+        box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+        assert abs(mask.sum() / box - fill) < 0.12, (colour, position, mask.sum(), box)
+        height, width = mask.shape
+        assert (ys.min() >= height // 2) == position.startswith("bottom"), position
+        assert (xs.min() >= width // 2) == position.endswith("right"), position
+        # As the tower sees it (padded to a square with grey, resized): still found, the padding not.
+        processing = ImageProcessing(None, (64, 64), None, CLIP_MEAN, CLIP_STD)  # the demo tower's
+        seen = object_mask(image_pixels(Image.fromarray(picture), processing).permute(1, 2, 0).numpy())
+        assert 0.5 < seen.sum() / (mask.sum() * (seen.size / mask.size)) < 1.5

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,9 +29,12 @@ import torch
 from .conventions import IMAGE_MARKER
 from .data.conversation import Turn
 from .data.images import decode_image, image_pixels, preprocess_image
-from .data.templates import TemplateTokenizer, make_template
+from .data.templates import ConversationTemplate, TemplateTokenizer, make_template
 from .errors import VdepError
 from .model.generate import greedy_generate
+
+if TYPE_CHECKING:
+    from .evaluate import TrainedModel
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,15 @@ def to_grid(values: torch.Tensor) -> np.ndarray:
     return values.reshape(side, side).numpy()
 
 
+def patch_coverage(mask: np.ndarray, side: int) -> np.ndarray:
+    """(H, W) bool pixels of a region → (side, side): the share of each patch's pixels inside it, on the
+    tower's patch grid (raster order, as `to_grid`)."""
+    height, width = mask.shape
+    if height % side or width % side:
+        raise VdepError(f"a {width}x{height} picture does not split into a {side}x{side} patch grid")
+    return mask.reshape(side, height // side, side, width // side).mean(axis=(1, 3))
+
+
 def model_maps(forward: Forward, name: str, layers: list[int], heads: str, source: str) -> ModelMaps:
     queries = query_positions(forward, source)
     maps, shares = [], []
@@ -98,14 +111,32 @@ def model_maps(forward: Forward, name: str, layers: list[int], heads: str, sourc
     return ModelMaps(name, np.stack(maps), np.array(shares), forward.answer, forward.picture)
 
 
-def vdep_forward(path: Path, image, question: str, max_new_tokens: int, want_answer: bool) -> Forward:
+@dataclass(frozen=True)
+class VdepAttentionModel:
+    """A model vdep trained, loaded once with eager attention, with the prompt encoder of its chat format."""
+
+    trained: TrainedModel
+    template: ConversationTemplate
+    encoder: TemplateTokenizer
+
+
+def load_vdep_attention_model(path: Path) -> VdepAttentionModel:
     from .evaluate import load_trained_model
 
     trained = load_trained_model(path, allow_base=True, attention="eager")
+    encoder = TemplateTokenizer(trained.tokenizer, trained.spec.image_token_id, trained.spec.num_image_tokens)
+    return VdepAttentionModel(trained, make_template(trained.template, trained.tokenizer), encoder)
+
+
+def vdep_forward(path: Path, image, question: str, max_new_tokens: int, want_answer: bool) -> Forward:
+    return loaded_vdep_forward(load_vdep_attention_model(path), image, question, max_new_tokens, want_answer)
+
+
+def loaded_vdep_forward(loaded: VdepAttentionModel, image, question: str, max_new_tokens: int,
+                        want_answer: bool) -> Forward:
+    trained, template = loaded.trained, loaded.template
     tokenizer, spec = trained.tokenizer, trained.spec
-    template = make_template(trained.template, tokenizer)
-    encoder = TemplateTokenizer(tokenizer, spec.image_token_id, spec.num_image_tokens)
-    prompt = encoder.encode(template.prompt_segments([Turn("user", f"{IMAGE_MARKER}\n{question}")], True)).input_ids
+    prompt = loaded.encoder.encode(template.prompt_segments([Turn("user", f"{IMAGE_MARKER}\n{question}")], True)).input_ids
     pixels = image_pixels(image, trained.image_processing)  # (3, H, W) uint8: what the tower sees, unnormalised
     pixel_values = preprocess_image(image, trained.image_processing).unsqueeze(0)
     answer: list[int] = []

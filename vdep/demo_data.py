@@ -76,6 +76,14 @@ def draw_scene(scene: Scene, rng: random.Random) -> Image.Image:
     return image
 
 
+def object_mask(picture: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 picture drawn by `draw_scene` (also resized or padded) → (H, W) bool: the shape's
+    pixels. The shapes are painted in saturated colours (channels 130 or more apart), the background is
+    pale noise (channels at most 55 apart) and padding is grey."""
+    channels = picture.astype(np.int16)
+    return (channels.max(axis=2) - channels.min(axis=2)) > 80  # between the two, for blended edges and JPEG
+
+
 def random_scene(rng: random.Random) -> Scene:
     return Scene(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(POSITIONS))
 
