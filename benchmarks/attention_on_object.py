@@ -115,8 +115,12 @@ def main(argv: list[str] | None = None) -> int:
           "| per-seed lift |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for variant, per_seed in results.items():
-        for layer in range(len(per_seed[0])):
-            rows = [figures[layer] for figures in per_seed]
+        layers = len(per_seed[0])
+        # "mean": each seed's figures averaged over its layers first, then mean ± std over seeds.
+        averaged = [LayerFigures(*(statistics.fmean(getattr(f, name) for f in figures) for name in
+                                   ("image_share", "object_share", "object_area", "lift"))) for figures in per_seed]
+        for layer in [*range(layers), "mean"]:
+            rows = averaged if layer == "mean" else [figures[layer] for figures in per_seed]
             print(f"| {args.regime} | {variant} | {layer} | {len(rows)} "
                   f"| {mean_std([r.image_share for r in rows], 100, 1)} "
                   f"| {mean_std([r.object_share for r in rows], 100, 1)} "

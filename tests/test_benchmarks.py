@@ -83,7 +83,7 @@ def test_the_vdep_ablation_runs_in_smoke_mode(tmp_path):
                                cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert on_object.returncode == 0, on_object.stderr[-3000:]
     rows = [line.split(" | ") for line in on_object.stdout.splitlines() if line.startswith("| demo |")]
-    assert [row[1:4] for row in rows] == [[v, str(layer), "2"] for v in ("off", "aux") for layer in range(2)], on_object.stdout
+    assert [row[1:4] for row in rows] == [[v, layer, "2"] for v in ("off", "aux") for layer in ("0", "1", "mean")], on_object.stdout
     assert all(0 <= float(row[cell].split(" ± ")[0]) <= 100 for row in rows for cell in (4, 5, 6)), on_object.stdout
     missing = subprocess.run([sys.executable, "benchmarks/attention_on_object.py", "--ablation", str(tmp_path),
                               "--variants", "spec", "--seeds", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
