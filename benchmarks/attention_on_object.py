@@ -31,11 +31,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.vdep_ablation import mean_std  # noqa: E402
 from vdep.attention_map import (  # noqa: E402
     load_vdep_attention_model,
     loaded_vdep_forward,
     patch_coverage,
     reduce_attention,
+    to_grid,
 )
 from vdep.conventions import IMAGE_MARKER  # noqa: E402
 from vdep.data.images import decode_image  # noqa: E402
@@ -61,7 +63,7 @@ def measure(run: Path, records: list[dict], images: Path) -> list[LayerFigures]:
         question = record["conversations"][0]["value"].replace(IMAGE_MARKER, "").strip()
         image = decode_image((images / record["image"]).read_bytes(), record["image"]).convert("RGB")
         forward = loaded_vdep_forward(loaded, image, question, max_new_tokens=0, want_answer=False)
-        side = int(round(forward.image_positions.numel() ** 0.5))
+        side = to_grid(forward.image_positions).shape[0]  # the patch grid, checked square
         coverage = patch_coverage(object_mask(forward.picture), side).reshape(-1)
         if coverage.sum() == 0:
             raise VdepError(f"{record['image']}: no object pixels found; is this the demo's data?")
@@ -77,11 +79,6 @@ def measure(run: Path, records: list[dict], images: Path) -> list[LayerFigures]:
         figures.append(LayerFigures(float(image_share.mean()), float(object_share.mean()), float(area.mean()),
                                     float((object_share / area).mean())))
     return figures
-
-
-def mean_std(values: list[float], scale: float, digits: int) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values) * scale:.{digits}f} ± {spread * scale:.{digits}f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,9 +3,9 @@
 - `Nginx`: Debian's nginx with a private config (daemon off, its own pid, logs and temp folders):
   HTTP with Range, an optional rate limit, and an access log of the body bytes of every request.
 - `FaultyHTTP`: a small threaded server of our own that serves a folder with Range and, on a schedule
-  keyed by the request number, answers 503 or 429 (throttled) or drops the connection part-way through the body; it can
-  also add a latency to every request and limit each connection's rate. It counts the body bytes it
-  sent.
+  keyed by the request number, answers 503 or 429 (throttled) or drops the connection part-way through
+  the body; it can also add a latency to every request and limit each connection's rate. It counts the
+  body bytes it sent.
 - `MotoS3`: the S3 API (`moto_server`), with a bucket made for the test.
 Each records the process or thread it started and stops exactly that.
 """
@@ -175,9 +175,10 @@ class FaultyHTTP:
                 if owner.latency_s:
                     time.sleep(owner.latency_s)
                 path = owner.root / self.path.split("?")[0].lstrip("/")
-                if number in owner.faults.unavailable or number in owner.faults.throttled:
-                    self.send_response(503 if number in owner.faults.unavailable else 429)
-                    if number in owner.faults.throttled:
+                refusal = 503 if number in owner.faults.unavailable else 429 if number in owner.faults.throttled else None
+                if refusal is not None:
+                    self.send_response(refusal)
+                    if refusal == 429:
                         self.send_header("Retry-After", "1")
                     self.send_header("Content-Length", "0")
                     self.end_headers()

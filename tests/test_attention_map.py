@@ -16,7 +16,7 @@ from vdep.attention_map import patch_coverage
 from vdep.config import load_config
 from vdep.conventions import IMAGE_MARKER
 from vdep.data.conversation import Turn
-from vdep.data.images import ImageProcessing, image_pixels, preprocess_image
+from vdep.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessing, image_pixels, preprocess_image
 from vdep.data.templates import TemplateTokenizer, make_template
 from vdep.demo_data import COLOURS, POSITIONS, Scene, draw_scene, object_mask
 from vdep.errors import VdepError
@@ -28,7 +28,6 @@ from vdep.train.prepare import prepare_run_dir
 pytest.importorskip("matplotlib", reason="the figure needs matplotlib (pip install 'vdep[viz]')")
 
 QUESTION = "What colour is the shape?"
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +132,7 @@ def test_patch_coverage_is_each_patchs_share_of_region_pixels():
 def test_the_demo_object_mask_finds_the_shape_in_its_quadrant(shape, fill):
     """The attention-on-object benchmark's region: the painted shape, not the noise or the padding."""
     rng = random.Random(3)
+    processing = ImageProcessing(None, (64, 64), None, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)  # the demo tower's
     for colour, position in zip(COLOURS, POSITIONS):
         picture = np.asarray(draw_scene(Scene(colour, shape, position), rng))
         mask = object_mask(picture)
@@ -143,6 +143,5 @@ def test_the_demo_object_mask_finds_the_shape_in_its_quadrant(shape, fill):
         assert (ys.min() >= height // 2) == position.startswith("bottom"), position
         assert (xs.min() >= width // 2) == position.endswith("right"), position
         # As the tower sees it (padded to a square with grey, resized): still found, the padding not.
-        processing = ImageProcessing(None, (64, 64), None, CLIP_MEAN, CLIP_STD)  # the demo tower's
         seen = object_mask(image_pixels(Image.fromarray(picture), processing).permute(1, 2, 0).numpy())
         assert 0.5 < seen.sum() / (mask.sum() * (seen.size / mask.size)) < 1.5
