@@ -14,11 +14,28 @@ STAMP := $(VENV)/.vdep-installed
 
 .PHONY: install demo test test-unit test-distributed clean
 
+# Every pip call runs under a constraints file that names the pinned torch: a resolver (pip 26.x did)
+# would otherwise replace the CPU build with a newer CUDA one (~4 GB) while installing the extras.
+CONSTRAINTS := $(VENV)/torch-constraint.txt
+# Fails the install when the venv's torch is not the pinned build: the version asked for, and a CPU build
+# unless TORCH_SPEC is emptied for a CUDA machine.
+define TORCH_PIN_CHECK
+import sys, torch
+wanted = sys.argv[1].split("==")[-1]
+if torch.__version__.split("+")[0] != wanted or torch.version.cuda is not None:
+    sys.exit(f"the venv holds torch {torch.__version__} (CUDA {torch.version.cuda}), not the pinned CPU build {wanted}: "
+             "remove .venv and run make again")
+print(f"torch {torch.__version__}: the pinned CPU build")
+endef
+export TORCH_PIN_CHECK
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(if $(TORCH_SPEC),$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)")
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	echo "$(TORCH_SPEC)" > $(CONSTRAINTS)
+	PIP_CONSTRAINT=$(CURDIR)/$(CONSTRAINTS) $(BIN)/python -m pip install --quiet --upgrade pip
+	$(if $(TORCH_SPEC),PIP_CONSTRAINT=$(CURDIR)/$(CONSTRAINTS) $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)")
+	PIP_CONSTRAINT=$(CURDIR)/$(CONSTRAINTS) $(BIN)/python -m pip install --quiet -e ".[test]"
+	$(if $(TORCH_SPEC),$(BIN)/python -c "$$TORCH_PIN_CHECK" "$(TORCH_SPEC)")
 	touch $@
 
 install: $(STAMP)
