@@ -110,7 +110,10 @@ def test_a_bad_value_names_the_override_it_came_from(small_data, tmp_path):
         load_config(str(recipe), base)
 
 
-def test_settings_are_checked_without_the_files_the_files_before_training(tmp_path):
+def test_settings_are_checked_without_the_files_the_files_before_training(tmp_path, monkeypatch):
+    # The recipe's shard paths are relative: resolved in an empty folder, not in a checkout where `make demo`
+    # left vdep-demo/ (where they exist and nothing would be raised).
+    monkeypatch.chdir(tmp_path)
     imported = ["model.init_from=/no/such/llava-folder", "model.vision_tower.tiny=null", "model.language_model.tiny=null",
                 "model.tokenizer=null"]
     config = load_config("demo-tiny", imported, files=False)  # nor do the recipe's shards exist

@@ -75,15 +75,19 @@ def test_zero3_ranks_with_and_without_images_in_the_same_step_complete(small_dat
     assert sum(1 for m in metrics if m["tokens/image"] > 0) >= len(mixed_steps)
 
 
-def test_single_process_zero2_zero3_and_accumulation_give_the_same_losses(small_data, tmp_path):
-    """Same global batches (no shuffle, sample-level split) → the same loss at every step, packed or not."""
+def test_single_process_zero2_zero3_and_accumulation_give_the_same_losses_and_gradients(small_data, tmp_path):
+    """Same global batches (no shuffle, sample-level split) → the same losses and gradient norms at every step,
+    packed or not, whatever the layout: half the image samples in VDEP mode (the modes follow the samples, not
+    their rank, micro-batch or slot). Adam normalises the update by the gradient's own scale, so a loss could
+    match while the gradient were off by a factor: the norms are compared too."""
     common = ["stage=align", "stages.align.max_steps=3", "stages.align.global_batch_size=8", "run.log_every=1",
-              "data.split=samples", "data.shuffle_buffer=0", "vdep.mode_ratio=1.0", "vdep.text_loss_in_vdep_mode=true"]
+              "data.split=samples", "data.shuffle_buffer=0", "vdep.mode_ratio=0.5", "vdep.text_loss_in_vdep_mode=true"]
     runs = {
         "1 rank, ZeRO-2, micro 8": (1, ["stages.align.zero=zero2", "stages.align.micro_batch_size=8"]),
         "1 rank, ZeRO-2, micro 4 × 2 accumulation": (1, ["stages.align.zero=zero2", "stages.align.micro_batch_size=4"]),
         "2 ranks, ZeRO-2, micro 4": (2, ["stages.align.zero=zero2", "stages.align.micro_batch_size=4"]),
         "2 ranks, ZeRO-3, micro 4": (2, ["stages.align.zero=zero3", "stages.align.micro_batch_size=4"]),
+        "2 ranks, ZeRO-3, micro 2 × 2 accumulation": (2, ["stages.align.zero=zero3", "stages.align.micro_batch_size=2"]),
         # The same samples per micro-batch, several per row: the same losses (attention stays per sample).
         "2 ranks, ZeRO-3, micro 4, packed": (2, ["stages.align.zero=zero3", "stages.align.micro_batch_size=4",
                                                  "data.packing=true"]),
@@ -92,13 +96,17 @@ def test_single_process_zero2_zero3_and_accumulation_give_the_same_losses(small_
     for index, (name, (nproc, extra)) in enumerate(runs.items()):
         run_dir = tmp_path / f"run{index}"
         train(nproc, small_data, run_dir, *common, *extra)
-        results[name] = losses(run_dir, "align")
+        results[name] = (losses(run_dir, "align"), [m["grad_norm"] for m in read_metrics(run_dir, "align")])
     packed_log = (tmp_path / f"run{len(runs) - 1}" / "logs" / "train.log").read_text()
     assert "packed rows: a block-diagonal causal mask built from the position ids (sdpa)" in packed_log
-    reference = results["1 rank, ZeRO-2, micro 8"]
-    assert len(reference) == 6 and all(value > 0 for value in reference)
-    for name, values in results.items():
-        assert values == pytest.approx(reference, rel=1e-4), name
+    reference_losses, reference_norms = results["1 rank, ZeRO-2, micro 8"]
+    assert len(reference_losses) == 6 and all(value > 0 for value in reference_losses)
+    assert all(0 < norm < 1e3 for norm in reference_norms), reference_norms
+    vdep_steps = [vdep for vdep in reference_losses[1::2] if vdep > 0]
+    assert vdep_steps, "VDEP mode was never drawn: the test would not see where the modes go"
+    for name, (values, norms) in results.items():
+        assert values == pytest.approx(reference_losses, rel=1e-4), name
+        assert norms == pytest.approx(reference_norms, rel=1e-4), name
 
 
 def test_optimizer_offload_matches_zero3(small_data, tmp_path):
@@ -208,3 +216,26 @@ def test_the_fused_kernel_trains_like_the_reference_under_zero3(small_data, tmp_
     assert "VDEP kernel fused (Triton)" in log
     assert ("added into the text loss's" in log) == (head == "identity")
     assert losses(tmp_path / "fused", stage) == pytest.approx(losses(tmp_path / "reference", stage), rel=1e-4)
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_final_weights_are_the_fp32_masters_the_last_checkpoint_holds(small_data, tmp_path, zero):
+    """In bf16 the module's weights are the optimizer's fp32 masters rounded to bf16; the final weights are the
+    masters, so exporting a stage's final weights and exporting its last checkpoint give the same model."""
+    from safetensors.torch import load_file
+
+    from vdep.export.sources import ZeroCheckpointLayer
+
+    run_dir = tmp_path / "run"
+    train(2, small_data, run_dir, "stage=finetune", "stages.finetune.init_from=none", f"stages.finetune.zero={zero}",
+          "stages.finetune.max_steps=3", "stages.finetune.global_batch_size=8", "stages.finetune.micro_batch_size=4",
+          "deepspeed.precision=bf16")
+    final = load_file(str(run_dir / "finetune" / "final" / "trainable.safetensors"))
+    masters = dict(ZeroCheckpointLayer(run_dir / "finetune" / "checkpoints", "step_00000003").items())
+    assert sorted(final) == sorted(masters)
+    rounded = 0
+    for name, master in masters.items():
+        assert final[name].dtype == torch.float32
+        assert torch.equal(final[name], master), name
+        rounded += not torch.equal(master.to(torch.bfloat16).float(), master)
+    assert rounded == len(masters)  # the bf16 module weights differ from the masters: saving them would show

@@ -28,7 +28,8 @@ from vdep.config import load_config
 from vdep.data.loader import DataPosition
 from vdep.data.remainder import epoch_remainder
 from vdep.errors import CheckpointError
-from vdep.train.elastic import UNIVERSAL_ENV, convert_to_universal, find_elastic_resume
+from vdep.train.checkpoint import UNIVERSAL_ENV, ResumePoint
+from vdep.train.elastic import convert_to_universal, elastic_geometry
 from vdep.train.launch import launch_local
 from vdep.train.sample_log import ENV as SAMPLE_LOG
 
@@ -103,15 +104,12 @@ def test_a_run_stopped_during_its_deal_resumes_it_exactly(small_data, tokenizer)
 def test_a_global_batch_that_does_not_split_over_the_new_ranks_is_refused(small_data, tmp_path):
     config = load_config("demo-tiny", [*small_data.overrides(tmp_path / "run"), "stages.finetune.global_batch_size=12",
                                        "stages.finetune.micro_batch_size=2"])
-    checkpoints = tmp_path / "checkpoints"
-    (checkpoints / "step_00000004").mkdir(parents=True)
-    (checkpoints / "latest").write_text("step_00000004")
-    (checkpoints / "step_00000004" / "vdep_rank00000.json").write_text(json.dumps({"train": {"world_size": 2}}))
+    point = ResumePoint(tmp_path / "checkpoints" / "step_00000004", written_by=2, train={"step": 4})
     stage = config.stages["finetune"]
-    assert find_elastic_resume(checkpoints, "finetune", stage, 2) is None  # the same ranks: the usual restore
-    assert find_elastic_resume(checkpoints, "finetune", stage, 3).old_grad_accum == 3
+    assert not point.on_other_ranks(2)  # the same ranks: the usual restore
+    assert point.on_other_ranks(3) and elastic_geometry(point, "finetune", stage, 3).old_grad_accum == 3
     with pytest.raises(CheckpointError) as refused:
-        find_elastic_resume(checkpoints, "finetune", stage, 5)
+        elastic_geometry(point, "finetune", stage, 5)
     message = str(refused.value)
     assert "written on 2 rank(s)" in message and "global batch of 12" in message and "2 × 5 = 10" in message
 
@@ -124,7 +122,11 @@ def test_a_checkpoint_deepspeed_cannot_convert_is_refused_with_one_message(tmp_p
         convert_to_universal(folder, torch.device("cpu"))
     message = str(refused.value)
     assert str(folder) in message and "Resume on the number of ranks it was written on" in message
+    # what DeepSpeed's converter said, and what it raised, instead of a bare AssertionError
+    assert "The converter's last output:" in message and "Converting DeepSpeed checkpoint in" in message
+    assert "UnpicklingError" in message
     assert not (folder / "universal").exists()  # nothing half-converted is ever taken for a conversion
+    assert not (folder / "universal.partial").exists()
 
 
 # ---------------------------------------------------------------------------------------------- run level

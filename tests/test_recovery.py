@@ -175,3 +175,25 @@ def test_zero2_skips_a_non_finite_step_too(small_data, tmp_path):
     code = launch_local(1, ["train", "demo-tiny", *small_data.overrides(run_dir), *overrides], {"VDEP_INJECT_FAULTS": "nan_loss@2"})
     assert code == 0
     assert [m["train/nonfinite_steps"] for m in read_metrics(run_dir, "align")] == [0, 1, 1]
+
+
+def test_a_checkpoint_missing_a_file_is_refused_by_name_instead_of_restarting_adam(small_data, tmp_path):
+    """DeepSpeed, asked to load a checkpoint whose optimizer partition is gone, would start Adam from zero at
+    step N without a word; a missing model-states file gave a bare AssertionError."""
+    import shutil
+
+    killed = tmp_path / "killed"
+    code = launch_local(2, argv(small_data, killed, "stages.finetune.max_steps=2"),
+                        {"VDEP_INJECT_FAULTS": "kill_before_final@2"})
+    assert code == -signal.SIGKILL
+    for lost in ("zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        run_dir = tmp_path / lost.split(".")[0]
+        shutil.copytree(killed, run_dir)
+        checkpoint = run_dir / "finetune" / "checkpoints" / "step_00000002"
+        (checkpoint / lost).unlink()
+        ranks = start_local_ranks(2, argv(small_data, run_dir, "stages.finetune.max_steps=2"),
+                                  output_dir=tmp_path / "output" / lost)
+        assert wait_for_ranks(ranks) == 2
+        said = (tmp_path / "output" / lost / "rank0.log").read_text()
+        assert f"{checkpoint} is incomplete: {lost} is missing" in said, said[-3000:]
+        assert not (run_dir / "finetune" / "final").exists()

@@ -10,12 +10,16 @@ but before its final weights. Each time it is resumed with `stage=finetune` inst
 from __future__ import annotations
 
 import json
+import shutil
+import tarfile
+from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import read_metrics
 from vdep.train.launch import launch_local
+from vdep.train.sample_log import ENV as SAMPLE_LOG
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 
@@ -54,7 +58,7 @@ def test_a_twice_killed_zero2_run_resumed_with_another_stage_setting_ends_as_the
     checkpoints = run_dir / "finetune" / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step_00000004"
     ranks = [json.loads((checkpoints / "step_00000004" / f"vdep_rank{r:05d}.json").read_text()) for r in range(2)]
-    assert ranks[0]["train"]["skipped_samples"] != ranks[1]["train"]["skipped_samples"], "each rank keeps its own"
+    assert ranks[0]["skips"]["counts"] != ranks[1]["skips"]["counts"], "each rank keeps its own"
 
     assert train(small_data, run_dir, "stage=finetune", faults=f"kill_before_final@{steps}") != 0
     last = checkpoints / f"step_{steps:08d}"
@@ -81,3 +85,46 @@ def test_a_twice_killed_zero2_run_resumed_with_another_stage_setting_ends_as_the
     events = EventAccumulator(str(run_dir / "tensorboard" / "finetune"))
     events.Reload()
     assert [e.step for e in events.Scalars("loss/total")] == list(range(1, steps + 1))  # no step twice
+
+
+def short_copy(source: Path, target: Path, keep: int) -> None:
+    """A valid tar holding the first `keep` samples of `source` (sizes.json still lists them all)."""
+    with tarfile.open(source) as full, tarfile.open(target, "w") as short:
+        keys: list[str] = []
+        for member in full.getmembers():
+            key = member.name.split(".", 1)[0]
+            if key not in keys:
+                keys.append(key)
+            if len(keys) > keep:
+                break
+            short.addfile(member, full.extractfile(member))
+
+
+def test_every_listed_sample_is_trained_skipped_missing_or_left_over(small_data, tmp_path):
+    """Absolute accounting over one epoch: the samples trained on + skipped (by reason) + missing from a short
+    shard + left over at the epoch's end (a rank's share beyond the shortest rank's, a group of micro-batches no
+    step could take, a consumer's last samples short of a micro-batch) == the samples sizes.json lists. Before,
+    the micro-batches of an unfilled step were dropped with their skip counts, and the leftovers were not
+    counted at all."""
+    shards = tmp_path / "shards"
+    shutil.copytree(small_data.finetune_shards, shards)
+    short_copy(small_data.finetune_shards / "000001.tar", shards / "000001.tar", keep=10)
+    listed = sum(json.loads((shards / "sizes.json").read_text()).values())
+    run_dir = tmp_path / "run"
+    code = launch_local(2, [
+        "train", "demo-tiny", *small_data.overrides(run_dir), "stage=finetune", "stages.finetune.init_from=none",
+        f"stages.finetune.shards=[{shards}]", "stages.finetune.zero=zero2", "stages.finetune.epochs=1",
+        # 3 micro-batches of 4 a step: a rank's last micro-batches fill no step, its last samples no micro-batch
+        "stages.finetune.global_batch_size=24", "stages.finetune.micro_batch_size=4",
+        "data.split=shards", "data.max_length=148", "data.shuffle_buffer=4", "data.num_workers=0",
+        "run.max_missing_fraction=0.5", "run.log_every=1",
+    ], {SAMPLE_LOG: str(tmp_path / "samples")})
+    assert code == 0
+    trained = [key for rank in range(2) for line in (tmp_path / "samples" / f"rank{rank:05d}.jsonl").read_text().splitlines()
+               for key in json.loads(line)["keys"]]
+    assert len(trained) == len(set(trained))  # each once
+    skipped = summary(run_dir)["skipped_samples"]
+    print(f"listed {listed}: trained {len(trained)}, {skipped}")
+    assert skipped["missing_from_shard"] == 6 and skipped["no_supervised_tokens"] > 0
+    assert skipped["unused_at_epoch_end"] > 0
+    assert len(trained) + sum(skipped.values()) == listed

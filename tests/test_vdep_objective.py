@@ -13,6 +13,7 @@ from vdep.config import VdepConfig
 from vdep.conventions import IGNORE_INDEX, round_half_up
 from vdep.data.batch import Batch
 from vdep.objectives.losses import GlobalCounts, LossSums, batch_loss, reference_vdep_sum, text_loss_sum
+from vdep.data.batch import sample_id
 from vdep.objectives.modes import assign_vdep_modes
 from vdep.objectives.objective import make_vdep_head
 from vdep.objectives.supervision import prepare_inputs, supervised_image_positions, text_first_order
@@ -86,14 +87,32 @@ def test_skip_first_image_token_drops_each_spans_first_position():
 
 def test_modes_pick_round_half_up_of_the_image_samples_by_seed_and_step():
     has_image = torch.tensor([True, True, False, True, True, False, True])  # 5 image samples
+    ids = torch.tensor([sample_id("shard-0.tar", f"{i:09d}") for i in range(7)])
     for ratio, expected in ((0.5, 3), (0.3, 2), (0.1, 1), (0.0, 0), (1.0, 5)):  # 2.5 → 3, 1.5 → 2, 0.5 → 1
-        modes = assign_vdep_modes(has_image, ratio, seed=3, step=11)
+        modes = assign_vdep_modes(has_image, ids, ratio, seed=3, step=11)
         assert int(modes.sum()) == expected == round_half_up(ratio * 5)
         assert not bool((modes & ~has_image).any())  # text-only samples stay in LLaVA mode
-    assert torch.equal(assign_vdep_modes(has_image, 0.5, 3, 11), assign_vdep_modes(has_image, 0.5, 3, 11))
-    choices = {tuple(assign_vdep_modes(has_image, 0.5, 3, step).tolist()) for step in range(20)}
+    assert torch.equal(assign_vdep_modes(has_image, ids, 0.5, 3, 11), assign_vdep_modes(has_image, ids, 0.5, 3, 11))
+    choices = {tuple(assign_vdep_modes(has_image, ids, 0.5, 3, step).tolist()) for step in range(20)}
     assert len(choices) > 3  # a different draw at different steps
     assert round_half_up(2.5) == 3 and round(2.5) == 2  # documented: not Python's banker's rounding
+
+
+def test_modes_follow_the_samples_not_their_slots():
+    """The same global batch laid out otherwise (other ranks, micro-batches or order) puts the same samples in
+    VDEP mode: a layout is a permutation of the slots."""
+    generator = torch.Generator().manual_seed(0)
+    has_image = torch.rand(64, generator=generator) < 0.7
+    ids = torch.tensor([sample_id(f"s3://bucket/{i % 4:06d}.tar", f"{i:09d}") for i in range(64)])
+    for ratio in (0.25, 0.5, 1.0):
+        for step in range(5):
+            modes = assign_vdep_modes(has_image, ids, ratio, seed=1, step=step)
+            chosen = set(ids[modes].tolist())
+            for _ in range(3):
+                layout = torch.randperm(64, generator=generator)
+                relaid = assign_vdep_modes(has_image[layout], ids[layout], ratio, seed=1, step=step)
+                assert set(ids[layout][relaid].tolist()) == chosen
+                assert int(relaid.sum()) == round_half_up(ratio * int(has_image.sum()))
 
 
 def test_prepare_inputs_applies_modes_to_labels_and_targets():

@@ -28,6 +28,10 @@ class TrainingHalted(VdepError):
     """Training stopped itself on purpose (e.g. repeated non-finite steps), after writing a checkpoint."""
 
 
+class RanksFailed(VdepError):
+    """One rank met an error the others did not; every rank stops with it (train/together.py)."""
+
+
 class PeerLost(VdepError):
     """A collective failed because another rank went away (its node crashed, was killed or cut off)."""
 

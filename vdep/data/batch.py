@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, fields
 
 import torch
 
 from ..conventions import IGNORE_INDEX
+
+
+def sample_id(location: str, key: str) -> int:
+    """A sample's identity: 63 bits of a hash of its shard's location and its key (the same in every process
+    and run, unlike `hash`). What the VDEP modes are drawn from, so that they do not depend on which rank,
+    micro-batch or slot a sample lands in (objectives/modes.py)."""
+    digest = hashlib.blake2b(f"{location}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 @dataclass
@@ -17,6 +26,7 @@ class ProcessedSample:
     # (3, H, W): uint8 from the loader (normalised on the device), float32 when already normalised;
     # None for a text-only sample
     pixel_values: torch.Tensor | None
+    sample_id: int = 0  # `sample_id(shard, key)`; the loader sets it
 
 
 @dataclass
@@ -51,6 +61,7 @@ class Batch:
     # Where the producing consumer resumes after this batch (a dataset.ConsumerState, filled by the loader).
     consumer: int = 0
     resume_position: object = None
+    sample_ids: torch.Tensor | None = None  # (S,) int64, each sample's `sample_id`
 
     @property
     def packed(self) -> bool:
@@ -157,4 +168,5 @@ def _fill_rows(rows: list[list[ProcessedSample]], pad_token_id: int, image_size:
         raise ValueError("uint8 pixel values need the normalisation table (ImageProcessing.normalisation_table())")
     has_image = torch.tensor([s.pixel_values is not None for s in ordered], dtype=torch.bool)
     return Batch(input_ids, labels, attention_mask, pixel_values, has_image, [s.key for s in ordered], sample_index,
-                 position_ids if packed else None, pixel_table if pixel_values.dtype == torch.uint8 else None)
+                 position_ids if packed else None, pixel_table if pixel_values.dtype == torch.uint8 else None,
+                 sample_ids=torch.tensor([s.sample_id for s in ordered], dtype=torch.long))

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..conventions import IGNORE_INDEX, round_half_up
-from .batch import Batch, ProcessedSample, collate, collate_packed
+from .batch import Batch, ProcessedSample, collate, collate_packed, sample_id
 from .conversation import SampleError, check_image_markers, parse_conversation
 from .images import ImageProcessing, decode_image, image_pixels
 from .remainder import EpochRemainder
@@ -74,7 +74,7 @@ class SamplePreprocessor:
             raise SampleError("no_supervised_tokens", "no token of the sample is supervised")
         return ProcessedSample(
             key=key, input_ids=torch.from_numpy(np.array(tokens.input_ids, dtype=np.int64)), labels=labels,
-            pixel_values=pixel_values,
+            pixel_values=pixel_values, sample_id=sample_id(raw.get("__url__", ""), key),
         )
 
 
@@ -318,7 +318,10 @@ class ShardStream(IterableDataset):
             at_start = self._position(read, carry, window, 0, stream.state())
             batches, carry, read = self._fill_window(raw, carry, read, window)
             if not batches:
-                if self._skipped or self._shortfalls:  # met after the last batch: reported all the same
+                # Met after the last batch, reported all the same; with the samples left short of a micro-batch.
+                if carry:
+                    self._skipped["unused_at_epoch_end"] += len(carry)
+                if self._skipped or self._shortfalls:
                     yield StreamReport(local, dict(self._skipped), list(self._messages), dict(self._shortfalls))
                 return
             after = self._position(read, carry, window + 1, 0, stream.state())

@@ -50,6 +50,15 @@ class DataPosition:
         return cls(data["epoch"], data["micro_batches"], data["next_consumer"],
                    {int(k): ConsumerState.from_json(v) for k, v in data["consumers"].items()}, remainder)
 
+    # The checkpoint protocol (train/checkpoint.py: Stateful).
+    def state_dict(self) -> dict:
+        return self.to_json()
+
+    def load_state_dict(self, state: dict) -> None:
+        restored = DataPosition.from_json(state)
+        self.epoch, self.micro_batches, self.next_consumer = restored.epoch, restored.micro_batches, restored.next_consumer
+        self.consumers, self.remainder = restored.consumers, restored.remainder
+
 
 @dataclass(frozen=True)
 class RankGeometry:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .remote import RemoteFile, RemoteSettings, is_remote, open_remote
+from .remote import MissingShardError, RemoteFile, RemoteSettings, is_remote, open_remote
 
 BLOCK = 512
 _META = re.compile(r"__[^/]*__($|/)")
@@ -57,7 +57,12 @@ def base_and_extension(name: str) -> tuple[str, str] | None:
 def open_shard(location: str, settings: RemoteSettings, offset: int = 0) -> BinaryIO:
     if is_remote(location):
         return open_remote(location, settings, offset)
-    handle = Path(location).open("rb")
+    try:
+        handle = Path(location).open("rb")
+    except OSError as exc:  # deleted or unreadable since the run started: never a skip
+        raise MissingShardError(f"{location}: cannot open the shard ({exc.strerror}); it was listed when the run "
+                                "started. Restore it (or rebuild the shards) and run the same command to continue "
+                                "from the last checkpoint") from None
     handle.seek(offset)
     return handle
 

@@ -117,9 +117,10 @@ class VdepObjective:
         """The share of image samples in VDEP mode (0 when VDEP is off in this stage)."""
         return self.config.mode_ratio if self.config.enabled else 0.0
 
-    def modes(self, has_image: torch.Tensor, step: int) -> torch.Tensor:
-        """VDEP-mode flag per slot of the global batch (`has_image`: bool per slot), the same on every rank."""
-        return assign_vdep_modes(has_image, self.mode_ratio, self.seed, step)
+    def modes(self, has_image: torch.Tensor, sample_ids: torch.Tensor, step: int) -> torch.Tensor:
+        """VDEP-mode flag per slot of the global batch (`has_image`: bool, `sample_ids`: int64 per slot), the same
+        on every rank and for any layout of the same samples (modes.py)."""
+        return assign_vdep_modes(has_image, sample_ids, self.mode_ratio, self.seed, step)
 
     def prepare(self, batch: Batch, vdep_mode: torch.Tensor) -> ModelInputs:
         """The model's inputs for a micro-batch whose samples have the given modes."""

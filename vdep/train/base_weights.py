@@ -11,25 +11,99 @@ where the model comes from:
 - `model.init_from` = LLaVA-1.5's `mm_projector.bin` (keys `model.mm_projector.0.weight`, ...): the
   projector's starting weights (the towers come from `model.*.path` as usual);
 - otherwise the projector's initial weights, seeded.
+
+What base/ and tokenizer/ were made from is stamped in base/built_from.json (`BaseStamp`): the model
+settings that decide them (where the towers, the tokenizer and an imported folder come from, the tiny
+sizes, `model.init_seed`, the projector). A run directory whose stamp differs from the config is rebuilt
+when nothing was trained in it yet; once a stage has a checkpoint, a model change is refused before this
+point (prepare.check_resume_changes), so trained weights never meet other base weights.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from ..atomic import atomic_folder, atomic_path
+from ..atomic import atomic_folder, atomic_path, atomic_write
 from ..config import ModelConfig, TinyLanguageModelConfig, TinyVisionTowerConfig
 from ..data.images import ImageProcessing
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
+from ..log import get_logger
 from ..model.projector import MultiModalProjector
-from ..model.tokenizer import padded_vocab_size
+from ..model.tokenizer import load_tokenizer, padded_vocab_size, prepare_tokenizer
 from ..model.vision import config_hidden_size, tiny_tower_config, tower_classes
-from ..rundir import BasePaths
+from ..rundir import BasePaths, RunDir
+from ..structured import unstructure
+
+log = get_logger("run")
+
+
+STAMP_FILE = "built_from.json"
+
+
+@dataclass(frozen=True)
+class BaseStamp:
+    """What a run's base/ and tokenizer/ folders were built from (the settings that decide their contents)."""
+
+    settings: dict
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> BaseStamp:
+        model = unstructure(config)
+        for key in ("attn_implementation", "gradient_checkpointing"):  # how the model runs, not its weights
+            model.pop(key, None)
+        model["vision_tower"].pop("feature_select", None)  # which features are read, not which weights exist
+        model["vision_tower"].pop("feature_layer", None)
+        model["tokenizer_source"] = config.tokenizer_source()
+        return cls(model)
+
+    @staticmethod
+    def read(base: Path) -> BaseStamp | None:
+        path = base / STAMP_FILE
+        return BaseStamp(json.loads(path.read_text())) if path.is_file() else None
+
+    def write(self, base: Path) -> None:
+        base.mkdir(parents=True, exist_ok=True)
+        atomic_write(base / STAMP_FILE, json.dumps(self.settings, indent=1, sort_keys=True))
+
+    def differences(self, other: BaseStamp) -> list[str]:
+        return sorted(key for key in set(self.settings) | set(other.settings)
+                      if self.settings.get(key) != other.settings.get(key))
+
+
+def prepare_base(config: ModelConfig, run: RunDir, trained: bool) -> None:
+    """Rank 0: the run's tokenizer/ and base/, built from `config` (again, when they were built from other
+    settings and nothing is `trained` in the run yet)."""
+    wanted = BaseStamp.of(config)
+    existing = BaseStamp.read(run.base)
+    built = run.base.exists() or run.tokenizer.exists()
+    if built and existing is not None and existing != wanted:
+        if trained:  # prepare.check_resume_changes refuses this first; kept as the last line of defence
+            raise CheckpointError(
+                f"{run.base} was built from other model settings ({', '.join(existing.differences(wanted))}) than the "
+                "config's, and the run has trained stages; use a new run.name"
+            )
+        log.info("run directory %s: base weights and tokenizer were built from other settings (%s); building them "
+                 "again", run.path, ", ".join(existing.differences(wanted)))
+        shutil.rmtree(run.base, ignore_errors=True)
+        shutil.rmtree(run.tokenizer, ignore_errors=True)
+    elif built and existing is None and not trained:  # made before vdep stamped them: cannot be trusted
+        log.info("run directory %s: base weights without %s; building them again", run.path, STAMP_FILE)
+        shutil.rmtree(run.base, ignore_errors=True)
+        shutil.rmtree(run.tokenizer, ignore_errors=True)
+    if not run.tokenizer.is_dir():
+        tokenizer = prepare_tokenizer(config.tokenizer_source())  # type: ignore[arg-type]
+        with atomic_folder(run.tokenizer) as folder:
+            tokenizer.save_pretrained(str(folder))
+    materialize_base(config, load_tokenizer(run.tokenizer), run.base_paths(config))
+    if existing != wanted:
+        wanted.write(run.base)
 
 
 def materialize_base(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, paths: BasePaths) -> BasePaths:

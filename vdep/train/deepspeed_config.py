@@ -61,8 +61,10 @@ def load_preset(name_or_path: str) -> tuple[dict[str, Any], Path]:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
-        if precision in ("bf16", "fp16") and device.type == "cpu":
-            raise ConfigError(f"deepspeed.precision={precision} needs a GPU; on CPU use auto or fp32")
+        # DeepSpeed's CPU accelerator runs bf16 (slowly, where the CPU has no bf16 units), not fp16.
+        if precision == "fp16" and device.type == "cpu":
+            raise ConfigError("deepspeed.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); on CPU "
+                              "use auto, fp32 or bf16")
         return precision
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"

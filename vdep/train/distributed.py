@@ -16,12 +16,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError
 from .ds import import_deepspeed, prebuild_ops
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,16 @@ def close_process_group() -> None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_from_rank_zero(value: T) -> T:
+    """Collective: rank 0's `value` on every rank (a decision rank 0 took, e.g. from a shared file system that
+    other ranks might read at another moment)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,10 @@ def load_op(builder) -> object:
     with open(extensions / ".vdep-build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
+            # torch marks a build in progress with a `lock` file in the op's folder and waits, forever, for it
+            # to go; a build killed half-way (a SIGKILLed rank) leaves it behind. Every vdep build holds the
+            # flock above, so while we hold it, such a file is stale.
+            (extensions / builder.name / "lock").unlink(missing_ok=True)
             return builder.load(verbose=False)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

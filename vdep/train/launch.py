@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 from ..errors import EXIT_PREEMPTED
 from .distributed import free_port
@@ -27,8 +28,10 @@ def launch_local(nproc: int, argv: list[str], extra_env: Mapping[str, str] | Non
     return wait_for_ranks(start_local_ranks(nproc, argv, extra_env))
 
 
-def start_local_ranks(nproc: int, argv: list[str], extra_env: Mapping[str, str] | None = None) -> list[subprocess.Popen]:
-    """Start the ranks (process i is rank i) without waiting for them."""
+def start_local_ranks(nproc: int, argv: list[str], extra_env: Mapping[str, str] | None = None,
+                      output_dir: Path | None = None) -> list[subprocess.Popen]:
+    """Start the ranks (process i is rank i) without waiting for them; with `output_dir`, each rank's stdout and
+    stderr go to OUTPUT_DIR/rankN.log."""
     prebuild_ops()
     port = free_port()
     processes = []
@@ -45,7 +48,14 @@ def start_local_ranks(nproc: int, argv: list[str], extra_env: Mapping[str, str] 
             # Ranks share the CPU: one intra-op thread pool per rank would oversubscribe it.
             "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
         })
-        processes.append(subprocess.Popen([sys.executable, "-m", "vdep", *argv], env=env))
+        output = None
+        if output_dir is not None:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            output = (output_dir / f"rank{rank}.log").open("w")
+        processes.append(subprocess.Popen([sys.executable, "-m", "vdep", *argv], env=env, stdout=output,
+                                          stderr=subprocess.STDOUT if output else None))
+        if output is not None:
+            output.close()  # the child holds its own descriptor
     return processes
 
 

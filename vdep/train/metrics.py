@@ -232,6 +232,13 @@ class SkipReport:
         self.shortfalls: dict[str, list[int]] = {k: list(v) for k, v in (shortfalls or {}).items()}
         self.warnings_left = MAX_SKIP_WARNINGS
 
+    def state_dict(self) -> dict:
+        return {"counts": dict(self.counts), "shortfalls": {k: list(v) for k, v in self.shortfalls.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counts = Counter(state["counts"])
+        self.shortfalls = {k: list(v) for k, v in state["shortfalls"].items()}
+
     def add(self, batches: list[Batch] | list[StreamReport]) -> None:
         for batch in batches:
             self.counts.update(batch.skipped)

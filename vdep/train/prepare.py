@@ -8,13 +8,12 @@ from pathlib import Path
 
 import yaml
 
-from ..atomic import atomic_folder, atomic_write
+from ..atomic import atomic_write
 from ..config import TrainConfig, config_to_yaml
 from ..errors import CheckpointError
 from ..log import get_logger
-from ..model.tokenizer import load_tokenizer, prepare_tokenizer
 from ..rundir import RunDir
-from .base_weights import materialize_base
+from .base_weights import prepare_base
 from .validation import prepare_validation_shards
 
 log = get_logger("run")
@@ -90,9 +89,5 @@ def prepare_run_dir(config: TrainConfig, run: RunDir) -> None:
     if resuming and run.config_file.is_file():
         check_resume_changes(run, config)
     save_resolved_config(config, run)
-    if not run.tokenizer.is_dir():
-        tokenizer = prepare_tokenizer(config.model.tokenizer_source())  # type: ignore[arg-type]
-        with atomic_folder(run.tokenizer) as folder:
-            tokenizer.save_pretrained(str(folder))
-    materialize_base(config.model, load_tokenizer(run.tokenizer), run.base_paths(config.model))
+    prepare_base(config.model, run, trained=resuming)
     prepare_validation_shards(config, run)

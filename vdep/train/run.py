@@ -11,17 +11,17 @@ from collections.abc import Callable
 import torch
 
 from ..config import TrainConfig, check_batch_geometry
-from ..errors import PeerLost, VdepError
+from ..errors import PeerLost
 from ..log import get_logger, setup_logging
 from ..model.build import load_image_processing
 from ..model.tokenizer import load_tokenizer
 from ..rundir import RunDir
 from .deepspeed_config import resolve_precision
 from .distributed import (
-    all_reduce_max,
     barrier,
     close_process_group,
     collective_failure_cause,
+    current_rank,
     describe_hosts,
     detect_launch,
     init_distributed,
@@ -32,24 +32,17 @@ from .faults import Faults
 from .preemption import StopRequest
 from .prepare import prepare_run_dir
 from .setup import RunContext
+from .together import together
 from .trainer import run_stage
 
 log = get_logger("run")
 
 
-def on_rank_zero(action: Callable[[], None], rank: int, device: torch.device) -> None:
-    """Run `action` on rank 0 only; if it fails, every rank fails (none is left waiting at a barrier)."""
-    error: BaseException | None = None
-    if rank == 0:
-        try:
+def on_rank_zero(action: Callable[[], None], device: torch.device) -> None:
+    """Run `action` on rank 0 only; if it fails, every rank fails with its error (none is left waiting)."""
+    with together(device):
+        if current_rank() == 0:
             action()
-        except Exception as exc:  # noqa: BLE001 (re-raised below, after the other ranks know)
-            error = exc
-    failed = all_reduce_max(1.0 if error is not None else 0.0, device)
-    if error is not None:
-        raise error
-    if failed:
-        raise VdepError("rank 0 failed while preparing the run directory (its error is above)")
 
 
 def train(config: TrainConfig) -> list[dict]:
@@ -107,7 +100,7 @@ def _train(config: TrainConfig, stop: StopRequest) -> list[dict]:
     )
     hosts = rank_hosts()
     log.info("vdep train: %d node(s): %s", len(set(hosts)), describe_hosts(hosts))
-    on_rank_zero(lambda: prepare_run_dir(config, run), launch.rank, device)
+    on_rank_zero(lambda: prepare_run_dir(config, run), device)
     barrier()
     base = run.base_paths(config.model)
     context = RunContext(

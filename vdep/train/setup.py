@@ -32,15 +32,17 @@ from ..model.llava import MultimodalSpec, VdepLlava
 from ..model.lora import add_adapters, check_quantization
 from ..objectives.objective import VdepObjective
 from ..rundir import BasePaths, RunDir, stage_weights
+from .checkpoint import ResumePoint, find_resume_point
 from .deepspeed_config import fill_config, load_preset, offloads_optimizer, zero_stage
 from .distributed import LaunchEnv
 from .ds import import_deepspeed, load_op
-from .elastic import ElasticResume, find_elastic_resume
+from .elastic import ElasticGeometry, elastic_geometry
 from .faults import Faults
 from .freezing import apply_trainable, format_table, numel, param_groups, trainable_table
 from .metrics import FlopModel
 from .preemption import StopRequest
 from .schedule import lr_factor, warmup_steps
+from .together import together
 
 log = get_logger("train")
 
@@ -80,19 +82,26 @@ class StageParts:
     grad_accum: int
     flops: FlopModel
     fingerprint: str  # of the settings a checkpoint of this stage must have been written with
-    elastic: ElasticResume | None = None  # the latest checkpoint was written on another number of ranks
+    resume: ResumePoint | None = None  # the checkpoint the stage continues from (checked complete)
+    elastic: ElasticGeometry | None = None  # set when that checkpoint was written on another number of ranks
 
 
 def build_stage(ctx: RunContext, name: str, stage: StageConfig) -> StageParts:
     """Model with its starting weights, data, optimizer, schedule and DeepSpeed engine; logs the setup."""
-    spec = model_spec(ctx.config.model, ctx.base, ctx.tokenizer)
-    objective = VdepObjective(
-        stage.vdep, image_token_id=spec.image_token_id, num_image_tokens=spec.num_image_tokens,
-        seed=ctx.config.run.seed, device=ctx.device,
-    )
-    elastic = find_elastic_resume(ctx.run.stage(name).checkpoints, name, stage, ctx.launch.world_size)
-    grad_accum = check_batch_geometry(name, stage, ctx.launch.world_size)
-    loader = make_loader(ctx, stage, spec, grad_accum)
+    resume = find_resume_point(ctx.run.stage(name).checkpoints, ctx.device)
+    # What each rank reads alone (the tokenizer's and towers' configs, sizes.json, maybe over the network):
+    # a rank that fails here stops every rank with its error, before the collectives below.
+    with together(ctx.device):
+        spec = model_spec(ctx.config.model, ctx.base, ctx.tokenizer)
+        objective = VdepObjective(
+            stage.vdep, image_token_id=spec.image_token_id, num_image_tokens=spec.num_image_tokens,
+            seed=ctx.config.run.seed, device=ctx.device,
+        )
+        elastic = None
+        if resume is not None and resume.on_other_ranks(ctx.launch.world_size):
+            elastic = elastic_geometry(resume, name, stage, ctx.launch.world_size)
+        grad_accum = check_batch_geometry(name, stage, ctx.launch.world_size)
+        loader = make_loader(ctx, stage, spec, grad_accum)
     # An elastic resume keeps the length (and so the LR schedule) that the checkpoint's run planned.
     geometry = elastic.geometry(ctx.config.data.split, len(loader.stream.shards), loader.num_workers) if elastic else None
     length = loader.stage_length(stage.epochs, stage.max_steps, geometry)
@@ -129,7 +138,7 @@ def build_stage(ctx: RunContext, name: str, stage: StageConfig) -> StageParts:
         grad_accum=grad_accum,
         # LoRA: the LLM's backward computes input gradients only (the adapters' own are negligible)
         flops=flop_model(model, spec, llm_trainable="language_model" in stage.trainable and stage.lora is None),
-        fingerprint=stage_fingerprint(ctx.config, name), elastic=elastic,
+        fingerprint=stage_fingerprint(ctx.config, name), resume=resume, elastic=elastic,
     )
 
 

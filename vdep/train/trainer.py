@@ -35,21 +35,30 @@ from ..data.loader import DataPosition
 from ..errors import DataError, TrainingHalted, TrainingPreempted
 from ..log import get_logger
 from ..rundir import checkpoint_tag
-from .checkpoint import CheckpointManager, TrainState, save_final_weights
-from .distributed import merge_mappings, sum_counters
-from .elastic import restore_elastic
+from .checkpoint import (
+    CheckpointManager,
+    ProcessRng,
+    Stateful,
+    TrainState,
+    load_engine_checkpoint,
+    save_final_weights,
+)
+from .distributed import broadcast_from_rank_zero, current_rank, merge_mappings, sum_counters
+from .elastic import convert_to_universal, load_universal, rank_state
 from .global_batch import StepPlan, plan_step
 from .metrics import IntervalStats, SkipReport, StageMetrics, peak_flops
+from .nonfinite import NonfiniteSteps
 from .sample_log import SampleLog
 from .setup import DTYPES, RunContext, StageParts, build_stage
+from .together import together
 from .validation import Validator, build_validator
 
 log = get_logger("train")
 
 
-def take(batches: Iterator[Batch], count: int) -> list[Batch] | None:
-    group = list(itertools.islice(batches, count))
-    return group if len(group) == count else None
+def take(batches: Iterator[Batch], count: int) -> list[Batch]:
+    """Up to `count` micro-batches (fewer at the end of this rank's share of the epoch)."""
+    return list(itertools.islice(batches, count))
 
 
 class StageTrainer:
@@ -57,15 +66,14 @@ class StageTrainer:
         self.ctx, self.name, self.stage, self.parts = ctx, name, stage, parts
         self.engine = parts.engine
         self.stage_dir = ctx.run.stage(name)
-        self.checkpoints = CheckpointManager(self.stage_dir, ctx.config.run.keep_last, ctx.faults)
+        self.checkpoints = CheckpointManager(self.stage_dir, ctx.config.run.keep_last, ctx.device, ctx.faults)
         self.state = TrainState(name, 0, 0, 0, ctx.launch.world_size, parts.fingerprint)
         self.position = DataPosition(0)
-        self.replay = 0  # micro-batches to draw and discard before the next step (a checkpoint without a position)
         self._batches: Iterator[Batch] | None = None
         self.skips = SkipReport({})
+        self.nonfinite = NonfiniteSteps(parts.engine, self.state)
         self.interval = IntervalStats(ctx.device)
         self.metrics: StageMetrics | None = None
-        self.nonfinite_in_a_row = 0
         self.missing = 0  # samples missing from short shards, all ranks, as of the last log line or epoch end
         self.last_scalars: dict[str, float] = {}
         self.sample_log = SampleLog.from_env(ctx.launch.rank)
@@ -103,25 +111,36 @@ class StageTrainer:
         return self.parts.length.done(state.step, state.epoch, state.micro_batches_in_epoch // self.parts.grad_accum)
 
     # ---------------------------------------------------------------------------------- restoring
+    def checkpoint_parts(self) -> dict[str, Stateful]:
+        """What a checkpoint holds of this trainer besides the engine, by name: saved and restored alike."""
+        return {"train": self.state, "skips": self.skips, "data_position": self.position, "rng": ProcessRng()}
+
     def restore(self) -> None:
-        """Continue from the stage's latest checkpoint, if there is one."""
-        elastic = self.parts.elastic
-        if elastic is not None:  # written on another number of ranks (elastic.py)
-            restored = restore_elastic(self.engine, elastic, self.parts.loader, self.ctx.config.data.split,
-                                       self.parts.fingerprint, self.parts.grad_accum, self.ctx.device)
-        else:
-            restored = self.checkpoints.restore(self.engine, self.ctx.launch.world_size, self.parts.fingerprint)
-        if restored is None:
+        """Continue from the checkpoint the stage was built to resume (setup.build_stage), if there is one:
+        the engine, then every part of the trainer from its own entry of the saved state."""
+        point = self.parts.resume
+        if point is None:
             return
-        self.state = restored.train
-        self.skips = SkipReport(self.state.skipped_samples, self.state.shortfalls)
-        position = restored.data_position
-        if position is not None and (position.epoch, position.micro_batches) == (self.state.epoch, self.state.micro_batches_in_epoch):
-            self.position = position
-        else:  # no position recorded: the consumed micro-batches are drawn again and discarded
-            self.position = DataPosition(self.state.epoch)
-            self.replay = self.state.micro_batches_in_epoch
-        log.info("stage %s: resumed from %s (step %d of %d)", self.name, restored.folder, self.state.step,
+        point.check_fingerprint(self.parts.fingerprint)
+        world, rank = self.ctx.launch.world_size, current_rank()
+        elastic = self.parts.elastic
+        saved: dict = {}
+        with together(self.ctx.device):  # each rank reads its own files: one that cannot, stops every rank
+            saved = (rank_state(point, elastic, self.parts.loader, self.ctx.config.data.split, world, rank,
+                                self.parts.grad_accum) if elastic is not None else point.state(rank))
+        if elastic is not None:  # written on another number of ranks (elastic.py)
+            load_universal(self.engine, point.folder, convert_to_universal(point.folder, self.ctx.device))
+        else:
+            load_engine_checkpoint(self.engine, point.folder)
+        for name, part in self.checkpoint_parts().items():
+            if name in saved:  # no "rng" for a rank beyond an elastic resume's old ones: a fresh start's seeding
+                part.load_state_dict(saved[name])
+        if (self.position.epoch, self.position.micro_batches) != (self.state.epoch, self.state.micro_batches_in_epoch):
+            raise DataError(f"{point.folder}: rank {rank}'s data position (epoch {self.position.epoch}, "
+                            f"{self.position.micro_batches} micro-batches) disagrees with its train state; the "
+                            "checkpoint is damaged: remove it to resume from the one before")
+        self.checkpoints.saved_step = self.state.step
+        log.info("stage %s: resumed from %s (step %d of %d)", self.name, point.folder, self.state.step,
                  self.parts.length.planned_steps)
 
     @property
@@ -129,11 +148,6 @@ class StageTrainer:
         """This rank's micro-batches from the data position on (opened on first use)."""
         if self._batches is None:
             self._batches = iter(self.parts.loader.micro_batches(self.state.epoch, self.position))
-            for _ in range(self.replay):
-                batch = next(self._batches, None)
-                if batch is not None:
-                    self.position.advance(batch, self.parts.loader.workers)
-            self.replay = 0
         return self._batches
 
     # ------------------------------------------------------------------------------------ stepping
@@ -142,23 +156,30 @@ class StageTrainer:
         # The DataLoader draws its workers' seed from torch's RNG whenever it (re)starts, which a resumed
         # stage does at another point than an uninterrupted one: kept off the RNG that dropout (LoRA's)
         # draws from, so both draw the same masks.
-        with torch.random.fork_rng(devices=[]):
-            micro_batches = take(self.batches, self.parts.grad_accum)
+        error: BaseException | None = None
+        micro_batches: list[Batch] = []
+        try:
+            with torch.random.fork_rng(devices=[]):
+                micro_batches = take(self.batches, self.parts.grad_accum)
+        except Exception as exc:  # noqa: BLE001 (every rank stops with it: plan_step shares it)
+            error = exc
         plan = plan_step(
-            micro_batches, step=self.state.step, slots_per_rank=self.stage.micro_batch_size * self.parts.grad_accum,
-            objective=self.parts.objective, device=self.ctx.device,
+            micro_batches, step=self.state.step, micro_batches_per_step=self.parts.grad_accum,
+            slots_per_rank=self.stage.micro_batch_size * self.parts.grad_accum,
+            objective=self.parts.objective, device=self.ctx.device, error=error,
         )
         if plan is None:
-            self.next_epoch()
+            self.next_epoch(micro_batches)
             return False
-        self.skips.add(micro_batches)  # type: ignore[arg-type]
-        self.sample_log.record(self.name, self.state.step + 1, self.state.epoch, micro_batches)  # type: ignore[arg-type]
-        for batch in micro_batches:  # type: ignore[union-attr]
+        self.skips.add(micro_batches)
+        self.sample_log.record(self.name, self.state.step + 1, self.state.epoch, micro_batches)
+        for batch in micro_batches:
             self.position.advance(batch, self.parts.loader.workers)
+        scale = self.nonfinite.loss_scale()
         self.forward_backward(plan)
         self.state.step += 1
         self.state.micro_batches_in_epoch += self.parts.grad_accum
-        self.count_nonfinite()
+        self.nonfinite.count(self.name, scale)
         return True
 
     def forward_backward(self, plan: StepPlan) -> None:
@@ -173,13 +194,18 @@ class StageTrainer:
         flops = self.parts.flops.step_flops(plan.tokens, plan.squared_lengths, plan.image_samples)
         self.interval.add_step(plan, flops)
 
-    def next_epoch(self) -> None:
+    def next_epoch(self, partial: list[Batch]) -> None:
         """Collective (every rank ran out together): count what this rank's stream met to its end, stop if
-        too much data was missing, and start the next epoch."""
-        for batch in self._batches or ():  # this rank's share beyond the shortest rank's: unused, but counted
-            self.skips.add([batch])
-        self.skips.add(self.parts.loader.reports)
-        self.parts.loader.reports.clear()
+        too much data was missing, and start the next epoch. `partial`: the micro-batches this rank took for a
+        step that not every rank could fill. The samples this rank read in this epoch but did not train on
+        (beyond the shortest rank's share, or short of a micro-batch) are counted as `unused_at_epoch_end`, so
+        trained + skipped + missing + unused make up every sample sizes.json lists."""
+        with together(self.ctx.device):  # reading on to the end of the stream may fail on this rank alone
+            for batch in itertools.chain(partial, self._batches or ()):
+                self.skips.add([batch])
+                self.skips.counts["unused_at_epoch_end"] += batch.num_samples
+            self.skips.add(self.parts.loader.reports)
+            self.parts.loader.reports.clear()
         self.missing = sum_counters(self.skips.counts).get("missing_from_shard", 0)
         halt = self.missing_halt(epochs=self.state.epoch + 1)
         if halt is not None:
@@ -192,16 +218,6 @@ class StageTrainer:
         self.state.micro_batches_in_epoch = 0
         self.position = DataPosition(self.state.epoch)
         self._batches = None
-
-    def count_nonfinite(self) -> None:
-        """DeepSpeed skips the update of a step with a non-finite gradient norm, on every rank alike."""
-        self.nonfinite_in_a_row = 0 if self.engine.was_step_applied() else self.nonfinite_in_a_row + 1
-        if self.nonfinite_in_a_row:
-            self.state.nonfinite_steps += 1
-            log.warning(
-                "stage %s: step %d had a non-finite loss or gradient norm; its update was skipped (%d in a row, "
-                "%d in this stage)", self.name, self.state.step, self.nonfinite_in_a_row, self.state.nonfinite_steps,
-            )
 
     # ------------------------------------------------------------------------------------- logging
     def log(self, force: bool = False) -> None:
@@ -240,10 +256,8 @@ class StageTrainer:
 
     # -------------------------------------------------------------------------------- checkpoints
     def save(self) -> None:
-        """Collective: a checkpoint of this step (engine, train state, data position, RNG)."""
-        self.state.skipped_samples = dict(self.skips.counts)
-        self.state.shortfalls = dict(self.skips.shortfalls)
-        self.checkpoints.save(self.engine, self.state, self.position)
+        """Collective: a checkpoint of this step (the engine and every part of `checkpoint_parts`)."""
+        self.checkpoints.save(self.engine, self.state.step, self.checkpoint_parts())
 
     def checkpoint_if_due(self) -> None:
         """The periodic save; then stop (after saving, if not just done) on too many non-finite steps in
@@ -277,9 +291,9 @@ class StageTrainer:
         steps change no weight.
         """
         limit = self.ctx.config.run.max_nonfinite_steps
-        if self.nonfinite_in_a_row < limit:
+        if self.state.nonfinite_in_a_row < limit:
             return None
-        first = self.state.step - self.nonfinite_in_a_row + 1
+        first = self.state.step - self.state.nonfinite_in_a_row + 1
         return TrainingHalted(
             f"stage {self.name}: steps {first}-{self.state.step} all had a non-finite loss or gradient norm "
             f"(run.max_nonfinite_steps={limit}); stopped. "
@@ -309,11 +323,10 @@ class StageTrainer:
     def finish(self) -> dict:
         """Collective: the end-of-stage checkpoint (unless the latest already is this step's), the final
         weights and the summary."""
-        if self.checkpoints.latest_step != self.state.step:
+        if self.checkpoints.saved_step != self.state.step:
             self.save()
         self.ctx.faults.kill_before_final(self.state.step)
-        self.state.skipped_samples = dict(self.skips.counts)
-        skipped = sum_counters(self.state.skipped_samples)
+        skipped = sum_counters(dict(self.skips.counts))
         shortfalls = merge_mappings(self.skips.shortfalls)
         planned = self.parts.length.planned_steps
         if self.ctx.is_main and self.state.step < planned:
@@ -340,7 +353,7 @@ class StageTrainer:
             "short_shards": {location: {"listed": listed, "held": held} for location, (listed, held) in shortfalls.items()},
             "vdep": asdict(self.stage.vdep),
         }
-        save_final_weights(self.engine.module, self.stage_dir, summary)
+        save_final_weights(self.engine, self.stage_dir, summary)
         log.info("stage %s: done after %d steps; weights in %s", self.name, self.state.step, self.stage_dir.final)
         return summary
 
@@ -359,9 +372,15 @@ class StageTrainer:
 def run_stage(ctx: RunContext, name: str, stage: StageConfig) -> dict:
     """Train one stage (or find it complete); returns its summary."""
     stage_dir = ctx.run.stage(name)
-    if stage_dir.is_complete:
+    # Decided on rank 0: ranks that read a shared file system at different moments must not disagree.
+    summary = None
+    with together(ctx.device):
+        if ctx.is_main and stage_dir.is_complete:
+            summary = stage_dir.read_summary()
+    summary = broadcast_from_rank_zero(summary)
+    if summary is not None:
         log.info("stage %s: already complete in %s; skipping it", name, stage_dir.final)
-        return stage_dir.read_summary()
+        return summary
     trainer = StageTrainer.build(ctx, name, stage)
     try:
         return trainer.train()

@@ -43,6 +43,7 @@ from ..log import get_logger
 from ..objectives.objective import VdepObjective
 from ..rundir import RunDir
 from .distributed import all_reduce_max, all_reduce_sum, current_world_size
+from .together import raise_together
 
 log = get_logger("train")
 
@@ -190,9 +191,17 @@ class Validator:
         batches = self.micro_batches()
         first: Batch | None = None
         while True:
-            batch = next(batches, None)
+            error: BaseException | None = None
+            batch = None
+            try:
+                batch = next(batches, None)
+            except Exception as exc:  # noqa: BLE001 (every rank stops with it, below)
+                error = exc
             first = first or batch
-            have = all_reduce_sum(torch.tensor([batch is not None, first is not None], dtype=torch.long, device=device))
+            have = all_reduce_sum(torch.tensor([batch is not None, first is not None, error is not None],
+                                               dtype=torch.long, device=device))
+            if int(have[2]):
+                raise_together(error)
             if int(have[1]) < current_world_size():  # the same answer on every rank: all raise together
                 raise DataError(
                     f"stage {self.name}: some rank has no validation sample: {self.settings.data} holds fewer samples "
