@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vdep-installed
 
-.PHONY: install demo test test-unit test-distributed clean
+.PHONY: install demo test test-unit test-distributed lint check-torch clean
 
 # Every pip call runs under a constraints file that names the pinned torch: a resolver (pip 26.x did)
 # would otherwise replace the CPU build with a newer CUDA one (~4 GB) while installing the extras.
@@ -28,6 +28,7 @@ if torch.__version__.split("+")[0] != wanted or torch.version.cuda is not None:
 print(f"torch {torch.__version__}: the pinned CPU build")
 endef
 export TORCH_PIN_CHECK
+CHECK_TORCH = $(if $(TORCH_SPEC),$(BIN)/python -c "$$TORCH_PIN_CHECK" "$(TORCH_SPEC)")
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +36,7 @@ $(STAMP): pyproject.toml
 	PIP_CONSTRAINT=$(CURDIR)/$(CONSTRAINTS) $(BIN)/python -m pip install --quiet --upgrade pip
 	$(if $(TORCH_SPEC),PIP_CONSTRAINT=$(CURDIR)/$(CONSTRAINTS) $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)")
 	PIP_CONSTRAINT=$(CURDIR)/$(CONSTRAINTS) $(BIN)/python -m pip install --quiet -e ".[test]"
-	$(if $(TORCH_SPEC),$(BIN)/python -c "$$TORCH_PIN_CHECK" "$(TORCH_SPEC)")
+	$(CHECK_TORCH)
 	touch $@
 
 install: $(STAMP)
@@ -51,6 +52,14 @@ test-unit: $(STAMP)
 # Each test starts several ranks that share the CPU: run them one at a time.
 test-distributed: $(STAMP)
 	$(BIN)/python -m pytest -m distributed -q --durations=10
+
+# The venv's torch is the pinned CPU build (nothing to check when TORCH_SPEC is emptied for a CUDA machine).
+check-torch: $(STAMP)
+	$(CHECK_TORCH)
+
+# ruff's settings are in pyproject.toml; its version is pinned in the test extra.
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache vdep-demo
