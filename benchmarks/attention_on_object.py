@@ -31,19 +31,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.vdep_ablation import mean_std  # noqa: E402
-from vdep.attention_map import (  # noqa: E402
+from benchmarks.vdep_ablation import mean_std
+from vdep.attention_map import (
     load_vdep_attention_model,
     loaded_vdep_forward,
     patch_coverage,
     reduce_attention,
     to_grid,
 )
-from vdep.conventions import IMAGE_MARKER  # noqa: E402
-from vdep.data.images import decode_image  # noqa: E402
-from vdep.demo import demo_paths  # noqa: E402
-from vdep.demo_data import object_mask  # noqa: E402
-from vdep.errors import VdepError  # noqa: E402
+from vdep.conventions import IMAGE_MARKER
+from vdep.data.images import decode_image
+from vdep.demo import demo_paths
+from vdep.demo_data import object_mask
+from vdep.errors import VdepError
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vdep.demo import REGIMES, SIZES, DemoSizes, prepare_data, prepare_text_data, train_and_evaluate  # noqa: E402
+from vdep.demo import REGIMES, SIZES, DemoSizes, prepare_data, prepare_text_data, train_and_evaluate
 
 SPEC_DEFAULTS = ["vdep.alpha=1.0", "vdep.mode_ratio=0.5", "vdep.detach_input=false", "vdep.target_norm=none",
                  "vdep.text_loss_in_vdep_mode=false", "vdep.head=identity"]

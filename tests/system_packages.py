@@ -22,7 +22,7 @@ def install_packages(binaries: tuple[str, ...], packages: tuple[str, ...]) -> st
         return f"{', '.join(binaries)} missing, and installing {' '.join(packages)} needs root and apt-get"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *packages]):
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        result = subprocess.run(command, env=env, check=False, capture_output=True, text=True, timeout=900)
         if result.returncode != 0:
             return f"{' '.join(command)} failed: {result.stderr[-2000:]}"
     return None

@@ -101,7 +101,7 @@ def test_truncated_and_non_image_bytes_are_refused():
 
 
 def test_decompression_bombs_are_refused(monkeypatch):
-    import vdep.data.images as images
+    from vdep.data import images
 
     buffer = io.BytesIO()
     random_image(100, 100, seed=5).save(buffer, format="PNG")

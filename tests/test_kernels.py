@@ -277,7 +277,7 @@ def test_the_kernel_benchmark_runs_in_smoke_mode(head):
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_bench.py"
     result = subprocess.run([sys.executable, str(script), "--smoke", "--head", head, "--num-warps", "8"],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+                            check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"head {head}," in result.stdout and "| eager reference |" in result.stdout
     assert "| fused (Triton, 4 warps) |" in result.stdout and "| fused (Triton, 8 warps) |" in result.stdout

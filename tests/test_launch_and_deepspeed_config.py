@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -94,7 +95,7 @@ def test_cosine_schedule_with_warmup():
     assert lr_factor(middle, warmup, total) == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(torch.pi * 48 / 97)).item()))
     assert lr_factor(total - 1, warmup, total) < 0.001
     factors = [lr_factor(s, warmup, total) for s in range(3, total)]
-    assert all(a >= b for a, b in zip(factors, factors[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors))
 
 
 def test_param_groups_separate_the_projector_lr(tiny_model):
@@ -136,7 +137,7 @@ def test_ops_build_with_the_ninja_beside_the_interpreter_so_another_on_path_rebu
     for first in (venv_ninja.parent, other.parent):  # built with the venv's, then loaded with the other first
         env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "DS_ACCELERATOR": "cpu",
                "PATH": f"{first}{os.pathsep}{os.environ['PATH']}"}
-        result = subprocess.run([sys.executable, "-c", build], env=env, capture_output=True, text=True, timeout=600)
+        result = subprocess.run([sys.executable, "-c", build], env=env, check=False, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-2000:]
         stamps.append(result.stdout.strip().splitlines()[-1])
     assert stamps[0] == stamps[1], "the op was rebuilt"

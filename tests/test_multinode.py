@@ -299,7 +299,7 @@ def test_a_run_whose_node_never_comes_back_continues_on_the_node_left(cluster, s
         cluster.start_node("node2")  # for whatever runs on the cluster next
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", single.diagnostics()
     log_text = (job.run_dir / "logs" / "train.log").read_text()
-    assert f"(written on 2 rank(s)) continues on 1: 2 accumulation step(s) instead of 1" in log_text, log_text[-3000:]
+    assert "(written on 2 rank(s)) continues on 1: 2 accumulation step(s) instead of 1" in log_text, log_text[-3000:]
     run, expected = losses(job.run_dir), reference
     assert sorted(run["finetune"]) == list(range(1, STEPS["finetune"] + 1))
     for step in range(1, resumed_from + 1):  # trained before the loss, on both nodes

@@ -181,14 +181,14 @@ TWO_ROUNDS = [Turn("user", "<image>\nWhat color is the shape?"), Turn("assistant
 
 @pytest.mark.parametrize("family, expected_text, answers", [
     ("llama3",
-     "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat color is the shape?<|eot_id|>"
-     "<|start_header_id|>assistant<|end_header_id|>\n\nThe shape is red.<|eot_id|><|start_header_id|>user<|end_header_id|>"
-     "\n\nDescribe the image briefly.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA red square on grey.<|eot_id|>",
+     ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat color is the shape?<|eot_id|>"
+      "<|start_header_id|>assistant<|end_header_id|>\n\nThe shape is red.<|eot_id|><|start_header_id|>user<|end_header_id|>"
+      "\n\nDescribe the image briefly.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA red square on grey.<|eot_id|>"),
      ["The shape is red.<|eot_id|>", "A red square on grey.<|eot_id|>"]),
     ("qwen2",
-     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat color is the shape?"
-     "<|im_end|>\n<|im_start|>assistant\nThe shape is red.<|im_end|>\n<|im_start|>user\nDescribe the image briefly."
-     "<|im_end|>\n<|im_start|>assistant\nA red square on grey.<|im_end|>\n",
+     ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat color is the shape?"
+      "<|im_end|>\n<|im_start|>assistant\nThe shape is red.<|im_end|>\n<|im_start|>user\nDescribe the image briefly."
+      "<|im_end|>\n<|im_start|>assistant\nA red square on grey.<|im_end|>\n"),
      ["The shape is red.<|im_end|>", "A red square on grey.<|im_end|>"]),
 ])
 def test_llama3_and_qwen2_layouts_label_each_answer_with_its_end_of_turn(request, family, expected_text, answers):

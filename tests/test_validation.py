@@ -13,10 +13,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.conftest import read_metrics
 from vdep.config import load_config
-from vdep.model.attention import AttentionChoice
-from vdep.model.build import build_model, load_image_processing, load_stage_weights
 from vdep.errors import ConfigError
 from vdep.evaluate import load_trained_model
+from vdep.model.attention import AttentionChoice
+from vdep.model.build import build_model, load_image_processing, load_stage_weights
 from vdep.objectives.objective import VdepObjective
 from vdep.rundir import RunDir
 from vdep.train.launch import launch_local

@@ -11,9 +11,8 @@ from torch import nn
 
 from vdep.config import VdepConfig
 from vdep.conventions import IGNORE_INDEX, round_half_up
-from vdep.data.batch import Batch
+from vdep.data.batch import Batch, sample_id
 from vdep.objectives.losses import GlobalCounts, LossSums, batch_loss, reference_vdep_sum, text_loss_sum
-from vdep.data.batch import sample_id
 from vdep.objectives.modes import assign_vdep_modes
 from vdep.objectives.objective import make_vdep_head
 from vdep.objectives.supervision import prepare_inputs, supervised_image_positions, text_first_order

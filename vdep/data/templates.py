@@ -273,8 +273,8 @@ class TokenizerChatTemplate(ConversationTemplate):
         """The special token the template writes right after an answer, if there is one."""
         probe = [Turn("user", "Hi."), Turn("assistant", "Hello.")]
         try:
-            answer = [s for s in self.segments(probe, has_image=False) if s.supervised][0].text
-        except SampleError:
+            answer = next(s for s in self.segments(probe, has_image=False) if s.supervised).text
+        except (SampleError, StopIteration):
             return None
         suffix = answer.split("Hello.", 1)[-1].strip()
         ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []

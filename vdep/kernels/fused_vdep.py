@@ -76,7 +76,7 @@ def _load_pair(hidden_ptr, embeds_ptr, rows_ptr, i, D, stride_h, stride_e, SHIFT
 def _vdep_forward_kernel(hidden_ptr, embeds_ptr, rows_ptr, out_ptr, D, stride_h, stride_e,
                          SHIFT: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0)
-    _, cols, mask, p_hat, _, e_hat, _ = _load_pair(hidden_ptr, embeds_ptr, rows_ptr, i, D, stride_h, stride_e, SHIFT,
+    _, _, mask, p_hat, _, e_hat, _ = _load_pair(hidden_ptr, embeds_ptr, rows_ptr, i, D, stride_h, stride_e, SHIFT,
                                                    NORM, BLOCK)
     diff = tl.where(mask, p_hat - e_hat, 0.0)
     tl.store(out_ptr + i, tl.sum(diff * diff, axis=0) / D)
@@ -258,7 +258,7 @@ def fused_vdep_sum(hidden: torch.Tensor, embeds: torch.Tensor, image_targets: to
     if isinstance(head, torch.nn.Identity):
         return FusedVdepSum.apply(hidden_rows, embed_rows, rows, norm, detach_target, 1)
     if not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"the fused VDEP kernel fuses the identity and linear heads, not {type(head).__name__}")
+        raise TypeError(f"the fused VDEP kernel fuses the identity and linear heads, not {type(head).__name__}")
     from torch.utils.checkpoint import checkpoint
 
     total = hidden.new_zeros((), dtype=torch.float32)

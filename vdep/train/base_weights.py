@@ -197,7 +197,7 @@ def projector_from_llava_bin(path: Path, kind: str) -> dict[str, torch.Tensor]:
     """LLaVA-1.5's `mm_projector.bin` (Sequential indices 0 and 2, or one Linear) → our projector's names."""
     try:
         state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt or foreign file: say which and why
+    except Exception as exc:  # noqa: BLE001 (a corrupt or foreign file, whatever the reader raises: say which and why)
         raise ConfigError(f"model.init_from={path}: cannot read it as projector weights ({exc})") from None
     renamed = {}
     for key, tensor in state.items():

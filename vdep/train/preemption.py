@@ -39,7 +39,7 @@ class StopRequest:
         self._previous: dict[int, object] = {}
         self._timer: threading.Timer | None = None
 
-    def __enter__(self) -> StopRequest:
+    def __enter__(self) -> StopRequest:  # noqa: PYI034 (typing.Self needs Python 3.11; never subclassed)
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
             for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
