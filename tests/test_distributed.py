@@ -112,7 +112,8 @@ def test_optimizer_offload_matches_zero3(small_data, tmp_path):
 def test_two_stages_end_to_end_with_logs_checkpoints_and_rerun(small_data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from vdep.evaluate import answer_questions, load_trained_model
+    from vdep.eval.held_out import answer_questions
+    from vdep.evaluate import load_trained_model
 
     run_dir = tmp_path / "run"
     steps = ["stages.align.max_steps=3", "stages.finetune.max_steps=3", "run.log_every=1"]
@@ -139,7 +140,8 @@ def test_two_stages_end_to_end_with_logs_checkpoints_and_rerun(small_data, tmp_p
         assert logged == pytest.approx([peak * lr_factor(step, 1, 3) for step in range(3)]), stage
     trained = load_trained_model(run_dir)
     assert trained.stage == "finetune"
-    assert trained.weights == [run_dir / s / "final" / "trainable.safetensors" for s in ("align", "finetune")]
+    assert [layer.path for layer in trained.source.layers] == [run_dir / s / "final" / "trainable.safetensors"
+                                                               for s in ("align", "finetune")]
     records = json.loads((small_data.raw / "eval.json").read_text())
     result = answer_questions(trained, records, small_data.raw / "images", "vicuna_v1")
     assert result.total == len(records)
