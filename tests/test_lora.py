@@ -193,6 +193,27 @@ def test_a_lora_stage_result_is_refused_as_starting_weights(tiny_run, tokenizer)
         load_layer(plain, TensorsLayer(adapters, "finetune/final"))
 
 
+def test_a_weight_a_qlora_stage_holds_in_4_bits_is_refused_by_the_loader(tiny_run, tokenizer):
+    """The one loader (training's starting weights, evaluation, export) refuses to copy a trained value into
+    a 4-bit weight, saying how to get there instead."""
+    pytest.importorskip("bitsandbytes")
+    from vdep.model.attention import AttentionChoice
+    from vdep.model.build import build_model, model_spec
+    from vdep.rundir import RunDir
+
+    config, run_dir = tiny_run
+    base = RunDir(run_dir).base_paths(config.model)
+    spec = model_spec(config.model, base, tokenizer)
+    model = build_model(config.model, spec, tokenizer, base, AttentionChoice("sdpa", "test"), torch.float32,
+                        lora=dataclasses.replace(LORA, quantize="nf4"))
+    name = "language_model.layers.0.self_attn.q_proj.weight"
+    assert getattr(model.get_parameter(name), "quant_state", None) is not None
+    trained = build_tiny_model(config, tokenizer, run_dir).model.get_parameter(name).detach()
+    with pytest.raises(CheckpointError, match=r"align/final holds '.*q_proj.weight', a weight this QLoRA stage loads in 4 bits"
+                                              r".*model.init_from=EXPORT"):
+        load_layer(model, TensorsLayer({name: trained}, "align/final"))
+
+
 def test_only_the_listed_modules_get_adapters(tiny_run, tokenizer):
     config, run_dir = tiny_run
     model = lora_model(config, tokenizer, run_dir, dataclasses.replace(LORA, target_modules=["v_proj", "q_proj"])).model

@@ -4,6 +4,7 @@ evaluation and export alike."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,12 @@ def test_a_run_directory_is_its_last_complete_stage_and_a_newer_checkpoint_is_na
         source = resolve_model(run.path)
     assert source.stage == "align" and source.layers == (SafetensorsLayer(align.final_weights),) and source.step is None
     assert f"newer checkpoint, {newer} (step 2)" in caplog.text and f"pass {finetune.checkpoints} to use it" in caplog.text
+    # A checkpoint older than align's result (left from an earlier attempt, align trained again since) is not "newer".
+    os.utime(newer, ns=(align.final_weights.stat().st_mtime_ns - 10**9,) * 2)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vdep.rundir"):
+        assert resolve_model(run.path).stage == "align"
+    assert "newer checkpoint" not in caplog.text
     # Only a path that names the checkpoint takes it: on top of what finetune started from.
     for path in (finetune.checkpoints, finetune.checkpoints / "latest", newer, newer / "mp_rank_00_model_states.pt"):
         named = resolve_model(path)

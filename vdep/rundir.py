@@ -314,17 +314,26 @@ def stage_model(run: RunDir, config: TrainConfig, name: str, tag: str | None = N
 
 def _run_model(run: RunDir, config: TrainConfig) -> ModelSource:
     chosen = last_complete_stage(run, config)
-    names = list(config.stages)
-    later = names[names.index(chosen) + 1:] if chosen is not None else names
-    newer = [(name, latest) for name in later if (latest := run.stage(name).latest_checkpoint()) is not None]
-    if newer:
-        name, latest = newer[-1]
+    newer = _newer_checkpoint(run, config, chosen)
+    if newer is not None:
+        name, latest = newer
         log.warning(
             "%s: using %s; stage %s has a newer checkpoint, %s (step %s), which a run directory never selects: "
             "pass %s to use it", run.path, f"stage {chosen}'s final weights" if chosen else "the base weights (no stage finished)",
             name, latest, tag_step(latest.name), run.stage(name).checkpoints,
         )
     return stage_model(run, config, chosen) if chosen is not None else ModelSource(run, config, None)
+
+
+def _newer_checkpoint(run: RunDir, config: TrainConfig, chosen: str | None) -> tuple[str, Path] | None:
+    """The latest checkpoint of the last stage after `chosen` (in recipe order) that has one written no
+    earlier than `chosen`'s final weights: what a user who expects "the newest" would have wanted."""
+    names = list(config.stages)
+    later = names[names.index(chosen) + 1:] if chosen is not None else names
+    since = run.stage(chosen).final_weights.stat().st_mtime_ns if chosen is not None else 0
+    found = [(name, latest) for name in later
+             if (latest := run.stage(name).latest_checkpoint()) is not None and latest.stat().st_mtime_ns >= since]
+    return found[-1] if found else None
 
 
 def _named_checkpoint(stage: StageDir, path: Path) -> str | None:
@@ -347,7 +356,7 @@ def _named_checkpoint(stage: StageDir, path: Path) -> str | None:
     if tag_step(tag) is None or not any(folder.glob("*model_states.pt")):
         raise CheckpointError(f"{folder} is not a DeepSpeed checkpoint of vdep (a step_N folder with *model_states.pt); "
                               f"pass {stage.checkpoints} for the latest checkpoint")
-    if latest is None or tag_step(tag) > tag_step(latest):  # type: ignore[operator]
+    if latest is None or tag_step(tag) > (tag_step(latest) or 0):  # type: ignore[operator]
         raise CheckpointError(
             f"{folder} was written after the last checkpoint every rank finished ({latest or 'none'}): a save "
             f"killed half-way is never used; pass {stage.checkpoints} for the latest complete one"
