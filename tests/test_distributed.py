@@ -120,7 +120,8 @@ def test_optimizer_offload_matches_zero3(small_data, tmp_path):
 def test_two_stages_end_to_end_with_logs_checkpoints_and_rerun(small_data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from vdep.evaluate import answer_questions, load_trained_model
+    from vdep.eval.held_out import answer_questions
+    from vdep.evaluate import load_trained_model
 
     run_dir = tmp_path / "run"
     steps = ["stages.align.max_steps=3", "stages.finetune.max_steps=3", "run.log_every=1"]
@@ -147,7 +148,8 @@ def test_two_stages_end_to_end_with_logs_checkpoints_and_rerun(small_data, tmp_p
         assert logged == pytest.approx([peak * lr_factor(step, 1, 3) for step in range(3)]), stage
     trained = load_trained_model(run_dir)
     assert trained.stage == "finetune"
-    assert trained.weights == [run_dir / s / "final" / "trainable.safetensors" for s in ("align", "finetune")]
+    assert [layer.path for layer in trained.source.layers] == [run_dir / s / "final" / "trainable.safetensors"
+                                                               for s in ("align", "finetune")]
     records = json.loads((small_data.raw / "eval.json").read_text())
     result = answer_questions(trained, records, small_data.raw / "images", "vicuna_v1")
     assert result.total == len(records)
@@ -224,14 +226,15 @@ def test_final_weights_are_the_fp32_masters_the_last_checkpoint_holds(small_data
     masters, so exporting a stage's final weights and exporting its last checkpoint give the same model."""
     from safetensors.torch import load_file
 
-    from vdep.export.sources import ZeroCheckpointLayer
+    from vdep.weight_layers import ZeroCheckpointLayer
 
     run_dir = tmp_path / "run"
     train(2, small_data, run_dir, "stage=finetune", "stages.finetune.init_from=none", f"stages.finetune.zero={zero}",
           "stages.finetune.max_steps=3", "stages.finetune.global_batch_size=8", "stages.finetune.micro_batch_size=4",
           "deepspeed.precision=bf16")
     final = load_file(str(run_dir / "finetune" / "final" / "trainable.safetensors"))
-    masters = dict(ZeroCheckpointLayer(run_dir / "finetune" / "checkpoints", "step_00000003").items())
+    with ZeroCheckpointLayer(run_dir / "finetune" / "checkpoints", "step_00000003").open() as reader:
+        masters = {name: reader.read(name) for name in reader.names()}
     assert sorted(final) == sorted(masters)
     rounded = 0
     for name, master in masters.items():

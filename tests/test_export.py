@@ -19,9 +19,9 @@ from vdep.data.conversation import Turn
 from vdep.data.templates import make_template, render
 from vdep.errors import ConfigError
 from vdep.export.chat_templates import export_chat_template
-from vdep.export.hf import export_hf, exported_template
-from vdep.export.sources import ExportSource
+from vdep.export.hf import export_hf
 from vdep.export.verify import verify_export
+from vdep.rundir import ModelSource, RunDir
 from vdep.train.base_weights import projector_from_llava_bin
 from vdep.train.launch import launch_local
 
@@ -121,8 +121,43 @@ def test_deepspeed_checkpoints_of_any_stage_export_like_the_final_weights(traine
 
 
 @pytest.mark.distributed
+def test_eval_and_export_take_one_model_from_a_checkpoint_and_from_a_run_whose_last_stage_did_not_finish(
+        trained_run, small_data, tmp_path, caplog):
+    """`vdep eval PATH` and `vdep export-hf --checkpoint PATH` name the same weights and build the same
+    parameters: for a step folder of the 2-rank ZeRO-3 finetune, and for a run directory whose finetune has
+    checkpoints but no final weights (before, export took that checkpoint and eval align's result)."""
+    from vdep.eval.questions import QuestionSet, load_questions
+    from vdep.eval.run import evaluate
+    from vdep.evaluate import load_trained_model
+
+    def one_model(path: Path, out: Path):
+        exported = export_hf(path, out, dtype="fp32")
+        evaluated = load_trained_model(path)
+        assert evaluated.source == exported.source
+        ours, theirs = dict(evaluated.model.named_parameters()), dict(exported.model.named_parameters())
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[name], theirs[name]) for name in ours)
+        return exported
+
+    middle = one_model(trained_run / "finetune" / "checkpoints" / "step_00000002", tmp_path / "middle")
+    assert middle.source.description == "align → finetune at step 2"
+    questions = load_questions(small_data.raw / "eval.json", small_data.raw / "images")
+    report = evaluate(trained_run / "finetune" / "checkpoints", QuestionSet(questions.questions[:2]), batch_size=2,
+                      max_new_tokens=2)
+    assert "(align → finetune at step 4, template vicuna_v1)" in report.model and len(report.answers) == 2
+
+    run_dir = tmp_path / "unfinished"
+    shutil.copytree(trained_run, run_dir)
+    shutil.rmtree(run_dir / "finetune" / "final")
+    with caplog.at_level("WARNING", logger="vdep.rundir"):
+        unfinished = one_model(run_dir, tmp_path / "unfinished-export")
+    assert unfinished.source.description == "align (final)" and unfinished.template == "plain"
+    newest = run_dir / "finetune" / "checkpoints"
+    assert (f"{run_dir}: using stage align's final weights; stage finetune has a newer checkpoint, "
+            f"{newest / 'step_00000004'} (step 4), which a run directory never selects: pass {newest} to use it") in caplog.text
+
+
+@pytest.mark.distributed
 def test_export_import_export_round_trip_is_exact(trained_run, small_data, tmp_path):
-    from vdep.rundir import RunDir
     from vdep.train.prepare import prepare_run_dir
 
     exported = export_hf(trained_run, tmp_path / "first", dtype="fp32")
@@ -153,15 +188,14 @@ def test_an_export_before_any_training_has_the_recipes_last_template(tmp_path):
                 "model.tokenizer=null"]
     for stage in ("all", "align", "finetune"):
         config = load_config("demo-tiny", [*imported, f"stage={stage}"], files=False)  # align: plain, finetune: vicuna_v1
-        assert exported_template(ExportSource(tmp_path, config)) == "vicuna_v1", stage
-    assert exported_template(ExportSource(tmp_path, config, stages=["align"])) == "plain"
+        assert ModelSource(RunDir(tmp_path), config, None).template == "vicuna_v1", stage
+    assert ModelSource(RunDir(tmp_path), config, "align").template == "plain"
     align_only = load_config("demo-tiny", [*imported, "stages.finetune=null"], files=False)
-    assert exported_template(ExportSource(tmp_path, align_only)) == "plain"
+    assert ModelSource(RunDir(tmp_path), align_only, None).template == "plain"
 
 
 @pytest.mark.distributed
 def test_llava15_mm_projector_bin_starts_the_projector(trained_run, small_data, tmp_path):
-    from vdep.rundir import RunDir
     from vdep.train.prepare import prepare_run_dir
 
     projector = {}

@@ -11,11 +11,12 @@ from tests.helpers import build_tiny_model, samples
 from vdep.config import LoraConfig, VdepConfig, load_config
 from vdep.data.batch import Batch, collate
 from vdep.errors import CheckpointError, ConfigError
-from vdep.model.build import load_weights
+from vdep.model.loading import load_layer
 from vdep.model.lora import ADAPTER, adapter_layers, add_adapters, check_quantization, merged_parameters
 from vdep.objectives.losses import GlobalCounts, batch_loss
 from vdep.objectives.supervision import prepare_inputs
 from vdep.train.freezing import apply_trainable, format_table, param_groups, trainable_table
+from vdep.weight_layers import TensorsLayer
 
 LORA = LoraConfig(r=4, alpha=8.0)
 LLM_LINEARS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -96,7 +97,8 @@ def test_the_image_term_alone_trains_the_adapters_as_it_trains_full_weights(tiny
     randomise_adapters(model)
     full = build_tiny_model(config, tokenizer, run_dir, config.vdep)
     merged = dict(merged_parameters(model, torch.float32))
-    load_weights(full.model, {n: t.detach().clone() for n, t in merged.items() if not n.startswith("vdep_head.")}, "merged")
+    load_layer(full.model, TensorsLayer({n: t.detach().clone() for n, t in merged.items() if not n.startswith("vdep_head.")},
+                                        "merged"))
     apply_trainable(full.model, ["projector", "language_model"])
     inputs = prepare_inputs(image_batch(tokenizer, built), torch.tensor([True]), VdepConfig(text_loss_in_vdep_mode=False),
                             built.spec.image_token_id, 16)
@@ -148,7 +150,7 @@ def test_the_merged_weights_compute_what_the_adapters_compute(tiny_run, tokenize
     assert not any(".lora_" in n or ".base_layer." in n for n in merged)
     plain = build_tiny_model(config, tokenizer, run_dir, config.vdep)
     assert sorted(merged) == sorted(n for n, _ in plain.model.named_parameters())
-    load_weights(plain.model, {n: t.detach().clone() for n, t in merged.items()}, "merged")
+    load_layer(plain.model, TensorsLayer({n: t.detach().clone() for n, t in merged.items()}, "merged"))
     batch = collate(samples(built, tokenizer, small_data, "vicuna_v1", 3), tokenizer.pad_token_id, (32, 32))
     inputs = prepare_inputs(batch, torch.tensor([True, False, False]), VdepConfig(), built.spec.image_token_id, 16)
     untrained = build_tiny_model(config, tokenizer, run_dir).model
@@ -188,7 +190,28 @@ def test_a_lora_stage_result_is_refused_as_starting_weights(tiny_run, tokenizer)
     adapters = {n: p.detach() for n, p in lora_model(config, tokenizer, run_dir).model.named_parameters() if p.requires_grad}
     plain = build_tiny_model(config, tokenizer, run_dir).model
     with pytest.raises(CheckpointError, match=r"finetune/final holds LoRA adapters .*vdep export-hf.*model.init_from"):
-        load_weights(plain, adapters, "finetune/final")
+        load_layer(plain, TensorsLayer(adapters, "finetune/final"))
+
+
+def test_a_weight_a_qlora_stage_holds_in_4_bits_is_refused_by_the_loader(tiny_run, tokenizer):
+    """The one loader (training's starting weights, evaluation, export) refuses to copy a trained value into
+    a 4-bit weight, saying how to get there instead."""
+    pytest.importorskip("bitsandbytes")
+    from vdep.model.attention import AttentionChoice
+    from vdep.model.build import build_model, model_spec
+    from vdep.rundir import RunDir
+
+    config, run_dir = tiny_run
+    base = RunDir(run_dir).base_paths(config.model)
+    spec = model_spec(config.model, base, tokenizer)
+    model = build_model(config.model, spec, tokenizer, base, AttentionChoice("sdpa", "test"), torch.float32,
+                        lora=dataclasses.replace(LORA, quantize="nf4"))
+    name = "language_model.layers.0.self_attn.q_proj.weight"
+    assert getattr(model.get_parameter(name), "quant_state", None) is not None
+    trained = build_tiny_model(config, tokenizer, run_dir).model.get_parameter(name).detach()
+    with pytest.raises(CheckpointError, match=r"align/final holds '.*q_proj.weight', a weight this QLoRA stage loads in 4 bits"
+                                              r".*model.init_from=EXPORT"):
+        load_layer(model, TensorsLayer({name: trained}, "align/final"))
 
 
 def test_only_the_listed_modules_get_adapters(tiny_run, tokenizer):

@@ -196,7 +196,8 @@ def test_a_vdep_head_from_an_earlier_stage_loads_only_where_the_model_has_one(to
 
     from vdep.config import load_config
     from vdep.errors import CheckpointError
-    from vdep.model.build import load_weights
+    from vdep.model.loading import load_layer
+    from vdep.weight_layers import TensorsLayer
 
     config = load_config("demo-tiny", small_data.overrides(tmp_path))
 
@@ -208,11 +209,11 @@ def test_a_vdep_head_from_an_earlier_stage_loads_only_where_the_model_has_one(to
     trained = {name: torch.randn_like(value) for name, value in with_head.named_parameters() if "linear_1" in name or "vdep_head" in name}
     assert "vdep_head.weight" in trained and "vdep_head.bias" in trained
     # No head here: the head stays behind, reported; everything else loads.
-    assert load_weights(without_head, trained, "align/final") == ["vdep_head.bias", "vdep_head.weight"]
+    assert load_layer(without_head, TensorsLayer(trained, "align/final")) == ["vdep_head.bias", "vdep_head.weight"]
     assert torch.equal(projector, trained["multi_modal_projector.linear_1.weight"])
     # The same head kind: it continues from the trained values.
-    assert load_weights(with_head, trained, "align/final") == []
+    assert load_layer(with_head, TensorsLayer(trained, "align/final")) == []
     assert torch.equal(with_head.vdep_head.weight, trained["vdep_head.weight"])
     # Any other unknown name is still an error.
     with pytest.raises(CheckpointError, match="does not have.*language_model.extra"):
-        load_weights(without_head, {"language_model.extra.weight": torch.zeros(1)}, "bad.safetensors")
+        load_layer(without_head, TensorsLayer({"language_model.extra.weight": torch.zeros(1)}, "bad.safetensors"))

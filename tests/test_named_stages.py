@@ -110,7 +110,7 @@ def test_three_named_stages_train_chain_and_export(small_data, tmp_path):
         assert [json.loads(line)["step"] for line in lines][-1] == 2
     finals = [run.stage(name).final_weights for name in config.stages]
     assert stage_weights(run, config, "polish") == finals
-    assert load_trained_model(run_dir).weights == finals
+    assert [layer.path for layer in load_trained_model(run_dir).source.layers] == finals
     result = export_hf(run_dir, tmp_path / "hf", dtype="fp32")
     assert result.source.stages == ["caption", "instruct", "polish"] and result.template == "vicuna_v1"
     card = (tmp_path / "hf" / "README.md").read_text()

@@ -16,7 +16,8 @@ from vdep.config import load_config
 from vdep.errors import ConfigError
 from vdep.evaluate import load_trained_model
 from vdep.model.attention import AttentionChoice
-from vdep.model.build import build_model, load_image_processing, load_stage_weights
+from vdep.model.build import build_model, load_image_processing
+from vdep.model.loading import load_layers
 from vdep.objectives.objective import VdepObjective
 from vdep.rundir import RunDir
 from vdep.train.launch import launch_local
@@ -92,7 +93,7 @@ def direct_validation(run_dir: Path, config) -> dict[str, float]:
                               seed=config.run.seed, device=ctx.device)
     # The training model's image term (target_norm from the recipe), not inference's default.
     model = build_model(config.model, spec, trained.tokenizer, base, AttentionChoice("sdpa", "test"), torch.float32, objective)
-    load_stage_weights(model, trained.weights, None, config.model.init_seed, "stages.finetune.lora")
+    load_layers(model, list(trained.source.layers))
     validator = build_validator(ctx, "finetune", stage, objective, model)
     return validator.run(model, ctx.device, torch.float32).scalars()  # type: ignore[union-attr]
 

@@ -72,8 +72,10 @@ examples:
   vdep export-hf --checkpoint runs/my-run/align/final --out exports/align-only
   vdep export-hf --checkpoint runs/my-lora-run --out exports/lora --adapter --verify   # OUT/adapter: PEFT
 
-CHECKPOINT is a run directory (its newest result), a stage folder or its final/ folder, or a DeepSpeed
-checkpoint (a stage's checkpoints/ folder or one step folder) written by any number of ranks.
+CHECKPOINT is a run directory (its last complete stage, in recipe order; the base weights if none is;
+a later stage's checkpoint only when named), a stage folder or its final/ (that stage's final weights),
+or a stage's checkpoints/ folder (its latest) or one step folder: a DeepSpeed checkpoint of any number
+of ranks. `vdep eval` and `vdep attention-map` read --model by the same rule (docs/export.md).
 A LoRA stage is merged into the weights, or with --adapter written as a PEFT adapter (docs/export.md).
 """
 
@@ -82,12 +84,15 @@ examples:
   vdep eval --model vdep-demo/run-vdep --data vdep-demo/data/raw/eval.json --image-root vdep-demo/data/raw/images
   vdep eval --model exports/llava15-7b-vdep --data questions.jsonl --image-root images --out answers.jsonl
   vdep eval --model runs/my-run/align --data held_out_shards/ --batch-size 32
+  vdep eval --model runs/my-run/finetune/checkpoints --data questions.jsonl --image-root images
   vdep eval --data questions.jsonl --image-root images --write-lmms-task lmms_task/   # for lmms-eval
 
---model is a run directory (its last complete stage), a stage folder, or an exported Hugging Face folder
-(answered by transformers' generate). --data is a LLaVA .json/.jsonl file (the first human turn is the
-question, the first gpt turn the reference) or a shard directory. Answers are compared after the VQA
-normalisation (case, punctuation, articles, number words); `category` groups the accuracy (docs/export.md).
+--model is a run directory (its last complete stage), a stage folder, a stage's checkpoints/ folder or
+one step folder (the model `vdep export-hf --checkpoint` exports from the same path; docs/export.md), or
+an exported Hugging Face folder (answered by transformers' generate). --data is a LLaVA .json/.jsonl
+file (the first human turn is the question, the first gpt turn the reference) or a shard directory.
+Answers are compared after the VQA normalisation (case, punctuation, articles, number words);
+`category` groups the accuracy (docs/export.md).
 """
 
 ATTENTION_EXAMPLES = """\
@@ -99,6 +104,7 @@ examples:
 
 Each cell: the attention from the question (or answer) tokens to the image tokens at one layer, reduced over
 heads, on the patch grid over the image; one row per model. The arrays are written beside FIG as FIG.npz.
+A vdep path stands for the model `vdep export-hf --checkpoint` exports from it (docs/export.md).
 """
 
 TOKENIZER_EXAMPLES = """\
@@ -181,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--examples", type=int, default=3, help="samples to print (default: 3)")
 
     export = commands.add_parser("export-hf", help="export a checkpoint as a Hugging Face Llava folder", epilog=EXPORT_EXAMPLES, formatter_class=formatter)
-    export.add_argument("--checkpoint", type=Path, required=True, help="run dir, stage dir, final/ or DeepSpeed checkpoint")
+    export.add_argument("--checkpoint", type=Path, required=True,
+                        help="run directory (its last complete stage), stage folder, or checkpoints/ or a step folder")
     export.add_argument("--out", type=Path, required=True, help="new folder for the export")
     export.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="dtype of the exported weights (default: bf16)")
@@ -203,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_eval_parsers(commands, formatter) -> None:
     evaluate = commands.add_parser("eval", help="answer held-out questions and report accuracy", epilog=EVAL_EXAMPLES,
                                    formatter_class=formatter)
-    evaluate.add_argument("--model", type=Path, help="run directory, stage folder or exported Hugging Face folder")
+    evaluate.add_argument("--model", type=Path, help="run directory (its last complete stage), stage folder, checkpoints/ "
+                                                      "or a step folder, or an exported Hugging Face folder")
     evaluate.add_argument("--data", type=Path, required=True, help="LLaVA .json/.jsonl file or shard directory")
     evaluate.add_argument("--image-root", type=Path, help="folder the records' 'image' paths are relative to")
     evaluate.add_argument("--out", type=Path, help="write every answer here (JSON lines)")
@@ -214,7 +222,9 @@ def _add_eval_parsers(commands, formatter) -> None:
 
     attention = commands.add_parser("attention-map", help="draw the attention of the question to the image, per layer",
                                     epilog=ATTENTION_EXAMPLES, formatter_class=formatter)
-    attention.add_argument("--model", type=Path, required=True, help="run directory, stage folder or exported folder")
+    attention.add_argument("--model", type=Path, required=True,
+                           help="run directory (its last complete stage), stage folder, checkpoints/ or a step folder, "
+                                "or an exported folder")
     attention.add_argument("--compare", type=Path, nargs="*", help="more models, one row each")
     attention.add_argument("--image", type=Path, required=True)
     attention.add_argument("--question", required=True)

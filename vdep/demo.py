@@ -130,7 +130,7 @@ class DemoRun:
     """One trained and evaluated demo run."""
 
     run_dir: Path
-    result: object  # evaluate.QAResult: accuracy, by_kind, answers
+    result: object  # eval.held_out.QAResult: accuracy, by_kind, answers
     summaries: dict[str, dict]  # per stage, its final/summary.json
 
     def final_losses(self, stage: str) -> dict[str, float]:
@@ -144,7 +144,8 @@ def train_and_evaluate(
     """Train the regime's recipe on the demo data (`vdep train`, nproc local ranks), then answer the
     held-out questions; a completed run is reused, as `vdep train` reuses completed stages."""
     from .config import load_config
-    from .evaluate import answer_questions, load_trained_model, write_answers
+    from .eval.held_out import answer_questions, write_answers
+    from .evaluate import load_trained_model
     from .rundir import RunDir
     from .train.launch import launch_local
 

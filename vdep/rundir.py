@@ -12,8 +12,11 @@ RUN_DIR (run.output_dir/run.name) holds:
     <stage>/final/               trainable.safetensors (the stage's trained weights, written last: its
                                  presence marks the stage complete) and summary.json
 
-Training, evaluation and export all ask `stage_weights` which files to load on top of the base
-weights, so the three always build the same model from the same run directory.
+Which model a path stands for is answered once, by `resolve_model`: `vdep eval`, `vdep export-hf`,
+`vdep attention-map` and the demo pass it whatever path the user gave, and get one `ModelSource` (the
+run, the stage, the weight layers on top of the base weights, the step of a checkpoint, the stage's
+LoRA settings). What a stage starts from is `stage_weights(..., final=False)`, which training calls too,
+so training, evaluation and export always build the same model from the same run directory.
 """
 
 from __future__ import annotations
@@ -24,9 +27,13 @@ from pathlib import Path
 
 import yaml
 
-from .config import ModelConfig, TrainConfig
+from .config import LoraConfig, ModelConfig, TrainConfig
 from .errors import CheckpointError
+from .log import get_logger
 from .structured import structure
+from .weight_layers import SafetensorsLayer, WeightLayer, ZeroCheckpointLayer
+
+log = get_logger("rundir")
 
 CONFIG_FILE = "config.yaml"
 FINAL_WEIGHTS = "trainable.safetensors"
@@ -177,9 +184,21 @@ def stage_weights(run: RunDir, config: TrainConfig, name: str, *, final: bool = 
     if final:
         own = run.stage(name)
         if not own.is_complete:
-            raise CheckpointError(f"{own.path} has no final weights ({FINAL_WEIGHTS}): the stage is not complete")
+            raise CheckpointError(not_complete(run, own))
         files.append(own.final_weights)
     return files
+
+
+def not_complete(run: RunDir, stage: StageDir) -> str:
+    """Why a stage has no model yet, and what to pass or run instead."""
+    message = f"{stage.path} has no final weights ({stage.final_weights.relative_to(stage.path)}): "
+    latest = stage.latest_checkpoint()
+    if latest is not None:
+        return message + (f"the stage did not finish. Pass its checkpoints folder {stage.checkpoints} for its latest "
+                          f"checkpoint (step {tag_step(latest.name)}), or finish the stage "
+                          f"(vdep train {run.config_file} stage={stage.name})")
+    return message + (f"the stage has not trained yet. Train it (vdep train {run.config_file} stage={stage.name}), "
+                      "or pass the run directory or another stage")
 
 
 def _stage_result(path: Path, where: str) -> Path:
@@ -193,3 +212,153 @@ def last_complete_stage(run: RunDir, config: TrainConfig) -> str | None:
     """The last stage, in recipe order, whose final weights exist: the model the run directory stands for."""
     complete = [name for name in config.stages if run.stage(name).is_complete]
     return complete[-1] if complete else None
+
+
+# ------------------------------------------------------------------------------------- the resolver
+def model_template(config: TrainConfig, stage: str | None) -> str:
+    """The conversation template of a stage's model.
+
+    With no stage trained (the base weights: a Llava folder just imported, or tiny random towers), the
+    template of the recipe's last stage: the chat format the run trains the model for, and for an
+    imported model the one its recipe continues it in (a vicuna_v1 model finetuned in vicuna_v1). The
+    stage the run would train next is no better a guess: for the import that is usually align, whose
+    `plain` captioning format the imported chat model was never prompted with. The recipe's stages, not
+    the `stage=` of the last `vdep train`, so that the answer does not depend on how the run was invoked.
+    """
+    return config.stages[stage if stage is not None else config.last_stage].template
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One model of a run directory: its base weights, then `layers` on top of them, in order."""
+
+    run: RunDir
+    config: TrainConfig
+    stage: str | None  # the stage whose model this is; None: the base weights (no stage trained)
+    layers: tuple[WeightLayer, ...] = ()  # what the stage started from, then its own layer (the last)
+    step: int | None = None  # the optimizer step, when the stage's own layer is a DeepSpeed checkpoint
+    # The stage's LoRA settings when it is a LoRA stage: its adapters go in before its own layer, on top
+    # of what it started from, as in training (model/loading.py).
+    lora: LoraConfig | None = None
+
+    @property
+    def stages(self) -> list[str]:
+        """The stages whose training the model holds, in order (a starting point from another run by its
+        stage folder's name)."""
+        return [layer_stage(layer) for layer in self.layers]
+
+    @property
+    def template(self) -> str:
+        return model_template(self.config, self.stage)
+
+    @property
+    def description(self) -> str:
+        if self.stage is None:
+            return "base weights (no stage trained)"
+        *earlier, last = self.stages
+        last += f" at step {self.step}" if self.step is not None else " (final)"
+        if self.lora is not None:
+            last += f" with LoRA r={self.lora.r}" + (f", {self.lora.quantize} base" if self.lora.quantize != "none" else "")
+        return " → ".join([*earlier, last])
+
+
+def layer_stage(layer: WeightLayer) -> str:
+    """The name of the stage folder a layer comes from (STAGE/final/FILE, STAGE/checkpoints/TAG)."""
+    if isinstance(layer, SafetensorsLayer):
+        return layer.path.parent.parent.name
+    if isinstance(layer, ZeroCheckpointLayer):
+        return layer.checkpoints.parent.name
+    return layer.description
+
+
+def resolve_model(path: Path) -> ModelSource:
+    """The model `path` stands for; the run directory (the nearest folder above it with a config.yaml)
+    gives the config, the tokenizer and the base weights.
+
+    - a run directory: the last stage, in recipe order, whose final weights exist (with none, the base
+      weights: an imported model or tiny random towers). A later stage's checkpoint is never taken, but
+      named in a warning with the path that selects it;
+    - a stage folder or anything inside it but its checkpoints (its final/ folder, the final file): that
+      stage's final weights; a stage that did not finish is an error that names its checkpoints;
+    - a stage's checkpoints/ folder (or its `latest` file): the checkpoint `latest` names; one step
+      folder of it (or anything inside one): that checkpoint. Either on top of what the stage started from.
+    """
+    path = path.resolve()
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    run = RunDir.containing(path)
+    config = run.read_config()
+    if path == run.path:
+        return _run_model(run, config)
+    stage_path = next((folder for folder in (path, *path.parents) if folder.parent == run.path), None)
+    if stage_path is None or stage_path.name not in config.stages:
+        raise CheckpointError(
+            f"{path} is not inside a stage folder ({', '.join(config.stages)}) of {run.path}; pass the run "
+            "directory, a stage folder, or a stage's checkpoints folder or one of its step folders"
+        )
+    stage = run.stage(stage_path.name)
+    return stage_model(run, config, stage.name, _named_checkpoint(stage, path))
+
+
+def stage_model(run: RunDir, config: TrainConfig, name: str, tag: str | None = None) -> ModelSource:
+    """Stage `name`'s model: what it started from (`stage_weights`), then its final weights, or with
+    `tag` that checkpoint's fp32 master weights."""
+    stage = run.stage(name)
+    if tag is None and not stage.is_complete:
+        raise CheckpointError(not_complete(run, stage))
+    starting = [SafetensorsLayer(path) for path in stage_weights(run, config, name, final=False)]
+    own = SafetensorsLayer(stage.final_weights) if tag is None else ZeroCheckpointLayer(stage.checkpoints, tag)
+    return ModelSource(run, config, name, (*starting, own), tag_step(tag) if tag is not None else None,
+                       config.stages[name].lora)
+
+
+def _run_model(run: RunDir, config: TrainConfig) -> ModelSource:
+    chosen = last_complete_stage(run, config)
+    newer = _newer_checkpoint(run, config, chosen)
+    if newer is not None:
+        name, latest = newer
+        log.warning(
+            "%s: using %s; stage %s has a newer checkpoint, %s (step %s), which a run directory never selects: "
+            "pass %s to use it", run.path, f"stage {chosen}'s final weights" if chosen else "the base weights (no stage finished)",
+            name, latest, tag_step(latest.name), run.stage(name).checkpoints,
+        )
+    return stage_model(run, config, chosen) if chosen is not None else ModelSource(run, config, None)
+
+
+def _newer_checkpoint(run: RunDir, config: TrainConfig, chosen: str | None) -> tuple[str, Path] | None:
+    """The latest checkpoint of the last stage after `chosen` (in recipe order) that has one written no
+    earlier than `chosen`'s final weights: what a user who expects "the newest" would have wanted."""
+    names = list(config.stages)
+    later = names[names.index(chosen) + 1:] if chosen is not None else names
+    since = run.stage(chosen).final_weights.stat().st_mtime_ns if chosen is not None else 0
+    found = [(name, latest) for name in later
+             if (latest := run.stage(name).latest_checkpoint()) is not None and latest.stat().st_mtime_ns >= since]
+    return found[-1] if found else None
+
+
+def _named_checkpoint(stage: StageDir, path: Path) -> str | None:
+    """The checkpoint tag `path` names (None: it names the stage's final weights). Only checkpoints that
+    every rank finished writing are taken: `latest`, or a step folder no newer than it."""
+    if path != stage.checkpoints and stage.checkpoints not in path.parents:
+        return None
+    parts = path.relative_to(stage.checkpoints).parts
+    latest = latest_tag(stage.checkpoints)
+    written = sorted(folder.name for folder in stage.checkpoints.iterdir() if tag_step(folder.name) is not None)
+    if not parts or parts[0] == LATEST:
+        if latest is None:
+            raise CheckpointError(
+                f"{stage.checkpoints} has no complete checkpoint ({LATEST} is missing or names a folder that is gone)"
+                + (f"; its step folders {', '.join(written)} were never confirmed complete" if written else "")
+            )
+        return latest
+    tag = parts[0]
+    folder = stage.checkpoints / tag
+    if tag_step(tag) is None or not any(folder.glob("*model_states.pt")):
+        raise CheckpointError(f"{folder} is not a DeepSpeed checkpoint of vdep (a step_N folder with *model_states.pt); "
+                              f"pass {stage.checkpoints} for the latest checkpoint")
+    if latest is None or tag_step(tag) > (tag_step(latest) or 0):  # type: ignore[operator]
+        raise CheckpointError(
+            f"{folder} was written after the last checkpoint every rank finished ({latest or 'none'}): a save "
+            f"killed half-way is never used; pass {stage.checkpoints} for the latest complete one"
+        )
+    return tag

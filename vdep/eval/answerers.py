@@ -1,7 +1,8 @@
 """The two ways `vdep eval` answers questions, both batched greedy decoding with the KV cache:
 
-- `VdepAnswerer`: a run directory or stage folder, through vdep's own model (`evaluate.load_trained_model`,
-  the model the exporter writes) and `model.generate.greedy_generate`, prompted by the training template;
+- `VdepAnswerer`: a run directory, a stage folder or a checkpoint, through vdep's own model
+  (`evaluate.load_trained_model`: the model `rundir.resolve_model` names, the one the exporter writes from
+  the same path) and `model.generate.greedy_generate`, prompted by the training template;
 - `HFAnswerer`: an exported Hugging Face folder, through transformers' `LlavaForConditionalGeneration.generate`
   with the folder's processor and chat template, as a user of the export (and lmms-eval's `llava_hf`) runs it.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,11 +19,9 @@ from ..data.conversation import SampleError, Turn
 from ..data.images import decode_image, preprocess_image
 from ..data.templates import TemplateTokenizer, make_template
 from ..errors import CheckpointError
+from ..evaluate import TrainedModel, load_trained_model
 from ..model.generate import greedy_generate, until_stop
 from .questions import Question
-
-if TYPE_CHECKING:
-    from ..evaluate import TrainedModel
 
 
 @dataclass(frozen=True)
@@ -48,11 +46,9 @@ class VdepAnswerer:
 
     @classmethod
     def load(cls, path: Path, device: torch.device, max_new_tokens: int) -> VdepAnswerer:
-        from ..evaluate import load_trained_model
-
         trained = load_trained_model(path, device, allow_base=True)
-        stage = f"stage {trained.stage}" if trained.stage else "base weights (no stage trained)"
-        return cls(trained, max_new_tokens, description=f"vdep model of {path} ({stage}, template {trained.template})")
+        contains = trained.source.description  # type: ignore[union-attr]
+        return cls(trained, max_new_tokens, description=f"vdep model of {path} ({contains}, template {trained.template})")
 
     def answer(self, batch: list[Prepared]) -> list[str]:
         trained, template = self.trained, self.template

@@ -1,7 +1,8 @@
 """`vdep export-hf`: a vdep checkpoint → a Hugging Face `LlavaForConditionalGeneration` folder.
 
-The model is rebuilt from the run's base weights in the output dtype (one copy of the model), the
-checkpoint's trainable weights are copied in one tensor at a time, and the parameters are written in
+The model is the one `rundir.resolve_model` names for the path (the rule is in docs/export.md), rebuilt
+by `evaluate.build_trained_model` as evaluation rebuilds it, in the output dtype (one copy of the model):
+the base weights, then the weight layers copied in one tensor at a time. Its parameters are written in
 shards under the llava-hf on-disk names. Beside them: `config.json` (`LlavaConfig`), the tokenizer with
 `<image>` and pad, an image processor that reproduces the training preprocessing (pad-to-square
 included; the PIL backend, whose arithmetic vdep reproduces), a processor with a chat template that
@@ -28,50 +29,32 @@ from ..data.images import ImageProcessing
 from ..data.shards import SIZES_FILE
 from ..data.templates import make_template
 from ..errors import CheckpointError
+from ..evaluate import build_trained_model
 from ..log import get_logger
 from ..model.attention import AttentionChoice
-from ..model.build import build_model, load_image_processing, model_spec
+from ..model.build import DTYPES
 from ..model.llava import VdepLlava
-from ..model.lora import add_adapters, base_parameters, has_adapters, is_adapter, merged_parameters, refuse_adapters
-from ..model.tokenizer import load_tokenizer
-from ..rundir import RunDir
+from ..model.lora import base_parameters, has_adapters, merged_parameters
+from ..rundir import ModelSource, resolve_model
 from ..structured import unstructure
 from .adapter import ADAPTER_FOLDER, adapter_card, saved_modules, write_adapter
 from .chat_templates import export_chat_template
-from .layout import NOT_EXPORTED, llava_config, num_additional_image_tokens, to_hf_name
-from .sources import ExportSource, resolve_source
+from .layout import llava_config, num_additional_image_tokens, to_hf_name
 from .writer import ShardedWriter, parse_size
 
 log = get_logger("export")
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
 class ExportResult:
     out: Path
-    source: ExportSource
+    source: ModelSource
     model: VdepLlava
     tokenizer: object
     image_processing: ImageProcessing
     template: str
     adapter: Path | None = None  # the PEFT adapter folder of an `--adapter` export
     dtype: str = "fp32"
-
-
-def exported_template(source: ExportSource) -> str:
-    """The conversation template of the last stage the export contains.
-
-    With no stage trained (the base weights: a Llava folder just imported, or tiny random towers), the
-    template of the recipe's last stage: the chat format the run trains the model for, and for an
-    imported model the one its recipe continues it in (a vicuna_v1 model finetuned in vicuna_v1). The
-    stage the run would train next is no better a guess: for the import that is usually align, whose
-    `plain` captioning format the imported chat model was never prompted with. The recipe's stages, not
-    the `stage=` of the last `vdep train`, so that the export does not depend on how the run was invoked.
-    """
-    if source.stages:
-        return source.config.stages[source.stages[-1]].template
-    return source.config.stages[source.config.last_stage].template
 
 
 def image_processor_for(processing: ImageProcessing) -> LlavaImageProcessorPil:
@@ -88,38 +71,6 @@ def image_processor_for(processing: ImageProcessing) -> LlavaImageProcessorPil:
     if processing.crop is not None:
         kwargs["crop_size"] = {"height": processing.crop[0], "width": processing.crop[1]}
     return LlavaImageProcessorPil(**kwargs)
-
-
-def apply_layers(model: VdepLlava, source: ExportSource, keep_replaced: bool = False) -> dict[str, torch.Tensor]:
-    """Copy each layer's tensors into the model. A LoRA stage's adapters are added before its own layer
-    (the last), on top of what it started from, as training added them. With `keep_replaced`, returns
-    the values that layer overwrote in parameters other than adapters: where the weights the stage
-    trained in full (the projector) started from."""
-    params = dict(model.named_parameters())
-    replaced: dict[str, torch.Tensor] = {}
-    for index, layer in enumerate(source.layers):
-        own = index == len(source.layers) - 1
-        if own and source.lora is not None:
-            add_adapters(model, source.lora, source.config.model.init_seed, f"stages.{source.stages[-1]}.lora")
-            params = dict(model.named_parameters())
-        for name, tensor in layer.items():
-            if name.startswith(NOT_EXPORTED):
-                continue
-            if name not in params:
-                refuse_adapters([name], layer.description)
-                raise CheckpointError(f"{layer.description} holds '{name}', which the model of {source.run_dir} does not have")
-            param = params[name]
-            if tuple(param.shape) != tuple(tensor.shape):
-                raise CheckpointError(
-                    f"{layer.description}: '{name}' has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
-                )
-            if own and keep_replaced and not is_adapter(name):
-                replaced[name] = param.detach().clone()
-            with torch.no_grad():
-                param.copy_(tensor)
-            del tensor
-        log.info("export: applied %s", layer.description)
-    return replaced
 
 
 def exported_parameters(model: VdepLlava, dtype: torch.dtype, replaced: dict[str, torch.Tensor] | None
@@ -148,7 +99,7 @@ def write_weights(named: Iterable[tuple[str, torch.Tensor]], out: Path, max_shar
     return len(files)
 
 
-def model_card(source: ExportSource, template: str, dtype: str) -> str:
+def model_card(source: ModelSource, template: str, dtype: str) -> str:
     config = source.config
     lines = [
         "---",
@@ -191,7 +142,7 @@ def model_card(source: ExportSource, template: str, dtype: str) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, stage in config.stages.items():
-        stage_dir = RunDir(source.run_dir).stage(name)
+        stage_dir = source.run.stage(name)
         summary = stage_dir.read_summary() if stage_dir.summary_file.is_file() else {}
         final = summary.get("final", {})
         samples = 0
@@ -220,20 +171,16 @@ def export_hf(checkpoint: Path, out: Path, dtype: str = "bf16", max_shard_size: 
         raise CheckpointError(f"--dtype must be one of {', '.join(DTYPES)}")
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out} is not empty; choose a new --out folder")
-    source = resolve_source(checkpoint)
+    source = resolve_model(checkpoint)
     if adapter and source.lora is None:
         raise CheckpointError(f"--adapter: {source.description} has no LoRA adapters; export it without --adapter")
-    log.info("export: %s from %s", source.description, source.run_dir)
-    run = RunDir(source.run_dir)
-    tokenizer = load_tokenizer(run.tokenizer)
-    base = run.base_paths(source.config.model)
-    spec = model_spec(source.config.model, base, tokenizer)
-    model = build_model(source.config.model, spec, tokenizer, base, AttentionChoice("sdpa", "export"), DTYPES[dtype],
-                        lora=source.lora)
+    log.info("export: %s from %s", source.description, source.run.path)
+    trained = build_trained_model(source, DTYPES[dtype], AttentionChoice("sdpa", "export"), keep_replaced=adapter)
+    model, tokenizer, image_processing, replaced = trained.model, trained.tokenizer, trained.image_processing, trained.replaced
+    for layer in source.layers:
+        log.info("export: applied %s", layer.description)
     config = llava_config(model, tokenizer)
-    replaced = apply_layers(model, source, keep_replaced=adapter)
-    template = exported_template(source)
-    image_processing = load_image_processing(base, source.config.data.pad_to_square)
+    template = source.template
     with atomic_folder(out) as tmp:
         weights = exported_parameters(model, DTYPES[dtype], replaced if adapter else None)
         shards = write_export(tmp, model, weights, config, tokenizer, image_processing, template, source, dtype,
@@ -246,9 +193,9 @@ def export_hf(checkpoint: Path, out: Path, dtype: str = "bf16", max_shard_size: 
                         out / ADAPTER_FOLDER if adapter else None, dtype)
 
 
-def write_stage_adapter(model: VdepLlava, source: ExportSource, config, folder: Path, dtype: torch.dtype) -> None:
+def write_stage_adapter(model: VdepLlava, source: ModelSource, config, folder: Path, dtype: torch.dtype) -> None:
     """The PEFT adapter folder, and a section of the model card that says how to load it."""
-    name = source.stages[-1]
+    name = source.stage
     stage = source.config.stages[name]
     saved = saved_modules(model, stage.lora, "projector" in stage.trainable, f"stages.{name}.lora")
     write_adapter(model, stage.lora, config, saved, folder, dtype)
@@ -257,7 +204,7 @@ def write_stage_adapter(model: VdepLlava, source: ExportSource, config, folder: 
 
 
 def write_export(tmp: Path, model: VdepLlava, weights: Iterable[tuple[str, torch.Tensor]], config, tokenizer,
-                 image_processing: ImageProcessing, template: str, source: ExportSource, dtype: str,
+                 image_processing: ImageProcessing, template: str, source: ModelSource, dtype: str,
                  max_shard_bytes: int) -> int:
     """Every file of the export into `tmp`; returns the number of weight shards."""
     shards = write_weights(weights, tmp, max_shard_bytes, config.tie_word_embeddings)

@@ -14,14 +14,12 @@ from __future__ import annotations
 from transformers import LlavaConfig, PreTrainedTokenizerBase
 
 from ..errors import CheckpointError
-from ..model.llava import VdepLlava
-
-NOT_EXPORTED = ("vdep_head.",)
+from ..model.llava import OBJECTIVE_ONLY_PREFIXES, VdepLlava
 
 
 def to_hf_name(name: str) -> str | None:
     """The llava-hf on-disk name of a vdep parameter (None: not exported)."""
-    if name.startswith(NOT_EXPORTED):
+    if name.startswith(OBJECTIVE_ONLY_PREFIXES):
         return None
     if name.startswith("vision_tower."):
         rest = name[len("vision_tower."):]

@@ -3,8 +3,8 @@
 A run starts from *base weights* (train/base_weights.py writes what a run needs into RUN_DIR/base):
 the vision tower and the LLM folders and the projector's initial weights. Every stage, rank and world
 size loads the very same tensors from disk, which is what makes single-process, ZeRO-2 and ZeRO-3 runs
-comparable and resumes exact. A stage then loads the trainable weights of the stages before it
-(`load_weights_file`, the files `vdep.rundir.stage_weights` names).
+comparable and resumes exact. The trained weights on top of them are weight layers
+(`vdep.rundir.resolve_model` and `stage_weights` name them) that `loading.load_layers` copies in.
 
 Building runs one way: `model_spec` reads the facts the data path and the objective need (placeholder
 id, tokens per image, hidden sizes) from the tokenizer and the base folders' configs, before any weight
@@ -15,23 +15,21 @@ projector and VDEP head are built whole and partitioned by the DeepSpeed engine.
 
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from ..config import LoraConfig, ModelConfig
 from ..data.images import ImageProcessing
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..objectives.losses import reference_vdep_sum
 from ..objectives.objective import VdepObjective, VdepTerm
 from ..rundir import BasePaths
+from ..weight_layers import SafetensorsLayer
 from .attention import AttentionChoice
 from .llava import MultimodalSpec, VdepLlava
-from .lora import add_adapters, keep_4bit_numerics, quantization_config, refuse_adapters
+from .loading import gathered, load_layer
+from .lora import keep_4bit_numerics, quantization_config
 from .projector import MultiModalProjector
 from .tokenizer import image_token_id, padded_vocab_size
 from .vision import (
@@ -73,83 +71,6 @@ def load_image_processing(paths: BasePaths, pad_to_square: bool) -> ImageProcess
         ) from None
 
 
-# ----------------------------------------------------------------------------------------- partitioning
-def is_partitioned(param: torch.Tensor) -> bool:
-    return hasattr(param, "ds_id")
-
-
-@contextlib.contextmanager
-def gathered(params: list[torch.Tensor], modifier_rank: int | None = None):
-    """Full parameters inside the block under ZeRO-3 (writes from `modifier_rank` are kept); no-op otherwise."""
-    partitioned = [p for p in params if is_partitioned(p)]
-    if not partitioned:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
-        yield
-
-
-# The VDEP head belongs to a stage's objective, not to the multimodal model: a later stage (or an
-# evaluation) that has no head, or a different kind, starts without it rather than failing.
-OBJECTIVE_ONLY_PREFIXES = ("vdep_head.",)
-
-
-def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> list[str]:
-    """Copy named tensors into the model's parameters (partitioned ones one at a time).
-
-    Returns the names of objective-only weights (a VDEP head) that this model has no place for and
-    that were therefore not loaded; any other unknown name is an error.
-    """
-    params = dict(model.named_parameters())
-    unknown = sorted(set(tensors) - set(params))
-    own_head = {name for name in params if name.startswith(OBJECTIVE_ONLY_PREFIXES)}
-    head_in_file = {name for name in tensors if name.startswith(OBJECTIVE_ONLY_PREFIXES)}
-    skipped = []
-    if head_in_file and not head_in_file <= own_head:  # another head kind, or none: all of it stays behind
-        skipped = sorted(head_in_file)
-        tensors = {name: value for name, value in tensors.items() if name not in head_in_file}
-        unknown = [name for name in unknown if name not in head_in_file]
-    if unknown:
-        refuse_adapters(unknown, source)
-        raise CheckpointError(f"{source} holds weights this model does not have: {unknown[:5]}")
-    for name, value in tensors.items():
-        param = params[name]
-        if getattr(param, "quant_state", None) is not None:
-            raise CheckpointError(
-                f"{source} holds '{name}', a weight this QLoRA stage loads in 4 bits from the base LLM; export the "
-                "model it belongs to (vdep export-hf) and start from the export (model.init_from=EXPORT)"
-            )
-        with gathered([param], modifier_rank=0):
-            if tuple(param.shape) != tuple(value.shape):
-                raise CheckpointError(
-                    f"{source}: '{name}' has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}; "
-                    "was it trained with a different model config?"
-                )
-            with torch.no_grad():
-                param.copy_(value.to(param.dtype))
-    return skipped
-
-
-def load_weights_file(model: nn.Module, path: Path) -> list[str]:
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist")
-    return load_weights(model, load_file(str(path)), str(path))
-
-
-def load_stage_weights(model: VdepLlava, files: list[Path], lora: LoraConfig | None, seed: int, where: str) -> None:
-    """A trained stage's model from `rundir.stage_weights(..., final=True)`: the files it started from, then
-    its adapters (a LoRA stage), then its own final weights (the last file). Training adds the adapters at
-    the same point (train/setup.py), export too (export/hf.py: apply_layers)."""
-    *starting, own = files
-    for path in starting:
-        load_weights_file(model, path)
-    if lora is not None:
-        add_adapters(model, lora, seed, where)
-    load_weights_file(model, own)
-
-
 def resize_embeddings(language_model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
     """Grow the vocabulary to hold the added tokens, padded to a multiple of 64.
 
@@ -167,6 +88,10 @@ def resize_embeddings(language_model: nn.Module, tokenizer: PreTrainedTokenizerB
 
 
 # ---------------------------------------------------------------------------------------------- building
+# The precisions a model is built in: `run.precision` (training) and `export-hf --dtype`.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def build_model(
     config: ModelConfig,
     spec: MultimodalSpec,
@@ -203,7 +128,7 @@ def build_model(
     finally:
         del keep_alive  # transformers checks ZeRO-3 through this object's lifetime
     projector = MultiModalProjector(spec.vision_hidden_size, spec.text_hidden_size, config.projector)
-    load_weights_file(projector, paths.projector_init)
+    load_layer(projector, SafetensorsLayer(paths.projector_init))
     head = objective.make_head(spec.text_hidden_size) if objective is not None else nn.Identity()
     model = VdepLlava(
         vision_tower=vision_tower,

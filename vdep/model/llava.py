@@ -26,6 +26,11 @@ from ..objectives.probes import probe_sums
 from ..objectives.supervision import ModelInputs
 from .vision import image_features
 
+# The VDEP head belongs to a stage's objective, not to the multimodal model: a later stage (or an
+# evaluation, an export) that has no head, or a different kind, starts without it (model/loading.py), and
+# no export holds it (export/layout.py).
+OBJECTIVE_ONLY_PREFIXES = ("vdep_head.",)
+
 
 @dataclass(frozen=True)
 class MultimodalSpec:

@@ -44,7 +44,7 @@ from torch import nn
 from ..atomic import atomic_path, atomic_write
 from ..errors import CheckpointError, VdepError
 from ..log import get_logger
-from ..model.build import gathered
+from ..model.loading import gathered
 from ..rundir import LATEST, StageDir, checkpoint_tag, latest_tag
 from .distributed import barrier, broadcast_from_rank_zero, current_rank
 from .faults import Faults

@@ -27,11 +27,13 @@ from ..data.templates import TemplateTokenizer, check_template_tokenizer, make_t
 from ..errors import DataError
 from ..log import get_logger
 from ..model.attention import AttentionChoice, choose_attention, packed_attention
-from ..model.build import build_model, load_weights_file, model_spec
+from ..model.build import DTYPES, build_model, model_spec
 from ..model.llava import MultimodalSpec, VdepLlava
+from ..model.loading import load_layers
 from ..model.lora import add_adapters, check_quantization
 from ..objectives.objective import VdepObjective
 from ..rundir import BasePaths, RunDir, stage_weights
+from ..weight_layers import SafetensorsLayer
 from .checkpoint import ResumePoint, find_resume_point
 from .deepspeed_config import fill_config, load_preset, offloads_optimizer, zero_stage
 from .distributed import LaunchEnv
@@ -45,8 +47,6 @@ from .schedule import lr_factor, warmup_steps
 from .together import together
 
 log = get_logger("train")
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -211,15 +211,18 @@ def make_loader(ctx: RunContext, stage: StageConfig, spec: MultimodalSpec, grad_
 
 
 def load_starting_weights(ctx: RunContext, name: str, stage: StageConfig, model: VdepLlava) -> None:
-    """The trained weights the stage starts from (`stages.<name>.init_from`), on top of the base weights."""
-    for path in stage_weights(ctx.run, ctx.config, name, final=False):
-        skipped = load_weights_file(model, path)
-        log.info("stage %s: loaded starting weights from %s", name, path)
-        if skipped:
-            log.info(
-                "stage %s: the VDEP head in %s (%s) does not match this stage's vdep.head=%s; it starts afresh",
-                name, path, ", ".join(skipped), stage.vdep.head,
-            )
+    """The trained weights the stage starts from (`stages.<name>.init_from`), on top of the base weights,
+    through the loader evaluation and export use (model/loading.py); the adapters of a LoRA stage come
+    after them (`build_stage_model`), as the loader adds them before a stage's own layer."""
+    layers = [SafetensorsLayer(path) for path in stage_weights(ctx.run, ctx.config, name, final=False)]
+    loaded = load_layers(model, layers)
+    for layer in layers:
+        log.info("stage %s: loaded starting weights from %s", name, layer.description)
+    for where, skipped in loaded.skipped.items():
+        log.info(
+            "stage %s: the VDEP head in %s (%s) does not match this stage's vdep.head=%s; it starts afresh",
+            name, where, ", ".join(skipped), stage.vdep.head,
+        )
 
 
 def make_optimizer(groups: list[dict], ds_config: dict, device: torch.device) -> torch.optim.Optimizer:

@@ -240,7 +240,7 @@ def build_validator(ctx, name: str, stage: StageConfig, objective: VdepObjective
         found = load_questions(Path(stage.eval.data), Path(stage.eval.image_root) if stage.eval.image_root else None)
         for bad in found.bad[:5]:
             log.info("stage %s: validation question left out: %s", name, bad.describe())
-        trained = TrainedModel(engine_module(engine), ctx.tokenizer, spec, ctx.image_processing, ctx.config, name, [])
+        trained = TrainedModel(engine_module(engine), ctx.tokenizer, spec, ctx.image_processing, ctx.config, name)
         questions = ValidationQuestions(name, stage.eval, found.questions, stage.template, trained, ctx.launch.rank,
                                         ctx.launch.world_size, stage.micro_batch_size)
     log.info("stage %s: validation on %s%s, every %s", name, stage.eval.data,
