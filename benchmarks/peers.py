@@ -37,6 +37,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -115,6 +116,7 @@ class RunResult:
     accuracy: float | None = None
     by_kind: dict[str, float] = field(default_factory=dict)
     first_batch: str = "-"  # the token comparison's verdict
+    imported: str = "-"  # a peer's saved folder through vdep's model.init_from and back out (import_check)
     wall_s: float | None = None
     folder: str = ""
 
@@ -283,10 +285,12 @@ def launch(command: list[str], env: dict[str, str], log: Path, timeout_s: float)
         try:
             returncode = process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            returncode = process.wait()
             output.write(f"\n[peers.py] killed after {timeout_s:.0f} s\n")
-        peaks = memory.stop()
+        finally:  # also when peers.py itself is interrupted: the job runs in a session of its own
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            returncode = process.wait()
+            peaks = memory.stop()
     return Launched(returncode, started, time.time() - started, peaks, log)
 
 
@@ -448,7 +452,7 @@ def swift_arguments(prepared: Prepared, work: Work, out: Path) -> list[str]:
         "adam_epsilon": 1e-8, "max_grad_norm": 1.0, "gradient_checkpointing": "false", "logging_steps": 1,
         "eval_strategy": "no", "save_strategy": "epoch", "save_only_model": "true", "report_to": "none",
         "seed": work.seed, "data_seed": work.seed, "dataloader_num_workers": 0, "output_dir": out / "saved",
-        "add_version": "false",
+        "add_version": "false", "log_level": "info",  # info: the Trainer's banner with the global batch it uses
     }
     return [item for key, value in settings.items() for item in (f"--{key}", str(value))]
 
@@ -493,7 +497,42 @@ def finish_peer_run(result: RunResult, launched: Launched, saved: Path, prepared
                          f"its Trainer on {len(geometry)} rank(s) used {sorted(used)}")
     result.first_batch = compare_first_batches(record, prepared, work, packing)
     score(result, saved, prepared, folder)
+    if result.status == "ok":
+        result.imported = import_check(saved, prepared, work, folder)
     return result
+
+
+def import_check(saved: Path, prepared: Prepared, work: Work, folder: Path) -> str:
+    """A folder the peer saved, imported by vdep (`model.init_from`, as `vdep train` prepares a run) and
+    exported again: every tensor must come back equal (compared as transformers loads both folders)."""
+    import torch
+    import yaml
+    from transformers import LlavaForConditionalGeneration
+
+    from vdep.config import load_config
+    from vdep.export.hf import export_hf
+    from vdep.rundir import RunDir
+    from vdep.train.prepare import prepare_run_dir
+
+    recipe = vdep_recipe(prepared, work, False, False)
+    recipe["model"]["init_from"] = str(saved)
+    (folder / "import-recipe.yaml").write_text(yaml.safe_dump(recipe))
+    run, again = folder / "import-run", folder / "import-export"
+    for path in (run, again):
+        if path.exists():
+            shutil.rmtree(path)
+    try:
+        prepare_run_dir(load_config(str(folder / "import-recipe.yaml"), [f"run.output_dir={folder}", "run.name=import-run"]),
+                        RunDir(run))
+        export_hf(run, again, dtype="fp32")
+    except Exception as exc:  # noqa: BLE001 (reported in the row)
+        return f"import failed: {exc}"
+    theirs = LlavaForConditionalGeneration.from_pretrained(saved, dtype=torch.float32).state_dict()
+    ours = LlavaForConditionalGeneration.from_pretrained(again, dtype=torch.float32).state_dict()
+    differing = [name for name in theirs if name not in ours or not torch.equal(theirs[name], ours[name])]
+    if differing or set(ours) - set(theirs):
+        return f"differs after import and export: {(differing or sorted(set(ours) - set(theirs)))[:3]}"
+    return f"model.init_from → export-hf: all {len(theirs)} tensors equal"
 
 
 # ------------------------------------------------------------------------------------ same tokens?
