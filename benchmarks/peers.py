@@ -495,9 +495,16 @@ def finish_peer_run(result: RunResult, launched: Launched, saved: Path, prepared
     if result.global_batch_logged != work.global_batch or used != {work.global_batch} or len(geometry) != work.nproc:
         result.status = (f"WRONG GLOBAL BATCH: asked for {work.global_batch}, its log says {result.global_batch_logged}, "
                          f"its Trainer on {len(geometry)} rank(s) used {sorted(used)}")
+    if packing:  # LLaMA-Factory packs to cutoff_len rows, and its batch counts rows, not samples
+        rows = re.findall(r"Num examples = ([\d,]+)", launched.log.read_text(errors="replace"))
+        if rows:
+            per_row = work.finetune_samples / int(rows[-1].replace(",", ""))
+            result.samples_per_s *= per_row
+            result.status = (f"ok; not the same work: {work.global_batch} packed rows a step, {per_row:.2f} samples a row "
+                             f"(samples/s counts samples)")
     result.first_batch = compare_first_batches(record, prepared, work, packing)
     score(result, saved, prepared, folder)
-    if result.status == "ok":
+    if result.status.startswith("ok"):
         result.imported = import_check(saved, prepared, work, folder)
     return result
 
@@ -645,8 +652,8 @@ def table(results: list[RunResult], work: Work) -> str:
          f"accumulation {work.grad_accum}), ZeRO-{work.zero}, max_length {work.max_length}, lr {work.lr:g} cosine "
          f"({work.warmup_ratio:.0%} warmup), fp32; held-out: {work.held_out} questions\n"),
         ("| tool | run | packing | samples/s | start-up s | peak RSS per rank (MiB) | final loss | held-out accuracy "
-         "| global batch (its log) | first batch vs vdep's tokens | status |"),
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+         "| global batch (its log) | first batch vs vdep's tokens | its saved folder into vdep | status |"),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         def number(value, spec):
@@ -655,7 +662,8 @@ def table(results: list[RunResult], work: Work) -> str:
             f"| {r.tool} | {r.variant} | {'on' if r.packing else 'off'} | {number(r.samples_per_s, '.1f')} | "
             f"{number(r.startup_s, '.1f')} | {' / '.join(f'{m:.0f}' for m in r.peak_rss_mib) or '-'} | "
             f"{number(r.final_loss, '.4f')} | {number(None if r.accuracy is None else 100 * r.accuracy, '.1f')}"
-            f"{'%' if r.accuracy is not None else ''} | {number(r.global_batch_logged, 'd')} | {r.first_batch} | {r.status} |")
+            f"{'%' if r.accuracy is not None else ''} | {number(r.global_batch_logged, 'd')} | {r.first_batch} | {r.imported} "
+            f"| {r.status} |")
     by_run = {(r.tool, r.variant, r.packing): r for r in results if r.samples_per_s}
     off = by_run.get(("vdep", "VDEP off", False))
     on = by_run.get(("vdep", "VDEP on", False))
@@ -724,7 +732,7 @@ def main() -> None:
             jsonl.flush()
             results.append(result)
     print(table(results, work))
-    sys.exit(0 if all(r.status == "ok" for r in results) else 1)
+    sys.exit(0 if all(r.status.startswith(("ok", "not run")) for r in results) else 1)
 
 
 PEER_RUNNERS = {"llamafactory": run_llamafactory, "ms-swift": run_swift}
