@@ -57,7 +57,7 @@ else
         .whl/*.whl || exit 2
     export PYTHONPATH=/tmp/vdep-site
     smoke_flag=
-    limits=(45 90 45 280)
+    limits=(40 75 60 285)  # 460 s: with the install and the version line, within 8 minutes
     steps=36  # 33 timed step intervals after 3 warm-up steps
 fi
 "$python" -c "import torch, transformers, deepspeed, vdep; print('torch', torch.__version__, '| transformers', \

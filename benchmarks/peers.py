@@ -143,10 +143,9 @@ def prepare(out: Path, work: Work) -> Prepared:
         ds_config=folder / f"zero{work.zero}.json",
     )
     preset, _ = load_preset(f"zero{work.zero}")
-    prepared.ds_config.parent.mkdir(parents=True, exist_ok=True)
-    prepared.ds_config.write_text(json.dumps(preset, indent=1))  # "auto" left for each tool to fill
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         print(f"reusing the data and starting weights in {folder}", flush=True)
+        prepared.ds_config.write_text(json.dumps(preset, indent=1))  # "auto" left for each tool to fill
         return prepared
     if folder.exists():
         shutil.rmtree(folder)
@@ -163,6 +162,7 @@ def prepare(out: Path, work: Work) -> Prepared:
     prepare_run_dir(load_config("demo-tiny", overrides), RunDir(base_run))
     export_hf(base_run, prepared.export, dtype="fp32")
     write_peer_data(prepared)
+    prepared.ds_config.write_text(json.dumps(preset, indent=1))
     stamp.write_text(json.dumps(wanted))
     print(f"data and starting weights in {folder} ({time.monotonic() - started:.0f} s)", flush=True)
     return prepared

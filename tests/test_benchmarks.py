@@ -150,6 +150,7 @@ def test_the_peers_token_check_names_the_first_difference(tmp_path):
     work = peers.Work(steps=1, global_batch=2, micro_batch=1, nproc=2, lr=1e-3, warmup_ratio=0.0, max_length=384,
                       zero=3, finetune_samples=16, held_out=3)
     prepared = peers.prepare(tmp_path, work)
+    assert json.loads(prepared.ds_config.read_text())["zero_optimization"]["stage"] == 3  # what the peers are given
     encodings = list(peers.vdep_encodings(prepared, work).items())
     assert 10 <= len(encodings) <= 16  # samples with the same conversation (no image) share one entry
     (ids, labels), (other_ids, other_labels) = encodings[0], encodings[1]
