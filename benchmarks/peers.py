@@ -26,8 +26,9 @@ start-up = from the launch to the end of the first step; the peak RSS of each ra
 read while it runs); the final loss (mean of each tool's last logged losses); the global batch each tool
 reports in its own log; the held-out accuracy of the saved model, scored by `vdep eval` on the demo's
 held-out questions through transformers (one harness for all: each folder gets the starting export's
-tokenizer, processor and chat template, so only the weights differ). Rows go to the terminal as a
-table and to OUT/results.jsonl.
+tokenizer, processor and chat template, so only the weights differ); and for a peer, its saved folder
+imported by vdep (`model.init_from`) and exported again, tensor by tensor. Rows go to the terminal as a
+table and to OUT/results.jsonl, each as soon as it is measured.
 """
 
 from __future__ import annotations
@@ -51,11 +52,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from peer_envs import PEERS, PeerEnv, environment, prebuild_ops
 
-# The starting model: the demo's tiny tower and LLM (vdep/recipes/demo-tiny.yaml).
-VISION = {"architecture": "clip", "hidden_size": 64, "num_layers": 3, "num_heads": 4, "intermediate_size": 128,
-          "image_size": 64, "patch_size": 8}
-LLM = {"architecture": "llama", "hidden_size": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4,
-       "intermediate_size": 352, "max_position_embeddings": 512}
 # Files of the starting export that make its prompt: every evaluated folder gets these, so the held-out
 # accuracy compares weights, not a peer's idea of the chat template.
 PROMPT_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
@@ -553,7 +549,8 @@ def vdep_encodings(prepared: Prepared, work: Work) -> dict[tuple[int, ...], tupl
 
     tokenizer = load_tokenizer(prepared.folder / "start-run" / "tokenizer")
     template = make_template("vicuna_v1", tokenizer)
-    encoder = TemplateTokenizer(tokenizer, image_token_id(tokenizer), (VISION["image_size"] // VISION["patch_size"]) ** 2)
+    vision = json.loads((prepared.export / "config.json").read_text())["vision_config"]
+    encoder = TemplateTokenizer(tokenizer, image_token_id(tokenizer), (vision["image_size"] // vision["patch_size"]) ** 2)
     table = {}
     for record in json.loads(prepared.raw.read_text()):
         has_image = bool(record.get("image"))
