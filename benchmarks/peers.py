@@ -719,11 +719,15 @@ def main() -> None:
         for tool, vdep_on, packing in plans:
             print(f"\n== {tool}{'' if vdep_on is None else ', VDEP ' + ('on' if vdep_on else 'off')}"
                   f"{', packed' if packing else ''}", flush=True)
-            if tool == "vdep":
-                result = run_vdep(prepared, work, out, vdep_on, packing, args.timeout)
-            else:
-                prebuild_ops(PEERS[tool])
-                result = PEER_RUNNERS[tool](prepared, work, out, packing, args.timeout)
+            try:
+                if tool == "vdep":
+                    result = run_vdep(prepared, work, out, vdep_on, packing, args.timeout)
+                else:
+                    prebuild_ops(PEERS[tool])
+                    result = PEER_RUNNERS[tool](prepared, work, out, packing, args.timeout)
+            except Exception as exc:  # noqa: BLE001 (one failing run loses its own row, not the others)
+                variant = tool if vdep_on is None else f"VDEP {'on' if vdep_on else 'off'}"
+                result = RunResult(tool, variant, packing, work.zero, status=f"failed: {type(exc).__name__}: {exc}")
             print(f"  {result.status}: {json.dumps(asdict(result))}", flush=True)
             jsonl.write(json.dumps({"work": asdict(work), **asdict(result)}) + "\n")
             jsonl.flush()
