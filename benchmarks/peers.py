@@ -678,6 +678,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="work folder; OUT/results.jsonl gets one line per run")
     parser.add_argument("--tools", default="vdep,llamafactory,ms-swift")
     parser.add_argument("--packing", default="off,on", help="off, on, or off,on")
+    parser.add_argument("--vdep", default="off,on", help="vdep's runs: VDEP off, on, or off,on (packed: off only)")
     parser.add_argument("--steps", type=int, default=288, help="optimizer steps (288: one pass over 9216 samples)")
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--micro-batch", type=int, default=16)
@@ -705,7 +706,9 @@ def main() -> None:
     plans = []
     for tool in tools:
         if tool == "vdep":
-            plans += [("vdep", False, False), ("vdep", True, False)] + [("vdep", False, True)] * (True in packings)
+            settings = [{"off": False, "on": True}[v] for v in args.vdep.split(",")]
+            plans += [("vdep", on, False) for on in settings if False in packings]
+            plans += [("vdep", False, True)] * (True in packings and False in settings)
             continue
         if not PEERS[tool].exists():
             message = f"{tool}: no venv at {PEERS[tool].folder}; `python benchmarks/peer_envs.py --tools {tool}` makes it"
