@@ -57,6 +57,7 @@ from peer_envs import PEERS, PeerEnv, environment, prebuild_ops
 PROMPT_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
                 "preprocessor_config.json", "generation_config.json", "special_tokens_map.json")
 LOSS_TAIL = 10  # final loss: the mean of the last this many logged losses
+DATA_SEED = 0  # the demo data and the starting weights: the same for every --seed
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class Work:
     zero: int
     finetune_samples: int
     held_out: int
-    seed: int = 0
+    seed: int = 0  # every tool's run seed (data order, VDEP modes); the data and starting weights stay DATA_SEED's
 
     @property
     def grad_accum(self) -> int:
@@ -131,7 +132,7 @@ def prepare(out: Path, work: Work) -> Prepared:
 
     folder = out / "work"
     stamp = folder / "work.json"
-    wanted = {"finetune_samples": work.finetune_samples, "held_out": work.held_out, "seed": work.seed}
+    wanted = {"finetune_samples": work.finetune_samples, "held_out": work.held_out, "seed": DATA_SEED}
     prepared = Prepared(
         folder=folder, raw=folder / "raw" / "finetune.json", images=folder / "raw" / "images",
         held_out=folder / "raw" / "eval.json", shards=folder / "shards", export=folder / "start-export",
@@ -146,7 +147,7 @@ def prepare(out: Path, work: Work) -> Prepared:
     if folder.exists():
         shutil.rmtree(folder)
     started = time.monotonic()
-    write_demo_data(folder / "raw", work.seed, 0, work.finetune_samples, work.held_out)
+    write_demo_data(folder / "raw", DATA_SEED, 0, work.finetune_samples, work.held_out)
     build_shards(BuildOptions([prepared.raw], prepared.images, prepared.shards, samples_per_shard=512, progress=False))
     tokenizer = make_tokenizer([str(prepared.shards)], 1000, folder / "tokenizer")
     # The starting weights: the demo's tiny model as vdep builds it for a run (prepare_run_dir is what
@@ -154,7 +155,7 @@ def prepare(out: Path, work: Work) -> Prepared:
     base_run = folder / "start-run"
     overrides = [f"model.tokenizer={tokenizer}", f"stages.finetune.shards=[{prepared.shards}]",
                  f"stages.align.shards=[{prepared.shards}]", f"run.output_dir={folder}", "run.name=start-run",
-                 f"run.seed={work.seed}"]
+                 f"run.seed={DATA_SEED}"]
     prepare_run_dir(load_config("demo-tiny", overrides), RunDir(base_run))
     export_hf(base_run, prepared.export, dtype="fp32")
     write_peer_data(prepared)
@@ -647,7 +648,7 @@ def table(results: list[RunResult], work: Work) -> str:
     lines = [
         (f"\n{work.steps} steps × global batch {work.global_batch} (micro-batch {work.micro_batch}, {work.nproc} CPU ranks, "
          f"accumulation {work.grad_accum}), ZeRO-{work.zero}, max_length {work.max_length}, lr {work.lr:g} cosine "
-         f"({work.warmup_ratio:.0%} warmup), fp32; held-out: {work.held_out} questions\n"),
+         f"({work.warmup_ratio:.0%} warmup), fp32, seed {work.seed}; held-out: {work.held_out} questions\n"),
         ("| tool | run | packing | samples/s | start-up s | peak RSS per rank (MiB) | final loss | held-out accuracy "
          "| global batch (its log) | first batch vs vdep's tokens | its saved folder into vdep | status |"),
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -684,6 +685,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--zero", type=int, default=3, choices=(2, 3))
+    parser.add_argument("--seed", type=int, default=0, help="every tool's run seed; one seed is an anecdote (same data)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per training run")
     parser.add_argument("--smoke", action="store_true", help="tiny data and a few steps; peers without a venv skipped")
     args = parser.parse_args()
@@ -694,10 +696,11 @@ def main() -> None:
     packings = [{"off": False, "on": True}[p] for p in args.packing.split(",")]
     if args.smoke:
         work = Work(steps=4, global_batch=8, micro_batch=4, nproc=2, lr=1e-3, warmup_ratio=0.03, max_length=384,
-                    zero=args.zero, finetune_samples=64, held_out=12)
+                    zero=args.zero, finetune_samples=64, held_out=12, seed=args.seed)
     else:
         work = Work(steps=args.steps, global_batch=args.global_batch, micro_batch=args.micro_batch, nproc=args.nproc,
-                    lr=1e-3, warmup_ratio=0.03, max_length=384, zero=args.zero, finetune_samples=9216, held_out=300)
+                    lr=1e-3, warmup_ratio=0.03, max_length=384, zero=args.zero, finetune_samples=9216, held_out=300,
+                    seed=args.seed)
     if work.global_batch % (work.micro_batch * work.nproc):
         parser.error("--global-batch must be a multiple of --micro-batch × --nproc")
     out = args.out.resolve()
