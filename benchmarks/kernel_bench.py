@@ -22,6 +22,7 @@ autograd needs a full-size gradient; the header gives those bytes, which the GB/
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -40,22 +41,40 @@ def make_inputs(batch: int, length: int, hidden: int, image_tokens: int, dtype: 
 
 
 def timed(fn, device: torch.device, repeats: int) -> tuple[float, float]:
-    """(median seconds, peak bytes allocated above the start) of fn()."""
-    for _ in range(2):
-        fn()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
+    """(median seconds, peak bytes allocated above the start) of fn(). On CUDA the time comes from CUDA
+    events around many back-to-back calls (`triton.testing.do_bench`, which also clears the L2 cache
+    between them): a host clock around one ~35 µs call would mostly time its launch. On CPU (the smoke run
+    in Triton's interpreter) a host clock; those numbers mean nothing."""
     if device.type == "cuda":
+        from triton.testing import do_bench
+
+        seconds = do_bench(fn, warmup=25, rep=max(100, 5 * repeats), return_mode="median") / 1e3
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return seconds, torch.cuda.max_memory_allocated() - base
+    for _ in range(2):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        sync()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else float("nan")
-    return statistics.median(times), peak
+    return statistics.median(times), float("nan")
+
+
+class Rows:
+    """Each measured row as one JSON line (`--jsonl`), written and flushed as soon as it is measured."""
+
+    def __init__(self, path: str | None):
+        self.file = open(path, "a") if path else None  # noqa: SIM115 (open for the whole run)
+
+    def write(self, **row) -> None:
+        if self.file:
+            self.file.write(json.dumps({"part": "kernel", **row}) + "\n")
+            self.file.flush()
 
 
 def main() -> None:
@@ -65,6 +84,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--head", default="identity", choices=["identity", "linear"],
                         help="vdep.head: linear adds a D×D GEMM per selected row (its GB/s figures then mean little)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows (their compile is slow)")
+    parser.add_argument("--jsonl", help="append one JSON line per row here")
     parser.add_argument("--num-warps", default="",
                         help="comma-separated warps per program to time the fused kernel at, besides its default")
     args = parser.parse_args()
@@ -107,16 +128,20 @@ def main() -> None:
                        f"fused (Triton, {default_warps} warps)": (fused_vdep_sum, None)}
     for warps in warp_counts:
         implementations[f"fused (Triton, {warps} warps)"] = (fused_vdep_sum, warps)
-    if device.type == "cuda":
+    if device.type == "cuda" and not args.no_compile:
         implementations["torch.compile(reference)"] = (torch.compile(reference_vdep_sum, dynamic=False), None)
+    records = Rows(args.jsonl)
     zero_filled = 2 * h.numel() * element  # grad of hidden and of the targets (detach_target=False below)
 
     print(f"VDEP term: {batch}x{length}x{hidden} {str(dtype).removeprefix('torch.')}, {rows} selected rows, "
           f"norm {args.norm}, head {args.head}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu (interpreter)'}; "
           f"copy bandwidth {copy_bandwidth / 1e9:.0f} GB/s; the backward's zero-filled full-size gradients: "
           f"{zero_filled / 2**20:.0f} MiB, against {backward_bytes / 2**20:.0f} MiB that fwd+bwd needs\n")
-    print("| implementation | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s | % of copy bw (fwd+bwd) | peak MiB (fwd+bwd) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    records.write(row="copy", copy_gb_s=copy_bandwidth / 1e9, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
+    print("| implementation | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s | % of copy bw (fwd+bwd) | × eager (fwd+bwd) "
+          "| peak MiB (fwd+bwd) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    eager = None
     for name, (fn, warps) in implementations.items():
         fused_vdep.NUM_WARPS_OVERRIDE = warps
 
@@ -130,14 +155,21 @@ def main() -> None:
 
         fwd, _ = timed(forward, device, repeats)
         both, peak = timed(forward_backward, device, repeats)
+        eager = both if eager is None else eager  # the eager reference is the first row
         print(f"| {name} | {fwd * 1e3:.3f} | {forward_bytes / fwd / 1e9:.0f} | {both * 1e3:.3f} | "
-              f"{backward_bytes / both / 1e9:.0f} | {100 * backward_bytes / both / copy_bandwidth:.0f}% | {peak / 2**20:.0f} |")
+              f"{backward_bytes / both / 1e9:.0f} | {100 * backward_bytes / both / copy_bandwidth:.0f}% | "
+              f"{eager / both:.2f} | {peak / 2**20:.0f} |", flush=True)
+        records.write(row=name, table="term", head=args.head, fwd_ms=fwd * 1e3, fwd_gb_s=forward_bytes / fwd / 1e9,
+                   fwd_bwd_ms=both * 1e3, fwd_bwd_gb_s=backward_bytes / both / 1e9,
+                   percent_of_copy=100 * backward_bytes / both / copy_bandwidth, times_eager=eager / both,
+                   peak_mib=peak / 2**20)
     fused_vdep.NUM_WARPS_OVERRIDE = None
     if args.head == "identity":
-        in_a_step(h, e, targets, args.norm, device, repeats, copy_bandwidth)
+        in_a_step(h, e, targets, args.norm, device, repeats, copy_bandwidth, records, compile_reference=not args.no_compile)
 
 
-def in_a_step(h, e, targets, norm: str, device, repeats: int, copy_bandwidth: float) -> None:
+def in_a_step(h, e, targets, norm: str, device, repeats: int, copy_bandwidth: float, records: Rows,
+              compile_reference: bool = True) -> None:
     """What the term adds to a step in which a dense text-loss gradient already flows into the hidden
     states (detached targets, the default): that is where the pass-through saves the zero-filled
     gradient and the extra full-size sum."""
@@ -158,7 +190,7 @@ def in_a_step(h, e, targets, norm: str, device, repeats: int, copy_bandwidth: fl
         "+ fused (Triton)": sum_form(fused_vdep_sum),
         "+ fused pass-through (Triton)": lambda: fused_vdep_pass_through(h, e, targets, target_norm=norm, detach_target=True),
     }
-    if device.type == "cuda":
+    if device.type == "cuda" and compile_reference:
         variants["+ torch.compile(reference)"] = sum_form(torch.compile(reference_vdep_sum, dynamic=False))
     rows = int(targets.sum())
     needed = 5 * rows * h.shape[-1] * h.element_size()  # forward reads 2 row sets; backward reads 2, writes 1
@@ -176,12 +208,14 @@ def in_a_step(h, e, targets, norm: str, device, repeats: int, copy_bandwidth: fl
         seconds, peak = timed(step, device, repeats)
         if alone is None:
             alone = seconds
-            print(f"| {name} | {seconds * 1e3:.3f} | - | - | - | {peak / 2**20:.0f} |")
+            print(f"| {name} | {seconds * 1e3:.3f} | - | - | - | {peak / 2**20:.0f} |", flush=True)
             continue
         increment = seconds - alone
         rate = needed / increment if increment > 0 else float("inf")
         print(f"| {name} | {seconds * 1e3:.3f} | {increment * 1e3:.3f} | {rate / 1e9:.0f} | "
-              f"{100 * rate / copy_bandwidth:.0f}% | {peak / 2**20:.0f} |")
+              f"{100 * rate / copy_bandwidth:.0f}% | {peak / 2**20:.0f} |", flush=True)
+        records.write(row=name, table="in a step", step_ms=seconds * 1e3, increment_ms=increment * 1e3,
+                   increment_gb_s=rate / 1e9, percent_of_copy=100 * rate / copy_bandwidth, peak_mib=peak / 2**20)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,93 @@ def test_the_vdep_ablation_runs_in_smoke_mode(tmp_path):
     other = subprocess.run([sys.executable, "benchmarks/vdep_ablation.py", "--smoke", *options, "--set", "stages.finetune.epochs=2"],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert other.returncode != 0 and "holds runs made with other settings" in other.stderr, other.stderr[-2000:]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
+def test_the_gpu_run_script_runs_in_smoke_mode(tmp_path):
+    """benchmarks/gpu_run.sh --smoke: every part of the GPU session on CPU (kernels in Triton's interpreter),
+    each row as a JSON line, each part ending ok."""
+    result = subprocess.run(["bash", "benchmarks/gpu_run.sh", "--smoke", str(tmp_path / "out")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable}, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    statuses = {row["part"]: row["status"] for row in rows if "status" in row}
+    assert statuses == dict.fromkeys(("ceilings", "kernel", "attention", "training"), "ok"), statuses
+    by_part = {part: [row for row in rows if row["part"] == part and "status" not in row] for part in statuses}
+    assert [row["row"] for row in by_part["ceilings"]] == ["device-to-device copy", "float32 matmul 256³"]
+    assert by_part["ceilings"][0]["gb_s"] > 0 and by_part["ceilings"][1]["tflops"] > 0
+    kernel = {row["row"] for row in by_part["kernel"]}
+    assert {"copy", "eager reference", "+ fused pass-through (Triton)"} <= kernel, kernel
+    assert [row["row"].split(",")[0] for row in by_part["attention"]] == ["padded", "packed"]
+    assert all(row["implementation"] == "sdpa" and row["kernels_ms"] for row in by_part["attention"])
+    training = {row["row"]: row for row in by_part["training"]}
+    assert set(training) == {"finetune, HF Trainer + LlavaForConditionalGeneration (baseline)",
+                             "finetune, vdep, VDEP on, padded", "finetune, vdep, VDEP off, padded",
+                             "VDEP overhead, finetune"}, set(training)
+    assert all(row["samples_per_s"] > 0 for name, row in training.items() if "overhead" not in name)
+    assert "% of step time (median step" in training["VDEP overhead, finetune"]["overhead"]
+    assert "== training" in result.stdout and "| finetune, vdep, VDEP on, padded | sdpa |" in result.stdout
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
+def test_the_peers_benchmark_runs_vdep_in_smoke_mode(tmp_path):
+    """benchmarks/peers.py --smoke --tools vdep --vdep off: vdep from the shared export, on 2 ranks, timed
+    between step ends (metrics.jsonl's `time`), with both ranks' memory and a held-out accuracy."""
+    result = subprocess.run([sys.executable, "benchmarks/peers.py", "--smoke", "--tools", "vdep", "--vdep", "off",
+                             "--packing", "off", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=900, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(row["tool"], row["variant"], row["status"]) for row in rows] == [("vdep", "VDEP off", "ok")]
+    for row in rows:
+        assert row["steps"] == 4 and row["global_batch_logged"] == 8, row
+        assert row["samples_per_s"] > 0 and row["startup_s"] > 0 and len(row["peak_rss_mib"]) == 2, row
+        assert all(100 < mib < 20_000 for mib in row["peak_rss_mib"]), row
+        assert 0.0 <= row["accuracy"] <= 1.0 and set(row["by_kind"]) == {"colour", "position", "shape"}, row
+    assert "| vdep | VDEP off | off |" in result.stdout
+
+
+def test_the_peers_token_check_names_the_first_difference(tmp_path):
+    """A peer's first batch is compared, row by row, with vdep's encodings of the same samples: equal rows
+    count, and a row that differs is reported with the tokens where it parts from its nearest vdep sample."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import peers
+
+    work = peers.Work(steps=1, global_batch=2, micro_batch=1, nproc=2, lr=1e-3, warmup_ratio=0.0, max_length=384,
+                      zero=3, finetune_samples=16, held_out=3)
+    prepared = peers.prepare(tmp_path, work)
+    assert json.loads(prepared.ds_config.read_text())["zero_optimization"]["stage"] == 3  # what the peers are given
+    encodings = list(peers.vdep_encodings(prepared, work).items())
+    assert 10 <= len(encodings) <= 16  # samples with the same conversation (no image) share one entry
+    (ids, labels), (other_ids, other_labels) = encodings[0], encodings[1]
+    changed = list(other_ids)
+    changed[-2] += 1  # a text token near the end
+    record = tmp_path / "record"
+    record.mkdir()
+    # Right-padded rows with an attention mask, as a Trainer's collator gives them; rank 0's labels cut to the
+    # positions from its first supervised token on, as ms-swift passes them (with logits_to_keep).
+    width = max(len(ids), len(changed)) + 3
+    padded_labels = list(labels) + [-100] * (width - len(ids))
+    first_supervised = next(i for i, label in enumerate(labels) if label != -100)
+    rows = {0: (ids, padded_labels[first_supervised:]), 1: (changed, list(other_labels) + [-100] * (width - len(changed)))}
+    for rank, (row_ids, row_labels) in rows.items():
+        pad = width - len(row_ids)
+        (record / f"first_batch_rank{rank}.json").write_text(json.dumps({
+            "input_ids": [list(row_ids) + [0] * pad], "labels": [row_labels],
+            "attention_mask": [[1] * len(row_ids) + [0] * pad]}))
+    verdict = peers.compare_first_batches(record, prepared, work, packing=False)
+    assert verdict.startswith("1/2 rows equal to vdep's ids and labels; first difference: first_batch_rank1.json row 0: "
+                              f"ids part at token {len(changed) - 2}"), verdict
+
+
+def test_the_peers_template_writes_vdeps_system_text():
+    """benchmarks/peer_side.py runs in the peers' venvs, without vdep: its copy of the vicuna_v1 system text
+    must stay vdep's."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import peer_side
+
+    from vdep.data.templates import VICUNA_SYSTEM
+
+    assert peer_side.VICUNA_SYSTEM == VICUNA_SYSTEM

@@ -180,6 +180,34 @@ def test_export_import_export_round_trip_is_exact(trained_run, small_data, tmp_p
     assert config_a["text_config"] == config_b["text_config"] and config_a["vision_config"] == config_b["vision_config"]
 
 
+def test_a_folder_with_its_image_processor_inside_processor_config_imports(small_data, tmp_path):
+    """transformers 5 can save a processor as one processor_config.json holding the image processor's settings
+    (LLaMA-Factory 0.9.5's saved models are so, with no preprocessor_config.json): model.init_from reads them
+    there, and export → import → export still gives back every tensor and the same image processing."""
+    from vdep.rundir import RunDir
+    from vdep.train.prepare import prepare_run_dir
+
+    base = tmp_path / "base"
+    prepare_run_dir(load_config("demo-tiny", small_data.overrides(base)), RunDir(base))
+    first = export_hf(base, tmp_path / "first", dtype="fp32").out
+    folder = tmp_path / "one-file-processor"
+    shutil.copytree(first, folder)
+    combined = json.loads((folder / "processor_config.json").read_text())
+    combined["image_processor"] = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "processor_config.json").write_text(json.dumps(combined))
+    (folder / "preprocessor_config.json").unlink()
+    imported = tmp_path / "imported"
+    overrides = small_data.overrides(imported) + [
+        f"model.init_from={folder}", "model.vision_tower.tiny=null", "model.language_model.tiny=null", "model.tokenizer=null",
+    ]
+    prepare_run_dir(load_config("demo-tiny", overrides), RunDir(imported))
+    second = export_hf(imported, tmp_path / "second", dtype="fp32").out
+    a, b = exported_tensors(first), exported_tensors(second)
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    assert json.loads((first / "preprocessor_config.json").read_text()) == \
+        json.loads((second / "preprocessor_config.json").read_text())
+
+
 def test_an_export_before_any_training_has_the_recipes_last_template(tmp_path):
     """A run that imported a Llava folder (model.init_from) and trained nothing yet exports in the chat format
     of the recipe's last stage, whichever stages the last `vdep train` selected; a trained stage's export, in

@@ -7,7 +7,7 @@ RUN_DIR (run.output_dir/run.name) holds:
     base/                        random-init towers (tiny models), an imported Llava folder's parts, and
                                  the projector's initial weights: what every stage starts from
     tensorboard/<stage>/         event files
-    <stage>/metrics.jsonl        the logged scalars, one JSON object per logged step
+    <stage>/metrics.jsonl        the logged scalars, one JSON object per logged step (with `time`, Unix seconds)
     <stage>/checkpoints/step_N/  resumable checkpoints (train/checkpoint.py); `latest` names the newest
     <stage>/final/               trainable.safetensors (the stage's trained weights, written last: its
                                  presence marks the stage complete) and summary.json

@@ -171,15 +171,12 @@ def import_llava_folder(folder: Path, paths: BasePaths) -> None:
     """Split a Llava checkpoint into a vision tower folder, a causal LM folder and projector weights."""
     from transformers import LlavaForConditionalGeneration
 
-    processor_config = folder / "preprocessor_config.json"
-    if not processor_config.is_file():
-        raise ConfigError(f"model.init_from={folder}: no preprocessor_config.json (the image processor) in it")
+    settings = image_processor_settings(folder)
     llava = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype="auto")
     inner = getattr(llava, "model", llava)  # transformers 5.x nests the parts under .model
     vision_tower = inner.vision_tower
     with atomic_folder(paths.vision_tower) as out:
         vision_tower.save_pretrained(out)
-        settings = json.loads(processor_config.read_text())
         processing = ImageProcessing.from_hf_dict(settings, pad_to_square=bool(settings.get("do_pad", False)))
         family = "siglip" if "siglip" in vision_tower.config.model_type else "clip"
         (out / "preprocessor_config.json").write_text(json.dumps(processing.to_hf_dict(family), indent=2))
@@ -191,6 +188,23 @@ def import_llava_folder(folder: Path, paths: BasePaths) -> None:
     with atomic_folder(paths.language_model) as out:
         causal_lm.save_pretrained(out)
     save_tensors(dict(inner.multi_modal_projector.state_dict()), paths.projector_init)
+
+
+def image_processor_settings(folder: Path) -> dict:
+    """A Llava folder's image processor settings: its `preprocessor_config.json`, or else the `image_processor`
+    entry of its `processor_config.json`, where transformers 5 puts them when a processor is saved as one
+    file (what LLaMA-Factory 0.9.5's results hold)."""
+    separate = folder / "preprocessor_config.json"
+    if separate.is_file():
+        return json.loads(separate.read_text())
+    combined = folder / "processor_config.json"
+    settings = json.loads(combined.read_text()).get("image_processor") if combined.is_file() else None
+    if not isinstance(settings, dict):
+        raise ConfigError(
+            f"model.init_from={folder}: no image processor settings in it (neither a preprocessor_config.json nor an "
+            "image_processor entry in processor_config.json); save the model's processor into the folder"
+        )
+    return settings
 
 
 def projector_from_llava_bin(path: Path, kind: str) -> dict[str, torch.Tensor]:

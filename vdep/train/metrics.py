@@ -2,7 +2,8 @@
 
 Only rank 0 writes: TensorBoard events in RUN_DIR/tensorboard/<stage>/ (a resumed stage purges the events
 after its checkpoint's step, so no step appears twice) and the same scalars, one JSON
-object per logged step, in RUN_DIR/<stage>/metrics.jsonl. The scalars: `loss/text`, `loss/vdep`,
+object per logged step, in RUN_DIR/<stage>/metrics.jsonl, with `time`: the wall clock (Unix seconds) when its
+line was written, so that steps can be timed end to end from outside (benchmarks/peers.py). The scalars: `loss/text`, `loss/vdep`,
 `loss/total`, `lr/<group>`, `grad_norm`, `tokens/text`, `tokens/image`, `norm/hidden_at_image`,
 `norm/target_at_image`, the VDEP probes `probe/reconstruction_cosine`, `probe/target_pairwise_cosine`,
 `probe/target_variance` and `probe/target_relative_variance` (objectives/probes.py), `throughput/samples_per_s`, `throughput/tokens_per_s`,
@@ -134,7 +135,7 @@ class StageMetrics:
             self.writer.add_scalar(name, value, step)  # type: ignore[union-attr]
         self.writer.flush()  # type: ignore[union-attr]
         with self.jsonl.open("a") as lines:
-            lines.write(json.dumps({"step": step, **scalars}) + "\n")
+            lines.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
 
     def _short(self, s: dict[str, float]) -> str:
         parts = [f"loss {s['loss/total']:.4f} (text {s['loss/text']:.4f}, vdep {s['loss/vdep']:.4f})"]
