@@ -18,14 +18,14 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().paren
 # module is imported (triton.jit decides at decoration time).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tests import deprecations  # noqa: E402
+from tests import deprecations
 
 deprecations.install()  # before vdep and the libraries are imported (tests/deprecations.py)
 
-from tests.byte_level import CHATML_JINJA, LLAMA3_JINJA, byte_level_tokenizer  # noqa: E402
-from vdep.data_tools.build_shards import BuildOptions, build_shards  # noqa: E402
-from vdep.data_tools.make_tokenizer import make_tokenizer  # noqa: E402
-from vdep.demo_data import write_demo_data  # noqa: E402
+from tests.byte_level import CHATML_JINJA, LLAMA3_JINJA, byte_level_tokenizer
+from vdep.data_tools.build_shards import BuildOptions, build_shards
+from vdep.data_tools.make_tokenizer import make_tokenizer
+from vdep.demo_data import write_demo_data
 
 # A tiny model (16 image tokens, 2-layer LLM) that trains in seconds on a CPU.
 TINY_MODEL_OVERRIDES = [

@@ -91,11 +91,11 @@ def make_loader(small_data, tokenizer, rank: int, world: int, split: str, worker
 
 # Loader settings whose data position the tests restore in a fresh process.
 POSITION_CASES = {
-    "plain, in-process loading": dict(workers=0),
-    "2 workers": dict(workers=2),
-    "2 workers, grouped, packed": dict(workers=2, group_by_modality_length=True, group_window=3, packing=True,
-                                       pack_capacity=400),
-    "grouped, resampled shards": dict(workers=0, group_by_modality_length=True, group_window=4, split="resample"),
+    "plain, in-process loading": {"workers": 0},
+    "2 workers": {"workers": 2},
+    "2 workers, grouped, packed": {"workers": 2, "group_by_modality_length": True, "group_window": 3, "packing": True,
+                                       "pack_capacity": 400},
+    "grouped, resampled shards": {"workers": 0, "group_by_modality_length": True, "group_window": 4, "split": "resample"},
 }
 
 

@@ -70,7 +70,7 @@ def test_the_inference_snippet_in_the_export_docs_runs_on_an_export(trained_run,
     export_hf(trained_run, tmp_path / "hf", dtype="fp32")
     image = next((small_data.raw / "images").glob("*.png"), None) or next((small_data.raw / "images").glob("*.jpg"))
     code = snippet.replace("exports/llava15-7b-vdep", str(tmp_path / "hf")).replace("example.jpg", str(image))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -260,8 +260,8 @@ def test_chat_templates_render_the_training_text(tokenizer, base_llama3_tokenize
     ]
     cases = [("vicuna_v1", tokenizer), ("plain", tokenizer), ("llama3", base_llama3_tokenizer), ("qwen2", qwen2_tokenizer),
              ("chat_template", base_llama3_tokenizer), ("chat_template", qwen2_tokenizer)]
-    for name, tokenizer in cases:
-        template = make_template(name, tokenizer)
+    for name, case_tokenizer in cases:
+        template = make_template(name, case_tokenizer)
         chat_template = export_chat_template(template)
         for turns in conversations:
             has_image = "<image>" in turns[0].text
@@ -272,14 +272,14 @@ def test_chat_templates_render_the_training_text(tokenizer, base_llama3_tokenize
                 text = turn.text.replace("<image>\n", "")
                 content = ([{"type": "image"}] if "<image>" in turn.text else []) + [{"type": "text", "text": text}]
                 messages.append({"role": turn.role, "content": content})
-            full = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False)
+            full = case_tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False)
             assert full == render(template.segments(turns, has_image))[0], (name, turns)
-            prompt = tokenizer.apply_chat_template(messages[:-1], chat_template=chat_template, tokenize=False,
+            prompt = case_tokenizer.apply_chat_template(messages[:-1], chat_template=chat_template, tokenize=False,
                                                    add_generation_prompt=True)
             assert prompt == render(template.prompt_segments(turns[:-1], has_image))[0], (name, turns)
             # Plain-string content, as LLaVA's JSON has it, renders the same.
             as_strings = [{"role": t.role, "content": t.text} for t in turns]
-            assert tokenizer.apply_chat_template(as_strings, chat_template=chat_template, tokenize=False) == full
+            assert case_tokenizer.apply_chat_template(as_strings, chat_template=chat_template, tokenize=False) == full
 
 
 def test_export_refuses_bad_targets(small_data, tmp_path):
@@ -287,10 +287,10 @@ def test_export_refuses_bad_targets(small_data, tmp_path):
     busy.mkdir()
     (busy / "file").write_text("x")
     result = subprocess.run([sys.executable, "-m", "vdep", "export-hf", "--checkpoint", str(tmp_path), "--out", str(busy)],
-                            capture_output=True, text=True, timeout=120)
+                            check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "is not empty" in result.stderr
     result = subprocess.run([sys.executable, "-m", "vdep", "export-hf", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")],
-                            capture_output=True, text=True, timeout=120)
+                            check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no vdep run directory" in result.stderr and "Traceback" not in result.stderr
     shutil.rmtree(busy)
 

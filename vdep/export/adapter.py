@@ -72,9 +72,9 @@ def adapter_card(stage: str, settings: LoraConfig) -> str:
     return "\n".join([
         "## LoRA adapter",
         "",
-        f"The weights in this folder are the model the `{stage}` stage started from; its LoRA adapters (r={settings.r}, "
-        f"alpha={settings.alpha:g}{', on a ' + settings.quantize + ' base' if settings.quantize != 'none' else ''}) "
-        f"and the modules it trained in full are the PEFT adapter in `{ADAPTER_FOLDER}/`:",
+        (f"The weights in this folder are the model the `{stage}` stage started from; its LoRA adapters (r={settings.r}, "
+         f"alpha={settings.alpha:g}{', on a ' + settings.quantize + ' base' if settings.quantize != 'none' else ''}) "
+         f"and the modules it trained in full are the PEFT adapter in `{ADAPTER_FOLDER}/`:"),
         "",
         "```python",
         "from peft import PeftModel",

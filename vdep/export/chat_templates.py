@@ -80,7 +80,7 @@ def export_chat_template(template: ConversationTemplate) -> str:
     if template.name in CHAT_TEMPLATES:
         return CHAT_TEMPLATES[template.name]
     if not isinstance(template, TokenizerChatTemplate):
-        raise ValueError(f"no export chat template for the training template {template.name!r}")
+        raise TypeError(f"no export chat template for the training template {template.name!r}")
     own = template.tokenizer.chat_template
     as_text = (
         "{%- set ns_vdep = namespace(messages=[]) -%}"

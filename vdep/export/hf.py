@@ -110,9 +110,9 @@ def model_card(source: ModelSource, template: str, dtype: str) -> str:
         "",
         f"# {config.run.name}",
         "",
-        "A LLaVA-style model (`LlavaForConditionalGeneration`) trained with [vdep](https://arxiv.org/abs/2502.09093) "
-        f"(VDEP, vision dynamic embedding-guided pretraining). Exported by vdep {__version__} on "
-        f"{datetime.date.today().isoformat()} in {dtype}; contains: {source.description}.",
+        ("A LLaVA-style model (`LlavaForConditionalGeneration`) trained with [vdep](https://arxiv.org/abs/2502.09093) "
+         f"(VDEP, vision dynamic embedding-guided pretraining). Exported by vdep {__version__} on "
+         f"{datetime.date.today().isoformat()} in {dtype}; contains: {source.description}."),
         "",
         "## Use",
         "",
@@ -126,13 +126,13 @@ def model_card(source: ModelSource, template: str, dtype: str) -> str:
         "print(processor.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_special_tokens=True))",
         "```",
         "",
-        f"The chat template renders vdep's `{template}` training template; the image processor pads images to a "
-        "square with the mean colour when the model was trained that way (LLaVA-1.5's `pad` mode).",
+        (f"The chat template renders vdep's `{template}` training template; the image processor pads images to a "
+         "square with the mean colour when the model was trained that way (LLaVA-1.5's `pad` mode)."),
         "",
         "## Model",
         "",
-        f"- vision tower: `{config.model.vision_tower.path or 'random init (tiny)'}`, feature layer "
-        f"{config.model.vision_tower.feature_layer}",
+        (f"- vision tower: `{config.model.vision_tower.path or 'random init (tiny)'}`, feature layer "
+         f"{config.model.vision_tower.feature_layer}"),
         f"- language model: `{config.model.language_model.path or 'random init (tiny)'}`",
         f"- projector: {config.model.projector}",
         "",
