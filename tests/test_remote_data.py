@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -67,6 +68,89 @@ def test_a_transport_failure_that_outlasts_the_retries_stops_with_the_url_and_ca
         assert "was not skipped" in message
     finally:
         server.stop()
+
+
+def test_a_stalled_request_is_retried_after_data_remote_timeout_s(served):
+    """The server sends a range's headers, then nothing for 30 s: after timeout_s (1 s) the request is a
+    transport fault, retried, and the read completes with the file's bytes, in about the timeout (aiohttp's
+    own default would wait 300 s)."""
+    from vdep.data.remote import open_remote
+
+    shard = served / "finetune" / "000000.tar"
+    server = FaultyHTTP(served, Faults(stall={2: 30.0, 5: 30.0})).start()  # 1: the size; 2...: the ranges
+    patient = replace(FAST, timeout_s=1.0)
+    try:
+        started = time.monotonic()
+        with open_remote(f"{server.url}/finetune/{shard.name}", patient) as stream:
+            data = b"".join(iter(lambda: stream.read(4096), b""))  # as the tar reader reads: buffer fills
+        elapsed = time.monotonic() - started
+        assert data == shard.read_bytes()
+        assert 2.0 <= elapsed < 8.0, elapsed  # two stalls, each given up after 1 s
+        assert server.requests == 1 + -(-len(data) // patient.request_bytes) + 2  # every range, 2 of them twice
+    finally:
+        server.stop()
+
+
+def test_a_stalled_s3_request_is_given_up_after_data_remote_timeout_s(served, s3):
+    """The same through s3fs: the first connection to the S3 server answers nothing for 30 s; botocore's
+    read timeout (timeout_s, where s3fs's own default is 15 s) gives it up and the read completes."""
+    from tests.remote_servers import StallingProxy
+    from vdep.data.remote import open_remote
+
+    shard = served / "finetune" / "000001.tar"
+    proxy = StallingProxy(s3.port, {1: 30.0}).start()
+    settings = replace(FAST, timeout_s=1.0, storage_options={"endpoint_url": proxy.url, "skip_instance_cache": True})
+    try:
+        started = time.monotonic()
+        with open_remote(f"s3://shards/finetune/{shard.name}", settings) as stream:
+            data = b"".join(iter(lambda: stream.read(4096), b""))
+        elapsed = time.monotonic() - started
+        assert data == shard.read_bytes()
+        assert proxy.connections >= 2  # the stalled one, given up, and a fresh one
+        assert 1.0 <= elapsed < 8.0, elapsed
+    finally:
+        proxy.stop()
+
+
+def test_a_resume_may_change_how_remote_data_is_fetched_but_not_where_from(small_data, tmp_path, caplog):
+    """A TransportError says to raise data.remote.retries and run the same command: the resume checks of
+    that run directory accept it (and the other transport settings); another store is refused by name."""
+    import logging
+
+    from vdep.config import load_config
+    from vdep.errors import CheckpointError
+    from vdep.rundir import RunDir
+    from vdep.train.prepare import check_resume_changes, save_resolved_config
+
+    run_dir = tmp_path / "run"
+    remote = ["stages.finetune.shards=[s3://bucket/shards/]"]
+    save_resolved_config(load_config("demo-tiny", small_data.overrides(run_dir) + remote), RunDir(run_dir))
+    patient = ["data.remote.retries=20", "data.remote.backoff_s=2", "data.remote.max_backoff_s=120",
+               "data.remote.request_mb=32", "data.remote.timeout_s=300"]
+    with caplog.at_level(logging.INFO):
+        check_resume_changes(RunDir(run_dir), load_config("demo-tiny", small_data.overrides(run_dir) + remote + patient))
+    assert "resume: data.remote.retries changed from 8 to 20" in caplog.text
+    assert "resume: data.remote.timeout_s changed from 60.0 to 300.0" in caplog.text
+    elsewhere = ["data.remote.storage_options={endpoint_url: 'http://10.0.0.5:9000'}"]
+    with pytest.raises(CheckpointError) as refused:
+        check_resume_changes(RunDir(run_dir), load_config("demo-tiny", small_data.overrides(run_dir) + remote + patient
+                                                          + elsewhere))
+    message = str(refused.value)
+    assert "data.remote.storage_options.endpoint_url: None → 'http://10.0.0.5:9000'" in message
+    assert "data.remote.retries" not in message.partition("(only")[0]  # refused for the store alone
+
+
+def test_request_timeouts_are_set_by_data_remote_timeout_s_only(small_data, tmp_path):
+    from vdep.config import load_config
+    from vdep.errors import ConfigError
+
+    base = small_data.overrides(tmp_path / "run")
+    with pytest.raises(ConfigError, match="sets client_kwargs.timeout: the request timeout is data.remote.timeout_s"):
+        load_config("demo-tiny", base + ["data.remote.storage_options={client_kwargs: {timeout: 5}}"])
+    with pytest.raises(ConfigError, match="sets config_kwargs.read_timeout"):
+        load_config("demo-tiny", base + ["data.remote.storage_options={config_kwargs: {read_timeout: 5}}"])
+    with pytest.raises(ConfigError, match="timeout_s positive"):
+        load_config("demo-tiny", base + ["data.remote.timeout_s=0"])
 
 
 def test_a_shard_the_manifest_names_but_the_server_lacks_is_an_error_not_a_skip(small_data, tokenizer, served,
