@@ -146,6 +146,7 @@ class FaultyHTTP:
         self.faults = faults or Faults()
         self.latency_s = latency_s
         self.requests = 0
+        self.active = 0  # requests being answered (their body bytes are counted when sent)
         self.body_bytes = 0
         self.lock = threading.Lock()
         self.server: socketserver.ThreadingTCPServer | None = None
@@ -156,6 +157,14 @@ class FaultyHTTP:
         assert self.server is not None
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
+    def settle(self, timeout_s: float = 10.0) -> FaultyHTTP:
+        """Wait until no request is being answered: a client can hold its bytes before the handler has counted
+        them."""
+        deadline = time.monotonic() + timeout_s
+        while self.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self
+
     def start(self) -> FaultyHTTP:
         owner = self
 
@@ -165,16 +174,24 @@ class FaultyHTTP:
             def log_message(self, *args) -> None:  # quiet
                 pass
 
-            def do_HEAD(self) -> None:  # noqa: N802
-                self.respond(head=True)
+            def do_HEAD(self) -> None:
+                self.counted(head=True)
 
-            def do_GET(self) -> None:  # noqa: N802
-                self.respond(head=False)
+            def do_GET(self) -> None:
+                self.counted(head=False)
 
-            def respond(self, head: bool) -> None:
+            def counted(self, head: bool) -> None:
                 with owner.lock:
                     owner.requests += 1
+                    owner.active += 1
                     number = owner.requests
+                try:
+                    self.respond(head, number)
+                finally:
+                    with owner.lock:
+                        owner.active -= 1
+
+            def respond(self, head: bool, number: int) -> None:
                 if owner.latency_s:
                     time.sleep(owner.latency_s)
                 path = owner.root / self.path.split("?")[0].lstrip("/")

@@ -161,7 +161,7 @@ def test_vdeps_tar_reader_yields_webdatasets_samples_and_restarts_at_any_sample(
     """The shard format is WebDataset's: the same samples as its reader, and opening a shard at a
     sample's first byte yields exactly the samples from there on."""
     from vdep.data.remote import RemoteSettings
-    from vdep.data.tar_reader import iterate_samples, read_sample
+    from vdep.data.tar_reader import iterate_samples, read_samples
 
     for shard in discover_shards([str(small_data.finetune_shards)]):
         theirs = [{k: v for k, v in s.items() if k != "__url__"} for s in wds.tariterators.tarfile_samples([{"url": shard.path}])]
@@ -173,7 +173,7 @@ def test_vdeps_tar_reader_yields_webdatasets_samples_and_restarts_at_any_sample(
             handle.seek(middle.start)
             rest = list(iterate_samples(handle, shard.path, 0, middle.start))
         assert [s["__ref__"] for s in rest] == [s["__ref__"] for s in ours[len(ours) // 2:]]
-        assert read_sample(shard.path, middle, RemoteSettings())["json"] == ours[len(ours) // 2]["json"]
+        assert read_samples([shard.path], [middle], RemoteSettings())[0]["json"] == ours[len(ours) // 2]["json"]
 
 
 def test_missing_sizes_file_is_explained(tmp_path):

@@ -216,7 +216,7 @@ class RemoteFile(io.RawIOBase):
         self.url = url
         self.settings = settings
         self.fs = filesystem(url, settings)
-        self.size = int(with_retries(settings, url, "asking its size", lambda: self.fs.size(url)))
+        self._size: int | None = None  # asked once, when first needed (ranged reads of known bytes never need it)
         self.position = 0
         self._ahead: tuple[int, int, Future] | None = None  # (start, end, the request in flight)
         self._pool: ThreadPoolExecutor | None = None
@@ -229,6 +229,12 @@ class RemoteFile(io.RawIOBase):
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
         super().close()
+
+    @property
+    def size(self) -> int:
+        if self._size is None:
+            self._size = int(with_retries(self.settings, self.url, "asking its size", lambda: self.fs.size(self.url)))
+        return self._size
 
     def readable(self) -> bool:
         return True
