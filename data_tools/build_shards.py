@@ -192,18 +192,19 @@ def done_mark(index: int) -> str:
 
 
 def remove_leftovers(output: BuildOutput, index: int) -> None:
-    """The temporary files of shard `index` (and of its done mark) that a killed writer left behind
-    (in the folder, or in a remote build's staging folder).
+    """The temporary files of shard `index` (and of its done mark) that a killed writer left in a local
+    output folder. (A remote build's are in the staging area of the process that died, which the build
+    removes whole: BuildOutput.remove_stale_staging.)
 
     Temporary names carry the writer's pid (`vdep.atomic`), so the pattern names this shard's only:
     the parts of an array job share the folder, and another part may be writing its shards now."""
+    if output.remote:
+        return
     shard, folder = shard_name(index), output.local
     mark = output.path(done_mark(index))
     for path in [folder / f"{shard}.tmp",  # the name used before vdep.atomic
                  *folder.glob(f"{shard}.*.tmp"), *mark.parent.glob(f"{mark.name}.*.tmp")]:
         path.unlink(missing_ok=True)
-    if output.remote:  # a staged copy that was never uploaded
-        output.path(shard).unlink(missing_ok=True)
 
 
 class _NoSample(Exception):
@@ -402,6 +403,17 @@ def prepare_out_dir(options: BuildOptions) -> None:
 
 def build_shards(options: BuildOptions) -> BuildReport:
     options.check()
+    output = options.output
+    # What dead builds staged for this output (a killed part, a build's workers) goes at the start; this build's
+    # own staging, and its workers', when it ends, whether it succeeded or failed (output.py, "Staging").
+    output.remove_stale_staging()
+    try:
+        return _build(options, output)
+    finally:
+        output.end_staging()
+
+
+def _build(options: BuildOptions, output: BuildOutput) -> BuildReport:
     started = time.perf_counter()
     prepare_out_dir(options)
     refs = read_inputs(options.inputs)
@@ -409,7 +421,6 @@ def build_shards(options: BuildOptions) -> BuildReport:
     per_shard = options.samples_per_shard
     planned = math.ceil(len(order) / per_shard)
     mine = range(planned * options.part // options.num_parts, planned * (options.part + 1) // options.num_parts)
-    output = options.output
     done = load_done_marks(output, mine) if options.resume or options.num_parts > 1 else {}
     tasks = [
         (index, [(p, refs[order[p]]) for p in range(index * per_shard, min((index + 1) * per_shard, len(order)))], options)

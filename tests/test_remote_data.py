@@ -290,6 +290,49 @@ def test_build_shards_into_a_bucket_equals_a_local_build_in_parts_and_on_resume(
     assert "s3://shards/built already holds a build" in capsys.readouterr().err
 
 
+@pytest.mark.timeout(180)
+def test_a_build_killed_mid_upload_leaves_no_staged_file_after_its_resume(small_data, s3, tmp_path):
+    """SIGKILLed while the upload of shard 2's done mark waits for its answer (the S3 server has stored it;
+    the staged copy is not removed yet), then resumed with --resume: the killed process's staging area goes
+    (shard 2 is done, so nothing rebuilds it), the staging folder ends empty, and the prefix equals a
+    local build."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import fsspec
+
+    from tests.remote_servers import StallingProxy
+    from vdep.cli import main
+
+    staging = tmp_path / "staging"
+    arguments = [str(small_data.raw / "finetune.json"), "--image-root", str(small_data.raw / "images"),
+                 "--samples-per-shard", "10", "--shuffle", "--no-progress", "--staging", str(staging)]
+    assert main(["build-shards", *arguments, "--out", str(tmp_path / "local")]) == 0
+    proxy = StallingProxy(s3.port, hold=rb"PUT /shards/killed/shard_stats/000002\.json ").start()
+    process = subprocess.Popen([sys.executable, "-m", "vdep", "build-shards", *arguments, "--out", "s3://shards/killed"],
+                               cwd=Path(__file__).resolve().parents[1], start_new_session=True,
+                               env={**os.environ, "AWS_ENDPOINT_URL": proxy.url})
+    try:
+        deadline = time.monotonic() + 120
+        while not proxy.held.wait(0.05):
+            assert process.poll() is None, f"the build ended (status {process.returncode}) before the held upload"
+            assert time.monotonic() < deadline, "the upload of shard 2's done mark never came"
+        time.sleep(0.2)  # the build waits for the answer
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        proxy.stop()
+    staged = [p.relative_to(staging) for p in staging.rglob("*") if p.is_file()]
+    assert [p for p in staged if p.name == "000002.json"], staged  # the killed build's: uploaded, not yet removed
+    assert fsspec.filesystem("s3", skip_instance_cache=True).exists("s3://shards/killed/shard_stats/000002.json")
+    assert main(["build-shards", *arguments, "--out", "s3://shards/killed", "--resume"]) == 0
+    assert not staging.exists() or not list(staging.rglob("*")), list(staging.rglob("*"))
+    assert bucket_files("s3://shards/killed") == folder_files(tmp_path / "local")
+
+
 def test_inspect_shards_and_make_tokenizer_read_remote_prefixes_like_folders(small_data, nginx, s3, tmp_path):
     from vdep.data_tools.inspect_shards import format_report, inspect_shards
     from vdep.data_tools.make_tokenizer import make_tokenizer
