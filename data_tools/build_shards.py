@@ -10,14 +10,17 @@ positions `[i·N, (i+1)·N)`. A shard is therefore a function of its slice of th
   and renamed when complete, then its stats file `shard_stats/NNNNNN.json` is written (also atomically):
   that file is the shard's "done" mark;
 - `--resume` after a crash: shards with a done mark are kept, the rest are built again (first removing
-  the temporary files that killed writers left of those shards, and only of those);
+  the temporary files that killed writers left of those shards, and only of those; for a remote output,
+  the staging areas of dead processes, output.py);
 - a worker process that raises or dies (killed, out of memory) ends the build with an error naming its
   shard; the shards finished so far keep their done marks for `--resume`;
 - disjoint parts of one plan in a SLURM array (`--part K --num-parts P`), all writing into one folder.
 
 Output in `--out`: `NNNNNN.tar` (per sample `KEY.<image extension>` with the original bytes unless a
 mode conversion or `--max-side` re-encoded them, and `KEY.json` with `id`, `conversations` and `source`),
-`sizes.json` (shard → count), `stats.json` (totals, modality mix, rejections by reason, conversions),
+`sizes.json` (shard → count; written only when every planned shard is done, so that no training run
+plans from part of a build), `stats.json` (totals, modality mix, rejections by reason, conversions,
+`complete`: whether every planned shard is done; written after every part),
 `errors.jsonl` (one line per rejected record with file, index, id, reason and message) and
 `build.json` (the options and input fingerprint that `--resume` checks).
 """
@@ -43,7 +46,7 @@ from tqdm import tqdm
 
 from vdep.atomic import atomic_path
 from vdep.data.conversation import SampleError, check_image_markers, parse_conversation
-from vdep.data.shards import IMAGE_EXTENSIONS, SIZES_FILE
+from vdep.data.shards import BUILD_FILE, IMAGE_EXTENSIONS, SIZES_FILE, STATS_FILE
 from vdep.errors import DataError
 
 from .image_fixing import fix_image
@@ -51,7 +54,6 @@ from .output import BuildOutput
 from .sources import DEFAULT_CAPTION_PROMPT, RecordRef, expand_inputs, img2dataset_record, read_inputs, read_member
 
 SHARD_STATS_DIR = "shard_stats"
-BUILD_FILE = "build.json"
 # Rejected records the summary names on the console (all of them are in errors.jsonl).
 ERRORS_SHOWN = 5
 
@@ -160,9 +162,9 @@ class BuildReport:
     def summary(self) -> str:
         rate = self.records / self.seconds if self.seconds > 0 else 0.0
         lines = [
-            f"wrote {self.written} samples ({self.total('with_image')} with image, {self.total('text_only')} "
-            f"text-only) in {sum(1 for s in self.shards if s.written)} shard(s) from {self.records} records "
-            f"({self.reused_shards} shard(s) kept from an earlier run; {rate:.0f} records/s)"
+            (f"wrote {self.written} samples ({self.total('with_image')} with image, {self.total('text_only')} "
+             f"text-only) in {sum(1 for s in self.shards if s.written)} shard(s) from {self.records} records "
+             f"({self.reused_shards} shard(s) kept from an earlier run; {rate:.0f} records/s)")
         ]
         if self.rejected:
             reasons = ", ".join(f"{reason}: {count}" for reason, count in self.rejected.most_common())
@@ -430,8 +432,9 @@ def _build(options: BuildOptions, output: BuildOutput) -> BuildReport:
         remove_leftovers(output, index)
     results = dict(done)
     parallel = options.workers > 1 and len(tasks) > 1
-    # A build that fails leaves here with the exception: no summary, whose sizes.json a training run would take for
-    # the whole data set; the done marks stay for --resume, which writes it.
+    # A build that fails leaves here with the exception, before the summary; the done marks stay for --resume,
+    # which writes it. (A part that finishes while others have not writes stats.json with complete: false and no
+    # sizes.json, which the loader refuses by name.)
     results_in_order = build_in_parallel(tasks, min(options.workers, len(tasks))) if parallel else build_serially(tasks)
     kept = 0
     with progress_bar(sum(len(t[1]) for t in tasks), options.progress) as progress:
@@ -447,11 +450,26 @@ def _build(options: BuildOptions, output: BuildOutput) -> BuildReport:
 
 
 def write_summary(output: BuildOutput, planned: int) -> None:
-    """sizes.json, stats.json and errors.jsonl from every done mark in the folder (all parts so far)."""
+    """stats.json and errors.jsonl from every done mark in the folder (all parts so far), and sizes.json once
+    every planned shard is done: the loader plans epochs from sizes.json, so an unfinished build has none
+    (and its stats.json says complete: false, which the loader refuses by name, shards.check_build_finished).
+
+    Parts of an array job finish at about the same time: each writes after its last done mark, and writes
+    again while the marks it sees change, so the last summary written counts every part's shards."""
+    marks = output.listing(f"{SHARD_STATS_DIR}/*.json")
+    while True:
+        _write_summary_of(output, planned)
+        seen, marks = marks, output.listing(f"{SHARD_STATS_DIR}/*.json")
+        if marks == seen:
+            return
+
+
+def _write_summary_of(output: BuildOutput, planned: int) -> None:
     results = load_done_marks(output, range(planned))
     complete = len(results) == planned
     sizes = {shard_name(i): r.written for i, r in sorted(results.items()) if r.written}
-    output.write_text(SIZES_FILE, json.dumps(sizes, indent=1))
+    if complete:  # before stats.json: a reader that finds complete: true finds sizes.json too
+        output.write_text(SIZES_FILE, json.dumps(sizes, indent=1))
     report = BuildReport(list(results.values()), planned)
     stats = {
         "complete": complete,
@@ -468,7 +486,7 @@ def write_summary(output: BuildOutput, planned: int) -> None:
         "resized": report.total("resized"),
         "shards": len(sizes),
     }
-    output.write_text("stats.json", json.dumps(stats, indent=1))
+    output.write_text(STATS_FILE, json.dumps(stats, indent=1))
     lines = [json.dumps(error, ensure_ascii=False) for _, r in sorted(results.items()) for error in r.errors]
     output.write_text("errors.jsonl", "".join(line + "\n" for line in lines))
 

@@ -269,6 +269,7 @@ def test_build_shards_into_a_bucket_equals_a_local_build_in_parts_and_on_resume(
     import fsspec
 
     from vdep.cli import main
+    from vdep.data_tools.inspect_shards import inspect_shards
 
     arguments = [str(small_data.raw / "finetune.json"), "--image-root", str(small_data.raw / "images"),
                  "--samples-per-shard", "10", "--shuffle", "--no-progress", "--staging", str(tmp_path / "staging")]
@@ -279,6 +280,12 @@ def test_build_shards_into_a_bucket_equals_a_local_build_in_parts_and_on_resume(
     assert not list((tmp_path / "staging").rglob("*.tar"))  # every staged file was uploaded and removed
     for part in (1, 0):  # an array job's two tasks, into one prefix
         assert main(["build-shards", *arguments, "--out", "s3://shards/parts", "--part", str(part), "--num-parts", "2"]) == 0
+        if part == 1:  # half the plan is there: no sizes.json, and the prefix is refused by name until part 0 is
+            assert "sizes.json" not in bucket_files("s3://shards/parts")
+            with pytest.raises(DataError, match=r"s3://shards/parts holds an unfinished `vdep build-shards` build: "
+                                                r"4 of 7 shards are finished"):
+                discover_shards(["s3://shards/parts"], FAST)
+            assert inspect_shards("s3://shards/parts").unfinished.startswith("4 of 7 shards are finished")
     assert bucket_files("s3://shards/parts") == expected
     # As after a crash: one shard uploaded without its done mark, another's object gone with its mark left.
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
