@@ -198,9 +198,10 @@ class ShardStream(IterableDataset):
     raw samples read and which of them are carried at the start of the current window (with their byte
     ranges), the shuffled stream's state there (stream.py: the plan's byte position, the shuffle buffer's
     samples by byte range, its RNG), the window's number and its batches already given out. Restoring
-    reads the buffered and carried samples by range and the plan on from its byte, decodes only the
-    carried samples, fills the window again and drops its batches already given out: exactly the stream
-    an uninterrupted run continues with, and no consumed byte is read twice. DataLoader workers take
+    reads the buffered and carried samples by range (one batch, few requests per remote shard) and the plan
+    on from its byte, decodes only the carried samples, fills the window again and drops its batches already
+    given out: exactly the stream an uninterrupted run continues with, and no consumed byte is read twice
+    (but for the small gaps a remote batch reads, stream.py). DataLoader workers take
     turns, so the restored loader also starts with the consumer whose turn was next (`first_consumer`).
 
     After a resume on another number of consumers, the epoch's `remainder` (remainder.py) replaces the

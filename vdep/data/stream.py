@@ -7,8 +7,10 @@ state after any number of samples (`StreamState`) is small and exact:
   samples seen and kept (`SourcePosition`);
 - which samples wait in the shuffle buffer, by byte range (`SampleRef`), and the buffer's RNG state;
 - once the plan is read to its end, the buffer's remaining samples in their final order.
-Restoring reads the waiting samples by range and continues the plan at its byte: no consumed byte is
-read again, locally or remotely. The order of samples is exactly that of an uninterrupted stream.
+Restoring reads the waiting samples by range (in one batch: tar_reader.read_samples) and continues the
+plan at its byte: no consumed byte is read again, except, from a remote shard, those between waiting
+samples closer than one request, which a batch reads rather than pay a request per sample. The order of
+samples is exactly that of an uninterrupted stream.
 
 After a resume on another number of consumers (elastic resume, remainder.py), a consumer reads a
 `RemainderPlan` instead: its deal of what the checkpoint's consumers had not consumed, with a
