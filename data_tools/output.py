@@ -117,6 +117,7 @@ class BuildOutput:
             raise DataError(f"--out {self.location}: HTTP servers are read-only here; build into s3://, gs:// or a folder")
         self.staging_root = (staging or Path(tempfile.gettempdir()) / "vdep-build-staging" /
                              self.location.replace("://", "/")) if self.remote else None
+        self._default_staging = staging is None
 
     def __str__(self) -> str:
         return self.location
@@ -157,8 +158,9 @@ class BuildOutput:
         if own is not None:
             own.remove()
         self.remove_stale_staging()
-        with contextlib.suppress(OSError):  # empty now, unless another process stages there
-            self.staging_root.rmdir()
+        if self._default_staging:  # (a --staging folder is the user's: it stays)
+            with contextlib.suppress(OSError):  # empty now, unless another process stages there
+                self.staging_root.rmdir()
 
     def exists(self, name: str) -> bool:
         if not self.remote:
