@@ -129,7 +129,8 @@ def unconsumed_bytes(position: DataPosition, plans: dict, folder: Path, request_
     """(bytes of the samples a data position has not consumed, of the tar trailers after them, and of the
     consumed gaps between waiting samples that a restore may read).
 
-    What a restored loader must read: the manifest, the samples waiting in each consumer's shuffle
+    What a restored loader must read: the manifest (sizes.json, and stats.json, which says whether the build
+    is complete: shards.check_build_finished), the samples waiting in each consumer's shuffle
     buffer and carry (by range), and its plan's samples from the recorded byte on; a shard's trailer
     (end-of-archive blocks and padding, at most a tar record) may be read or not. A remote restore reads a
     consumer's waiting samples of one shard in spans that take in the gaps smaller than one request
@@ -138,7 +139,8 @@ def unconsumed_bytes(position: DataPosition, plans: dict, folder: Path, request_
     the shards."""
     from vdep.data.tar_reader import iterate_samples
 
-    unconsumed, trailers, gaps = (folder / "sizes.json").stat().st_size, 0, 0
+    unconsumed = sum((folder / name).stat().st_size for name in ("sizes.json", "stats.json") if (folder / name).is_file())
+    trailers, gaps = 0, 0
     for local, state in position.consumers.items():
         stream, plan = state.stream, plans[local]
         waiting = list(stream.buffer) + [ref for _, ref in state.carry]

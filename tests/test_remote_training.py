@@ -90,6 +90,7 @@ def test_remote_shards_train_like_local_ones_through_faults_and_a_resume(small_d
         unconsumed, trailers, gaps = unconsumed_bytes(position, {0: plans[rank]}, served / "finetune",
                                                       RemoteSettings(request_mb=0.05).request_bytes)
         low, high = low + unconsumed, high + unconsumed + trailers + gaps
-    # Each rank reads the manifest once more (counted in `unconsumed`); of the consumed bytes, only the gaps
-    # between the waiting samples that a restore's spans take in (below one request, docs/design.md) are read again.
+    # Each rank reads the manifest (sizes.json, stats.json) once more (counted in `unconsumed`); of the consumed
+    # bytes, only the gaps between the waiting samples that a restore's spans take in (below one request,
+    # docs/design.md) are read again.
     assert low <= resumed_bytes <= high < full_epoch_bytes
