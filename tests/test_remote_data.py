@@ -150,7 +150,7 @@ def test_request_timeouts_are_set_by_data_remote_timeout_s_only(small_data, tmp_
         load_config("demo-tiny", base + ["data.remote.storage_options={client_kwargs: {timeout: 5}}"])
     with pytest.raises(ConfigError, match="sets config_kwargs.read_timeout"):
         load_config("demo-tiny", base + ["data.remote.storage_options={config_kwargs: {read_timeout: 5}}"])
-    with pytest.raises(ConfigError, match="timeout_s positive"):
+    with pytest.raises(ConfigError, match="timeout_s and request_mb positive"):
         load_config("demo-tiny", base + ["data.remote.timeout_s=0"])
 
 

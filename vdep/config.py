@@ -438,7 +438,7 @@ def check_settings(config: TrainConfig, source: str | Source = "config") -> None
             or remote.timeout_s <= 0:
         raise ConfigError(
             f"{source.where('data.remote')}: retries, backoff_s and max_backoff_s must be 0 or more, "
-            "request_mb and timeout_s positive"
+            "timeout_s and request_mb positive"
         )
     check_storage_options(remote.storage_options, "data.remote.storage_options")
     if config.run.log_every < 1:
