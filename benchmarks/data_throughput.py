@@ -6,11 +6,14 @@
     python benchmarks/data_throughput.py --smoke          # 64 samples: checks that it runs (CI)
     python benchmarks/data_throughput.py --remote --workers 0,1,2,4   # from a throttled local HTTP server
     python benchmarks/data_throughput.py --remote --shards https://host/prefix/   # from an existing location
+    python benchmarks/data_throughput.py --remote --resume --samples 4000 --samples-per-shard 500  # a restore
 
 `--remote` compares vdep's loader reading the shards from a local HTTP server that limits each connection
 (`--rate-mb`, default 25 MB/s) and delays each request (`--latency-ms`, default 50) with the same loader
 reading them from the local disk, for each number of DataLoader workers; `--shards URL` reads a location
-of your own instead (its shards, not the generated ones).
+of your own instead (its shards, not the generated ones). `--remote --resume` times restoring one consumer's
+shuffle buffer from that server instead: batched by shard and byte range (vdep), with only touching samples
+merged, and one request per sample as before the batching, with the requests and bytes each sends.
 
 Both paths produce the same collated micro-batches (LLaVA-1.5 preprocessing: pad to square, CLIP
 336 px resize and centre crop, normalise; `vicuna_v1` template; a real SentencePiece tokenizer
@@ -289,6 +292,61 @@ def remote_rows(args, root: Path, shards: Path, tokenizer) -> list[tuple[str, st
     return rows
 
 
+def resume_rows(args, shards: Path) -> list[tuple[str, str, str]]:
+    """Restoring one consumer's shuffle buffer (data.shuffle_buffer) from the throttled server: the position
+    after `--resume-after` samples of an uninterrupted stream, read back batched (vdep), with only touching
+    samples merged, and one request per sample (vdep before the batching: a size request and a GET each)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' server, from a checkout
+    from tests.remote_servers import FaultyHTTP
+    from vdep.data import tar_reader
+    from vdep.data.remote import RemoteFile, RemoteSettings
+    from vdep.data.shards import ConsumerPlan, discover_shards
+    from vdep.data.stream import ShardEvents, ShuffledStream
+
+    settings = RemoteSettings()
+    events = ShardEvents(lambda *a: None, lambda *a: None)
+    local = ConsumerPlan(tuple(discover_shards([str(shards)])), 1, 0)
+    stream = ShuffledStream(local, settings, args.shuffle_buffer, "benchmark", events)
+    for _ in range(args.resume_after):
+        next(stream)
+    state = stream.state()
+    buffer_bytes = sum(ref.end - ref.start for ref in state.buffer)
+    shards_touched = len({ref.shard for ref in state.buffer})
+
+    def per_sample(plan: ConsumerPlan) -> None:
+        for ref in state.buffer:
+            data = RemoteFile(plan.shards[ref.shard].path, settings)
+            _ = data.size  # what each RemoteFile asked at its start
+            tar_reader.parse_sample(plan.shards[ref.shard].path, ref, data.read_range(ref.start, ref.end))
+
+    ways = {"one request per sample (before the batching)": per_sample,
+            "only touching samples merged": lambda plan: ShuffledStream(plan, settings, args.shuffle_buffer,
+                                                                        "benchmark", events, state),
+            "gaps below request_mb read (vdep)": lambda plan: ShuffledStream(plan, settings, args.shuffle_buffer,
+                                                                             "benchmark", events, state)}
+    rows = []
+    for name, restore in ways.items():
+        tar_reader.REMOTE_GAP_IN_REQUESTS = 0.0 if name.startswith("only touching") else 1.0
+        server = FaultyHTTP(shards.parent, latency_s=args.latency_ms / 1000, rate_bytes_per_s=args.rate_mb * 2**20).start()
+        try:
+            remote = ConsumerPlan(tuple(discover_shards([f"{server.url}/{shards.name}"], settings)), 1, 0)
+            requests, sent = server.requests, server.body_bytes
+            started = time.perf_counter()
+            restore(remote)
+            seconds = time.perf_counter() - started
+            server.settle()
+            sent_mb = (server.body_bytes - sent) / 2**20
+            rows.append((name, f"{seconds:.2f} s", f"{server.requests - requests} requests, {sent_mb:.1f} MB"))
+        finally:
+            server.stop()
+    tar_reader.REMOTE_GAP_IN_REQUESTS = 1.0
+    rows.append(("the buffer", f"{len(state.buffer)} samples, {buffer_bytes / 2**20:.1f} MB",
+                 f"in {shards_touched} shard(s) of {len(local.shards)}"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=2000)
@@ -306,7 +364,16 @@ def main() -> None:
     parser.add_argument("--workers", default="0,1,2,4", help="with --remote: DataLoader workers to try (default 0,1,2,4)")
     parser.add_argument("--rate-mb", type=float, default=25.0, help="with --remote: MB/s per connection (default 25)")
     parser.add_argument("--latency-ms", type=float, default=50.0, help="with --remote: delay per request (default 50)")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --remote: time restoring a consumer's shuffle buffer instead of the loader")
+    parser.add_argument("--shuffle-buffer", type=int, default=1000, help="with --resume: data.shuffle_buffer")
+    parser.add_argument("--resume-after", type=int, default=2000,
+                        help="with --resume: samples the consumer gave out before the position is taken")
+    parser.add_argument("--samples-per-shard", type=int, default=128, help="with --remote: shard size (default 128)")
     args = parser.parse_args()
+    if args.resume and (not args.remote or args.shards):
+        parser.error("--resume measures a restore from the generated shards on the local server: use it with --remote "
+                     "and without --shards")
     if args.square:
         args.max_side = 336
     count = 64 if args.smoke else args.samples
@@ -329,17 +396,21 @@ def main() -> None:
             seconds = time.perf_counter() - started
             rows.append((f"build-shards, {workers} worker(s)", f"{report.written / seconds:.0f} images/s", f"{seconds:.2f} s"))
         shards = root / "shards-1"
-        tokenizer = prepare_tokenizer(make_tokenizer([str(shards)], 2000, root / "tokenizer"))
+        tokenizer = None if args.resume else prepare_tokenizer(make_tokenizer([str(shards)], 2000, root / "tokenizer"))
         if args.remote:  # shards of 128 samples (~7 MB): enough of them for every worker to read its own
-            small = root / "shards-128"
-            per_shard = 32 if args.smoke else 128
+            small = root / f"shards-{args.samples_per_shard}"
+            per_shard = 32 if args.smoke else args.samples_per_shard
             build_shards(BuildOptions([data_json], root / "raw" / "images", small, samples_per_shard=per_shard,
                                       progress=False))
-            rows = remote_rows(args, root, small, tokenizer)
+            rows = resume_rows(args, small) if args.resume else remote_rows(args, root, small, tokenizer)
             where = args.shards or f"a local HTTP server, {args.rate_mb:g} MB/s per connection, {args.latency_ms:g} ms per request"
             print(f"\n{count} samples, micro-batch {args.micro_batch_size}, from {where}; torch {torch.__version__}, "
                   f"{os.cpu_count()} CPU core(s)\n")
-            print("| loader | throughput | detail |\n| --- | --- | --- |")
+            if args.resume:
+                print(f"restoring a consumer's shuffle buffer ({args.shuffle_buffer}) after {args.resume_after} "
+                      f"samples, shards of {per_shard}\n\n| restore | time | sent by the server |\n| --- | --- | --- |")
+            else:
+                print("| loader | throughput | detail |\n| --- | --- | --- |")
             for row in rows:
                 print("| " + " | ".join(row) + " |")
             return

@@ -43,13 +43,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-CLIP_L_336 = dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096, image_size=336, patch_size=14)
+CLIP_L_336 = {"hidden_size": 1024, "num_layers": 24, "num_heads": 16, "intermediate_size": 4096, "image_size": 336, "patch_size": 14}
 LLMS = {
-    "1b": dict(hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4, intermediate_size=5632),  # TinyLlama-1.1B
-    "7b": dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, intermediate_size=11008),  # Vicuna-7B
+    "1b": {"hidden_size": 2048, "num_layers": 22, "num_heads": 32, "num_kv_heads": 4, "intermediate_size": 5632},  # TinyLlama-1.1B
+    "7b": {"hidden_size": 4096, "num_layers": 32, "num_heads": 32, "num_kv_heads": 32, "intermediate_size": 11008},  # Vicuna-7B
 }
-SMOKE_VISION = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, image_size=32, patch_size=8)
-SMOKE_LLM = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
+SMOKE_VISION = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "image_size": 32, "patch_size": 8}
+SMOKE_LLM = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128}
 WARMUP_STEPS = 3
 DISTINCT_IMAGES = 64
 

@@ -10,14 +10,17 @@ positions `[i·N, (i+1)·N)`. A shard is therefore a function of its slice of th
   and renamed when complete, then its stats file `shard_stats/NNNNNN.json` is written (also atomically):
   that file is the shard's "done" mark;
 - `--resume` after a crash: shards with a done mark are kept, the rest are built again (first removing
-  the temporary files that killed writers left of those shards, and only of those);
+  the temporary files that killed writers left of those shards, and only of those; for a remote output,
+  the staging areas of dead processes, output.py);
 - a worker process that raises or dies (killed, out of memory) ends the build with an error naming its
   shard; the shards finished so far keep their done marks for `--resume`;
 - disjoint parts of one plan in a SLURM array (`--part K --num-parts P`), all writing into one folder.
 
 Output in `--out`: `NNNNNN.tar` (per sample `KEY.<image extension>` with the original bytes unless a
 mode conversion or `--max-side` re-encoded them, and `KEY.json` with `id`, `conversations` and `source`),
-`sizes.json` (shard → count), `stats.json` (totals, modality mix, rejections by reason, conversions),
+`sizes.json` (shard → count; written only when every planned shard is done, so that no training run
+plans from part of a build), `stats.json` (totals, modality mix, rejections by reason, conversions,
+`complete`: whether every planned shard is done; written after every part),
 `errors.jsonl` (one line per rejected record with file, index, id, reason and message) and
 `build.json` (the options and input fingerprint that `--resume` checks).
 """
@@ -43,7 +46,7 @@ from tqdm import tqdm
 
 from vdep.atomic import atomic_path
 from vdep.data.conversation import SampleError, check_image_markers, parse_conversation
-from vdep.data.shards import IMAGE_EXTENSIONS, SIZES_FILE
+from vdep.data.shards import BUILD_FILE, IMAGE_EXTENSIONS, SIZES_FILE, STATS_FILE
 from vdep.errors import DataError
 
 from .image_fixing import fix_image
@@ -51,7 +54,6 @@ from .output import BuildOutput
 from .sources import DEFAULT_CAPTION_PROMPT, RecordRef, expand_inputs, img2dataset_record, read_inputs, read_member
 
 SHARD_STATS_DIR = "shard_stats"
-BUILD_FILE = "build.json"
 # Rejected records the summary names on the console (all of them are in errors.jsonl).
 ERRORS_SHOWN = 5
 
@@ -160,9 +162,9 @@ class BuildReport:
     def summary(self) -> str:
         rate = self.records / self.seconds if self.seconds > 0 else 0.0
         lines = [
-            f"wrote {self.written} samples ({self.total('with_image')} with image, {self.total('text_only')} "
-            f"text-only) in {sum(1 for s in self.shards if s.written)} shard(s) from {self.records} records "
-            f"({self.reused_shards} shard(s) kept from an earlier run; {rate:.0f} records/s)"
+            (f"wrote {self.written} samples ({self.total('with_image')} with image, {self.total('text_only')} "
+             f"text-only) in {sum(1 for s in self.shards if s.written)} shard(s) from {self.records} records "
+             f"({self.reused_shards} shard(s) kept from an earlier run; {rate:.0f} records/s)")
         ]
         if self.rejected:
             reasons = ", ".join(f"{reason}: {count}" for reason, count in self.rejected.most_common())
@@ -192,18 +194,19 @@ def done_mark(index: int) -> str:
 
 
 def remove_leftovers(output: BuildOutput, index: int) -> None:
-    """The temporary files of shard `index` (and of its done mark) that a killed writer left behind
-    (in the folder, or in a remote build's staging folder).
+    """The temporary files of shard `index` (and of its done mark) that a killed writer left in a local
+    output folder. (A remote build's are in the staging area of the process that died, which the build
+    removes whole: BuildOutput.remove_stale_staging.)
 
     Temporary names carry the writer's pid (`vdep.atomic`), so the pattern names this shard's only:
     the parts of an array job share the folder, and another part may be writing its shards now."""
+    if output.remote:
+        return
     shard, folder = shard_name(index), output.local
     mark = output.path(done_mark(index))
     for path in [folder / f"{shard}.tmp",  # the name used before vdep.atomic
                  *folder.glob(f"{shard}.*.tmp"), *mark.parent.glob(f"{mark.name}.*.tmp")]:
         path.unlink(missing_ok=True)
-    if output.remote:  # a staged copy that was never uploaded
-        output.path(shard).unlink(missing_ok=True)
 
 
 class _NoSample(Exception):
@@ -402,6 +405,17 @@ def prepare_out_dir(options: BuildOptions) -> None:
 
 def build_shards(options: BuildOptions) -> BuildReport:
     options.check()
+    output = options.output
+    # What dead builds staged for this output (a killed part, a build's workers) goes at the start; this build's
+    # own staging, and its workers', when it ends, whether it succeeded or failed (output.py, "Staging").
+    output.remove_stale_staging()
+    try:
+        return _build(options, output)
+    finally:
+        output.end_staging()
+
+
+def _build(options: BuildOptions, output: BuildOutput) -> BuildReport:
     started = time.perf_counter()
     prepare_out_dir(options)
     refs = read_inputs(options.inputs)
@@ -409,7 +423,6 @@ def build_shards(options: BuildOptions) -> BuildReport:
     per_shard = options.samples_per_shard
     planned = math.ceil(len(order) / per_shard)
     mine = range(planned * options.part // options.num_parts, planned * (options.part + 1) // options.num_parts)
-    output = options.output
     done = load_done_marks(output, mine) if options.resume or options.num_parts > 1 else {}
     tasks = [
         (index, [(p, refs[order[p]]) for p in range(index * per_shard, min((index + 1) * per_shard, len(order)))], options)
@@ -419,8 +432,9 @@ def build_shards(options: BuildOptions) -> BuildReport:
         remove_leftovers(output, index)
     results = dict(done)
     parallel = options.workers > 1 and len(tasks) > 1
-    # A build that fails leaves here with the exception: no summary, whose sizes.json a training run would take for
-    # the whole data set; the done marks stay for --resume, which writes it.
+    # A build that fails leaves here with the exception, before the summary; the done marks stay for --resume,
+    # which writes it. (A part that finishes while others have not writes stats.json with complete: false and no
+    # sizes.json, which the loader refuses by name.)
     results_in_order = build_in_parallel(tasks, min(options.workers, len(tasks))) if parallel else build_serially(tasks)
     kept = 0
     with progress_bar(sum(len(t[1]) for t in tasks), options.progress) as progress:
@@ -436,11 +450,26 @@ def build_shards(options: BuildOptions) -> BuildReport:
 
 
 def write_summary(output: BuildOutput, planned: int) -> None:
-    """sizes.json, stats.json and errors.jsonl from every done mark in the folder (all parts so far)."""
+    """stats.json and errors.jsonl from every done mark in the folder (all parts so far), and sizes.json once
+    every planned shard is done: the loader plans epochs from sizes.json, so an unfinished build has none
+    (and its stats.json says complete: false, which the loader refuses by name, shards.check_build_finished).
+
+    Parts of an array job finish at about the same time: each writes after its last done mark, and writes
+    again while the marks it sees change, so the last summary written counts every part's shards."""
+    marks = output.listing(f"{SHARD_STATS_DIR}/*.json")
+    while True:
+        _write_summary_of(output, planned)
+        seen, marks = marks, output.listing(f"{SHARD_STATS_DIR}/*.json")
+        if marks == seen:
+            return
+
+
+def _write_summary_of(output: BuildOutput, planned: int) -> None:
     results = load_done_marks(output, range(planned))
     complete = len(results) == planned
     sizes = {shard_name(i): r.written for i, r in sorted(results.items()) if r.written}
-    output.write_text(SIZES_FILE, json.dumps(sizes, indent=1))
+    if complete:  # before stats.json: a reader that finds complete: true finds sizes.json too
+        output.write_text(SIZES_FILE, json.dumps(sizes, indent=1))
     report = BuildReport(list(results.values()), planned)
     stats = {
         "complete": complete,
@@ -457,7 +486,7 @@ def write_summary(output: BuildOutput, planned: int) -> None:
         "resized": report.total("resized"),
         "shards": len(sizes),
     }
-    output.write_text("stats.json", json.dumps(stats, indent=1))
+    output.write_text(STATS_FILE, json.dumps(stats, indent=1))
     lines = [json.dumps(error, ensure_ascii=False) for _, r in sorted(results.items()) for error in r.errors]
     output.write_text("errors.jsonl", "".join(line + "\n" for line in lines))
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vdep.data.conversation import SampleError, parse_conversation
-from vdep.data.remote import MissingShardError, RemoteSettings, is_remote, join, read_text
-from vdep.data.shards import IMAGE_EXTENSIONS, SIZES_FILE
+from vdep.data.remote import MissingShardError, RemoteSettings, is_remote, join
+from vdep.data.shards import IMAGE_EXTENSIONS, SIZES_FILE, folder_file, unfinished_build
 from vdep.data.tar_reader import iterate_samples, open_shard
 from vdep.errors import DataError
 
@@ -35,10 +35,13 @@ class ShardInspection:
     unusable: Counter = field(default_factory=Counter)  # samples the loader would skip, by reason
     mismatches: list[str] = field(default_factory=list)
     examples: list[str] = field(default_factory=list)
+    # An unfinished `vdep build-shards` build (stats.json: complete false): its progress, e.g. "3 of 6 shards are
+    # finished"; training refuses the folder until it is complete.
+    unfinished: str | None = None
 
     @property
     def ok(self) -> bool:
-        return not self.mismatches
+        return not self.mismatches and self.unfinished is None
 
 
 def inspect_shards(folder: str | Path, encode=None, num_examples: int = 3,
@@ -49,12 +52,25 @@ def inspect_shards(folder: str | Path, encode=None, num_examples: int = 3,
     the ones its sizes.json names (HTTP cannot list), so an unlisted remote tar goes unnoticed."""
     settings = settings or RemoteSettings()
     location = str(folder)
-    sizes = _sizes(location, settings)
+    report = ShardInspection()
+    sizes_text = folder_file(location, SIZES_FILE, settings)
+    progress = unfinished_build(location, sizes_text is not None, settings)
+    if progress is not None:  # its progress, and the shards written so far (where a folder can be listed)
+        if is_remote(location):
+            report.unfinished = f"{progress.describe()} (a remote prefix's shards are found through {SIZES_FILE}: not read)"
+            return report
+        tars = sorted(Path(location).glob("*.tar"))
+        for tar in tars:
+            report.samples += _inspect_tar(report, str(tar), tar.name, encode, num_examples, settings)
+        report.unfinished = f"{progress.describe()} (the {len(tars)} shard(s) written so far are counted above)"
+        return report
+    if sizes_text is None:
+        raise DataError(f"{location} has no {SIZES_FILE}; is it a folder written by `vdep build-shards`?")
+    sizes = json.loads(sizes_text)
     if is_remote(location):
         tars = {name: join(location, name) for name in sizes}
     else:
         tars = {tar.name: str(tar) for tar in Path(location).glob("*.tar")}
-    report = ShardInspection()
     for name in sorted(set(sizes) - set(tars)):
         report.mismatches.append(f"{name} is listed in {SIZES_FILE} but missing")
     for name in sorted(tars):
@@ -65,15 +81,6 @@ def inspect_shards(folder: str | Path, encode=None, num_examples: int = 3,
         elif count is not None and sizes[name] != count:
             report.mismatches.append(f"{name} holds {count} samples but {SIZES_FILE} says {sizes[name]}")
     return report
-
-
-def _sizes(location: str, settings: RemoteSettings) -> dict[str, int]:
-    try:
-        text = read_text(join(location, SIZES_FILE), settings) if is_remote(location) else \
-            (Path(location) / SIZES_FILE).read_text()
-    except (MissingShardError, FileNotFoundError):
-        raise DataError(f"{location} has no {SIZES_FILE}; is it a folder written by `vdep build-shards`?") from None
-    return json.loads(text)
 
 
 def _inspect_tar(report: ShardInspection, location: str, name: str, encode, num_examples: int,
@@ -112,8 +119,8 @@ def _inspect_sample(report: ShardInspection, tar: str, key: str, members: dict, 
         report.unusable[exc.reason] += 1
         return
     if len(report.examples) < num_examples:
-        lines = [f"--- {tar}:{key} ({'image ' + image_format if image_format else 'text-only'}, "
-                 f"id {meta.get('id')!r}, from {meta.get('source')})"]
+        lines = [(f"--- {tar}:{key} ({'image ' + image_format if image_format else 'text-only'}, "
+                  f"id {meta.get('id')!r}, from {meta.get('source')})")]
         lines += [f"  {turn.role}: {turn.text[:200]!r}" for turn in turns[:4]]
         report.examples.append("\n".join(lines))
 
@@ -143,8 +150,8 @@ def histogram(lengths: list[int]) -> list[tuple[str, int]]:
 
 
 def format_report(report: ShardInspection) -> str:
-    lines = [f"{report.samples} samples: {report.with_image} with image ({dict(report.image_formats)}), "
-             f"{report.text_only} text-only"]
+    lines = [(f"{report.samples} samples: {report.with_image} with image ({dict(report.image_formats)}), "
+              f"{report.text_only} text-only")]
     if report.lengths:
         ordered = sorted(report.lengths)
         lines.append(f"token lengths: min {ordered[0]}, median {ordered[len(ordered) // 2]}, "
@@ -153,7 +160,11 @@ def format_report(report: ShardInspection) -> str:
     if report.unusable:
         lines.append(f"samples the loader would skip: {dict(report.unusable)}")
     lines += report.examples
-    if report.mismatches:
+    if report.unfinished is not None:
+        lines.append(f"an unfinished build: {report.unfinished}; {SIZES_FILE} is written, and training accepts the "
+                     "folder, when every part has finished: wait for the other parts, or run the missing ones again "
+                     "(or the build with --resume)")
+    elif report.mismatches:
         lines.append(f"{SIZES_FILE} does not match the tars:")
         lines += [f"  {m}" for m in report.mismatches]
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from dataclasses import dataclass
@@ -124,20 +125,29 @@ def restored_batches_main() -> None:
     print(json.dumps([batch_fingerprint(b) for b in loader.micro_batches(position.epoch, position)]))
 
 
-def unconsumed_bytes(position: DataPosition, plans: dict, folder: Path) -> tuple[int, int]:
-    """(bytes of the samples a data position has not consumed, and of the tar trailers after them).
+def unconsumed_bytes(position: DataPosition, plans: dict, folder: Path, request_bytes: int) -> tuple[int, int, int]:
+    """(bytes of the samples a data position has not consumed, of the tar trailers after them, and of the
+    consumed gaps between waiting samples that a restore may read).
 
-    What a restored loader must read: the manifest, the samples waiting in each consumer's shuffle
+    What a restored loader must read: the manifest (sizes.json, and stats.json, which says whether the build
+    is complete: shards.check_build_finished), the samples waiting in each consumer's shuffle
     buffer and carry (by range), and its plan's samples from the recorded byte on; a shard's trailer
-    (end-of-archive blocks and padding, at most a tar record) may be read or not. `plans` are the
-    consumers' plans by local number, `folder` a local copy of the shards."""
+    (end-of-archive blocks and padding, at most a tar record) may be read or not. A remote restore reads a
+    consumer's waiting samples of one shard in spans that take in the gaps smaller than one request
+    (`request_bytes`, docs/design.md): those gaps, computed here from the position by that rule, may be read
+    too; no other consumed byte. `plans` are the consumers' plans by local number, `folder` a local copy of
+    the shards."""
     from vdep.data.tar_reader import iterate_samples
 
-    unconsumed, trailers = (folder / "sizes.json").stat().st_size, 0
+    unconsumed = sum((folder / name).stat().st_size for name in ("sizes.json", "stats.json") if (folder / name).is_file())
+    trailers, gaps = 0, 0
     for local, state in position.consumers.items():
         stream, plan = state.stream, plans[local]
-        unconsumed += sum(ref.end - ref.start for ref in stream.buffer)
-        unconsumed += sum(ref.end - ref.start for _, ref in state.carry)
+        waiting = list(stream.buffer) + [ref for _, ref in state.carry]
+        unconsumed += sum(ref.end - ref.start for ref in waiting)
+        ordered = sorted(waiting, key=lambda ref: (ref.shard, ref.start))
+        gaps += sum(b.start - a.end for a, b in itertools.pairwise(ordered)
+                    if a.shard == b.shard and 0 < b.start - a.end < request_bytes)
         for number in range(stream.source.shard, len(plan.shards)):
             path = folder / Path(plan.shards[number].path).name
             offset = stream.source.offset if number == stream.source.shard else 0
@@ -146,4 +156,4 @@ def unconsumed_bytes(position: DataPosition, plans: dict, folder: Path) -> tuple
                 refs = [sample["__ref__"] for sample in iterate_samples(handle, str(path), number, offset)]
             unconsumed += sum(ref.end - ref.start for ref in refs)
             trailers += path.stat().st_size - (refs[-1].end if refs else offset)
-    return unconsumed, trailers
+    return unconsumed, trailers, gaps

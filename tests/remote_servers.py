@@ -3,15 +3,17 @@
 - `Nginx`: Debian's nginx with a private config (daemon off, its own pid, logs and temp folders):
   HTTP with Range, an optional rate limit, and an access log of the body bytes of every request.
 - `FaultyHTTP`: a small threaded server of our own that serves a folder with Range and, on a schedule
-  keyed by the request number, answers 503 or 429 (throttled) or drops the connection part-way through
-  the body; it can also add a latency to every request and limit each connection's rate. It counts the
-  body bytes it sent.
+  keyed by the request number, answers 503 or 429 (throttled), drops the connection part-way through
+  the body, or stalls after the headers; it can also add a latency to every request and limit each
+  connection's rate. It counts the requests and the body bytes it sent.
+- `StallingProxy`: a TCP proxy that holds back the answers on chosen connections (a stalled S3 request).
 - `MotoS3`: the S3 API (`moto_server`), with a bucket made for the test.
 Each records the process or thread it started and stops exactly that.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import re
@@ -132,6 +134,7 @@ class Faults:
     unavailable: set[int] = field(default_factory=set)  # answer 503 Service Unavailable
     throttled: set[int] = field(default_factory=set)  # answer 429 Too Many Requests, as a throttling store does
     drop_after: dict[int, int] = field(default_factory=dict)  # send this many body bytes, then close
+    stall: dict[int, float] = field(default_factory=dict)  # send the headers, then nothing for this many seconds
 
 
 class FaultyHTTP:
@@ -143,6 +146,7 @@ class FaultyHTTP:
         self.faults = faults or Faults()
         self.latency_s = latency_s
         self.requests = 0
+        self.active = 0  # requests being answered (their body bytes are counted when sent)
         self.body_bytes = 0
         self.lock = threading.Lock()
         self.server: socketserver.ThreadingTCPServer | None = None
@@ -153,6 +157,14 @@ class FaultyHTTP:
         assert self.server is not None
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
+    def settle(self, timeout_s: float = 10.0) -> FaultyHTTP:
+        """Wait until no request is being answered: a client can hold its bytes before the handler has counted
+        them."""
+        deadline = time.monotonic() + timeout_s
+        while self.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self
+
     def start(self) -> FaultyHTTP:
         owner = self
 
@@ -162,16 +174,24 @@ class FaultyHTTP:
             def log_message(self, *args) -> None:  # quiet
                 pass
 
-            def do_HEAD(self) -> None:  # noqa: N802
-                self.respond(head=True)
+            def do_HEAD(self) -> None:
+                self.counted(head=True)
 
-            def do_GET(self) -> None:  # noqa: N802
-                self.respond(head=False)
+            def do_GET(self) -> None:
+                self.counted(head=False)
 
-            def respond(self, head: bool) -> None:
+            def counted(self, head: bool) -> None:
                 with owner.lock:
                     owner.requests += 1
+                    owner.active += 1
                     number = owner.requests
+                try:
+                    self.respond(head, number)
+                finally:
+                    with owner.lock:
+                        owner.active -= 1
+
+            def respond(self, head: bool, number: int) -> None:
                 if owner.latency_s:
                     time.sleep(owner.latency_s)
                 path = owner.root / self.path.split("?")[0].lstrip("/")
@@ -203,11 +223,18 @@ class FaultyHTTP:
                 self.end_headers()
                 if head:
                     return
+                if number in owner.faults.stall:  # a stalled transfer: the client's timeout should give up first
+                    self.wfile.flush()
+                    time.sleep(owner.faults.stall[number])
                 body = data[start:end]
                 cut = owner.faults.drop_after.get(number)
                 if cut is not None:
                     body = body[:cut]
-                self.send_body(body)
+                try:
+                    self.send_body(body)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (a stall it timed out)
+                    self.close_connection = True
+                    return
                 with owner.lock:
                     owner.body_bytes += len(body)
                 if cut is not None:
@@ -239,6 +266,71 @@ class FaultyHTTP:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+
+
+# ------------------------------------------------------------------------------------- a stalling proxy
+class StallingProxy:
+    """A TCP proxy to a server on 127.0.0.1 that holds back answers for a while: on chosen connections
+    (numbered from 1), and the answer to the first request whose bytes match `hold` (a regular expression
+    over what the client sends, e.g. an S3 PUT of one key). The server has done the request; the client
+    waits. `held` is set when an answer is being held back. For any protocol over HTTP/1.1 (S3's, through
+    moto_server), without parsing it."""
+
+    def __init__(self, upstream_port: int, stall: dict[int, float] | None = None, hold: bytes | None = None,
+                 hold_s: float = 600.0):
+        self.upstream_port = upstream_port
+        self.stall = stall or {}
+        self.hold = re.compile(hold) if hold is not None else None
+        self.hold_s = hold_s
+        self.held = threading.Event()
+        self.connections = 0
+        self.listener: socket.socket | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.listener is not None
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def start(self) -> StallingProxy:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+        return self
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed by stop()
+                return
+            self.connections += 1
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            # [seconds to hold the next answer back]: set by the request side, spent by the answer side
+            pending = [self.stall.get(self.connections, 0.0)]
+            threading.Thread(target=self._pump, args=(client, upstream, pending, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, pending, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, pending: list[float], requests: bool) -> None:
+        try:
+            while chunk := source.recv(65536):
+                if requests and self.hold is not None and not self.held.is_set() and self.hold.search(chunk):
+                    pending[0] = self.hold_s
+                # An interim "100 Continue" (S3 clients send a body only after it) is no answer: it passes.
+                if not requests and pending[0] and not chunk.startswith(b"HTTP/1.1 100"):
+                    delay, pending[0] = pending[0], 0.0
+                    self.held.set()
+                    time.sleep(delay)
+                target.sendall(chunk)
+        except OSError:
+            pass  # the other side gave up (a stall it timed out) or closed
+        finally:
+            for end in (source, target):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
 
 
 # ------------------------------------------------------------------------------------------------ S3

@@ -185,6 +185,42 @@ def test_shuffled_builds_are_deterministic_across_workers_and_parts(tmp_path, im
     assert sorted(other) == sorted(ids) and other != ids
 
 
+def test_an_unfinished_array_build_is_refused_by_name_until_its_last_part(tmp_path, image_folder, capsys):
+    """Part 0 of 2 done, part 1 not yet: no sizes.json, and the loader and inspect-shards say so by name (a run
+    started before the last part would otherwise train on half the data, its schedule sized to it)."""
+    source = make_llava_input(tmp_path, image_folder, 40)  # 8 shards of 5: part 0 builds 0-3
+    out = tmp_path / "out"
+    build_shards(options([source], image_folder, out, samples_per_shard=5, part=0, num_parts=2))
+    assert sorted(p.name for p in out.glob("*.tar")) == [f"00000{i}.tar" for i in range(4)]
+    assert not (out / "sizes.json").exists()
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["complete"], stats["finished_shards"], stats["planned_shards"]) == (False, 4, 8)
+    for spec in (out, out / "000001.tar"):
+        with pytest.raises(DataError) as refused:
+            discover_shards([str(spec)])
+        message = str(refused.value)
+        assert f"{out} holds an unfinished `vdep build-shards` build: 4 of 8 shards are finished" in message
+        assert "--part K --num-parts P" in message and "--resume" in message
+    assert main(["inspect-shards", str(out)]) == 1
+    report = capsys.readouterr().out
+    assert "an unfinished build: 4 of 8 shards are finished (the 4 shard(s) written so far are counted above)" in report
+    # The build's own word refuses it: the same shards in a folder no build wrote (as img2dataset's, or hand-made),
+    # listed in a sizes.json, are read.
+    hand_made = tmp_path / "hand-made"
+    hand_made.mkdir()
+    for tar in out.glob("*.tar"):
+        (hand_made / tar.name).write_bytes(tar.read_bytes())
+    (hand_made / "sizes.json").write_text(json.dumps({f"00000{i}.tar": 4 for i in range(4)}))
+    assert [shard.num_samples for shard in discover_shards([str(hand_made)])] == [4] * 4
+    build_shards(options([source], image_folder, out, samples_per_shard=5, part=1, num_parts=2))
+    assert json.loads((out / "stats.json").read_text())["complete"] is True
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert {shard.path: shard.num_samples for shard in discover_shards([str(out)])} == \
+        {str(out / name): count for name, count in sizes.items()} and len(sizes) == 8
+    assert main(["inspect-shards", str(out)]) == 0
+    assert "sizes.json matches the tars" in capsys.readouterr().out
+
+
 def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 60.0) -> None:
     """Poll until `condition()` holds, while `process` runs (a build that ends or stalls fails the test)."""
     deadline = time.monotonic() + timeout
@@ -239,6 +275,8 @@ def test_resume_after_a_killed_build_gives_the_same_shards(tmp_path, image_folde
         stop(process)
     assert {p.name for p in marks.glob("*.json")} == before
     assert list(out.glob("000005.tar*.tmp")), "the kill must leave shard 5 half-written"
+    with pytest.raises(DataError, match="holds an unfinished `vdep build-shards` build: no part of it has finished"):
+        discover_shards([str(out)])  # killed before any summary: build.json, no stats.json, no sizes.json
     blocking.unlink()
     blocking.write_bytes((image_folder / "rgb.jpg").read_bytes())
     with pytest.raises(DataError, match="--resume"):

@@ -161,7 +161,7 @@ def test_vdeps_tar_reader_yields_webdatasets_samples_and_restarts_at_any_sample(
     """The shard format is WebDataset's: the same samples as its reader, and opening a shard at a
     sample's first byte yields exactly the samples from there on."""
     from vdep.data.remote import RemoteSettings
-    from vdep.data.tar_reader import iterate_samples, read_sample
+    from vdep.data.tar_reader import iterate_samples, read_samples
 
     for shard in discover_shards([str(small_data.finetune_shards)]):
         theirs = [{k: v for k, v in s.items() if k != "__url__"} for s in wds.tariterators.tarfile_samples([{"url": shard.path}])]
@@ -173,7 +173,7 @@ def test_vdeps_tar_reader_yields_webdatasets_samples_and_restarts_at_any_sample(
             handle.seek(middle.start)
             rest = list(iterate_samples(handle, shard.path, 0, middle.start))
         assert [s["__ref__"] for s in rest] == [s["__ref__"] for s in ours[len(ours) // 2:]]
-        assert read_sample(shard.path, middle, RemoteSettings())["json"] == ours[len(ours) // 2]["json"]
+        assert read_samples([shard.path], [middle], RemoteSettings())[0]["json"] == ours[len(ours) // 2]["json"]
 
 
 def test_missing_sizes_file_is_explained(tmp_path):
@@ -204,8 +204,8 @@ def test_a_restored_data_position_continues_with_exactly_the_next_batches(small_
             "case": case, "position": json.loads(json.dumps(position.to_json()))}
     code = "from tests.helpers import restored_batches_main; restored_batches_main()"
     result = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1], timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+                            cwd=Path(__file__).resolve().parents[1], timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]  # (checked here, to show the child's stderr)
     restored = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(uninterrupted) > consumed + 2
     assert restored == json.loads(json.dumps(uninterrupted[consumed:]))

@@ -434,10 +434,11 @@ def check_settings(config: TrainConfig, source: str | Source = "config") -> None
             f"{source.where('data.group_window')}: must be at least 1 (micro-batches per grouping window)"
         )
     remote = config.data.remote
-    if remote.retries < 0 or remote.backoff_s < 0 or remote.max_backoff_s < 0 or remote.request_mb <= 0:
+    if remote.retries < 0 or remote.backoff_s < 0 or remote.max_backoff_s < 0 or remote.request_mb <= 0 \
+            or remote.timeout_s <= 0:
         raise ConfigError(
             f"{source.where('data.remote')}: retries, backoff_s and max_backoff_s must be 0 or more, "
-            "request_mb positive"
+            "timeout_s and request_mb positive"
         )
     check_storage_options(remote.storage_options, "data.remote.storage_options")
     if config.run.log_every < 1:

@@ -198,9 +198,10 @@ class ShardStream(IterableDataset):
     raw samples read and which of them are carried at the start of the current window (with their byte
     ranges), the shuffled stream's state there (stream.py: the plan's byte position, the shuffle buffer's
     samples by byte range, its RNG), the window's number and its batches already given out. Restoring
-    reads the buffered and carried samples by range and the plan on from its byte, decodes only the
-    carried samples, fills the window again and drops its batches already given out: exactly the stream
-    an uninterrupted run continues with, and no consumed byte is read twice. DataLoader workers take
+    reads the buffered and carried samples by range (one batch, few requests per remote shard) and the plan
+    on from its byte, decodes only the carried samples, fills the window again and drops its batches already
+    given out: exactly the stream an uninterrupted run continues with, and no consumed byte is read twice
+    (but for the small gaps a remote batch reads, stream.py). DataLoader workers take
     turns, so the restored loader also starts with the consumer whose turn was next (`first_consumer`).
 
     After a resume on another number of consumers, the epoch's `remainder` (remainder.py) replaces the
@@ -252,16 +253,17 @@ class ShardStream(IterableDataset):
         self.first_consumer = first_consumer
         self.remainder = remainder if remainder is not None and remainder.epoch == epoch else None
 
-    def shuffled(self, consumer: int, state: StreamState | None) -> ShuffledStream:
-        """The consumer's raw (undecoded) samples in shuffled order, from `state` on (None: the start)."""
+    def shuffled(self, consumer: int, state: StreamState | None, carried: tuple[SampleRef, ...] = ()) -> ShuffledStream:
+        """The consumer's raw (undecoded) samples in shuffled order, from `state` on (None: the start); the
+        `carried` samples are read with the stream's buffer (its `carried_samples`)."""
         events = ShardEvents(self._on_tar_error, self._on_short_shard)
         if self.remainder is not None:  # its own seed: a deal is not the epoch's plan
             start = None if state == StreamState() else state  # a consumer that has not begun its deal
             return ShuffledStream(self.remainder.plan(self, consumer), self.remote, self.shuffle_buffer,
-                                  f"vdep-remainder-{self.seed}-{self.epoch}-{consumer}", events, start)
+                                  f"vdep-remainder-{self.seed}-{self.epoch}-{consumer}", events, start, carried)
         plan = plan_epoch(self.shards, self.seed, self.epoch, self.num_consumers, self.split)[consumer]
         return ShuffledStream(plan, self.remote, self.shuffle_buffer, f"vdep-samples-{self.seed}-{self.epoch}-{consumer}",
-                              events, state)
+                              events, state, carried)
 
     def _on_tar_error(self, location: str, exc: Exception) -> None:
         self._skipped["bad_tar"] += 1
@@ -293,9 +295,9 @@ class ShardStream(IterableDataset):
             stream = self.shuffled(consumer, None)
             held = {index for index, _ in state.carry}
             kept = [(index, sample) for index, sample in zip(range(state.read), stream) if index in held]
-        else:
-            stream = self.shuffled(consumer, state.stream)
-            kept = [(index, stream.fetch(ref)) for index, ref in state.carry]  # type: ignore[arg-type]
+        else:  # the carried samples are read by range, in the same requests as the stream's buffer
+            stream = self.shuffled(consumer, state.stream, tuple(ref for _, ref in state.carry))  # type: ignore[misc]
+            kept = [(index, sample) for (index, _), sample in zip(state.carry, stream.carried_samples)]
         self._clear_report()  # anything met while replaying was reported by the original run
         carry = [(index, self.preprocess(sample)) for index, sample in kept]  # these succeeded before
         for index, sample in kept:

@@ -59,6 +59,9 @@ class RemoteSettings:
     max_backoff_s: float = 30.0
     # Size of one ranged request; a failed request is fetched again whole.
     request_mb: float = 8.0
+    # A request that receives nothing for this long (connecting, waiting for the answer, or between two reads
+    # of its body) is a transport fault, retried as above; a slow transfer that keeps moving is not cut.
+    timeout_s: float = 60.0
     # Passed to fsspec's filesystem (e.g. endpoint_url, client_kwargs); never credentials (use the
     # environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...).
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -71,6 +74,29 @@ class RemoteSettings:
         """Seconds to wait before retry number `attempt` (from 1)."""
         return min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
 
+    def filesystem_options(self, scheme: str) -> dict[str, Any]:
+        """`storage_options` with `timeout_s` set where each filesystem takes it: aiohttp's ClientTimeout for
+        HTTP (fsspec's `client_kwargs`) and GCS (gcsfs' `session_kwargs`), botocore's connect and read
+        timeouts for S3 (s3fs' `config_kwargs`). Without it, aiohttp waits up to 300 s for a stalled request."""
+        options = dict(self.storage_options)
+        if scheme in ("http", "https", "gs"):
+            import aiohttp
+
+            # No `total`: a large request that keeps receiving is slow, not stalled.
+            timeout = aiohttp.ClientTimeout(total=None, connect=self.timeout_s, sock_connect=self.timeout_s,
+                                            sock_read=self.timeout_s)
+            key = "session_kwargs" if scheme == "gs" else "client_kwargs"
+            options[key] = {**options.get(key, {}), "timeout": timeout}
+        elif scheme == "s3":
+            options["config_kwargs"] = {**options.get("config_kwargs", {}), "connect_timeout": self.timeout_s,
+                                        "read_timeout": self.timeout_s}
+        return options
+
+
+# Where a filesystem's own timeouts would go in storage_options: data.remote.timeout_s sets them all.
+TIMEOUT_OPTIONS = {"timeout": (), "requests_timeout": (), "client_kwargs": ("timeout",),
+                   "session_kwargs": ("timeout",), "config_kwargs": ("connect_timeout", "read_timeout")}
+
 
 def check_storage_options(options: dict[str, Any], where: str) -> None:
     secrets = sorted(key for key in options if key.lower() in SECRET_OPTIONS)
@@ -80,6 +106,16 @@ def check_storage_options(options: dict[str, Any], where: str) -> None:
             "run directory); set them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
             "GOOGLE_APPLICATION_CREDENTIALS, ...) or the filesystem's own config files"
         )
+    for key, inner in TIMEOUT_OPTIONS.items():
+        if key not in options:
+            continue
+        value = options[key]
+        named = [f"{key}.{name}" for name in inner if isinstance(value, dict) and name in value] if inner else [key]
+        if named:
+            raise ConfigError(
+                f"'{where}' sets {', '.join(named)}: the request timeout is data.remote.timeout_s, which vdep passes "
+                "to every filesystem (HTTP, S3, GCS); set that instead"
+            )
 
 
 # -------------------------------------------------------------------------------------- classifying
@@ -119,7 +155,10 @@ def is_transient(exc: BaseException) -> bool:
 
 def describe(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"[:300]
+    cause = exc.__cause__
+    # fsspec's HTTP filesystem reports a 503 while asking a size as FileNotFoundError(url): the cause says what it was.
+    because = f" (from {type(cause).__name__}: {str(cause).strip()[:200]})" if cause is not None and cause is not exc else ""
+    return f"{type(exc).__name__}: {text[:200]}{because}"
 
 
 # --------------------------------------------------------------------------------------- filesystems
@@ -130,7 +169,7 @@ def filesystem(url: str, settings: RemoteSettings):
     try:
         import fsspec
 
-        return fsspec.filesystem(scheme, **settings.storage_options)
+        return fsspec.filesystem(scheme, **settings.filesystem_options(scheme))
     except ImportError as exc:
         raise ConfigError(f"reading {url} needs fsspec and its {scheme} filesystem ({exc}); pip install 'vdep[remote]'") from None
 
@@ -149,8 +188,9 @@ def with_retries(settings: RemoteSettings, url: str, what: str, action):
             if attempt == settings.retries:
                 raise TransportError(
                     f"{url}: {what} failed {settings.retries + 1} times; the last error: {describe(exc)}. The data "
-                    "was not skipped: fix the connection (or raise data.remote.retries) and run the same command "
-                    "to continue from the last checkpoint"
+                    "was not skipped: fix the connection and run the same command to continue from the last "
+                    "checkpoint (adding data.remote.retries=N, or another data.remote.timeout_s or backoff_s, if "
+                    "the store needs more patience: these may change on resume)"
                 ) from None
             time.sleep(settings.delay(attempt + 1))
     raise AssertionError("unreachable")
@@ -176,7 +216,7 @@ class RemoteFile(io.RawIOBase):
         self.url = url
         self.settings = settings
         self.fs = filesystem(url, settings)
-        self.size = int(with_retries(settings, url, "asking its size", lambda: self.fs.size(url)))
+        self._size: int | None = None  # asked once, when first needed (ranged reads of known bytes never need it)
         self.position = 0
         self._ahead: tuple[int, int, Future] | None = None  # (start, end, the request in flight)
         self._pool: ThreadPoolExecutor | None = None
@@ -189,6 +229,12 @@ class RemoteFile(io.RawIOBase):
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
         super().close()
+
+    @property
+    def size(self) -> int:
+        if self._size is None:
+            self._size = int(with_retries(self.settings, self.url, "asking its size", lambda: self.fs.size(self.url)))
+        return self._size
 
     def readable(self) -> bool:
         return True

@@ -20,6 +20,9 @@ from ..errors import DataError
 from .remote import MissingShardError, RemoteSettings, is_remote, join, read_text
 
 SIZES_FILE = "sizes.json"
+# Written by `vdep build-shards`: its summary (with `complete`: every planned shard done) and its plan.
+STATS_FILE = "stats.json"
+BUILD_FILE = "build.json"
 # Image members a shard sample may have (KEY.jpg, ...): the loader reads the first one present.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -56,7 +59,10 @@ class ConsumerPlan:
 
 
 def discover_shards(specs: list[str], settings: RemoteSettings | None = None) -> list[Shard]:
-    """All shards of the given directories or remote prefixes (or single .tar files), with sizes from sizes.json."""
+    """All shards of the given directories or remote prefixes (or single .tar files), with sizes from sizes.json.
+
+    A folder that `vdep build-shards` is still building (or whose build stopped part-way) is refused by
+    name (`check_build_finished`): training on it would use a subset, with a schedule sized to it."""
     shards: list[Shard] = []
     for spec in specs:
         if is_remote(spec):
@@ -95,19 +101,91 @@ def _remote_shards(spec: str, settings: RemoteSettings) -> list[Shard]:
     return [Shard(join(spec, name), count) for name, count in sorted(sizes.items())]
 
 
+def folder_file(folder: str, name: str, settings: RemoteSettings | None = None) -> str | None:
+    """The text of file `name` in a shard folder or remote prefix, or None when there is none."""
+    if is_remote(folder):
+        try:
+            return read_text(join(folder, name), settings or RemoteSettings())
+        except MissingShardError:
+            return None
+    path = Path(folder) / name
+    return path.read_text() if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class BuildProgress:
+    """What a shard folder's stats.json says of its build: `vdep build-shards` writes it after every part
+    (`complete` once every planned shard is done), and sizes.json only when the build is complete."""
+
+    complete: bool | None  # None: no stats.json (no part has finished yet, or a folder not built by vdep)
+    finished_shards: int | None = None
+    planned_shards: int | None = None
+
+    def describe(self) -> str:
+        if self.finished_shards is not None and self.planned_shards is not None:
+            return f"{self.finished_shards} of {self.planned_shards} shards are finished"
+        return "no part of it has finished yet"
+
+
+def build_progress(folder: str, settings: RemoteSettings | None = None) -> BuildProgress:
+    text = folder_file(folder, STATS_FILE, settings)
+    if text is None:
+        return BuildProgress(None)
+    try:
+        stats = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{join(folder, STATS_FILE)} is not valid JSON ({exc}); write the summary again with "
+                        "the build's `vdep build-shards ... --resume`") from None
+    if not isinstance(stats, dict) or not isinstance(stats.get("complete", True), bool):
+        raise DataError(f"{join(folder, STATS_FILE)} must be an object whose 'complete' is true or false")
+
+    def count(key: str) -> int | None:
+        return stats[key] if isinstance(stats.get(key), int) else None
+
+    return BuildProgress(stats.get("complete"), count("finished_shards"), count("planned_shards"))
+
+
+def unfinished_build(folder: str, has_sizes: bool, settings: RemoteSettings | None = None) -> BuildProgress | None:
+    """The progress of a folder whose `vdep build-shards` has not finished (None when it has, or when the folder
+    is not a build's): its stats.json says complete: false, or it has no sizes.json and no stats.json but the
+    build.json of a build that started there. A folder with neither (img2dataset's, or hand-made with a
+    sizes.json) passes."""
+    progress = build_progress(folder, settings)
+    started = progress.complete is None and not has_sizes and folder_file(folder, BUILD_FILE, settings) is not None
+    return progress if progress.complete is False or started else None
+
+
+def check_build_finished(folder: str, has_sizes: bool, settings: RemoteSettings | None = None) -> None:
+    """Refuse an unfinished build by name (`unfinished_build`)."""
+    progress = unfinished_build(folder, has_sizes, settings)
+    if progress is not None:
+        raise DataError(
+            f"{folder} holds an unfinished `vdep build-shards` build: {progress.describe()}, and {SIZES_FILE} is "
+            "written only when every shard is (training on the shards so far would use a subset, with a schedule "
+            "sized to it). Wait for the build's other parts (SLURM array tasks) to finish, or run the missing parts "
+            "again (`--part K --num-parts P`) or the same build-shards command with --resume; "
+            "`vdep inspect-shards` shows its progress"
+        )
+
+
 def _read_remote_sizes(prefix: str, settings: RemoteSettings) -> str:
     try:
-        return read_text(join(prefix, SIZES_FILE), settings)
+        text: str | None = read_text(join(prefix, SIZES_FILE), settings)
     except MissingShardError:
+        text = None
+    check_build_finished(prefix, text is not None, settings)
+    if text is None:
         raise DataError(
             f"{prefix} has no {SIZES_FILE} (shard name → sample count), which vdep needs to plan epochs and to find "
             "the shards (HTTP cannot list a folder): upload the one `vdep build-shards` wrote beside the shards "
             "(and its shard_stats/), or build into the bucket with `vdep build-shards --out s3://...`"
-        ) from None
+        )
+    return text
 
 
 def _read_sizes(directory: Path) -> dict[str, int]:
     path = directory / SIZES_FILE
+    check_build_finished(str(directory), path.is_file())
     if not path.is_file():
         raise DataError(
             f"{directory} has no {SIZES_FILE} (shard name → sample count), which vdep needs to plan epochs; "

@@ -7,8 +7,10 @@ state after any number of samples (`StreamState`) is small and exact:
   samples seen and kept (`SourcePosition`);
 - which samples wait in the shuffle buffer, by byte range (`SampleRef`), and the buffer's RNG state;
 - once the plan is read to its end, the buffer's remaining samples in their final order.
-Restoring reads the waiting samples by range and continues the plan at its byte: no consumed byte is
-read again, locally or remotely. The order of samples is exactly that of an uninterrupted stream.
+Restoring reads the waiting samples by range (in one batch: tar_reader.read_samples) and continues the
+plan at its byte: no consumed byte is read again, except, from a remote shard, those between waiting
+samples closer than one request, which a batch reads rather than pay a request per sample. The order of
+samples is exactly that of an uninterrupted stream.
 
 After a resume on another number of consumers (elastic resume, remainder.py), a consumer reads a
 `RemainderPlan` instead: its deal of what the checkpoint's consumers had not consumed, with a
@@ -22,13 +24,13 @@ from __future__ import annotations
 
 import random
 import tarfile
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .remote import RemoteSettings, is_remote
 from .shards import ConsumerPlan
-from .tar_reader import SampleRef, iterate_samples, open_shard, read_sample
+from .tar_reader import SampleRef, iterate_samples, open_shard, read_samples
 
 
 @dataclass(frozen=True)
@@ -236,10 +238,15 @@ class RemainderReader:
 class ShuffledStream:
     """A seeded reservoir shuffle of a `PlanReader`'s samples: fill a buffer of `size`, then emit a
     random element for each new one; at the end, shuffle what is left and emit it. With a `state`, it
-    continues exactly where that state was taken."""
+    continues exactly where that state was taken.
+
+    Restoring reads the buffer's samples, and the `carried` ones that the consumer holds beside the stream
+    (a grouping window's carry, in this plan's shards too), in one batch: grouped by shard and byte range
+    (tar_reader.read_samples), so a buffer of a thousand remote samples costs a few requests per shard, not
+    two per sample. The carried samples are then in `carried_samples`, in the order of `carried`."""
 
     def __init__(self, plan: ConsumerPlan | RemainderPlan, settings: RemoteSettings, size: int, seed: str,
-                 events: ShardEvents, state: StreamState | None = None):
+                 events: ShardEvents, state: StreamState | None = None, carried: Sequence[SampleRef] = ()):
         state = state or (plan.initial_state() if isinstance(plan, RemainderPlan) else StreamState())
         self.plan = plan
         self.settings = settings
@@ -248,13 +255,11 @@ class ShuffledStream:
             RemainderReader(plan, settings, state.source, events) if isinstance(plan, RemainderPlan)  # type: ignore[arg-type]
             else PlanReader(plan, settings, state.source, events))  # type: ignore[arg-type]
         self.rng = _rng_from_json(state.rng) if state.rng is not None else random.Random(seed)
-        self.buffer = [self.fetch(ref) for ref in state.buffer]
+        restored = read_samples([shard.path for shard in plan.shards], [*state.buffer, *carried], settings)
+        self.buffer = restored[: len(state.buffer)]
+        self.carried_samples = restored[len(state.buffer):]
         self.draining = state.draining
         self._source = iter(self.reader)
-
-    def fetch(self, ref: SampleRef) -> dict:
-        """The sample at `ref` in this plan's shards (a range read)."""
-        return read_sample(self.plan.shards[ref.shard].path, ref, self.settings)
 
     def state(self) -> StreamState:
         return StreamState(self.reader.position, _rng_to_json(self.rng),

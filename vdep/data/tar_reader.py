@@ -14,10 +14,13 @@ and propagates.
 
 from __future__ import annotations
 
+import bisect
 import io
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -58,7 +61,7 @@ def open_shard(location: str, settings: RemoteSettings, offset: int = 0) -> Bina
     if is_remote(location):
         return open_remote(location, settings, offset)
     try:
-        handle = Path(location).open("rb")
+        handle = Path(location).open("rb")  # noqa: SIM115 (the caller reads and closes it, as open_remote's)
     except OSError as exc:  # deleted or unreadable since the run started: never a skip
         raise MissingShardError(f"{location}: cannot open the shard ({exc.strerror}); it was listed when the run "
                                 "started. Restore it (or rebuild the shards) and run the same command to continue "
@@ -69,7 +72,8 @@ def open_shard(location: str, settings: RemoteSettings, offset: int = 0) -> Bina
 
 def iterate_samples(stream: BinaryIO, location: str, shard: int, base: int = 0) -> Iterator[dict]:
     """The samples of a tar stream that starts at byte `base` of shard number `shard` (at `location`)."""
-    archive = tarfile.open(fileobj=stream, mode="r|")
+    # Not closed here: closing the archive would close the caller's stream, which the caller owns.
+    archive = tarfile.open(fileobj=stream, mode="r|")  # noqa: SIM115
     current: dict | None = None
     start = end = 0
     for info in archive:
@@ -96,18 +100,83 @@ def iterate_samples(stream: BinaryIO, location: str, shard: int, base: int = 0) 
         yield current
 
 
-def read_range(location: str, start: int, end: int, settings: RemoteSettings) -> bytes:
-    """Bytes [start, end) of a shard: one ranged request (retried) for a remote one."""
-    if is_remote(location):
-        return RemoteFile(location, settings).read_range(start, end)
-    with Path(location).open("rb") as handle:
-        handle.seek(start)
-        return handle.read(end - start)
+# Requests a restore sends at once (a consumer's shuffle buffer lies in a few shards; their spans are read
+# in parallel, as object stores serve concurrent ranged requests of one object well).
+RESTORE_CONNECTIONS = 8
+# A gap between two waiting samples of a remote shard shorter than this many requests (data.remote.request_mb)
+# is read with them rather than costing a request of its own (docs/design.md, "The data position";
+# benchmarks/data_throughput.py --remote --resume measures 0, only touching samples, against it).
+REMOTE_GAP_IN_REQUESTS = 1.0
 
 
-def read_sample(location: str, ref: SampleRef, settings: RemoteSettings) -> dict:
-    """The one sample at `ref` (a range read: only its bytes)."""
-    data = read_range(location, ref.start, ref.end, settings)
+@dataclass(frozen=True)
+class ByteSpan:
+    """Bytes [start, end) of shard `shard` that one read covers: one or more samples and the gaps between them."""
+
+    shard: int
+    start: int
+    end: int
+
+
+def byte_spans(refs: Iterable[SampleRef], max_gap: Callable[[int], int]) -> list[ByteSpan]:
+    """The spans that cover `refs`: per shard, in byte order, a sample joins the span before it when the gap
+    between them is smaller than `max_gap(shard)` bytes (0: only samples that touch)."""
+    spans: list[ByteSpan] = []
+    for ref in sorted(set(refs), key=lambda r: (r.shard, r.start)):
+        last = spans[-1] if spans else None
+        if last is not None and last.shard == ref.shard and ref.start - last.end < max(max_gap(ref.shard), 1):
+            spans[-1] = ByteSpan(ref.shard, last.start, max(last.end, ref.end))
+        else:
+            spans.append(ByteSpan(ref.shard, ref.start, ref.end))
+    return spans
+
+
+def read_samples(paths: Sequence[str], refs: Sequence[SampleRef], settings: RemoteSettings) -> list[dict]:
+    """The samples at `refs` (a `SampleRef`'s shard indexes `paths`), in the order of `refs`.
+
+    What a restore reads: a consumer's shuffle buffer and carried samples, hundreds of small ranges in a few
+    shards. A remote shard's ranges closer than one request (`data.remote.request_mb`) are read as one span,
+    the gaps included, in requests of at most request_mb, `RESTORE_CONNECTIONS` at once: the requests grow
+    with the shards and the bytes, not with the samples (docs/design.md, "The data position"). A local
+    shard is read sample by sample (a seek costs nothing), so no consumed byte is read there."""
+    if not refs:
+        return []
+    remote_gap = int(settings.request_bytes * REMOTE_GAP_IN_REQUESTS)
+    spans = byte_spans(refs, lambda shard: remote_gap if is_remote(paths[shard]) else 0)
+    pieces = [(span, start, min(span.end, start + settings.request_bytes))
+              for span in spans for start in range(span.start, span.end, settings.request_bytes)]
+    shards = {span.shard for span in spans}
+    remote = {shard: RemoteFile(paths[shard], settings) for shard in shards if is_remote(paths[shard])}
+    data: list[bytes] = [b""] * len(pieces)
+    fetched = [number for number, (span, _, _) in enumerate(pieces) if span.shard in remote]
+    if fetched:
+        pool = ThreadPoolExecutor(min(RESTORE_CONNECTIONS, len(fetched)), "vdep-restore")
+        try:
+            futures = [pool.submit(remote[pieces[n][0].shard].read_range, *pieces[n][1:]) for n in fetched]
+            for number, future in zip(fetched, futures):
+                data[number] = future.result()  # a TransportError (retries spent) or MissingShardError surfaces here
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+    with ExitStack() as stack:
+        local = {shard: stack.enter_context(Path(paths[shard]).open("rb")) for shard in shards - set(remote)}
+        for number, (span, start, end) in enumerate(pieces):
+            if span.shard in local:
+                local[span.shard].seek(start)
+                data[number] = local[span.shard].read(end - start)
+    span_bytes: dict[ByteSpan, bytearray] = {span: bytearray() for span in spans}
+    for (span, _, _), chunk in zip(pieces, data):
+        span_bytes[span] += chunk
+    starts = [(span.shard, span.start) for span in spans]  # sorted, as byte_spans returns them
+    samples = []
+    for ref in refs:
+        span = spans[bisect.bisect_right(starts, (ref.shard, ref.start)) - 1]
+        chunk = bytes(span_bytes[span][ref.start - span.start: ref.end - span.start])
+        samples.append(parse_sample(paths[ref.shard], ref, chunk))
+    return samples
+
+
+def parse_sample(location: str, ref: SampleRef, data: bytes) -> dict:
+    """The one sample whose bytes [ref.start, ref.end) are `data`."""
     samples = list(iterate_samples(io.BytesIO(data + bytes(2 * BLOCK)), location, ref.shard, ref.start))
     if len(samples) != 1 or samples[0]["__ref__"] != ref:
         raise tarfile.ReadError(f"{location}: bytes {ref.start}-{ref.end - 1} do not hold the sample recorded there")
