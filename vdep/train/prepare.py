@@ -18,14 +18,14 @@ from .validation import prepare_validation_shards
 
 log = get_logger("run")
 
-# What a resumed run may change: how it logs, saves and stops, and which of its stages it runs, not what
+# What a resumed run may change: how it logs and reports, saves and stops, and which of its stages it runs, not what
 # it computes. Any other difference (model, data, objective, optimisation, precision, seed) would make
 # the continued run a different run than the one checkpointed, so the resume is refused with the list
 # of differences.
 CHANGEABLE_ON_RESUME = (
     "stages.*.save_every", "run.log_every", "run.keep_last", "run.resume", "run.stop_timeout_s",
     "run.max_nonfinite_steps", "run.max_missing_fraction", "deepspeed.timeout_minutes", "stage",
-    "stages.*.eval", "stages.*.eval.*",
+    "stages.*.eval", "stages.*.eval.*", "run.report_to", "run.wandb.*", "run.mlflow.*", "run.alerts.*",
 )
 
 
