@@ -240,12 +240,14 @@ def test_a_backend_whose_package_is_missing_fails_before_training(small_data, tm
 
 def test_loss_alarm_window_and_factor():
     alarm = LossAlarm(factor=2.0, window=3)
-    assert [alarm.check(s, {"loss/total": v}) for s, v in enumerate([9.0, 1.0, 1.0], 1)] == [None] * 3  # filling
-    assert alarm.check(4, {"loss/total": 2.0}) is None  # exactly factor × median is not above it
-    assert "loss spike at step 5" in alarm.check(5, {"loss/total": 4.1})  # the window is now 1, 1, 2
-    text = alarm.check(6, {"loss/total": 1.0, "loss/vdep": float("nan")})
-    assert text.startswith("non-finite loss or gradient norm at step 6: loss/vdep = nan")
-    assert list(alarm.recent) == [1.0, 2.0, 4.1]  # a non-finite value never enters the window
+    # While the window fills, nothing is a spike (2.5 is above 2 × the median of 1, 1).
+    assert [alarm.check(s, {"loss/total": v}) for s, v in enumerate([1.0, 1.0, 2.5], 1)] == [None] * 3
+    assert alarm.check(4, {"loss/total": 2.0}) is None  # exactly factor × median(1, 1, 2.5) is not above it
+    assert alarm.check(5, {"loss/total": 4.0}) is None  # the window moved on: 2 × median(1, 2.5, 2) = 4
+    assert "loss spike at step 6: loss/total = 5.1" in alarm.check(6, {"loss/total": 5.1})  # median(2.5, 2, 4)
+    text = alarm.check(7, {"loss/total": 1.0, "grad_norm": float("inf"), "loss/vdep": float("nan")})
+    assert text == "non-finite loss or gradient norm at step 7: grad_norm = inf, loss/vdep = nan"
+    assert list(alarm.recent) == [2.0, 4.0, 5.1]  # a non-finite step never enters the window
 
 
 # ------------------------------------------------------------------------------- runs and resumes
