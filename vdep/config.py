@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib.util
 import json
 import re
+import sys
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -250,6 +253,58 @@ class DeepSpeedConfig:
     timeout_minutes: float = 30.0
 
 
+# ------------------------------------------------------------------------------------------- reporting
+# Where a stage's scalars go besides RUN_DIR/<stage>/metrics.jsonl (vdep/train/reporting.py): the backend's
+# name → (the module it needs, the vdep extra that installs it).
+REPORT_BACKENDS: dict[str, tuple[str, str | None]] = {
+    "tensorboard": ("tensorboard", None),  # a dependency of vdep itself
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow"),
+}
+# A setting under run.wandb or run.mlflow whose name says it holds a credential. The resolved config is
+# copied into every run directory (and logged as the run's parameters), so credentials come from the
+# environment only: the backend reads them there itself.
+CREDENTIAL_NAME = re.compile(r"(^|[_.-])(api[_-]?key|key|token|secret|password|passwd|credentials?)$", re.IGNORECASE)
+CREDENTIAL_VARIABLES = {
+    "wandb": "WANDB_API_KEY (or run `wandb login` once)",
+    "mlflow": "MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD",
+}
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases (`run.report_to` lists `wandb`): where the stage's runs go. Credentials and the
+    server come from the environment (WANDB_API_KEY, WANDB_BASE_URL, WANDB_MODE=offline)."""
+
+    project: str = "vdep"
+    # The team or user the project belongs to (null: the API key's default entity).
+    entity: str | None = None
+    # The stages of one vdep run are grouped under this name (null: run.name).
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MlflowConfig:
+    """MLflow (`run.report_to` lists `mlflow`): where the stage's runs go. Credentials come from the
+    environment (MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME/PASSWORD)."""
+
+    # null: MLFLOW_TRACKING_URI, else MLflow's default.
+    tracking_uri: str | None = None
+    experiment: str = "vdep"
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LossAlertConfig:
+    """When a logged training loss raises an alert (in the log and in every backend): when any `loss/*` or
+    `grad_norm` is not finite, or when `loss/total` exceeds `spike_factor` times the median of the previous
+    `spike_window` logged values of `loss/total` (the check starts once the window is full)."""
+
+    spike_factor: float = 3.0
+    spike_window: int = 20
+
+
 # ------------------------------------------------------------------------------------------------- run
 @dataclass
 class RunConfig:
@@ -270,6 +325,12 @@ class RunConfig:
     # The run stops (with a checkpoint) when more than this share of the samples that sizes.json lists
     # for the epochs so far is missing from the shards (a truncated or corrupt shard; docs/data.md).
     max_missing_fraction: float = 0.01
+    # Where the scalars of metrics.jsonl are also sent, rank 0 only: any of tensorboard, wandb, mlflow
+    # (docs/monitoring.md). [] sends them nowhere else.
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    alerts: LossAlertConfig = field(default_factory=LossAlertConfig)
 
     @property
     def directory(self) -> Path:
@@ -354,6 +415,7 @@ def load_config(recipe: str, overrides: list[str] | None = None, files: bool = T
     overrides = overrides or []
     stage_names = [str(name) for name in stages] if isinstance(stages, dict) else []
     for item, (key, value) in zip(overrides, parse_overrides(overrides)):
+        _refuse_credential(key, f"the command-line override of '{key}'")  # before echoing the override anywhere
         _check_stage_in_override(key, item, stage_names)
         if key not in valid:
             suggestion = closest_key(key, valid, KEY_ALIASES)
@@ -362,6 +424,7 @@ def load_config(recipe: str, overrides: list[str] | None = None, files: bool = T
         set_dotted(raw, key, value)
         source.add_override(key, item)
     _merge_stage_vdep(raw, source)
+    _refuse_report_credentials(raw, source)
     config = structure(TrainConfig, raw, source=source, aliases=KEY_ALIASES)
     check_settings(config, source)
     if files:
@@ -381,6 +444,40 @@ def _check_stage_in_override(key: str, item: str, stage_names: list[str]) -> Non
         f"unknown key '{key}' in the command-line override '{item}': the recipe has no stage '{name}' "
         f"(its stages: {', '.join(stage_names) or 'none'}){hint}"
     )
+
+
+def _refuse_credential(key: str, where: str) -> None:
+    """A setting under run.wandb or run.mlflow named like a credential is refused; the message names the key,
+    never its value."""
+    section, _, rest = key.partition(".")
+    backend, _, name = rest.partition(".")
+    if section != "run" or backend not in CREDENTIAL_VARIABLES or not name:
+        return
+    if any(CREDENTIAL_NAME.search(part) for part in name.split(".")):
+        raise ConfigError(
+            f"{where}: credentials never go into a config (it is copied into the run directory and logged as "
+            f"the run's parameters); remove '{key}' and set {CREDENTIAL_VARIABLES[backend]} in the environment, "
+            f"where {backend} reads it"
+        )
+
+
+def _refuse_report_credentials(raw: dict, source: Source) -> None:
+    """`_refuse_credential` for every key under run.wandb and run.mlflow (tags included)."""
+    run = raw.get("run")
+    if not isinstance(run, dict):
+        return
+
+    def walk(node: object, key: str) -> None:
+        if isinstance(node, dict):
+            for name, value in node.items():
+                inner = f"{key}.{name}"
+                overridden = source.override_of(inner)
+                _refuse_credential(inner, f"'{inner}' (from the command-line override of '{overridden.partition('=')[0]}')"
+                                   if overridden else source.where(inner))
+                walk(value, inner)
+
+    for backend in CREDENTIAL_VARIABLES:
+        walk(run.get(backend), f"run.{backend}")
 
 
 def _merge_stage_vdep(raw: dict, source: Source) -> None:
@@ -451,16 +548,69 @@ def check_settings(config: TrainConfig, source: str | Source = "config") -> None
         )
     if config.run.stop_timeout_s <= 0:
         raise ConfigError(f"{source.where('run.stop_timeout_s')}: must be positive (seconds)")
+    _check_reporting(config.run, source)
     _check_stage_names(config, source)
     for name, stage in config.stages_to_run():
         _check_stage(name, stage, source)
     _check_lora_chain(config, source)
 
 
+def _check_reporting(run: RunConfig, source: Source) -> None:
+    names = list(REPORT_BACKENDS)
+    for name in run.report_to:
+        if name not in REPORT_BACKENDS:
+            close = difflib.get_close_matches(name.lower(), names, n=1, cutoff=0.5)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"{source.where('run.report_to')}: unknown backend '{name}'{hint}; choose from {', '.join(names)} "
+                "(a list; [] reports to metrics.jsonl only)"
+            )
+        if run.report_to.count(name) > 1:
+            raise ConfigError(f"{source.where('run.report_to')}: lists '{name}' twice")
+    uri = run.mlflow.tracking_uri
+    if uri is not None and urllib.parse.urlsplit(uri).password is not None:
+        where = ("the command-line override of 'run.mlflow.tracking_uri'"  # never echo the override's value
+                 if source.override_of("run.mlflow.tracking_uri") else source.where("run.mlflow.tracking_uri"))
+        raise ConfigError(
+            f"{where}: holds a password; credentials never go into a config. "
+            f"Give the URI without it and set {CREDENTIAL_VARIABLES['mlflow']} in the environment"
+        )
+    alerts = run.alerts
+    if alerts.spike_factor <= 1:
+        raise ConfigError(
+            f"{source.where('run.alerts.spike_factor')}: must be above 1 (an alert when loss/total exceeds this many "
+            f"times its recent median), got {alerts.spike_factor}"
+        )
+    if alerts.spike_window < 1:
+        raise ConfigError(f"{source.where('run.alerts.spike_window')}: must be at least 1 (logged values), got "
+                          f"{alerts.spike_window}")
+
+
+def module_installed(module: str) -> bool:
+    """Whether `module` can be imported here (without importing it: wandb and mlflow take seconds)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_report_backends(run: RunConfig, source: Source) -> None:
+    """Every backend in run.report_to has its package installed: before training, not at the first log line."""
+    for name in run.report_to:
+        module, extra = REPORT_BACKENDS[name]
+        if not module_installed(module):
+            install = f"pip install 'vdep[{extra}]'" if extra else f"pip install {module}"
+            raise ConfigError(
+                f"{source.where('run.report_to')}: lists {name}, but the {module} package is not installed in this "
+                f"Python environment ({sys.executable}); install it with `{install}`, or remove {name} from run.report_to"
+            )
+
+
 def check_files(config: TrainConfig, source: str | Source = "config") -> None:
     """The files and folders the config names exist and are what they should be (local ones; remote
-    shards are found when a stage starts)."""
+    shards are found when a stage starts), and the packages of the reporting backends are installed."""
     source = Source(source) if isinstance(source, str) else source
+    check_report_backends(config.run, source)
     model = config.model
     if model.init_from is not None:
         _check_init_from(model, source)

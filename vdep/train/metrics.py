@@ -1,27 +1,35 @@
-"""What a stage reports: TensorBoard scalars, a progress bar or log lines, throughput and MFU.
+"""What a stage reports: its scalars, a progress bar or log lines, throughput and MFU, loss alerts.
 
-Only rank 0 writes: TensorBoard events in RUN_DIR/tensorboard/<stage>/ (a resumed stage purges the events
-after its checkpoint's step, so no step appears twice) and the same scalars, one JSON
-object per logged step, in RUN_DIR/<stage>/metrics.jsonl, with `time`: the wall clock (Unix seconds) when its
-line was written, so that steps can be timed end to end from outside (benchmarks/peers.py). The scalars: `loss/text`, `loss/vdep`,
+Only rank 0 writes: the scalars, one JSON object per logged step, in RUN_DIR/<stage>/metrics.jsonl (with `time`: the wall clock, Unix seconds, when its line was written, so
+that steps can be timed end to end from outside: benchmarks/peers.py), and
+the same scalars to each backend of `run.report_to` (TensorBoard events in RUN_DIR/tensorboard/<stage>/,
+wandb, MLflow: reporting.py). A resumed stage drops the lines after its checkpoint's step and the backends
+do the same in their own way, so no step appears twice. The scalars: `loss/text`, `loss/vdep`,
 `loss/total`, `lr/<group>`, `grad_norm`, `tokens/text`, `tokens/image`, `norm/hidden_at_image`,
 `norm/target_at_image`, the VDEP probes `probe/reconstruction_cosine`, `probe/target_pairwise_cosine`,
-`probe/target_variance` and `probe/target_relative_variance` (objectives/probes.py), `throughput/samples_per_s`, `throughput/tokens_per_s`,
-`throughput/flops_per_s`, `perf/mfu` and `memory/max_allocated_gib` (GPU only), `data/skipped/<reason>`.
+`probe/target_variance` and `probe/target_relative_variance` (objectives/probes.py), `throughput/samples_per_s`,
+`throughput/tokens_per_s`, `throughput/flops_per_s`, `perf/mfu` and `memory/max_allocated_gib` (GPU only),
+`data/skipped/<reason>`, `train/nonfinite_steps`, and the held-out `val/*` (validation.py).
+A non-finite or spiking training loss raises an alert (`LossAlarm`): a warning in the log and an alert in
+every backend.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 
 from ..atomic import atomic_write
+from ..config import TrainConfig
 from ..data.batch import Batch
 from ..data.dataset import StreamReport
 from ..log import get_logger
@@ -30,6 +38,7 @@ from ..objectives.probes import probe_scalars
 from ..rundir import RunDir
 from .distributed import all_reduce_sum
 from .global_batch import StepPlan
+from .reporting import Outcome, Reporter, StageStart, StepRecord, build_reporters
 
 log = get_logger("metrics")
 
@@ -77,41 +86,95 @@ class FlopModel:
         return float(llm + vision + projector)
 
 
-class StageMetrics:
-    """Rank 0's reporter for one stage; on other ranks every method does nothing."""
+@dataclass
+class LossAlarm:
+    """Raises an alert for a logged training loss or gradient norm that is not finite, or a `loss/total` spike: above
+    `factor` times the median of the previous `window` logged values (checked once there are that many, so
+    the steep early descent never counts; the median is not moved by the spike itself)."""
 
-    def __init__(self, run: RunDir, stage: str, total_steps: int, start_step: int, enabled: bool):
+    factor: float
+    window: int
+    recent: deque[float] = field(default_factory=deque)
+
+    def check(self, step: int, scalars: dict[str, float]) -> str | None:
+        """The alert's text for this step's scalars, or None."""
+        broken = [f"{name} = {value}" for name, value in scalars.items()
+                  if (name.startswith("loss/") or name == "grad_norm") and not math.isfinite(value)]
+        if broken:  # a non-finite loss makes the gradient norm non-finite too, and DeepSpeed skips the update
+            return f"non-finite loss or gradient norm at step {step}: {', '.join(broken)}"
+        loss = scalars.get("loss/total")
+        if loss is None:
+            return None
+        message = None
+        if len(self.recent) == self.window:
+            median = statistics.median(self.recent)
+            if loss > self.factor * median > 0:
+                message = (f"loss spike at step {step}: loss/total = {loss:.4g}, {loss / median:.1f} times the median "
+                           f"{median:.4g} of the previous {self.window} logged values (run.alerts.spike_factor="
+                           f"{self.factor:g})")
+        self.recent.append(loss)
+        if len(self.recent) > self.window:
+            self.recent.popleft()
+        return message
+
+
+class StageMetrics:
+    """Rank 0's reporter for one stage: metrics.jsonl, the backends of `run.report_to` (reporting.py), the
+    progress bar or log lines, and loss alerts. On other ranks every method does nothing."""
+
+    def __init__(self, run: RunDir, stage: str, total_steps: int, start_step: int, enabled: bool,
+                 config: TrainConfig):
         self.enabled = enabled
         self.stage = stage
         self.total_steps = total_steps
         self.start_time = time.monotonic()
         self.start_step = start_step
-        self.writer = None
         self.bar = None
         self.jsonl = run.stage(stage).metrics_file
+        self.reporters: list[Reporter] = []
+        alerts = config.run.alerts
+        self.alarm = LossAlarm(alerts.spike_factor, alerts.spike_window)
+        self.validation_keys: dict[int, set[str]] = {}  # step → the val/* scalars logged at it
         if not enabled:
             return
-        self._forget_steps_after(start_step)
-        from torch.utils.tensorboard import SummaryWriter
-
-        # A resumed stage repeats the steps after its checkpoint: purge_step makes TensorBoard drop the
-        # events the interrupted run wrote for them, so every step appears once.
-        self.writer = SummaryWriter(log_dir=str(run.tensorboard(stage)), purge_step=start_step + 1 if start_step else None)
+        history, logged_through = self._forget_steps_after(start_step)
+        for record in history:
+            self.alarm.check(record.step, record.scalars)  # the window as an uninterrupted stage would have it
+            self.validation_keys.setdefault(record.step, set()).update(k for k in record.scalars if k.startswith("val/"))
+        begin = StageStart(run, stage, config, resumed_at=start_step, logged_through=logged_through)
+        try:
+            for reporter in build_reporters(config.run.report_to):
+                holds_history = reporter.start(begin)
+                self.reporters.append(reporter)
+                if history and not holds_history:
+                    reporter.log_history(history)
+        except Exception:
+            self.close("failed")
+            raise
         if sys.stdout.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc=stage, dynamic_ncols=True)
 
-    def _forget_steps_after(self, step: int) -> None:
-        """A resumed stage repeats the steps after its checkpoint: their old lines would be duplicates."""
+    def _forget_steps_after(self, step: int) -> tuple[list[StepRecord], int]:
+        """A resumed stage repeats the steps after its checkpoint: their old lines would be duplicates.
+        Returns the lines kept, and the last step the file held before."""
         lines = self.jsonl.read_text().splitlines() if self.jsonl.is_file() else []
-        kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+        records = [json.loads(line) for line in lines if line]
+        kept = [line for line, record in zip(lines, records) if record["step"] <= step]
         atomic_write(self.jsonl, "".join(line + "\n" for line in kept))
+        # The backends got the scalars, not the line's bookkeeping (its step and wall-clock time).
+        history = [StepRecord(r["step"], {k: v for k, v in r.items() if k not in ("step", "time")})
+                   for r in records if r["step"] <= step]
+        return history, max((r["step"] for r in records), default=0)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
         self._write(step, scalars)
+        alert = self.alarm.check(step, scalars)
+        if alert is not None:
+            self._alert(step, alert)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(self._short(scalars), refresh=True)
@@ -120,22 +183,35 @@ class StageMetrics:
 
     def log_validation(self, step: int, scalars: dict[str, float]) -> None:
         """A validation record of its own at `step` (not twice: a stage restored at its end validates again)."""
-        if not self.enabled:
+        if not self.enabled or set(scalars) <= self.validation_keys.get(step, set()):
             return
-        lines = self.jsonl.read_text().splitlines() if self.jsonl.is_file() else []
-        if any(json.loads(line)["step"] == step and set(scalars) <= json.loads(line).keys() for line in lines if line):
-            return
+        self.validation_keys.setdefault(step, set()).update(scalars)
         self._write(step, scalars)
         log.info("%s step %d/%d | validation: " + ", ".join(f"{k.removeprefix('val/')} %.4g" for k in scalars),
                  self.stage, step, self.total_steps, *scalars.values())
 
     def _write(self, step: int, scalars: dict[str, float]) -> None:
-        """To TensorBoard and as one line of metrics.jsonl."""
-        for name, value in scalars.items():
-            self.writer.add_scalar(name, value, step)  # type: ignore[union-attr]
-        self.writer.flush()  # type: ignore[union-attr]
+        """One line of metrics.jsonl (first: it decides what a resume repeats), then to every backend."""
         with self.jsonl.open("a") as lines:
             lines.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+        self._each_reporter("log", lambda reporter: reporter.log(step, scalars))
+
+    def _alert(self, step: int, text: str) -> None:
+        log.warning("%s: %s", self.stage, text)
+        title = f"vdep {self.stage}: {text.partition(' at step')[0]}"
+        self._each_reporter("alert", lambda reporter: reporter.alert(step, title, text))
+
+    def _each_reporter(self, what: str, action: Callable[[Reporter], None]) -> None:
+        """Monitoring is not training: a backend that fails (its server unreachable after its own retries) is
+        dropped for the rest of the stage with a warning; metrics.jsonl keeps every step."""
+        for reporter in list(self.reporters):
+            try:
+                action(reporter)
+            except Exception as exc:  # noqa: BLE001 (any library's error: reported, then that backend stops)
+                self.reporters.remove(reporter)
+                log.warning("%s: %s failed to %s (%s: %s); stage %s no longer reports to %s. metrics.jsonl holds "
+                            "every step", self.stage, reporter.name, what, type(exc).__name__, exc, self.stage,
+                            reporter.name)
 
     def _short(self, s: dict[str, float]) -> str:
         parts = [f"loss {s['loss/total']:.4f} (text {s['loss/text']:.4f}, vdep {s['loss/vdep']:.4f})"]
@@ -156,11 +232,13 @@ class StageMetrics:
         remaining = (time.monotonic() - self.start_time) / done * (self.total_steps - step)
         return str(timedelta(seconds=round(remaining)))
 
-    def close(self) -> None:
+    def close(self, outcome: Outcome = "finished") -> None:
+        """Finish every backend's run: `outcome` says how the stage ended."""
         if self.bar is not None:
             self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+            self.bar = None
+        self._each_reporter("finish", lambda reporter: reporter.finish(outcome))
+        self.reporters = []
 
 
 @dataclass

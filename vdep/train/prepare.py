@@ -18,7 +18,7 @@ from .validation import prepare_validation_shards
 
 log = get_logger("run")
 
-# What a resumed run may change: how it logs, saves and stops, which of its stages it runs, and how it
+# What a resumed run may change: how it logs and reports, saves and stops, which of its stages it runs, and how it
 # talks to a remote store (the bytes it reads are the same whatever the retries, waits, request size and
 # timeout: a TransportError's advice is to raise them and run again), not what it computes. Any other
 # difference (model, data, objective, optimisation, precision, seed; and data.remote.storage_options,
@@ -27,7 +27,7 @@ log = get_logger("run")
 CHANGEABLE_ON_RESUME = (
     "stages.*.save_every", "run.log_every", "run.keep_last", "run.resume", "run.stop_timeout_s",
     "run.max_nonfinite_steps", "run.max_missing_fraction", "deepspeed.timeout_minutes", "stage",
-    "stages.*.eval", "stages.*.eval.*",
+    "stages.*.eval", "stages.*.eval.*", "run.report_to", "run.wandb.*", "run.mlflow.*", "run.alerts.*",
     "data.remote.retries", "data.remote.backoff_s", "data.remote.max_backoff_s", "data.remote.request_mb",
     "data.remote.timeout_s",
 )

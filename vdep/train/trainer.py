@@ -90,8 +90,9 @@ class StageTrainer:
     def train(self) -> dict:
         """Train the stage to its end; returns its summary."""
         self.restore()
-        self.metrics = StageMetrics(self.ctx.run, self.name, self.parts.length.planned_steps, self.state.step,
-                                    enabled=self.ctx.is_main)
+        with together(self.ctx.device):  # rank 0 opens the backends' runs: a failure there stops every rank
+            self.metrics = StageMetrics(self.ctx.run, self.name, self.parts.length.planned_steps, self.state.step,
+                                        enabled=self.ctx.is_main, config=self.ctx.config)
         try:
             while not self.done:
                 if self.step():
@@ -101,9 +102,15 @@ class StageTrainer:
             if self.interval.steps:  # the data ended between two log lines
                 self.log(force=True)
             self.validate()  # the stage's end (nothing if just done; a stage restored at its end does it here)
-        finally:
-            self.metrics.close()
-        return self.finish()
+            summary = self.finish()
+        except TrainingPreempted:
+            self.metrics.close("stopped")
+            raise
+        except BaseException:
+            self.metrics.close("failed")
+            raise
+        self.metrics.close("finished")
+        return summary
 
     @property
     def done(self) -> bool:
