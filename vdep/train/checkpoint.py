@@ -46,7 +46,7 @@ from ..errors import CheckpointError, VdepError
 from ..log import get_logger
 from ..model.loading import gathered
 from ..rundir import LATEST, StageDir, checkpoint_tag, latest_tag
-from .distributed import barrier, broadcast_from_rank_zero, current_rank
+from .distributed import broadcast_from_rank_zero, current_rank
 from .faults import Faults
 from .together import together
 
@@ -310,7 +310,7 @@ def load_engine_checkpoint(engine, folder: Path) -> None:
 
 
 # --------------------------------------------------------------------------------- final weights
-def save_final_weights(engine, stage_dir: StageDir, summary: dict) -> Path:
+def save_final_weights(engine, stage_dir: StageDir, summary: dict, device: torch.device) -> Path:
     """Collective: every trainable parameter, gathered one at a time from the optimizer's fp32 master copy
     (what a checkpoint holds and `vdep export-hf` of a checkpoint reads), so the final weights equal the last
     checkpoint's in any precision; rank 0 writes the file."""
@@ -327,9 +327,9 @@ def save_final_weights(engine, stage_dir: StageDir, summary: dict) -> Path:
                 master = param.detach().float()
         if current_rank() == 0:
             tensors[name] = master.to("cpu", copy=True).contiguous()
-    if current_rank() == 0:
-        atomic_write(stage_dir.summary_file, json.dumps(summary, indent=1))
-        with atomic_path(stage_dir.final_weights) as temporary:  # last: its presence means the stage is complete
-            save_file(tensors, str(temporary), metadata={"stage": str(summary.get("stage", ""))})
-    barrier()
+    with together(device):  # rank 0 writes; a failure there (a full disk) stops every rank with it
+        if current_rank() == 0:
+            atomic_write(stage_dir.summary_file, json.dumps(summary, indent=1))
+            with atomic_path(stage_dir.final_weights) as temporary:  # last: its presence means the stage is complete
+                save_file(tensors, str(temporary), metadata={"stage": str(summary.get("stage", ""))})
     return stage_dir.final_weights

@@ -360,7 +360,7 @@ class StageTrainer:
             "short_shards": {location: {"listed": listed, "held": held} for location, (listed, held) in shortfalls.items()},
             "vdep": asdict(self.stage.vdep),
         }
-        save_final_weights(self.engine, self.stage_dir, summary)
+        save_final_weights(self.engine, self.stage_dir, summary, self.ctx.device)
         log.info("stage %s: done after %d steps; weights in %s", self.name, self.state.step, self.stage_dir.final)
         return summary
 
