@@ -86,7 +86,7 @@ def test_skip_first_image_token_drops_each_spans_first_position():
 
 def test_modes_pick_round_half_up_of_the_image_samples_by_seed_and_step():
     has_image = torch.tensor([True, True, False, True, True, False, True])  # 5 image samples
-    ids = torch.tensor([sample_id("shard-0.tar", f"{i:09d}") for i in range(7)])
+    ids = torch.tensor([sample_id(0, f"{i:09d}") for i in range(7)])
     for ratio, expected in ((0.5, 3), (0.3, 2), (0.1, 1), (0.0, 0), (1.0, 5)):  # 2.5 → 3, 1.5 → 2, 0.5 → 1
         modes = assign_vdep_modes(has_image, ids, ratio, seed=3, step=11)
         assert int(modes.sum()) == expected == round_half_up(ratio * 5)
@@ -102,7 +102,7 @@ def test_modes_follow_the_samples_not_their_slots():
     VDEP mode: a layout is a permutation of the slots."""
     generator = torch.Generator().manual_seed(0)
     has_image = torch.rand(64, generator=generator) < 0.7
-    ids = torch.tensor([sample_id(f"s3://bucket/{i % 4:06d}.tar", f"{i:09d}") for i in range(64)])
+    ids = torch.tensor([sample_id(i % 4, f"{i:09d}") for i in range(64)])
     for ratio in (0.25, 0.5, 1.0):
         for step in range(5):
             modes = assign_vdep_modes(has_image, ids, ratio, seed=1, step=step)

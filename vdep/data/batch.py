@@ -10,11 +10,12 @@ import torch
 from ..conventions import IGNORE_INDEX
 
 
-def sample_id(location: str, key: str) -> int:
-    """A sample's identity: 63 bits of a hash of its shard's location and its key (the same in every process
-    and run, unlike `hash`). What the VDEP modes are drawn from, so that they do not depend on which rank,
-    micro-batch or slot a sample lands in (objectives/modes.py)."""
-    digest = hashlib.blake2b(f"{location}\0{key}".encode(), digest_size=8).digest()
+def sample_id(shard: int, key: str) -> int:
+    """A sample's identity within a stage: 63 bits of a hash of its shard's number in the stage's list of shards
+    and its key (the same in every process and run, unlike `hash`; not the shard's path, so that the same data
+    in another folder, or behind a URL, draws the same). What the VDEP modes are drawn from, so that they do
+    not depend on which rank, micro-batch or slot a sample lands in (objectives/modes.py)."""
+    digest = hashlib.blake2b(f"{shard}\0{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
@@ -26,7 +27,7 @@ class ProcessedSample:
     # (3, H, W): uint8 from the loader (normalised on the device), float32 when already normalised;
     # None for a text-only sample
     pixel_values: torch.Tensor | None
-    sample_id: int = 0  # `sample_id(shard, key)`; the loader sets it
+    sample_id: int = 0  # `sample_id(shard number, key)`; the stream sets it (dataset.ShardStream)
 
 
 @dataclass

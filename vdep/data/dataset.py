@@ -74,7 +74,7 @@ class SamplePreprocessor:
             raise SampleError("no_supervised_tokens", "no token of the sample is supervised")
         return ProcessedSample(
             key=key, input_ids=torch.from_numpy(np.array(tokens.input_ids, dtype=np.int64)), labels=labels,
-            pixel_values=pixel_values, sample_id=sample_id(raw.get("__url__", ""), key),
+            pixel_values=pixel_values,
         )
 
 
@@ -224,6 +224,7 @@ class ShardStream(IterableDataset):
     ):
         super().__init__()
         self.shards = shards
+        self._shard_numbers = {shard.path: number for number, shard in enumerate(shards)}
         self.preprocess = preprocess
         self.batching = batching
         self.rank = rank
@@ -299,10 +300,16 @@ class ShardStream(IterableDataset):
             stream = self.shuffled(consumer, state.stream, tuple(ref for _, ref in state.carry))  # type: ignore[misc]
             kept = [(index, sample) for (index, _), sample in zip(state.carry, stream.carried_samples)]
         self._clear_report()  # anything met while replaying was reported by the original run
-        carry = [(index, self.preprocess(sample)) for index, sample in kept]  # these succeeded before
+        carry = [(index, self._process(sample)) for index, sample in kept]  # these succeeded before
         for index, sample in kept:
             self._refs[index] = sample["__ref__"]
         return stream, carry
+
+    def _process(self, raw: dict[str, Any]) -> ProcessedSample:
+        """A raw sample preprocessed, with its identity: its shard's number in the stage's list and its key."""
+        processed = self.preprocess(raw)
+        processed.sample_id = sample_id(self._shard_numbers[raw["__url__"]], processed.key)
+        return processed
 
     def _position(self, read: int, carry: list, window: int, drop: int, stream: StreamState) -> ConsumerState:
         return ConsumerState(read, tuple((index, self._refs[index]) for index, _ in carry), window, drop, stream)
@@ -380,7 +387,7 @@ class ShardStream(IterableDataset):
                 break
             read += 1
             try:
-                pools[self._pool_key(processed := self.preprocess(sample), layout)].append((index, processed))
+                pools[self._pool_key(processed := self._process(sample), layout)].append((index, processed))
                 self._refs[index] = sample["__ref__"]
             except SampleError as exc:
                 self._skipped[exc.reason] += 1

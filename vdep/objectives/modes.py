@@ -2,7 +2,7 @@
 
 Within a global batch (all ranks, all micro-batches) exactly `round(mode_ratio · n_image_samples)` image
 samples are put in VDEP mode: those whose draw is lowest, where a sample's draw is a hash of (seed, step,
-the sample's identity) (`data.batch.sample_id`: its shard and key). So the assignment is the same on every
+the sample's identity) (`data.batch.sample_id`: its shard's number in the stage's list, and its key). So the assignment is the same on every
 rank, repeats on resume, and does not depend on where a sample sits: the same global batch on 1 rank or 8,
 in other micro-batches, or after a resume on another number of ranks gets the same modes. "round" is
 round-half-up (2.5 → 3), not Python's banker's rounding. Text-only samples are always in LLaVA mode.
