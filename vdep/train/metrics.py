@@ -138,16 +138,21 @@ class StageMetrics:
         if not enabled:
             return
         history, logged_through = self._forget_steps_after(start_step)
+        history_alerts: list[tuple[int, str]] = []
         for record in history:
-            self.alarm.check(record.step, record.scalars)  # the window as an uninterrupted stage would have it
+            alert = self.alarm.check(record.step, record.scalars)  # the window as an uninterrupted stage would have it
+            if alert is not None:
+                history_alerts.append((record.step, alert))
             self.validation_keys.setdefault(record.step, set()).update(k for k in record.scalars if k.startswith("val/"))
         begin = StageStart(run, stage, config, resumed_at=start_step, logged_through=logged_through)
         try:
             for reporter in build_reporters(config.run.report_to):
                 holds_history = reporter.start(begin)
                 self.reporters.append(reporter)
-                if history and not holds_history:
+                if history and not holds_history:  # its alerts too: the backend holds what it would have
                     reporter.log_history(history)
+                    for step, text in history_alerts:
+                        reporter.alert(step, self._alert_title(text), text)
         except Exception:
             self.close("failed")
             raise
@@ -198,8 +203,11 @@ class StageMetrics:
 
     def _alert(self, step: int, text: str) -> None:
         log.warning("%s: %s", self.stage, text)
-        title = f"vdep {self.stage}: {text.partition(' at step')[0]}"
+        title = self._alert_title(text)
         self._each_reporter("alert", lambda reporter: reporter.alert(step, title, text))
+
+    def _alert_title(self, text: str) -> str:
+        return f"vdep {self.stage}: {text.partition(' at step')[0]}"
 
     def _each_reporter(self, what: str, action: Callable[[Reporter], None]) -> None:
         """Monitoring is not training: a backend that fails (its server unreachable after its own retries) is
