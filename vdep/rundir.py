@@ -27,10 +27,9 @@ from pathlib import Path
 
 import yaml
 
-from .config import LoraConfig, ModelConfig, TrainConfig
+from .config import LoraConfig, ModelConfig, TrainConfig, config_from_dict
 from .errors import CheckpointError
 from .log import get_logger
-from .structured import structure
 from .weight_layers import SafetensorsLayer, WeightLayer, ZeroCheckpointLayer
 
 log = get_logger("rundir")
@@ -158,7 +157,7 @@ class RunDir:
         """The run's resolved config (checked like a recipe, but without the file-system checks)."""
         if not self.config_file.is_file():
             raise CheckpointError(f"{self.path} is not a vdep run directory (no {CONFIG_FILE})")
-        return structure(TrainConfig, yaml.safe_load(self.config_file.read_text()), source=str(self.config_file))
+        return config_from_dict(yaml.safe_load(self.config_file.read_text()) or {}, str(self.config_file))
 
 
 def stage_weights(run: RunDir, config: TrainConfig, name: str, *, final: bool = True) -> list[Path]:

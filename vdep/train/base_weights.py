@@ -56,7 +56,10 @@ class BaseStamp:
     @classmethod
     def of(cls, config: ModelConfig) -> BaseStamp:
         model = unstructure(config)
-        for key in ("attn_implementation", "gradient_checkpointing"):  # how the model runs, not its weights
+        # How the model runs or reads its images, not its weights (image_newline's starting value is a file of
+        # its own, written when a run first needs it: materialize_base).
+        for key in ("attn_implementation", "gradient_checkpointing", "image_aspect_ratio", "image_grid_pinpoints",
+                    "mm_patch_merge_type"):
             model.pop(key, None)
         model["vision_tower"].pop("feature_select", None)  # which features are read, not which weights exist
         model["vision_tower"].pop("feature_layer", None)
