@@ -99,3 +99,111 @@ def test_a_video_is_its_frames_pooled_with_one_newline():
     assert (layout.tokens, int(layout.newline_mask().sum()), bool(layout.newline_mask()[-1])) == (3 * 16 + 1, 1, True)
     flat = MediaProcessor(geometry("anyres", "flat"), CLIP)([frames]).images[0]
     assert (flat.tokens, int(flat.newline_mask().sum())) == (3 * 16, 0)
+
+
+# ------------------------------------------------------------------------------------------------ the model
+def copy_into_hf(model, hf_model) -> None:
+    """vdep's tower, projector and image_newline into a transformers LlavaNext/Onevision model (same names)."""
+    inner = hf_model.model
+    inner.vision_tower.load_state_dict(model.vision_tower.state_dict())
+    inner.multi_modal_projector.load_state_dict(model.multi_modal_projector.state_dict())
+    with torch.no_grad():
+        inner.image_newline.copy_(model.image_newline)
+
+
+def hf_llava(model, kind: str, aspect: str):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    geometry = model.spec.geometry
+    common = {"vision_config": model.vision_tower.config.to_dict(), "text_config": LlamaConfig(hidden_size=64),
+              "image_grid_pinpoints": geometry.pinpoints, "vision_feature_layer": -2,
+              "vision_feature_select_strategy": "default", "projector_hidden_act": "gelu"}
+    if kind == "onevision":
+        hf_model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(vision_aspect_ratio=aspect, **common))
+    else:
+        hf_model = LlavaNextForConditionalGeneration(LlavaNextConfig(**common))
+    copy_into_hf(model, hf_model)
+    return hf_model.eval()
+
+
+def view_embeds(model, pixels: torch.Tensor) -> torch.Tensor:
+    from vdep.model.vision import image_features
+
+    spec = model.spec
+    return model.multi_modal_projector(image_features(model.vision_tower, pixels, spec.feature_layer, spec.feature_select))
+
+
+@pytest.mark.parametrize("aspect", ["anyres", "anyres_max_1"])
+def test_tiled_images_pack_as_transformers_llava_next_and_onevision_pack_them(anyres_model, tokenizer, anyres_shards, aspect):
+    """vdep's model puts at an image's placeholders exactly what transformers' get_image_features gives."""
+    from dataclasses import replace
+
+    from tests.helpers import anyres_samples
+    from vdep.model.image_tokens import pack_image_tokens
+
+    model = anyres_model.model.eval()
+    model.spec = replace(model.spec, geometry=replace(model.spec.geometry, aspect_ratio=aspect))
+    samples = anyres_samples(anyres_model, tokenizer, anyres_shards, ["three", "one"])
+    hf_model = hf_llava(model, "onevision" if aspect.startswith("anyres_max") else "next", aspect)
+    for sample in samples:
+        layout = torch.tensor([i.as_row() for i in sample.images])
+        with torch.no_grad():
+            ours = pack_image_tokens(view_embeds(model, sample.pixel_values), layout, model.spec.geometry, model.image_newline)
+            sizes = torch.tensor([[i.height, i.width] for i in sample.images])
+            # OneVision's multi-image rule needs the images per sample (its processor's batch_num_images)
+            per_sample = {"batch_num_images": torch.tensor([len(sizes)])} if aspect.startswith("anyres_max") else {}
+            theirs = hf_model.model.get_image_features(sample.pixel_values, sizes, vision_feature_layer=-2,
+                                                       vision_feature_select_strategy="default", **per_sample).pooler_output
+        assert ours.shape[0] == sum(i.tokens for i in sample.images)
+        torch.testing.assert_close(ours, torch.cat(list(theirs)), rtol=0, atol=1e-6)
+    if aspect == "anyres_max_1":  # the pooling beyond N tiles happened: fewer tokens than LLaVA-NeXT's
+        geometry = model.spec.geometry
+        assert geometry.tiled(40, 100).tokens < replace(geometry, aspect_ratio="anyres").tiled(40, 100).tokens
+
+
+def test_a_video_is_pooled_and_ends_with_a_newline_as_onevision_has_it(anyres_model, tokenizer, anyres_shards):
+    from dataclasses import replace
+
+    from tests.helpers import anyres_samples
+    from vdep.model.image_tokens import pack_image_tokens
+
+    model = anyres_model.model.eval()
+    model.spec = replace(model.spec, geometry=replace(model.spec.geometry, aspect_ratio="anyres_max_9"))
+    (video,) = anyres_samples(anyres_model, tokenizer, anyres_shards, ["video"])
+    hf_model = hf_llava(model, "onevision", "anyres_max_9")
+    layout = torch.tensor([i.as_row() for i in video.images])
+    with torch.no_grad():
+        ours = pack_image_tokens(view_embeds(model, video.pixel_values), layout, model.spec.geometry, model.image_newline)
+        theirs = hf_model.model.get_video_features(video.pixel_values[None], vision_feature_layer=-2,
+                                                   vision_feature_select_strategy="default").pooler_output
+    torch.testing.assert_close(ours, theirs[0], rtol=0, atol=1e-6)
+
+
+def test_vdep_targets_every_image_token_but_the_newlines_and_n_img_counts_them_before_the_forward(
+        anyres_model, tokenizer, anyres_shards):
+    from tests.helpers import anyres_samples
+    from vdep.config import VdepConfig
+    from vdep.data.batch import collate
+    from vdep.objectives.losses import reference_vdep_sum
+    from vdep.objectives.supervision import image_newline_positions, prepare_inputs
+
+    model, spec = anyres_model.model, anyres_model.spec
+    samples = anyres_samples(anyres_model, tokenizer, anyres_shards, ["three", "text", "video", "one"])
+    batch = collate(samples, tokenizer.pad_token_id, (64, 64))
+    modes = torch.tensor([True, False, True, False])
+    inputs = prepare_inputs(batch, modes, VdepConfig(), spec.image_token_id, spec.num_image_tokens)
+    placeholder = inputs.input_ids == spec.image_token_id
+    newline = image_newline_positions(inputs.input_ids, spec.image_token_id, inputs.image_layout)
+    vdep_rows = modes[batch.sample_index.clamp(min=0)] & (batch.sample_index >= 0)
+    assert not bool((inputs.image_targets & newline).any()) and bool(newline.any())
+    # every other image token of a VDEP-mode sample is a target (each image follows text of its sample)
+    assert inputs.num_image_targets == int((placeholder & ~newline & vdep_rows).sum())
+    assert bool((inputs.image_positions == (placeholder & ~newline)).all())
+    sums = model(inputs)
+    hidden = model.hidden_states(model.embed(inputs.input_ids, inputs.pixel_values, inputs.num_images,
+                                             inputs.detached_images, inputs.image_layout), inputs.attention_mask)
+    embeds = model.embed(inputs.input_ids, inputs.pixel_values, inputs.num_images, None, inputs.image_layout)
+    torch.testing.assert_close(sums.vdep, reference_vdep_sum(hidden, embeds, inputs.image_targets, torch.nn.Identity(),
+                                                                model.vdep_term.target_norm))
+    (sums.text + sums.vdep).backward()
+    assert model.image_newline.grad is not None and bool(model.image_newline.grad.abs().sum() > 0)

@@ -38,6 +38,7 @@ CONFIG_FILE = "config.yaml"
 FINAL_WEIGHTS = "trainable.safetensors"
 SUMMARY_FILE = "summary.json"
 PROJECTOR_INIT_FILE = "projector_init.safetensors"
+IMAGE_NEWLINE_INIT_FILE = "image_newline_init.safetensors"
 LATEST = "latest"
 
 
@@ -67,6 +68,11 @@ class BasePaths:
     vision_tower: Path
     language_model: Path
     projector_init: Path
+
+    @property
+    def image_newline_init(self) -> Path:
+        """`image_newline`'s starting value (mm_patch_merge_type: spatial_unpad), beside the projector's."""
+        return self.projector_init.parent / IMAGE_NEWLINE_INIT_FILE
 
 
 @dataclass(frozen=True)

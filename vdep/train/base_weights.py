@@ -133,6 +133,12 @@ def materialize_base(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, pa
                 config.projector,
             )
             save_tensors(dict(projector.state_dict()), paths.projector_init)
+        if config.mm_patch_merge_type == "spatial_unpad" and not paths.image_newline_init.is_file():
+            # As LlavaNextModel initialises it: N(0, 1/D). Its own file, written when a run first needs it, so
+            # that base/ of a run without it stays as it was.
+            torch.manual_seed(config.init_seed + 3)
+            hidden = config_hidden_size(AutoConfig.from_pretrained(paths.language_model))
+            save_tensors({"image_newline": torch.randn(hidden) / hidden**0.5}, paths.image_newline_init)
     return paths
 
 
