@@ -207,3 +207,25 @@ def test_vdep_targets_every_image_token_but_the_newlines_and_n_img_counts_them_b
                                                                 model.vdep_term.target_norm))
     (sums.text + sums.vdep).backward()
     assert model.image_newline.grad is not None and bool(model.image_newline.grad.abs().sum() > 0)
+
+
+def test_vdep_eval_answers_an_anyres_model_with_each_images_own_token_count(anyres_model, anyres_run, tokenizer):
+    """Evaluation (and validation's answers during training) lays images out as training did: a 256-pixel image
+    is 336 placeholders and its views, not the tower's 64 tokens of one view."""
+    from vdep.eval.answerers import Prepared, VdepAnswerer
+    from vdep.eval.questions import Question
+    from vdep.evaluate import TrainedModel
+
+    config, _ = anyres_run
+    trained = TrainedModel(anyres_model.model.eval(), tokenizer, anyres_model.spec, anyres_model.processing, config,
+                           "finetune")
+    answerer = VdepAnswerer(trained, max_new_tokens=2)
+    seen = []
+    embed = trained.model.embed
+    trained.model.embed = lambda ids, pixels, n, *rest, **named: seen.append((ids, pixels, named)) or embed(ids, pixels, n, *rest, **named)
+    question = Question("q", "<image>\nWhat color is the shape?", "red", image_bytes=b"")
+    answers = answerer.answer([Prepared(question, picture(256, 256)), Prepared(Question("t", "Say red.", "red"), None)])
+    assert len(answers) == 2
+    ids, pixels, named = seen[0]
+    assert int((ids == anyres_model.spec.image_token_id).sum()) == 336 and pixels.shape[0] == 5
+    assert named["image_layout"].tolist() == [geometry().tiled(256, 256).as_row()]
