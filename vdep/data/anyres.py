@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
+from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
@@ -39,6 +40,8 @@ from .images import ImageProcessing, image_pixels
 
 # ImageTokens.kind
 SINGLE, TILED, VIDEO = 0, 1, 2
+# Columns of a batch's layout tensor (`ImageTokens.as_row`) that code outside this module reads.
+KIND_COLUMN, VIEWS_COLUMN, NEWLINE_COLUMN = 0, 1, 7
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,8 @@ class ImageGeometry:
         views = image_size_to_num_patches((height, width), self.pinpoints, self.tile_size)
         if not self.unpad:  # LLaVA-NeXT's flat: every view's features, no unpadding, no newline
             return ImageTokens(TILED, views, height, width, views * self.tokens_per_view)
-        counter = self._counter()
-        best_height, best_width = _select_best(counter, height, width)
+        counter = _token_counter(self)
+        best_height, best_width = select_best_resolution([height, width], self.pinpoints)
         unpadded, rows = counter._get_unpadded_features(height, width, self.patch_grid, self.patch_grid,
                                                         best_height // self.tile_size, best_width // self.tile_size)
         tokens = ImageTokens(TILED, views, height, width, self.tokens_per_view, rows, unpadded // rows, True)
@@ -136,9 +139,6 @@ class ImageGeometry:
     def video(self, frames: int) -> ImageTokens:
         newline = (1, 0, True) if self.unpad else (0, 0, False)
         return ImageTokens(VIDEO, frames, 0, 0, frames * self.pooled_tokens_per_frame, *newline)
-
-    def _counter(self) -> LlavaNextProcessor | LlavaOnevisionProcessor:
-        return _token_counter(self)
 
 
 class _NextCounter(LlavaNextProcessor):
@@ -167,12 +167,6 @@ def _token_counter(geometry: ImageGeometry) -> LlavaNextProcessor | LlavaOnevisi
         return _OnevisionCounter(processor, geometry.tokens_per_view, geometry.aspect_ratio)
     processor = LlavaNextImageProcessorPil(image_grid_pinpoints=geometry.pinpoints)
     return _NextCounter(processor, geometry.tile_size // geometry.patch_grid)
-
-
-def _select_best(counter, height: int, width: int) -> tuple[int, int]:
-    from transformers.image_processing_utils import select_best_resolution
-
-    return select_best_resolution([height, width], counter.image_processor.image_grid_pinpoints)
 
 
 # ------------------------------------------------------------------------------------------------ views

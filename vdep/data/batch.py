@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..conventions import IGNORE_INDEX
-from .anyres import ImageTokens, layout_tensor
+from .anyres import VIEWS_COLUMN, ImageTokens, layout_tensor
 
 
 def sample_id(location: str, key: str) -> int:
@@ -92,7 +92,7 @@ class Batch:
     @property
     def num_views(self) -> int:
         """Rows of `pixel_values` that are real views (the rest is the zero image of a batch without any)."""
-        return int(self.image_layout[:, 1].sum()) if self.image_layout is not None else self.num_images
+        return int(self.image_layout[:, VIEWS_COLUMN].sum()) if self.image_layout is not None else self.num_images
 
     @property
     def num_tokens(self) -> int:

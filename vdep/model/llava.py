@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..data.anyres import SINGLE, ImageGeometry
+from ..data.anyres import KIND_COLUMN, SINGLE, VIEWS_COLUMN, ImageGeometry
 from ..data.images import normalise_pixels
 from ..objectives.losses import LossSums, text_loss_sum
 from ..objectives.objective import VdepTerm
@@ -94,8 +94,8 @@ class VdepLlava(nn.Module):
             view_embeds = torch.where(detached_images[:, None, None], view_embeds.detach(), view_embeds)
         embeds = self.language_model.get_input_embeddings()(input_ids)
         placeholders = (input_ids == spec.image_token_id).unsqueeze(-1)
-        if image_layout is None or (self.image_newline is None and bool((image_layout[:, 0] == SINGLE).all())):
-            views = int(image_layout[:, 1].sum()) if image_layout is not None else num_images
+        if image_layout is None or (self.image_newline is None and bool((image_layout[:, KIND_COLUMN] == SINGLE).all())):
+            views = int(image_layout[:, VIEWS_COLUMN].sum()) if image_layout is not None else num_images
             # One view per image, its features its tokens. With no image this scatters a zero-length slice of
             # the dummy image's embeddings: the projector stays in the graph (zero gradient), as ZeRO-3 requires.
             image_tokens = view_embeds[:views]

@@ -21,7 +21,7 @@ import torch
 
 from ..config import VdepConfig
 from ..conventions import IGNORE_INDEX
-from ..data.anyres import ImageTokens
+from ..data.anyres import NEWLINE_COLUMN, VIEWS_COLUMN, ImageTokens
 from ..data.batch import Batch
 
 
@@ -93,7 +93,7 @@ def image_newline_positions(input_ids: torch.Tensor, image_token_id: int, layout
     """(B, T) bool: the placeholders that hold an `image_newline` (data/anyres.py: `ImageTokens.newline_mask`).
     Images' tokens are contiguous and in the order of `layout`'s rows, which a text_first reordering keeps."""
     newline = torch.zeros_like(input_ids, dtype=torch.bool)
-    if layout is None or not bool(layout[:, 7].any()):
+    if layout is None or not bool(layout[:, NEWLINE_COLUMN].any()):
         return newline
     masks = [ImageTokens.from_row(row).newline_mask() for row in layout.tolist()]
     newline[input_ids == image_token_id] = torch.cat(masks)
@@ -150,4 +150,4 @@ def view_samples(batch: Batch) -> torch.Tensor:
     """(n_views,) the sample each row of `pixel_values` belongs to."""
     if batch.image_layout is None:
         return torch.nonzero(batch.has_image).flatten()
-    return torch.repeat_interleave(batch.image_samples, batch.image_layout[:, 1])
+    return torch.repeat_interleave(batch.image_samples, batch.image_layout[:, VIEWS_COLUMN])
