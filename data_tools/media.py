@@ -77,8 +77,8 @@ class StoredMedia:
 
     def media_json(self) -> list[dict] | None:
         """The sample JSON's `media` list; None for one image (stored as before, found by its extension)."""
-        if len(self.entries) == 1 and self.entries[0].type == "image":
-            return None
+        if not self.entries or (len(self.entries) == 1 and self.entries[0].type == "image"):
+            return None  # text-only, or one image: stored exactly as before
         return [entry.to_json() for entry in self.entries]
 
     def add(self, kind: str, pictures: list[tuple[str, bytes]]) -> None:

@@ -245,3 +245,14 @@ def test_export_refuses_an_anyres_model_with_the_reason_instead_of_writing_a_lla
     with pytest.raises(CheckpointError, match="model.image_aspect_ratio=anyres.*LlavaNext/LlavaOnevision export is not"):
         export_hf(run_dir, tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+def test_vdep_eval_names_multi_image_and_video_records_it_does_not_answer(tmp_path):
+    from tests.helpers import write_multi_image_inputs
+    from vdep.eval.questions import load_questions
+
+    data, images = write_multi_image_inputs(tmp_path)
+    questions = load_questions(data, images)
+    assert {q.id for q in questions.questions} == {"one", "text", "big"}
+    reasons = {bad.record_id: bad.reason.split(":")[0] for bad in questions.bad}
+    assert reasons["three"] == reasons["video"] == reasons["frames"] == "unsupported_record"

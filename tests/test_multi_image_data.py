@@ -55,6 +55,10 @@ def test_build_shards_stores_every_image_and_the_sampled_frames_and_names_every_
                 key, _, rest = name.partition(".")
                 members.setdefault(key, []).append(rest)
     single, three, video = members["000000000"], members["000000001"], members["000000002"]
+    with tarfile.open(sorted((root / "shards").glob("*.tar"))[1]) as archive:  # records 4-7: text is number 4
+        text = json.loads(archive.extractfile("000000004.json").read())
+        single_json = json.loads(archive.extractfile("000000005.json").read())  # "big": one image
+    assert set(text) == set(single_json) == {"id", "conversations", "source"}  # stored exactly as before
     assert sorted(single) == ["json", "png"]  # a single image keeps the single-image member names
     assert sorted(three) == ["1.jpg", "2.png", "json", "png"]
     assert sorted(video) == ["1.jpg", "2.jpg", "3.jpg", "jpg", "json"]
