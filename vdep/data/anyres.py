@@ -36,6 +36,7 @@ from transformers.models.llava_next.processing_llava_next import LlavaNextProces
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
+from .conversation import SampleError
 from .images import ImageProcessing, image_pixels
 
 # ImageTokens.kind
@@ -204,6 +205,9 @@ class MediaProcessor:
         still_images = sum(not isinstance(item, Video) for item in media)
         for item in media:
             if isinstance(item, Video):
+                if self.geometry.tokens_per_view != self.geometry.patch_grid ** 2:
+                    raise SampleError("unsupported_video", "a video's frames are pooled on their patch grid, but this "
+                                      "tower's features keep a CLS token (feature_select=full): use default or auto")
                 views += [image_pixels(frame, self.frame_processing) for frame in item.frames]
                 images.append(self.geometry.video(len(item.frames)))
                 continue
