@@ -111,3 +111,12 @@ def test_a_tiled_multi_image_vdep_run_killed_after_a_checkpoint_resumes_with_the
     assert sorted(resumed) == sorted(reference)
     for step, values in reference.items():
         assert resumed[step] == pytest.approx(values, rel=1e-6, abs=1e-6), f"step {step}"
+    # image_newline trained with the projector, saved with the stage, loaded back by evaluation
+    from safetensors.torch import load_file
+
+    from vdep.evaluate import load_trained_model
+
+    final = load_file(str(killed_dir / "finetune" / "final" / "trainable.safetensors"))
+    start = load_file(str(killed_dir / "base" / "image_newline_init.safetensors"))["image_newline"]
+    assert not torch.equal(final["image_newline"], start)
+    assert torch.equal(load_trained_model(killed_dir).model.image_newline.detach(), final["image_newline"])
