@@ -212,7 +212,7 @@ def baseline_worker(spec: dict) -> None:
     stage = config.stages[spec["stage"]]
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     base = RunDir(run_dir).base_paths(load_config(str(run_dir / "config.yaml"), []).model)
-    processing = load_image_processing(base, config.data.pad_to_square)
+    processing = load_image_processing(base, config.model.image_aspect_ratio == "pad")
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
     model = LlavaForConditionalGeneration.from_pretrained(spec["export"], dtype=dtype)  # vdep's starting weights

@@ -46,10 +46,11 @@ from tqdm import tqdm
 
 from vdep.atomic import atomic_path
 from vdep.data.conversation import SampleError, check_image_markers, parse_conversation
-from vdep.data.shards import BUILD_FILE, IMAGE_EXTENSIONS, SIZES_FILE, STATS_FILE
+from vdep.data.shards import BUILD_FILE, SIZES_FILE, STATS_FILE
 from vdep.errors import DataError
 
 from .image_fixing import fix_image
+from .media import StoredMedia, VideoSampling, media_sources, read_media
 from .output import BuildOutput
 from .sources import DEFAULT_CAPTION_PROMPT, RecordRef, expand_inputs, img2dataset_record, read_inputs, read_member
 
@@ -75,6 +76,7 @@ class BuildOptions:
     num_parts: int = 1
     progress: bool = True
     staging: Path | None = None  # where a remote build writes each file before uploading it
+    video: VideoSampling = field(default_factory=VideoSampling)  # which frames of a video file are stored
 
     @property
     def output(self) -> BuildOutput:
@@ -91,6 +93,8 @@ class BuildOptions:
             raise DataError("--max-side must be a positive number of pixels")
         if not 0 <= self.part < self.num_parts:
             raise DataError(f"--part {self.part} must lie in 0..{self.num_parts - 1} (--num-parts {self.num_parts})")
+        if self.video.fps <= 0 or self.video.max_frames < 1:
+            raise DataError("--video-fps must be positive and --max-frames at least 1")
 
     def plan_settings(self) -> dict:
         """What decides the shards' contents; `--resume` refuses to continue a build made with other values."""
@@ -103,6 +107,8 @@ class BuildOptions:
             "seed": self.seed,
             "max_side": self.max_side,
             "caption_prompt": self.caption_prompt,
+            # Only when not the default: a build.json written before videos were read stays valid for --resume.
+            **({"video": asdict(self.video)} if self.video != VideoSampling() else {}),
         }
 
 
@@ -116,6 +122,9 @@ class ShardResult:
     with_image: int = 0
     text_only: int = 0
     image_bytes: int = 0
+    images: int = 0  # images of the samples (a sample may hold several)
+    videos: int = 0
+    frames: int = 0  # video frames stored
     rejected: dict[str, int] = field(default_factory=dict)
     converted: dict[str, int] = field(default_factory=dict)  # original mode → count
     resized: int = 0
@@ -214,8 +223,8 @@ class _NoSample(Exception):
 
 
 # ------------------------------------------------------------------------------------------ one record
-def prepare_record(ref: RecordRef, image_root: Path | None, options: BuildOptions) -> tuple[dict, str | None, bytes | None, dict]:
-    """Validate one record; returns (json payload, image extension, image bytes, notes about re-encoding)."""
+def prepare_record(ref: RecordRef, image_root: Path | None, options: BuildOptions) -> tuple[dict, StoredMedia]:
+    """Validate one record; returns (json payload, the pictures to store with it)."""
     record: object = ref.record
     extension: str | None = None
     if ref.is_img2dataset:
@@ -225,32 +234,24 @@ def prepare_record(ref: RecordRef, image_root: Path | None, options: BuildOption
     if not isinstance(record, dict):
         raise SampleError("bad_record", "the record is not a JSON object")
     turns = parse_conversation(record.get("conversations"))
-    image_name = record.get("image")
-    has_image = image_name is not None or extension is not None
-    check_image_markers(turns, has_image)
+    sources = [] if extension is not None else media_sources(record)
+    check_image_markers(turns, images=1 if extension is not None else len(sources))
     payload = {"id": record.get("id"), "conversations": record["conversations"]}
-    if not has_image:
-        return payload, None, None, {}
     if extension is not None:  # img2dataset
-        data = read_member(ref, extension)
         payload["source_metadata"] = record["source_metadata"]
-        image_name = f"member {ref.key}.{extension} of {ref.file}"
-    else:
-        if not isinstance(image_name, str) or not image_name:
-            raise SampleError("bad_record", "'image' must be a relative path string")
-        if image_root is None:
-            raise SampleError("missing_image", f"{image_name}: the record has an image but no --image-root was given")
-        image_path = image_root / image_name
-        extension = image_path.suffix.lower().lstrip(".")
-        if extension not in IMAGE_EXTENSIONS:
-            raise SampleError("unsupported_image_format", f"{image_name}: use one of {', '.join(IMAGE_EXTENSIONS)}")
-        try:
-            data = image_path.read_bytes()
-        except OSError as exc:
-            raise SampleError("missing_image", f"{image_path}: {exc.strerror or exc}") from None
-    fixed = fix_image(data, extension, options.max_side, image_name)
-    notes = {"converted_from": fixed.converted_from, "resized": fixed.resized_from is not None}
-    return payload, fixed.extension, fixed.data, notes
+        return payload, img2dataset_media(ref, extension, options)
+    media = read_media(sources, image_root, options.max_side, options.video)
+    if media.media_json() is not None:
+        payload["media"] = media.media_json()
+    return payload, media
+
+
+def img2dataset_media(ref: RecordRef, extension: str, options: BuildOptions) -> StoredMedia:
+    fixed = fix_image(read_member(ref, extension), extension, options.max_side, f"member {ref.key}.{extension} of {ref.file}")
+    media = StoredMedia(converted=[fixed.converted_from] if fixed.converted_from else [],
+                        resized=int(fixed.resized_from is not None))
+    media.add("image", [(fixed.extension, fixed.data)])
+    return media
 
 
 # ------------------------------------------------------------------------------------------ one shard
@@ -277,7 +278,7 @@ def build_shard(index: int, refs: list[tuple[int, RecordRef]], options: BuildOpt
 
 def _add_record(tar: tarfile.TarFile, position: int, ref: RecordRef, options: BuildOptions, result: ShardResult) -> None:
     try:
-        payload, extension, image, notes = prepare_record(ref, options.image_root, options)
+        payload, media = prepare_record(ref, options.image_root, options)
     except SampleError as exc:
         result.rejected[exc.reason] = result.rejected.get(exc.reason, 0) + 1
         result.errors.append({"file": ref.file, "index": ref.index, "id": _jsonable(ref.record_id),
@@ -286,16 +287,24 @@ def _add_record(tar: tarfile.TarFile, position: int, ref: RecordRef, options: Bu
     key = f"{position:09d}"
     payload["source"] = {"file": Path(ref.file).name, "index": ref.index}
     _add_member(tar, f"{key}.json", json.dumps(payload, ensure_ascii=False).encode())
-    if image is not None:
-        _add_member(tar, f"{key}.{extension}", image)
-        result.with_image += 1
-        result.image_bytes += len(image)
-        if notes["converted_from"]:
-            result.converted[notes["converted_from"]] = result.converted.get(notes["converted_from"], 0) + 1
-        result.resized += int(notes["resized"])
-    else:
-        result.text_only += 1
+    for entry, (_, data) in zip((m for e in media.entries for m in e.members), media.pictures):
+        _add_member(tar, f"{key}.{entry}", data)
+    _count_media(result, media)
     result.written += 1
+
+
+def _count_media(result: ShardResult, media: StoredMedia) -> None:
+    if not media.pictures:
+        result.text_only += 1
+        return
+    result.with_image += 1
+    result.images += media.images
+    result.videos += media.videos
+    result.frames += media.frames
+    result.image_bytes += sum(len(data) for _, data in media.pictures)
+    for mode in media.converted:
+        result.converted[mode] = result.converted.get(mode, 0) + 1
+    result.resized += media.resized
 
 
 def _jsonable(value: object) -> object:
@@ -479,6 +488,9 @@ def _write_summary_of(output: BuildOutput, planned: int) -> None:
         "samples": report.written,
         "with_image": report.total("with_image"),
         "text_only": report.total("text_only"),
+        "images": report.total("images"),
+        "videos": report.total("videos"),
+        "frames": report.total("frames"),
         "image_bytes": report.total("image_bytes"),
         "rejected": dict(report.rejected.most_common()),
         "error_rate": round(report.error_rate, 6),

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vdep.data.conversation import SampleError, parse_conversation
+from vdep.data.media import media_entries
 from vdep.data.remote import MissingShardError, RemoteSettings, is_remote, join
 from vdep.data.shards import IMAGE_EXTENSIONS, SIZES_FILE, folder_file, unfinished_build
 from vdep.data.tar_reader import iterate_samples, open_shard
@@ -31,6 +32,9 @@ class ShardInspection:
     with_image: int = 0
     text_only: int = 0
     image_formats: Counter = field(default_factory=Counter)
+    images_per_sample: Counter = field(default_factory=Counter)  # images and videos a sample holds → samples
+    videos: int = 0
+    frames: int = 0  # of the videos
     lengths: list[int] = field(default_factory=list)
     unusable: Counter = field(default_factory=Counter)  # samples the loader would skip, by reason
     mismatches: list[str] = field(default_factory=list)
@@ -109,6 +113,7 @@ def _inspect_sample(report: ShardInspection, tar: str, key: str, members: dict, 
         report.text_only += 1
     try:
         meta = json.loads(members.get("json", b"null"))
+        media = _count_media(report, meta if isinstance(meta, dict) else {}, members)
         turns = parse_conversation(meta.get("conversations") if isinstance(meta, dict) else None)
         if encode is not None:
             report.lengths.append(encode(turns, image_format is not None))
@@ -119,10 +124,20 @@ def _inspect_sample(report: ShardInspection, tar: str, key: str, members: dict, 
         report.unusable[exc.reason] += 1
         return
     if len(report.examples) < num_examples:
-        lines = [(f"--- {tar}:{key} ({'image ' + image_format if image_format else 'text-only'}, "
-                  f"id {meta.get('id')!r}, from {meta.get('source')})")]
+        what = (f"{media} images/videos" if media > 1 else "image " + image_format) if image_format else "text-only"
+        lines = [f"--- {tar}:{key} ({what}, id {meta.get('id')!r}, from {meta.get('source')})"]
         lines += [f"  {turn.role}: {turn.text[:200]!r}" for turn in turns[:4]]
         report.examples.append("\n".join(lines))
+
+
+def _count_media(report: ShardInspection, meta: dict, members: dict) -> int:
+    """The sample's images and videos (vdep/data/media.py), counted; their number."""
+    entries = media_entries(meta, members)
+    report.images_per_sample[len(entries)] += 1
+    videos = [entry for entry in entries if entry.type == "video"]
+    report.videos += len(videos)
+    report.frames += sum(len(entry.members) for entry in videos)
+    return len(entries)
 
 
 def make_length_encoder(tokenizer_path: str, template_name: str, num_image_tokens: int):
@@ -152,6 +167,10 @@ def histogram(lengths: list[int]) -> list[tuple[str, int]]:
 def format_report(report: ShardInspection) -> str:
     lines = [(f"{report.samples} samples: {report.with_image} with image ({dict(report.image_formats)}), "
               f"{report.text_only} text-only")]
+    if set(report.images_per_sample) - {0, 1} or report.videos:
+        per_sample = ", ".join(f"{n}: {count}" for n, count in sorted(report.images_per_sample.items()))
+        lines.append(f"images and videos per sample (count: samples): {per_sample}; "
+                     f"{report.videos} video(s) of {report.frames} frame(s) in all")
     if report.lengths:
         ordered = sorted(report.lengths)
         lines.append(f"token lengths: min {ordered[0]}, median {ordered[len(ordered) // 2]}, "

@@ -105,6 +105,58 @@ def tiny_model(tiny_run, tokenizer):
     return build_tiny_model(config, tokenizer, run_dir, config.vdep)
 
 
+# --------------------------------------------------------------------------- the AnyRes test setting
+# ../shared/ANYRES.md's tiny CLIP tower (64-pixel views of 8-pixel patches: 64 tokens a view), its pinpoints, and
+# LLaVA-NeXT's spatial_unpad with the learned image_newline; room for a sample of three tiled images.
+ANYRES_OVERRIDES = [
+    "model.vision_tower.tiny.image_size=64",
+    "model.image_aspect_ratio=anyres",
+    "model.image_grid_pinpoints=[[64,64],[64,128],[128,64],[128,128]]",
+    "model.mm_patch_merge_type=spatial_unpad",
+    "model.language_model.tiny.max_position_embeddings=2048",
+    "data.max_length=1536",
+]
+
+
+@pytest.fixture(scope="session")
+def anyres_shards(tmp_path_factory) -> Path:
+    """Shards of tests/helpers.py's multi-image inputs, 4 copies: single, three interleaved and no images, videos."""
+    from tests.helpers import write_multi_image_inputs
+    from vdep.data_tools.media import VideoSampling
+
+    root = tmp_path_factory.mktemp("anyres-data")
+    data, images = write_multi_image_inputs(root, copies=4)
+    build_shards(BuildOptions([data], images, root / "shards", samples_per_shard=6, shuffle=True, progress=False,
+                              video=VideoSampling(fps=2.0, max_frames=3)))
+    return root / "shards"
+
+
+def anyres_overrides(small_data: SmallData, shards: Path, run_dir: Path, aspect: str = "anyres") -> list[str]:
+    """demo-tiny at the tiny test sizes in the AnyRes setting, its finetune stage on `shards`."""
+    return [*small_data.overrides(run_dir), *ANYRES_OVERRIDES, f"model.image_aspect_ratio={aspect}",
+            f"stages.finetune.shards=[{shards}]"]
+
+
+@pytest.fixture(scope="session")
+def anyres_run(small_data, tokenizer, anyres_shards, tmp_path_factory):
+    from tests.helpers import build_tiny_model
+    from vdep.config import load_config
+
+    run_dir = tmp_path_factory.mktemp("anyres-run")
+    config = load_config("demo-tiny", anyres_overrides(small_data, anyres_shards, run_dir))
+    build_tiny_model(config, tokenizer, run_dir)
+    return config, run_dir
+
+
+@pytest.fixture
+def anyres_model(anyres_run, tokenizer):
+    """A tiny VdepLlava in the AnyRes setting, built afresh for each test."""
+    from tests.helpers import build_tiny_model
+
+    config, run_dir = anyres_run
+    return build_tiny_model(config, tokenizer, run_dir, config.vdep)
+
+
 # --------------------------------------------------------------- servers for remote shards (remote_servers.py)
 @pytest.fixture(scope="session")
 def served(small_data, tmp_path_factory) -> Path:

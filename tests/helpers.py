@@ -8,9 +8,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from vdep.config import TrainConfig, VdepConfig
+from vdep.data.anyres import MediaProcessor
 from vdep.data.dataset import Batching, SamplePreprocessor
 from vdep.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessing, normalise_pixels
 from vdep.data.loader import DataPosition, StageLoader
@@ -70,6 +73,93 @@ def samples(tiny: TinyModel, tokenizer, small_data, template: str = "vicuna_v1",
         if len(out) == count:
             return out
     raise AssertionError("not enough samples")
+
+
+# ------------------------------------------------------------------------------------ multi-image inputs
+def turns(*pairs: str) -> list[dict]:
+    return [{"from": "human" if i % 2 == 0 else "gpt", "value": text} for i, text in enumerate(pairs)]
+
+
+def write_video(path: Path, frames: int = 30, fps: int = 10) -> None:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 8, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def write_multi_image_inputs(root: Path, copies: int = 1) -> tuple[Path, Path]:
+    """A LLaVA-NeXT/OneVision JSON file and its image folder: one image, three interleaved images, a video file,
+    a video as frame images, text only, and `copies` of those, then six records build-shards must reject."""
+    images = root / "images"
+    images.mkdir(parents=True)
+    rng = np.random.RandomState(0)
+    for name, (height, width) in {"wide.png": (40, 100), "tall.jpg": (90, 30), "small.png": (20, 20),
+                                  "big.jpg": (70, 70)}.items():
+        Image.fromarray((rng.rand(height, width, 3) * 255).astype(np.uint8)).save(images / name)
+    for i in range(5):
+        Image.new("RGB", (40, 30), (i * 40, 0, 0)).save(images / f"frame{i}.jpg")
+    write_video(images / "clip.mp4")
+    (images / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"not a video" * 20)
+    good = [
+        {"id": "one", "image": "wide.png", "conversations": turns("<image>\nWhat color is the shape?", "red")},
+        # interleaved: markers in two user turns, text around them
+        {"id": "three", "image": ["wide.png", "tall.jpg", "small.png"],
+         "conversations": turns("Compare <image> and <image>.", "red", "And <image>?", "blue")},
+        {"id": "video", "video": "clip.mp4", "conversations": turns("<image>\nWhat happens?", "a circle")},
+        {"id": "frames", "video": [f"frame{i}.jpg" for i in range(5)], "conversations": turns("<image> What is it?", "red")},
+        {"id": "text", "conversations": turns("Hi?", "hello")},
+        {"id": "big", "image": "big.jpg", "conversations": turns("<image>\nWhere is the shape?", "top left")},
+    ]
+    bad = [
+        {"id": "fewer-markers", "image": ["wide.png", "tall.jpg"], "conversations": turns("<image> What?", "red")},
+        {"id": "undecodable", "video": "broken.mp4", "conversations": turns("<image> What?", "red")},
+        {"id": "no-video", "video": "gone.mp4", "conversations": turns("<image> What?", "red")},
+        {"id": "missing-frame", "video": ["frame0.jpg", "gone.jpg"], "conversations": turns("<image> What?", "red")},
+        {"id": "both", "image": "wide.png", "video": "clip.mp4", "conversations": turns("<image> What?", "red")},
+        {"id": "empty-list", "image": [], "conversations": turns("<image> What?", "red")},
+    ]
+    (root / "data.json").write_text(json.dumps(good * copies + bad))
+    return root / "data.json", images
+
+
+def anyres_samples(tiny: TinyModel, tokenizer, shards: Path, ids: list[str], uint8: bool = False) -> list:
+    """Preprocessed samples of the multi-image shards, by record id, in the tiny model's image setting."""
+    import webdataset as wds
+
+    encoder = TemplateTokenizer(tokenizer, tiny.spec.image_token_id, tiny.spec.num_image_tokens)
+    preprocess = SamplePreprocessor(make_template("vicuna_v1", tokenizer), encoder,
+                                    MediaProcessor(tiny.spec.geometry, tiny.processing), 1536)
+    raw = {json.loads(s["json"])["id"]: s
+           for s in wds.tariterators.tarfile_samples([{"url": s.path} for s in discover_shards([str(shards)])])}
+    out = []
+    for record in ids:
+        processed = preprocess(raw[record])
+        if processed.pixel_values is not None and not uint8:
+            processed.pixel_values = normalise_pixels(processed.pixel_values, tiny.processing.normalisation_table())
+        out.append(processed)
+    return out
+
+
+def anyres_loader(shards: Path, tokenizer, rank: int, world: int, seed: int, micro: int = 1) -> StageLoader:
+    """The loader `vdep train` builds in tests/conftest.py's AnyRes setting (64-pixel tiles, 1536 tokens)."""
+    from vdep.data.anyres import ImageGeometry
+
+    processing = ImageProcessing.tiny("clip", 64)
+    geometry = ImageGeometry("anyres", 64, 8, 64, ((64, 64), (64, 128), (128, 64), (128, 128)), "spatial_unpad")
+    encoder = TemplateTokenizer(tokenizer, image_token_id(tokenizer), 64)
+    preprocess = SamplePreprocessor(make_template("vicuna_v1", tokenizer), encoder, MediaProcessor(geometry, processing), 1536)
+    return StageLoader.create(
+        discover_shards([str(shards)]), preprocess,
+        Batching(micro, tokenizer.pad_token_id, (64, 64), processing.normalisation_table(), pack_capacity=1536),
+        rank=rank, world_size=world, num_workers=0, grad_accum_steps=1, seed=seed, split="samples", shuffle_buffer=4,
+    )
 
 
 # ------------------------------------------------------------------------------------------ the loader

@@ -145,3 +145,33 @@ def test_the_demo_object_mask_finds_the_shape_in_its_quadrant(shape, fill):
         # As the tower sees it (padded to a square with grey, resized): still found, the padding not.
         seen = object_mask(image_pixels(Image.fromarray(picture), processing).permute(1, 2, 0).numpy())
         assert 0.5 < seen.sum() / (mask.sum() * (seen.size / mask.size)) < 1.5
+
+
+@pytest.mark.parametrize("merge", ["spatial_unpad", "flat"])
+def test_a_tiled_image_is_laid_out_whole(small_data, anyres_shards, tmp_path, merge):
+    """AnyRes: with spatial_unpad the tiles' tokens (newlines left out) make one grid over the image itself; with
+    flat, the tiles' grids side by side over the canvas they were cut from. Cells are the attention to those tokens."""
+    from tests.conftest import anyres_overrides
+    from vdep.attention_map import load_vdep_attention_model, loaded_vdep_forward, model_maps, reduce_attention
+
+    run_dir = tmp_path / "run"
+    prepare_run_dir(load_config("demo-tiny", anyres_overrides(small_data, anyres_shards, run_dir)
+                                + [f"model.mm_patch_merge_type={merge}"]), RunDir(run_dir))
+    loaded = load_vdep_attention_model(run_dir)
+    image = Image.fromarray((np.random.RandomState(0).rand(50, 120, 3) * 255).astype(np.uint8))
+    forward = loaded_vdep_forward(loaded, image, QUESTION, 4, want_answer=False)
+    maps = model_maps(forward, "run", [0, 1], "mean", "question")
+    layout = loaded.trained.spec.geometry.tiled(50, 120)
+    values = reduce_attention(forward.attentions[1], forward.question_positions, forward.image_positions, "mean")
+    after_base = values[layout.base if merge == "spatial_unpad" else 64:]
+    if merge == "spatial_unpad":
+        kept = after_base[~layout.newline_mask()[layout.base:]]
+        expected = kept.reshape(layout.rows, layout.cols)
+        assert forward.picture.shape == (50, 120, 3)  # the image itself: the padding's tokens were removed
+    else:
+        tiles = after_base.reshape(-1, 8, 8)  # 8×8 tokens a tile; the 50×120 image lies on the 64×128 grid: 1×2 tiles
+        expected = torch.cat(list(tiles), dim=1)
+        assert forward.picture.shape == (64, 128, 3)
+    assert maps.maps.shape[1:] == tuple(expected.shape)
+    np.testing.assert_allclose(maps.maps[1], expected.numpy(), rtol=1e-6)
+    assert maps.image_share[1] == pytest.approx(float(values.sum()))

@@ -282,3 +282,33 @@ def test_the_kernel_benchmark_runs_in_smoke_mode(head):
     assert f"head {head}," in result.stdout and "| eager reference |" in result.stdout
     assert "| fused (Triton, 4 warps) |" in result.stdout and "| fused (Triton, 8 warps) |" in result.stdout
     assert ("| + fused pass-through (Triton) |" in result.stdout) == (head == "identity")  # the in-a-step table
+
+
+@interpreter_only
+def test_the_fused_kernel_and_its_pass_through_take_tiled_images_and_videos(anyres_model, tokenizer, anyres_shards):
+    """Variable numbers of image tokens per sample, with gaps where the image_newlines are (no target there): the
+    fused kernel and its pass-through give the reference's losses and every parameter's gradient."""
+    from tests.helpers import anyres_samples
+    from vdep.data.batch import collate_packed
+    from vdep.objectives.supervision import prepare_inputs
+
+    model, spec = anyres_model.model, anyres_model.spec
+    samples = anyres_samples(anyres_model, tokenizer, anyres_shards, ["three", "text", "video", "one", "frames"])
+    batch = collate_packed(samples, tokenizer.pad_token_id, (64, 64), 1536)  # packed: spans of several samples a row
+    inputs = prepare_inputs(batch, torch.tensor([True, False, True, True, False]), VdepConfig(), spec.image_token_id,
+                            spec.num_image_tokens)
+    counts = [int(inputs.image_targets[batch.sample_index == s].sum()) for s in range(batch.num_samples)]
+    assert len(set(counts)) > 2  # the samples' target counts differ
+    results = []
+    for kernel in ("reference", "fused"):
+        model.vdep_term = select_term(VdepConfig(kernel=kernel, target_norm="layernorm"), torch.device("cpu"))
+        model.zero_grad()
+        sums = model(inputs)
+        (sums.text + 0.5 * sums.vdep).backward()
+        results.append(([sums.text.detach(), sums.vdep.detach()],
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (ref_sums, ref_grads), (fused_sums, fused_grads) = results
+    torch.testing.assert_close(fused_sums, ref_sums)
+    assert "image_newline" in ref_grads and fused_grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -115,7 +115,7 @@ def test_greedy_generation_with_the_cache_matches_recomputing(tiny_model, tokeni
     model = built.model.eval()
     data = samples(tiny_model, tokenizer, small_data, "plain", 3)
     prompts = [s.input_ids[: 1 + built.spec.num_image_tokens + i].tolist() for i, s in enumerate(data)]  # ragged
-    pixel_values = torch.stack([s.pixel_values for s in data])
+    pixel_values = torch.cat([s.pixel_values for s in data])  # each sample: (views, 3, H, W)
     eos = tokenizer.eos_token_id
     cached = greedy_generate(model, prompts, pixel_values, 3, 6, stop_token_ids=[eos], pad_token_id=tokenizer.pad_token_id)
     with torch.no_grad():

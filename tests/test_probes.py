@@ -120,3 +120,25 @@ def test_two_zero3_ranks_log_the_probes_one_rank_logs(small_data, tmp_path):
     events.Reload()
     assert {"probe/reconstruction_cosine", "probe/target_pairwise_cosine", "probe/target_variance",
             "probe/target_relative_variance"} <= set(events.Tags()["scalars"])
+
+
+def test_the_probes_of_tiled_images_are_taken_at_every_image_token_but_the_newlines(anyres_model, tokenizer,
+                                                                                      anyres_shards):
+    from tests.helpers import anyres_samples
+    from vdep.config import VdepConfig
+    from vdep.objectives.supervision import image_newline_positions, prepare_inputs
+
+    model, spec = anyres_model.model, anyres_model.spec
+    batch = collate(anyres_samples(anyres_model, tokenizer, anyres_shards, ["three", "video", "one"]),
+                    tokenizer.pad_token_id, (64, 64))
+    inputs = prepare_inputs(batch, torch.zeros(3, dtype=torch.bool), VdepConfig(), spec.image_token_id,
+                            spec.num_image_tokens)
+    with torch.no_grad():
+        sums = model(inputs)
+        embeds = model.embed(inputs.input_ids, inputs.pixel_values, inputs.num_images, None, inputs.image_layout)
+        hidden = model.hidden_states(embeds, inputs.attention_mask)
+    newline = image_newline_positions(inputs.input_ids, spec.image_token_id, inputs.image_layout)
+    expected_positions = (inputs.input_ids == spec.image_token_id) & ~newline
+    assert bool(newline.any()) and torch.equal(inputs.image_positions, expected_positions)
+    expected = direct_probes(hidden, embeds, expected_positions, model.vdep_head, model.vdep_term.target_norm)
+    assert probe_scalars(sums.probes, int(expected_positions.sum())) == pytest.approx(expected, rel=1e-4, abs=1e-6)

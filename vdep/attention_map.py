@@ -9,7 +9,10 @@ attention from the query tokens to the image tokens:
   answer, appended to the prompt; `both`: either;
 - the weights are reduced over heads (`--heads mean|max`), then averaged over the query tokens, and laid
   out on the vision tower's patch grid (raster order) over the image as the tower saw it (padded to a
-  square and resized).
+  square and resized). A tiled image (AnyRes) is laid out whole (`image_grid`): with `spatial_unpad` its
+  tiles' tokens form one grid over the image itself (the padding was removed, the newlines are left out);
+  with `flat`, the tiles' grids are put side by side over the padded canvas the tiles were cut from. The
+  base view's tokens count in the image's share, not in the map.
 The figure has one row per model and one column per layer, each cell's colours spread from its own
 minimum (blue) to its own maximum (red): the colour shows where, not how much (the title of a cell gives
 the share of the attention that lands on the image). `FIG.npz` beside it holds the unscaled values,
@@ -27,8 +30,9 @@ import numpy as np
 import torch
 
 from .conventions import IMAGE_MARKER
+from .data.anyres import TILED, ImageGeometry, ImageTokens, MediaProcessor, layout_tensor
 from .data.conversation import Turn
-from .data.images import decode_image, image_pixels, preprocess_image
+from .data.images import decode_image, normalise_pixels
 from .data.templates import ConversationTemplate, TemplateTokenizer, make_template
 from .errors import VdepError
 from .model.generate import greedy_generate
@@ -54,6 +58,8 @@ class Forward:
 
     attentions: tuple[torch.Tensor, ...]  # per layer (1, heads, T, T)
     image_positions: torch.Tensor  # (N,) sequence positions of the image tokens
+    grid_positions: torch.Tensor  # the positions of the map's cells, in raster order over `picture`
+    grid_shape: tuple[int, int]  # (rows, columns) of the map
     question_positions: torch.Tensor  # prompt positions after the last image token
     answer_positions: torch.Tensor  # positions of the appended answer tokens
     picture: np.ndarray  # (H, W, 3) uint8, the image as the vision tower saw it
@@ -92,6 +98,34 @@ def to_grid(values: torch.Tensor) -> np.ndarray:
     return values.reshape(side, side).numpy()
 
 
+def image_grid(image: ImageTokens, geometry: ImageGeometry, views: torch.Tensor,
+               original: np.ndarray) -> tuple[np.ndarray, tuple[int, int], np.ndarray]:
+    """Where one image's tokens go on the map: (the offsets of the map's cells among the image's tokens, in raster
+    order; the map's shape; the picture it lies over, (H, W, 3) uint8). `views`: the image's uint8 views."""
+    side = geometry.patch_grid
+    if image.kind != TILED:
+        return np.arange(image.base), (side, side), views[0].permute(1, 2, 0).numpy()
+    if image.newline:  # spatial_unpad: rows of `cols` tokens after the base view, each followed by its newline
+        offsets = np.array([image.base + row * (image.cols + 1) + col for row in range(image.rows) for col in range(image.cols)])
+        return offsets, (image.rows, image.cols), original
+    # flat: each tile's grid in turn; the tiles lie on the best resolution's grid, raster order (divide_to_patches)
+    tile_rows = image_best_rows(image, geometry)
+    tile_cols = (image.views - 1) // tile_rows
+    tiles = views[1:].reshape(tile_rows, tile_cols, 3, geometry.tile_size, geometry.tile_size)
+    canvas = tiles.permute(0, 3, 1, 4, 2).reshape(tile_rows * geometry.tile_size, tile_cols * geometry.tile_size, 3)
+    offsets = np.array([side * side * (1 + (r // side) * tile_cols + c // side) + (r % side) * side + c % side
+                        for r in range(tile_rows * side) for c in range(tile_cols * side)])
+    return offsets, (tile_rows * side, tile_cols * side), canvas.numpy()
+
+
+def image_best_rows(image: ImageTokens, geometry: ImageGeometry) -> int:
+    """Tile rows of the grid resolution transformers picks for the image."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    height, _ = select_best_resolution([image.height, image.width], geometry.pinpoints)
+    return height // geometry.tile_size
+
+
 def patch_coverage(mask: np.ndarray, side: int) -> np.ndarray:
     """(H, W) bool pixels of a region → (side, side): the share of each patch's pixels inside it, on the
     tower's patch grid (raster order, as `to_grid`)."""
@@ -106,7 +140,8 @@ def model_maps(forward: Forward, name: str, layers: list[int], heads: str, sourc
     maps, shares = [], []
     for layer in layers:
         values = reduce_attention(forward.attentions[layer], queries, forward.image_positions, heads)
-        maps.append(to_grid(values))
+        cells = reduce_attention(forward.attentions[layer], queries, forward.grid_positions, heads)
+        maps.append(cells.reshape(forward.grid_shape).numpy())
         shares.append(float(values.sum()))
     return ModelMaps(name, np.stack(maps), np.array(shares), forward.answer, forward.picture)
 
@@ -136,20 +171,24 @@ def loaded_vdep_forward(loaded: VdepAttentionModel, image, question: str, max_ne
                         want_answer: bool) -> Forward:
     trained, template = loaded.trained, loaded.template
     tokenizer, spec = trained.tokenizer, trained.spec
-    prompt = loaded.encoder.encode(template.prompt_segments([Turn("user", f"{IMAGE_MARKER}\n{question}")], True)).input_ids
-    pixels = image_pixels(image, trained.image_processing)  # (3, H, W) uint8: what the tower sees, unnormalised
-    pixel_values = preprocess_image(image, trained.image_processing).unsqueeze(0)
+    seen = MediaProcessor(spec.geometry, trained.image_processing)([image])  # the views and tokens training made
+    (layout,) = seen.images
+    prompt = loaded.encoder.encode(template.prompt_segments([Turn("user", f"{IMAGE_MARKER}\n{question}")], True),
+                                   [layout.tokens]).input_ids
+    pixel_values = normalise_pixels(seen.pixels, trained.image_processing.normalisation_table())
+    image_layout = layout_tensor(seen.images)
     answer: list[int] = []
     if want_answer:
         answer = greedy_generate(trained.model, [prompt], pixel_values, 1, max_new_tokens, template.stop_token_ids,
-                                 tokenizer.pad_token_id)[0]
+                                 tokenizer.pad_token_id, image_layout=image_layout)[0]
     input_ids = torch.tensor([prompt + answer])
     with torch.no_grad():
-        embeds = trained.model.embed(input_ids, pixel_values, 1)
+        embeds = trained.model.embed(input_ids, pixel_values, 1, image_layout=image_layout)
         outputs = trained.model.language_model(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids),
                                                output_attentions=True, use_cache=False)
-    return _forward(outputs.attentions, input_ids[0], spec.image_token_id, len(prompt), pixels.permute(1, 2, 0).numpy(),
-                    tokenizer.decode(answer, skip_special_tokens=True))
+    offsets, shape, picture = image_grid(layout, spec.geometry, seen.pixels, np.asarray(image.convert("RGB")))
+    return _forward(outputs.attentions, input_ids[0], spec.image_token_id, len(prompt), picture,
+                    tokenizer.decode(answer, skip_special_tokens=True), offsets, shape)
 
 
 def hf_forward(folder: Path, image, question: str, max_new_tokens: int, want_answer: bool) -> Forward:
@@ -178,11 +217,20 @@ def hf_forward(folder: Path, image, question: str, max_new_tokens: int, want_ans
 
 
 def _forward(attentions, input_ids: torch.Tensor, image_token_id: int, prompt_length: int, picture: np.ndarray,
-             answer: str) -> Forward:
+             answer: str, grid_offsets: np.ndarray | None = None, grid_shape: tuple[int, int] | None = None) -> Forward:
+    """`grid_offsets`: which of the image's tokens make the map, in raster order (None: all, a square grid)."""
     image_positions = torch.nonzero(input_ids == image_token_id).flatten()
     after_image = int(image_positions.max()) + 1
-    return Forward(tuple(attentions), image_positions, torch.arange(after_image, prompt_length),
-                   torch.arange(prompt_length, input_ids.numel()), picture, answer.strip())
+    if grid_offsets is None:
+        side = math.isqrt(image_positions.numel())
+        if side * side != image_positions.numel():
+            raise VdepError(f"{image_positions.numel()} image tokens do not make a square patch grid (feature_select=full?)")
+        grid_positions, grid_shape = image_positions, (side, side)
+    else:
+        grid_positions = image_positions[torch.from_numpy(grid_offsets)]
+    return Forward(tuple(attentions), image_positions, grid_positions, grid_shape,  # type: ignore[arg-type]
+                   torch.arange(after_image, prompt_length), torch.arange(prompt_length, input_ids.numel()), picture,
+                   answer.strip())
 
 
 def compute_maps(request: AttentionRequest) -> tuple[list[ModelMaps], list[int]]:

@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     build.add_argument("--caption-prompt", default=DEFAULT_CAPTION_PROMPT,
                        help=f"user turn of img2dataset caption samples (default: {DEFAULT_CAPTION_PROMPT!r})")
+    build.add_argument("--video-fps", type=float, default=1.0,
+                       help="frames kept per second of a record's video file (default: 1.0, as LLaVA-NeXT samples)")
+    build.add_argument("--max-frames", type=int, default=32,
+                       help="most frames kept of a video, spread over all of it (default: 32)")
     build.add_argument("--part", type=int, default=0, help="build only this part of the plan (SLURM array task id; default: 0)")
     build.add_argument("--num-parts", type=int, default=1, help="number of parts the plan is split into (default: 1)")
     build.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
@@ -303,12 +307,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _build_shards(args: argparse.Namespace) -> int:
     from vdep.data_tools.build_shards import BuildOptions, build_shards
+    from vdep.data_tools.media import VideoSampling
 
     options = BuildOptions(
         inputs=args.inputs, image_root=args.image_root, out=args.out, samples_per_shard=args.samples_per_shard,
         workers=args.workers, shuffle=args.shuffle, seed=args.seed, resume=args.resume,
         max_error_rate=args.max_error_rate, max_side=args.max_side, caption_prompt=args.caption_prompt,
         part=args.part, num_parts=args.num_parts, progress=not args.no_progress, staging=args.staging,
+        video=VideoSampling(args.video_fps, args.max_frames),
     )
     report = build_shards(options)
     print(report.summary())

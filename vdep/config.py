@@ -43,7 +43,6 @@ KEY_ALIASES = {
     "max_grad_norm": "grad_clip",
     "gradient_clipping": "grad_clip",
     "model_max_length": "max_length",
-    "image_aspect_ratio": "pad_to_square",
     "mm_vision_select_layer": "feature_layer",
     "mm_projector_type": "projector",
     "dataloader_num_workers": "num_workers",
@@ -116,6 +115,17 @@ class ModelConfig:
     # Start from existing weights: a Hugging Face Llava folder (then leave vision_tower/language_model
     # unset), or an original LLaVA-1.5 mm_projector.bin for the projector. See docs/export.md.
     init_from: str | None = None
+    # How an image becomes the tower's inputs, with LLaVA-NeXT's names (docs/config.md, "Images"): `pad`
+    # (LLaVA-1.5: padded to a square of the mean colour), `square` (the tower's processor alone), `anyres`
+    # (LLaVA-NeXT's tiles), `anyres_max_N` (OneVision's: the tiles' features pooled beyond N tiles). null:
+    # what the older key data.pad_to_square says, else `pad`; loading fills it in (`resolve_image_aspect_ratio`).
+    image_aspect_ratio: str | None = None
+    # AnyRes's candidate resolutions: [[height, width], ...] in pixels, or LLaVA-NeXT's range form
+    # "(1x1),...,(6x6)" in tiles of the tower's image size. Only with anyres/anyres_max_N.
+    image_grid_pinpoints: list[list[int]] | str | None = None
+    # `flat`: an image's tokens are its views' features one after the other (LLaVA-1.5; LLaVA-NeXT's flat);
+    # `spatial_unpad`: tiles laid out as the image, padding removed, a learned `image_newline` ending each row.
+    mm_patch_merge_type: Literal["flat", "spatial_unpad"] = "flat"
 
     def tokenizer_source(self) -> str | None:
         if self.tokenizer is not None:
@@ -131,8 +141,9 @@ class ModelConfig:
 # ------------------------------------------------------------------------------------------------ data
 @dataclass
 class DataConfig:
-    # LLaVA-1.5 pads each image to a square with the processor's mean colour before resizing.
-    pad_to_square: bool = True
+    # The older spelling of model.image_aspect_ratio pad (true) / square (false); loading fills it in from
+    # that key (null under anyres), and a value that contradicts it is refused.
+    pad_to_square: bool | None = None
     max_length: int = 2048
     num_workers: int = 2
     shuffle_buffer: int = 1000
@@ -425,11 +436,108 @@ def load_config(recipe: str, overrides: list[str] | None = None, files: bool = T
         source.add_override(key, item)
     _merge_stage_vdep(raw, source)
     _refuse_report_credentials(raw, source)
-    config = structure(TrainConfig, raw, source=source, aliases=KEY_ALIASES)
+    config = config_from_dict(raw, source)
     check_settings(config, source)
     if files:
         check_files(config, source)
     return config
+
+
+def config_from_dict(raw: dict, source: str | Source) -> TrainConfig:
+    """A parsed recipe or a run's config.yaml → the resolved `TrainConfig`: the one way a config is read, so
+    that a run directory written before a key existed reads as the same config as a recipe today."""
+    source = Source(source) if isinstance(source, str) else source
+    config = structure(TrainConfig, raw, source=source, aliases=KEY_ALIASES)
+    resolve_image_aspect_ratio(config, source)
+    return config
+
+
+# model.image_aspect_ratio's values: LLaVA-NeXT's names.
+ASPECT_RATIO_PATTERN = re.compile(r"pad|square|anyres|anyres_max_([1-9][0-9]*)")
+_PAD_TO_SQUARE = {"pad": True, "square": False}
+
+
+def resolve_image_aspect_ratio(config: TrainConfig, source: Source) -> None:
+    """`model.image_aspect_ratio` is the one source of truth; `data.pad_to_square` (the key vdep had first,
+    which every older run directory's config.yaml holds) is its older spelling of `pad`/`square`. Unset, the
+    aspect ratio is what pad_to_square says, else `pad`; both set and disagreeing is refused. Afterwards
+    pad_to_square mirrors it (null under anyres), so a resolved config reads back as itself."""
+    model, data = config.model, config.data
+    given = model.image_aspect_ratio
+    if given is not None and not ASPECT_RATIO_PATTERN.fullmatch(given):
+        raise ConfigError(
+            f"{source.where('model.image_aspect_ratio')}: {given!r} is not an aspect ratio mode; use pad, square, "
+            "anyres or anyres_max_N (N: the most tiles before OneVision's pooling, e.g. anyres_max_9)"
+        )
+    implied = None if data.pad_to_square is None else ("pad" if data.pad_to_square else "square")
+    if given is None:
+        model.image_aspect_ratio = implied or "pad"
+    elif implied is not None and implied != given:
+        raise ConfigError(
+            f"{source.where('model.image_aspect_ratio')} is {given!r}, but {source.where('data.pad_to_square')} is "
+            f"{str(data.pad_to_square).lower()}, which means {implied!r}. data.pad_to_square is the older spelling of "
+            "pad/square: remove it (data.pad_to_square=null) or make the two agree"
+        )
+    data.pad_to_square = _PAD_TO_SQUARE.get(model.image_aspect_ratio)
+
+
+def is_anyres(aspect_ratio: str | None) -> bool:
+    return aspect_ratio is not None and aspect_ratio.startswith("anyres")
+
+
+def max_tiles(aspect_ratio: str) -> int | None:
+    """N of `anyres_max_N` (OneVision pools a tiled image's features beyond N tiles); None otherwise."""
+    match = ASPECT_RATIO_PATTERN.fullmatch(aspect_ratio)
+    return int(match.group(1)) if match and match.group(1) else None
+
+
+_RANGE_PAIR = re.compile(r"\((\d+)x(\d+)\)")
+_RANGE_FORM = re.compile(r"\s*\(\d+x\d+\)(\s*,\s*(\.\.\.|\(\d+x\d+\)))*\s*")
+
+
+def grid_pinpoints(value: list[list[int]] | str, tile_size: int) -> list[list[int]]:
+    """`model.image_grid_pinpoints` as [height, width] pairs in pixels. The range form "(1x1),...,(6x6)"
+    expands as LLaVA-NeXT does (llava/mm_utils.py): every (i, j) from the first pair to the last, each
+    times the tower's image size; the pairs are then read as [height, width], as transformers reads the
+    expanded list (image_processing_utils.select_best_resolution). A bad value raises ValueError."""
+    if isinstance(value, str):
+        if not _RANGE_FORM.fullmatch(value):
+            raise ValueError(f"{value!r} is not LLaVA-NeXT's range form, e.g. \"(1x1),...,(6x6)\"")
+        pairs = [(int(a), int(b)) for a, b in _RANGE_PAIR.findall(value)]
+        (first_i, first_j), (last_i, last_j) = pairs[0], pairs[-1]
+        if first_i < 1 or first_j < 1 or last_i < first_i or last_j < first_j:
+            raise ValueError(f"{value!r}: the range must run from at least (1x1) up to pairs no smaller than the first")
+        return [[i * tile_size, j * tile_size] for i in range(first_i, last_i + 1) for j in range(first_j, last_j + 1)]
+    if not value or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) and x > 0 for x in p)
+                            for p in value):
+        raise ValueError(f"{value!r} is not a list of [height, width] pairs of positive pixel counts")
+    return [list(p) for p in value]
+
+
+def _check_image_settings(model: ModelConfig, source: Source) -> None:
+    aspect, pinpoints = model.image_aspect_ratio, model.image_grid_pinpoints
+    if is_anyres(aspect):
+        if pinpoints is None:
+            raise ConfigError(
+                f"{source.where('model.image_grid_pinpoints')}: model.image_aspect_ratio={aspect} tiles images on a "
+                "grid chosen among these resolutions; set it, e.g. LLaVA-NeXT's [[336,672],[672,336],[672,672],"
+                "[1008,336],[336,1008]] or OneVision's \"(1x1),...,(6x6)\""
+            )
+        try:
+            grid_pinpoints(pinpoints, 1)
+        except ValueError as exc:
+            raise ConfigError(f"{source.where('model.image_grid_pinpoints')}: {exc}") from None
+    else:
+        if pinpoints is not None:
+            raise ConfigError(
+                f"{source.where('model.image_grid_pinpoints')}: grid pinpoints are for model.image_aspect_ratio=anyres "
+                f"or anyres_max_N, not {aspect}; remove them or choose anyres"
+            )
+        if model.mm_patch_merge_type != "flat":
+            raise ConfigError(
+                f"{source.where('model.mm_patch_merge_type')}: {model.mm_patch_merge_type} lays tiles out as the image; "
+                f"with model.image_aspect_ratio={aspect} an image is one view: use flat, or anyres"
+            )
 
 
 def _check_stage_in_override(key: str, item: str, stage_names: list[str]) -> None:
@@ -517,6 +625,7 @@ def check_settings(config: TrainConfig, source: str | Source = "config") -> None
     else:
         _exactly_one(model.vision_tower.path, model.vision_tower.tiny, "model.vision_tower", source)
         _exactly_one(model.language_model.path, model.language_model.tiny, "model.language_model", source)
+    _check_image_settings(model, source)
     if model.language_model.tiny is not None and model.tokenizer is None:
         raise ConfigError(
             f"{source.where('model.tokenizer')}: a tiny language model needs a tokenizer folder "
@@ -821,7 +930,11 @@ def stage_fingerprint(config: TrainConfig, stage: str) -> str:
     template), recorded in its checkpoints: a checkpoint is resumed only into the same. It depends on
     that stage alone, so running another subset of the stages (`stage=`) keeps it."""
     settings = config.stages[stage]
-    material = {"model": unstructure(config.model), "shards": settings.shards, "template": settings.template}
+    model = unstructure(config.model)
+    if not is_anyres(config.model.image_aspect_ratio):  # pad/square was data.pad_to_square, outside the fingerprint
+        for key in ("image_aspect_ratio", "image_grid_pinpoints", "mm_patch_merge_type"):
+            model.pop(key)
+    material = {"model": model, "shards": settings.shards, "template": settings.template}
     if settings.lora is not None:  # the adapters are part of the model's shape (absent: fingerprints as before)
         material["lora"] = unstructure(settings.lora)
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]

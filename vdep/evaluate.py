@@ -57,7 +57,7 @@ def build_trained_model(source: ModelSource, dtype: torch.dtype = torch.float32,
     if source.lora is not None:
         adapters = StageAdapters(source.lora, config.model.init_seed, f"stages.{source.stage}.lora")
     loaded = load_layers(model, list(source.layers), adapters, keep_replaced)
-    image_processing = load_image_processing(base, config.data.pad_to_square)
+    image_processing = load_image_processing(base, config.model.image_aspect_ratio == "pad")
     return TrainedModel(model, tokenizer, spec, image_processing, config, source.stage, source, loaded.replaced)
 
 

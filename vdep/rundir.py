@@ -27,10 +27,9 @@ from pathlib import Path
 
 import yaml
 
-from .config import LoraConfig, ModelConfig, TrainConfig
+from .config import LoraConfig, ModelConfig, TrainConfig, config_from_dict
 from .errors import CheckpointError
 from .log import get_logger
-from .structured import structure
 from .weight_layers import SafetensorsLayer, WeightLayer, ZeroCheckpointLayer
 
 log = get_logger("rundir")
@@ -39,6 +38,7 @@ CONFIG_FILE = "config.yaml"
 FINAL_WEIGHTS = "trainable.safetensors"
 SUMMARY_FILE = "summary.json"
 PROJECTOR_INIT_FILE = "projector_init.safetensors"
+IMAGE_NEWLINE_INIT_FILE = "image_newline_init.safetensors"
 LATEST = "latest"
 
 
@@ -68,6 +68,11 @@ class BasePaths:
     vision_tower: Path
     language_model: Path
     projector_init: Path
+
+    @property
+    def image_newline_init(self) -> Path:
+        """`image_newline`'s starting value (mm_patch_merge_type: spatial_unpad), beside the projector's."""
+        return self.projector_init.parent / IMAGE_NEWLINE_INIT_FILE
 
 
 @dataclass(frozen=True)
@@ -158,7 +163,7 @@ class RunDir:
         """The run's resolved config (checked like a recipe, but without the file-system checks)."""
         if not self.config_file.is_file():
             raise CheckpointError(f"{self.path} is not a vdep run directory (no {CONFIG_FILE})")
-        return structure(TrainConfig, yaml.safe_load(self.config_file.read_text()), source=str(self.config_file))
+        return config_from_dict(yaml.safe_load(self.config_file.read_text()) or {}, str(self.config_file))
 
 
 def stage_weights(run: RunDir, config: TrainConfig, name: str, *, final: bool = True) -> list[Path]:

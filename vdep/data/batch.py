@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..conventions import IGNORE_INDEX
+from .anyres import VIEWS_COLUMN, ImageTokens, layout_tensor
 
 
 def sample_id(shard: int, key: str) -> int:
@@ -24,10 +25,12 @@ class ProcessedSample:
     key: str
     input_ids: torch.Tensor  # (T,) int64, `<image>` already expanded into placeholder ids
     labels: torch.Tensor  # (T,) int64, IGNORE_INDEX where not supervised
-    # (3, H, W): uint8 from the loader (normalised on the device), float32 when already normalised;
-    # None for a text-only sample
+    # (V, 3, H, W): every view of the sample's images and videos in marker order (one per image unless
+    # tiled, one per video frame); uint8 from the loader (normalised on the device), float32 when already
+    # normalised; None for a text-only sample
     pixel_values: torch.Tensor | None
     sample_id: int = 0  # `sample_id(shard number, key)`; the stream sets it (dataset.ShardStream)
+    images: list[ImageTokens] = field(default_factory=list)  # how each image's views become its tokens
 
 
 @dataclass
@@ -44,9 +47,10 @@ class Batch:
     input_ids: torch.Tensor  # (R, T)
     labels: torch.Tensor  # (R, T)
     attention_mask: torch.Tensor  # (R, T), 1 for real tokens
-    # (max(1, n_images), 3, H, W): a micro-batch without images carries one zero image, which the
-    # model runs through the vision tower and projector anyway (ZeRO-3 needs every rank to).
-    # uint8 pixels come with `pixel_table`, with which the model normalises them on the device.
+    # (max(1, n_views), 3, H, W): every image's views (one per image unless tiled or a video); a micro-batch
+    # without images carries one zero image, which the model runs through the vision tower and projector
+    # anyway (ZeRO-3 needs every rank to). uint8 pixels come with `pixel_table`, with which the model
+    # normalises them on the device.
     pixel_values: torch.Tensor
     has_image: torch.Tensor  # (S,) bool
     keys: list[str]  # (S,)
@@ -63,6 +67,10 @@ class Batch:
     consumer: int = 0
     resume_position: object = None
     sample_ids: torch.Tensor | None = None  # (S,) int64, each sample's `sample_id`
+    # (n_images, ImageTokens.FIELDS) int64: each image's views and tokens, in token order (data/anyres.py), and
+    # (n_images,) the sample each belongs to. None: one view per image sample (a batch built by hand).
+    image_layout: torch.Tensor | None = None
+    image_samples: torch.Tensor | None = None
 
     @property
     def packed(self) -> bool:
@@ -79,7 +87,13 @@ class Batch:
 
     @property
     def num_images(self) -> int:
-        return int(self.has_image.sum())
+        """Images and videos (a sample may hold several)."""
+        return int(self.image_layout.shape[0]) if self.image_layout is not None else int(self.has_image.sum())
+
+    @property
+    def num_views(self) -> int:
+        """Rows of `pixel_values` that are real views (the rest is the zero image of a batch without any)."""
+        return int(self.image_layout[:, VIEWS_COLUMN].sum()) if self.image_layout is not None else self.num_images
 
     @property
     def num_tokens(self) -> int:
@@ -164,10 +178,13 @@ def _fill_rows(rows: list[list[ProcessedSample]], pad_token_id: int, image_size:
         position_ids[row, start:] = torch.arange(length - start)
     images = [s.pixel_values for s in ordered if s.pixel_values is not None]
     pixel_dtype = torch.uint8 if pixel_table is not None else torch.float32
-    pixel_values = torch.stack(images) if images else torch.zeros((1, 3, *image_size), dtype=pixel_dtype)
+    pixel_values = torch.cat(images) if images else torch.zeros((1, 3, *image_size), dtype=pixel_dtype)
+    layouts = [image for s in ordered for image in s.images]
+    owners = [number for number, s in enumerate(ordered) for _ in s.images]
     if pixel_values.dtype == torch.uint8 and pixel_table is None:
         raise ValueError("uint8 pixel values need the normalisation table (ImageProcessing.normalisation_table())")
     has_image = torch.tensor([s.pixel_values is not None for s in ordered], dtype=torch.bool)
     return Batch(input_ids, labels, attention_mask, pixel_values, has_image, [s.key for s in ordered], sample_index,
                  position_ids if packed else None, pixel_table if pixel_values.dtype == torch.uint8 else None,
-                 sample_ids=torch.tensor([s.sample_id for s in ordered], dtype=torch.long))
+                 sample_ids=torch.tensor([s.sample_id for s in ordered], dtype=torch.long),
+                 image_layout=layout_tensor(layouts), image_samples=torch.tensor(owners, dtype=torch.long))

@@ -70,14 +70,20 @@ def count_image_markers(turns: list[Turn]) -> int:
     return sum(turn.text.count(IMAGE_MARKER) for turn in turns)
 
 
-def check_image_markers(turns: list[Turn], has_image: bool) -> None:
-    """A sample with an image has exactly one `<image>` marker; a text-only sample has none."""
+def check_image_markers(turns: list[Turn], has_image: bool | None = None, *, images: int | None = None) -> None:
+    """One `<image>` marker per image or video, in the user's turns: `images` of them (or one when `has_image`,
+    none when not). A mismatch is an `image_marker_mismatch` (at build time a rejection, in training a skip),
+    never a model that gets more features than places for them."""
+    expected = images if images is not None else int(bool(has_image))
     markers = count_image_markers(turns)
-    if has_image and markers != 1:
-        raise SampleError(
-            "image_marker_mismatch", f"the sample has an image but {markers} {IMAGE_MARKER} markers (expected 1)"
-        )
-    if not has_image and markers:
+    if markers == expected:
+        return
+    if expected == 0:
         raise SampleError(
             "image_marker_mismatch", f"the sample has no image but its text holds {markers} {IMAGE_MARKER} marker(s)"
         )
+    what = "an image" if expected == 1 else f"{expected} images/videos"
+    raise SampleError(
+        "image_marker_mismatch",
+        f"the sample has {what} but {markers} {IMAGE_MARKER} markers (expected {expected}: one per image or video)",
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -22,12 +23,14 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..conventions import IGNORE_INDEX, round_half_up
+from .anyres import ImageGeometry, MediaProcessor
 from .batch import Batch, ProcessedSample, collate, collate_packed, sample_id
 from .conversation import SampleError, check_image_markers, parse_conversation
-from .images import ImageProcessing, decode_image, image_pixels
+from .images import ImageProcessing
+from .media import decode_media, media_entries
 from .remainder import EpochRemainder
 from .remote import RemoteSettings
-from .shards import IMAGE_EXTENSIONS, Shard, plan_epoch
+from .shards import Shard, plan_epoch
 from .stream import ShardEvents, ShuffledStream, SourcePosition, StreamState
 from .tar_reader import SampleRef
 from .templates import ConversationTemplate, TemplateTokenizer, TokenizedConversation
@@ -37,18 +40,19 @@ MAX_MESSAGES_PER_BATCH = 5
 
 
 class SamplePreprocessor:
-    """A raw tar sample (`__key__`, `json`, optional image bytes) → a `ProcessedSample`."""
+    """A raw tar sample (`__key__`, `json`, its image/video members) → a `ProcessedSample`."""
 
     def __init__(
         self,
         template: ConversationTemplate,
         encoder: TemplateTokenizer,
-        image_processing: ImageProcessing,
+        media: MediaProcessor | ImageProcessing,
         max_length: int,
     ):
         self.template = template
         self.encoder = encoder
-        self.image_processing = image_processing
+        # An `ImageProcessing` alone is LLaVA-1.5's rule: one view per image, `encoder.num_image_tokens` tokens each.
+        self.media = media if isinstance(media, MediaProcessor) else single_view_media(media, encoder.num_image_tokens)
         self.max_length = max_length
 
     def __call__(self, raw: dict[str, Any]) -> ProcessedSample:
@@ -62,11 +66,11 @@ class SamplePreprocessor:
         if not isinstance(meta, dict):
             raise SampleError("bad_json", "the .json member must be an object with 'conversations'")
         turns = parse_conversation(meta.get("conversations"))
-        image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
-        has_image = image_bytes is not None
-        check_image_markers(turns, has_image)
-        pixel_values = image_pixels(decode_image(image_bytes), self.image_processing) if has_image else None
-        tokens = self.encoder.encode(self.template.segments(turns, has_image))
+        entries = media_entries(meta, raw)
+        check_image_markers(turns, images=len(entries))
+        views = self.media(decode_media(entries, raw, key)) if entries else None
+        image_tokens = [image.tokens for image in views.images] if views is not None else []
+        tokens = self.encoder.encode(self.template.segments(turns, bool(entries)), image_tokens)
         tokens = truncate(tokens, self.max_length, self.encoder.image_token_id)
         # Through numpy: quicker than torch.tensor on a Python list (this runs once per sample).
         labels = torch.from_numpy(np.array(tokens.labels, dtype=np.int64))
@@ -74,8 +78,17 @@ class SamplePreprocessor:
             raise SampleError("no_supervised_tokens", "no token of the sample is supervised")
         return ProcessedSample(
             key=key, input_ids=torch.from_numpy(np.array(tokens.input_ids, dtype=np.int64)), labels=labels,
-            pixel_values=pixel_values,
+            pixel_values=views.pixels if views is not None else None,
+            images=views.images if views is not None else [],
         )
+
+
+def single_view_media(processing: ImageProcessing, tokens_per_view: int) -> MediaProcessor:
+    """LLaVA-1.5's media rule (pad or square): one view per image of `tokens_per_view` tokens."""
+    side = processing.output_size[0]
+    geometry = ImageGeometry("pad" if processing.pad_to_square else "square", side, math.isqrt(tokens_per_view),
+                             tokens_per_view)
+    return MediaProcessor(geometry, processing)
 
 
 def truncate(tokens: TokenizedConversation, max_length: int, image_token_id: int) -> TokenizedConversation:
@@ -83,7 +96,7 @@ def truncate(tokens: TokenizedConversation, max_length: int, image_token_id: int
     if len(tokens.input_ids) <= max_length:
         return tokens
     image_positions = [i for i, t in enumerate(tokens.input_ids) if t == image_token_id]
-    if image_positions and image_positions[-1] >= max_length:
+    if image_positions and image_positions[-1] >= max_length:  # every image's tokens, all of them, or the sample goes
         raise SampleError(
             "too_long",
             f"{len(tokens.input_ids)} tokens with image placeholders up to position {image_positions[-1]}; "

@@ -60,7 +60,10 @@ class TemplateTokenizer:
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens
 
-    def encode(self, segments: list[Segment]) -> TokenizedConversation:
+    def encode(self, segments: list[Segment], image_tokens: list[int] | None = None) -> TokenizedConversation:
+        """Ids and labels; the k-th `<image>` becomes `image_tokens[k]` placeholders (AnyRes: each image's
+        own count, data/anyres.py), or `num_image_tokens` each when not given. A count of markers other than
+        `len(image_tokens)` is an `image_marker_mismatch` (never a model that gets more features than places)."""
         text, spans = render(segments)
         try:
             encoded = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
@@ -69,6 +72,7 @@ class TemplateTokenizer:
         input_ids: list[int] = []
         labels: list[int] = []
         span_index = 0
+        markers = 0
         for token_id, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
             while span_index < len(spans) and spans[span_index][1] <= start:
                 span_index += 1
@@ -84,11 +88,21 @@ class TemplateTokenizer:
                         )
                     supervised = True
             if token_id == self.image_token_id:
-                input_ids.extend([token_id] * self.num_image_tokens)
-                labels.extend([IGNORE_INDEX] * self.num_image_tokens)
+                if image_tokens is not None and markers >= len(image_tokens):
+                    markers += 1
+                    continue
+                count = self.num_image_tokens if image_tokens is None else image_tokens[markers]
+                markers += 1
+                input_ids.extend([token_id] * count)
+                labels.extend([IGNORE_INDEX] * count)
             else:
                 input_ids.append(token_id)
                 labels.append(token_id if supervised else IGNORE_INDEX)
+        if image_tokens is not None and markers != len(image_tokens):
+            raise SampleError(
+                "image_marker_mismatch",
+                f"the template's text holds {markers} {IMAGE_MARKER} marker(s) for {len(image_tokens)} image(s) or video(s)",
+            )
         return TokenizedConversation(input_ids, labels)
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from ..conventions import IMAGE_MARKER
+from ..data.anyres import MediaProcessor, layout_tensor
 from ..data.conversation import SampleError, Turn
-from ..data.images import decode_image, preprocess_image
+from ..data.images import decode_image, normalise_pixels
 from ..data.templates import TemplateTokenizer, make_template
 from ..errors import CheckpointError
 from ..evaluate import TrainedModel, load_trained_model
@@ -41,6 +42,7 @@ class VdepAnswerer:
         self.max_new_tokens = max_new_tokens
         self.template = make_template(template or trained.template, trained.tokenizer)
         self.encoder = TemplateTokenizer(trained.tokenizer, trained.spec.image_token_id, trained.spec.num_image_tokens)
+        self.media = MediaProcessor(trained.spec.geometry, trained.image_processing)  # views and tokens, as in training
         self.description = description
         self.synced = synced  # every rank of a ZeRO-3 run decodes at once (validation during training)
 
@@ -52,14 +54,18 @@ class VdepAnswerer:
 
     def answer(self, batch: list[Prepared]) -> list[str]:
         trained, template = self.trained, self.template
-        prompts = [self.encoder.encode(template.prompt_segments([Turn("user", item.question.question)],
-                                                                item.image is not None)).input_ids
-                   for item in batch]
-        images = [preprocess_image(item.image, trained.image_processing) for item in batch if item.image is not None]
-        pixel_values = torch.stack(images) if images else torch.zeros((1, 3, *trained.image_processing.output_size))
-        outputs = greedy_generate(trained.model, prompts, pixel_values.to(self.device, self.dtype), len(images),
+        views = [self.media([item.image]) if item.image is not None else None for item in batch]
+        prompts = [self.encoder.encode(template.prompt_segments([Turn("user", item.question.question)], seen is not None),
+                                       [image.tokens for image in seen.images] if seen is not None else []).input_ids
+                   for item, seen in zip(batch, views)]
+        shown = [seen for seen in views if seen is not None]
+        table = trained.image_processing.normalisation_table()
+        pixel_values = (normalise_pixels(torch.cat([seen.pixels for seen in shown]), table) if shown
+                        else torch.zeros((1, 3, *trained.image_processing.output_size)))
+        layout = layout_tensor([image for seen in shown for image in seen.images]).to(self.device)
+        outputs = greedy_generate(trained.model, prompts, pixel_values.to(self.device, self.dtype), len(shown),
                                   self.max_new_tokens, template.stop_token_ids, trained.tokenizer.pad_token_id,
-                                  synced=self.synced)
+                                  synced=self.synced, image_layout=layout)
         answers = []
         for output in outputs:
             text = trained.tokenizer.decode(output, skip_special_tokens=True)

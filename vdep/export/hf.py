@@ -25,6 +25,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 
 from .. import __version__
 from ..atomic import atomic_folder
+from ..config import is_anyres
 from ..data.images import ImageProcessing
 from ..data.shards import SIZES_FILE
 from ..data.templates import make_template
@@ -172,6 +173,13 @@ def export_hf(checkpoint: Path, out: Path, dtype: str = "bf16", max_shard_size: 
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out} is not empty; choose a new --out folder")
     source = resolve_model(checkpoint)
+    aspect = source.config.model.image_aspect_ratio
+    if is_anyres(aspect):
+        raise CheckpointError(
+            f"{source.description} tiles its images (model.image_aspect_ratio={aspect}); vdep export-hf writes a "
+            "LlavaForConditionalGeneration folder, which cannot: the LlavaNext/LlavaOnevision export is not "
+            "implemented yet (issue 25). Evaluate it with vdep eval, which lays images out as training did"
+        )
     if adapter and source.lora is None:
         raise CheckpointError(f"--adapter: {source.description} has no LoRA adapters; export it without --adapter")
     log.info("export: %s from %s", source.description, source.run.path)

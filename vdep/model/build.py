@@ -16,10 +16,12 @@ projector and VDEP head are built whole and partitioned by the DeepSpeed engine.
 from __future__ import annotations
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
-from ..config import LoraConfig, ModelConfig
+from ..config import LoraConfig, ModelConfig, grid_pinpoints, is_anyres
+from ..data.anyres import ImageGeometry
 from ..data.images import ImageProcessing
 from ..errors import ConfigError
 from ..objectives.losses import reference_vdep_sum
@@ -50,15 +52,41 @@ def model_spec(config: ModelConfig, paths: BasePaths, tokenizer: PreTrainedToken
     vision_config = getattr(vision_config, "vision_config", None) or vision_config
     check_feature_layer(vision_config, config.vision_tower.feature_layer)
     feature_select = resolve_feature_select(config.vision_tower, family)
+    tokens = num_image_tokens(vision_config, family, feature_select)
     return MultimodalSpec(
         image_token_id=image_token_id(tokenizer),
-        num_image_tokens=num_image_tokens(vision_config, family, feature_select),
+        num_image_tokens=tokens,
         feature_layer=config.vision_tower.feature_layer,
         feature_select=feature_select,
         family=family,
         vision_hidden_size=vision_config.hidden_size,
         text_hidden_size=config_hidden_size(AutoConfig.from_pretrained(str(paths.language_model))),
+        geometry=image_geometry(config, vision_config, tokens),
     )
+
+
+def image_geometry(config: ModelConfig, vision_config: PretrainedConfig, tokens_per_view: int) -> ImageGeometry:
+    """The model's image settings against its tower: AnyRes tiles must be whole views of the tower's size, and
+    a tile's features a square grid (no CLS token: feature_select `full` on a CLIP tower keeps it)."""
+    tile, grid = vision_config.image_size, vision_config.image_size // vision_config.patch_size
+    aspect = config.image_aspect_ratio or "pad"
+    if not is_anyres(aspect):
+        return ImageGeometry(aspect, tile, grid, tokens_per_view)
+    if tokens_per_view != grid * grid:
+        raise ConfigError(
+            f"model.image_aspect_ratio={aspect} lays each tile's {grid}x{grid} patch features out as the image, but "
+            f"the tower gives {tokens_per_view} features per view (a CLS token kept by feature_select=full); use "
+            "model.vision_tower.feature_select=default or auto"
+        )
+    pinpoints = grid_pinpoints(config.image_grid_pinpoints, tile)  # type: ignore[arg-type]
+    ragged = [p for p in pinpoints if p[0] % tile or p[1] % tile]
+    if ragged:
+        raise ConfigError(
+            f"model.image_grid_pinpoints: {ragged} are not whole tiles of the vision tower's {tile}-pixel views; use "
+            f"multiples of {tile}"
+        )
+    return ImageGeometry(aspect, tile, grid, tokens_per_view, tuple(tuple(p) for p in pinpoints),
+                         config.mm_patch_merge_type)
 
 
 def load_image_processing(paths: BasePaths, pad_to_square: bool) -> ImageProcessing:
@@ -130,6 +158,9 @@ def build_model(
     projector = MultiModalProjector(spec.vision_hidden_size, spec.text_hidden_size, config.projector)
     load_layer(projector, SafetensorsLayer(paths.projector_init))
     head = objective.make_head(spec.text_hidden_size) if objective is not None else nn.Identity()
+    image_newline = None
+    if spec.geometry.unpad:
+        image_newline = load_file(str(paths.image_newline_init))["image_newline"].to(dtype)
     model = VdepLlava(
         vision_tower=vision_tower,
         multi_modal_projector=projector.to(dtype),
@@ -138,6 +169,7 @@ def build_model(
         vdep_head=head.to(dtype),
         spec=spec,
         vdep_term=objective.term if objective is not None else VdepTerm(reference_vdep_sum),
+        image_newline=image_newline,
     )
     vision_tower.requires_grad_(False)
     if config.gradient_checkpointing:

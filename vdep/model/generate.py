@@ -31,12 +31,13 @@ def greedy_generate(
     stop_token_ids: Sequence[int],
     pad_token_id: int,
     synced: bool = False,
+    image_layout: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Continue each prompt greedily; returns the new tokens of each, up to and without the first stop
     token (EOS, or the template's end of turn: `ConversationTemplate.stop_token_ids`).
 
     Prompts are left-padded into one batch; `pixel_values` holds the images of the prompts that have
-    one, in prompt order (plus a dummy row when none has).
+    one, in prompt order (plus a dummy row when none has); with `image_layout` (data/anyres.py), their views.
     """
     if not stop_token_ids:
         raise ValueError("greedy_generate needs at least one stop token id (the tokenizer has no EOS?)")
@@ -47,7 +48,7 @@ def greedy_generate(
     for row, prompt in enumerate(prompts):
         input_ids[row, length - len(prompt):] = torch.tensor(prompt, device=device)
         attention_mask[row, length - len(prompt):] = 1
-    embeds = model.embed(input_ids, pixel_values, num_images)
+    embeds = model.embed(input_ids, pixel_values, num_images, image_layout=image_layout)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.language_model.config)
     decoder = model.language_model

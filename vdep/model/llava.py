@@ -19,11 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..data.anyres import KIND_COLUMN, SINGLE, VIEWS_COLUMN, ImageGeometry
 from ..data.images import normalise_pixels
 from ..objectives.losses import LossSums, text_loss_sum
 from ..objectives.objective import VdepTerm
 from ..objectives.probes import probe_sums
 from ..objectives.supervision import ModelInputs
+from .image_tokens import pack_image_tokens
 from .vision import image_features
 
 # The VDEP head belongs to a stage's objective, not to the multimodal model: a later stage (or an
@@ -44,6 +46,8 @@ class MultimodalSpec:
     family: str  # of the vision tower: "clip" or "siglip"
     vision_hidden_size: int
     text_hidden_size: int
+    # How images become views and tokens (model.image_aspect_ratio and its settings; data/anyres.py).
+    geometry: ImageGeometry
 
 
 class VdepLlava(nn.Module):
@@ -56,6 +60,7 @@ class VdepLlava(nn.Module):
         vdep_head: nn.Module,
         spec: MultimodalSpec,
         vdep_term: VdepTerm,
+        image_newline: torch.Tensor | None = None,
     ):
         super().__init__()
         self.vision_tower = vision_tower
@@ -66,6 +71,9 @@ class VdepLlava(nn.Module):
         self.spec = spec
         # The objective's implementation of the image term (reference or fused kernel) and its settings.
         self.vdep_term = vdep_term
+        # `mm_patch_merge_type: spatial_unpad`: the learned row end of tiled images (LlavaNextModel.image_newline);
+        # none otherwise, so a model without AnyRes has exactly the parameters it always had.
+        self.image_newline = nn.Parameter(image_newline) if image_newline is not None else None
 
     def embed(
         self,
@@ -73,18 +81,27 @@ class VdepLlava(nn.Module):
         pixel_values: torch.Tensor,
         num_images: int,
         detached_images: torch.Tensor | None = None,
+        image_layout: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with the projector outputs scattered into the image placeholders."""
+        """Token embeddings with the images' tokens scattered into the image placeholders.
+
+        `image_layout` (data/anyres.py) says how each image's views become its tokens; without it each of the
+        first `num_images` rows of `pixel_values` is one image of the tower's tokens (LLaVA-1.5)."""
         spec = self.spec
         features = image_features(self.vision_tower, pixel_values, spec.feature_layer, spec.feature_select)
-        image_embeds = self.multi_modal_projector(features)
+        view_embeds = self.multi_modal_projector(features)
         if detached_images is not None:
-            image_embeds = torch.where(detached_images[:, None, None], image_embeds.detach(), image_embeds)
+            view_embeds = torch.where(detached_images[:, None, None], view_embeds.detach(), view_embeds)
         embeds = self.language_model.get_input_embeddings()(input_ids)
         placeholders = (input_ids == spec.image_token_id).unsqueeze(-1)
-        # With num_images == 0 this scatters a zero-length slice of the dummy image's embeddings: the
-        # projector stays in the graph (zero gradient), as ZeRO-3 requires.
-        return embeds.masked_scatter(placeholders, image_embeds[:num_images].to(embeds.dtype))
+        if image_layout is None or (self.image_newline is None and bool((image_layout[:, KIND_COLUMN] == SINGLE).all())):
+            views = int(image_layout[:, VIEWS_COLUMN].sum()) if image_layout is not None else num_images
+            # One view per image, its features its tokens. With no image this scatters a zero-length slice of
+            # the dummy image's embeddings: the projector stays in the graph (zero gradient), as ZeRO-3 requires.
+            image_tokens = view_embeds[:views]
+        else:  # tiles, videos, newlines; the newline joins the graph on every rank (a zero-length slice at least)
+            image_tokens = pack_image_tokens(view_embeds, image_layout, spec.geometry, self.image_newline)
+        return embeds.masked_scatter(placeholders, image_tokens.to(embeds.dtype))
 
     def hidden_states(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None,
                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -103,7 +120,7 @@ class VdepLlava(nn.Module):
         if not pixel_values.is_floating_point():  # uint8 from the loader: normalise here, on the device
             dtype = next(self.multi_modal_projector.parameters()).dtype
             pixel_values = normalise_pixels(pixel_values, inputs.pixel_table).to(dtype)
-        embeds = self.embed(inputs.input_ids, pixel_values, inputs.num_images, inputs.detached_images)
+        embeds = self.embed(inputs.input_ids, pixel_values, inputs.num_images, inputs.detached_images, inputs.image_layout)
         hidden = self.hidden_states(embeds, inputs.attention_mask, inputs.position_ids)
         # Always computed, also with nothing to supervise (an empty selection sums to a zero that is
         # still connected to `hidden`): every rank must run the same backward hooks under ZeRO-3.

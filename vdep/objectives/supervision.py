@@ -21,6 +21,7 @@ import torch
 
 from ..config import VdepConfig
 from ..conventions import IGNORE_INDEX
+from ..data.anyres import NEWLINE_COLUMN, VIEWS_COLUMN, ImageTokens
 from ..data.batch import Batch
 
 
@@ -31,16 +32,19 @@ class ModelInputs(NamedTuple):
     input_ids: torch.Tensor  # (B, T)
     # (B, T) 1 for real tokens, or None for a packed batch, whose `position_ids` confine attention
     attention_mask: torch.Tensor | None
-    pixel_values: torch.Tensor  # (max(1, num_images), 3, H, W)
-    num_images: int
+    pixel_values: torch.Tensor  # (max(1, views), 3, H, W): every image's views (one each unless tiled or a video)
+    num_images: int  # images and videos
     text_labels: torch.Tensor  # (B, T), IGNORE_INDEX where no text loss
     image_targets: torch.Tensor  # (B, T) bool: I' of VDEP-mode rows
     image_positions: torch.Tensor  # (B, T) bool: I' of all image rows (statistics only)
-    # (max(1, num_images),) bool: feed this image's embeddings to the LLM without gradient
-    # (VDEP-mode images when `detach_input` is on).
+    # (max(1, views),) bool per row of pixel_values: feed this view's embeddings to the LLM without gradient
+    # (the views of VDEP-mode samples' images when `detach_input` is on).
     detached_images: torch.Tensor
     position_ids: torch.Tensor | None = None  # (B, T) restarting at 0 for each sample of a packed row
     pixel_table: torch.Tensor | None = None  # (3, 256) when pixel_values are uint8 (normalised in the model)
+    # (num_images, ImageTokens.FIELDS) int64: how each image's views become its tokens; None: one view of the
+    # tower's tokens per image (LLaVA-1.5)
+    image_layout: torch.Tensor | None = None
 
     @property
     def num_text_targets(self) -> int:
@@ -85,13 +89,27 @@ def supervised_image_positions(input_ids: torch.Tensor, sample_index: torch.Tens
     return positions
 
 
+def image_newline_positions(input_ids: torch.Tensor, image_token_id: int, layout: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) bool: the placeholders that hold an `image_newline` (data/anyres.py: `ImageTokens.newline_mask`).
+    Images' tokens are contiguous and in the order of `layout`'s rows, which a text_first reordering keeps."""
+    newline = torch.zeros_like(input_ids, dtype=torch.bool)
+    if layout is None or not bool(layout[:, NEWLINE_COLUMN].any()):
+        return newline
+    masks = [ImageTokens.from_row(row).newline_mask() for row in layout.tolist()]
+    newline[input_ids == image_token_id] = torch.cat(masks)
+    return newline
+
+
 def prepare_inputs(batch: Batch, vdep_mode: torch.Tensor, config: VdepConfig, image_token_id: int, num_image_tokens: int) -> ModelInputs:
     """Apply the samples' modes (bool per sample, in the batch's sample order) to a micro-batch."""
     placeholders = int((batch.input_ids == image_token_id).sum())
-    if placeholders != batch.num_images * num_image_tokens:
+    layout = batch.image_layout
+    expected = (sum(ImageTokens.from_row(row).tokens for row in layout.tolist()) if layout is not None
+                else batch.num_images * num_image_tokens)
+    if placeholders != expected:
         raise ValueError(
             f"micro-batch {batch.keys}: {placeholders} image placeholders for {batch.num_images} image(s) of "
-            f"{num_image_tokens} tokens"
+            f"{expected} tokens in all"
         )  # the data path guarantees this; a mismatch is a vdep bug
     input_ids, labels = batch.input_ids, batch.labels
     sample_index = batch.sample_index
@@ -108,9 +126,11 @@ def prepare_inputs(batch: Batch, vdep_mode: torch.Tensor, config: VdepConfig, im
     if not config.text_loss_in_vdep_mode:
         text_labels[vdep_tokens] = IGNORE_INDEX
     image_positions = supervised_image_positions(input_ids, sample_index, image_token_id, config.skip_first_image_token)
+    # An image_newline is a learned constant, not the image: no target (docs/vdep.md, "AnyRes").
+    image_positions &= ~image_newline_positions(input_ids, image_token_id, layout)
     detached_images = torch.zeros(batch.pixel_values.shape[0], dtype=torch.bool)
     if config.detach_input and batch.num_images:
-        detached_images = vdep_mode[batch.has_image]
+        detached_images[: batch.num_views] = vdep_mode[view_samples(batch)]
     return ModelInputs(
         input_ids=input_ids,
         attention_mask=None if batch.packed else batch.attention_mask,
@@ -122,4 +142,12 @@ def prepare_inputs(batch: Batch, vdep_mode: torch.Tensor, config: VdepConfig, im
         detached_images=detached_images,
         position_ids=batch.position_ids,
         pixel_table=batch.pixel_table,
+        image_layout=layout,
     )
+
+
+def view_samples(batch: Batch) -> torch.Tensor:
+    """(n_views,) the sample each row of `pixel_values` belongs to."""
+    if batch.image_layout is None:
+        return torch.nonzero(batch.has_image).flatten()
+    return torch.repeat_interleave(batch.image_samples, batch.image_layout[:, VIEWS_COLUMN])

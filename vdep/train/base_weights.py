@@ -56,7 +56,10 @@ class BaseStamp:
     @classmethod
     def of(cls, config: ModelConfig) -> BaseStamp:
         model = unstructure(config)
-        for key in ("attn_implementation", "gradient_checkpointing"):  # how the model runs, not its weights
+        # How the model runs or reads its images, not its weights (image_newline's starting value is a file of
+        # its own, written when a run first needs it: materialize_base).
+        for key in ("attn_implementation", "gradient_checkpointing", "image_aspect_ratio", "image_grid_pinpoints",
+                    "mm_patch_merge_type"):
             model.pop(key, None)
         model["vision_tower"].pop("feature_select", None)  # which features are read, not which weights exist
         model["vision_tower"].pop("feature_layer", None)
@@ -130,6 +133,12 @@ def materialize_base(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, pa
                 config.projector,
             )
             save_tensors(dict(projector.state_dict()), paths.projector_init)
+        if config.mm_patch_merge_type == "spatial_unpad" and not paths.image_newline_init.is_file():
+            # As LlavaNextModel initialises it: N(0, 1/D). Its own file, written when a run first needs it, so
+            # that base/ of a run without it stays as it was.
+            torch.manual_seed(config.init_seed + 3)
+            hidden = config_hidden_size(AutoConfig.from_pretrained(paths.language_model))
+            save_tensors({"image_newline": torch.randn(hidden) / hidden**0.5}, paths.image_newline_init)
     return paths
 
 

@@ -22,6 +22,7 @@ PART_OF_MODULE = {
     "vision_tower": None,  # always frozen
     "multi_modal_projector": "projector",
     "vdep_head": "projector",  # trains with the projector, in its LR group
+    "image_newline": "projector",  # a Parameter, present with mm_patch_merge_type: spatial_unpad (LLaVA-NeXT trains it with the projector)
     "language_model": "language_model",
     "lm_head": "language_model",
 }
@@ -36,11 +37,22 @@ def numel(param: torch.Tensor) -> int:
     return int(getattr(param, "ds_numel", param.numel()))
 
 
+def part_parameters(model: VdepLlava, name: str) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of a top-level module, or of the top-level parameter `name` (none if the model has none)."""
+    part = getattr(model, name)
+    if part is None:
+        return []
+    if isinstance(part, nn.Parameter):
+        return [("", part)]
+    return list(part.named_parameters())
+
+
 def apply_trainable(model: VdepLlava, trainable: list[str], lora: LoraConfig | None = None, where: str = "lora") -> None:
     for module_name, part in PART_OF_MODULE.items():
         # A LoRA stage's LLM trains through its adapters only (and a 4-bit weight cannot require a gradient).
         trains = part is not None and part in trainable and not (lora is not None and part == "language_model")
-        getattr(model, module_name).requires_grad_(trains)
+        for _, param in part_parameters(model, module_name):
+            param.requires_grad_(trains)
     if lora is not None:
         train_adapters(model, lora, where)
 
@@ -56,7 +68,9 @@ def trainable_table(model: VdepLlava) -> list[ModuleRow]:
     """A row per top-level module; a module with LoRA adapters gets a second row for them."""
     rows = []
     for module_name in PART_OF_MODULE:
-        params = list(getattr(model, module_name).named_parameters())
+        params = part_parameters(model, module_name)
+        if not params and getattr(model, module_name) is None:
+            continue
         for label, selected in ((module_name, [p for n, p in params if not is_adapter(n)]),
                                 (f"{module_name} LoRA adapters", [p for n, p in params if is_adapter(n)])):
             if selected or label == module_name:
@@ -78,7 +92,7 @@ def param_groups(model: VdepLlava, lr: float, projector_lr: float | None, weight
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     seen: set[int] = set()  # a tied LM head shares its weight with the input embeddings
     for module_name, part in PART_OF_MODULE.items():
-        for param in getattr(model, module_name).parameters():
+        for _, param in part_parameters(model, module_name):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))

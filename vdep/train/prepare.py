@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from ..atomic import atomic_write
-from ..config import TrainConfig, config_to_yaml
+from ..config import TrainConfig, config_from_dict, config_to_yaml
 from ..errors import CheckpointError
 from ..log import get_logger
 from ..rundir import RunDir
@@ -47,7 +47,9 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, ob
 
 def check_resume_changes(run: RunDir, config: TrainConfig) -> None:
     """Refuse a resume whose config changed what the run computes; log the changes it may make."""
-    old = yaml.safe_load(run.config_file.read_text()) or {}
+    # Read through the loader, so that a key added to vdep since the run began counts as its default.
+    old = yaml.safe_load(config_to_yaml(config_from_dict(yaml.safe_load(run.config_file.read_text()) or {},
+                                                         str(run.config_file))))
     new = yaml.safe_load(config_to_yaml(config))
     for settings in (old.get("run", {}), new.get("run", {})):  # where the run lives is not a change of it
         settings.pop("name", None)

@@ -110,7 +110,7 @@ def _train(config: TrainConfig, stop: StopRequest) -> list[dict]:
         run=run,
         tokenizer=load_tokenizer(run.tokenizer),
         base=base,
-        image_processing=load_image_processing(base, config.data.pad_to_square),
+        image_processing=load_image_processing(base, config.model.image_aspect_ratio == "pad"),
         precision=precision,
         stop=stop,
         faults=Faults.from_env(),

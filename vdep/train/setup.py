@@ -19,6 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedTokenizerBase
 
 from ..config import StageConfig, TrainConfig, check_batch_geometry, stage_fingerprint
+from ..data.anyres import MediaProcessor
 from ..data.dataset import Batching, SamplePreprocessor
 from ..data.images import ImageProcessing
 from ..data.loader import StageLength, StageLoader
@@ -196,7 +197,7 @@ def make_loader(ctx: RunContext, stage: StageConfig, spec: MultimodalSpec, grad_
     )
     return StageLoader.create(
         found,
-        SamplePreprocessor(template, encoder, ctx.image_processing, data.max_length),
+        SamplePreprocessor(template, encoder, MediaProcessor(spec.geometry, ctx.image_processing), data.max_length),
         batching,
         rank=ctx.launch.rank,
         world_size=ctx.launch.world_size,
