@@ -165,11 +165,11 @@ def test_global_batch_must_split_over_ranks_and_micro_batches(small_data, tmp_pa
 def test_vdep_section_applies_to_both_stages_and_stages_override_single_keys(small_data, tmp_path):
     config = load_config(
         "demo-tiny",
-        small_data.overrides(tmp_path / "r") + ["vdep.alpha=0.25", "stages.finetune.vdep.mode_ratio=1.0"],
+        small_data.overrides(tmp_path / "r") + ["vdep.alpha=0.25", "stages.finetune.vdep.mode_ratio=0.25"],
     )
     assert config.stages["align"].vdep.alpha == 0.25 and config.stages["finetune"].vdep.alpha == 0.25
-    assert config.stages["align"].vdep.mode_ratio == 0.5
-    assert config.stages["finetune"].vdep.mode_ratio == 1.0
+    assert config.stages["align"].vdep.mode_ratio == 1.0  # demo-tiny's
+    assert config.stages["finetune"].vdep.mode_ratio == 0.25
     # Recipe values that the override did not touch stay (demo-tiny sets these two).
     assert config.stages["finetune"].vdep.target_norm == "layernorm" and config.stages["finetune"].vdep.detach_input
 
