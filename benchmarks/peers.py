@@ -34,6 +34,7 @@ table and to OUT/results.jsonl, each as soon as it is measured.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -107,6 +108,7 @@ class RunResult:
     global_batch_logged: int | None = None
     steps: int = 0
     samples_per_s: float | None = None
+    step_ms_quartiles: list[float] = field(default_factory=list)  # of the step-to-step intervals: 25%, median, 75%
     startup_s: float | None = None
     peak_rss_mib: list[float] = field(default_factory=list)
     final_loss: float | None = None
@@ -291,13 +293,23 @@ def launch(command: list[str], env: dict[str, str], log: Path, timeout_s: float)
     return Launched(returncode, started, time.time() - started, peaks, log)
 
 
-def step_rate(step_times: list[tuple[int, float]], global_batch: int, launched_at: float) -> tuple[float, float, int]:
-    """(samples/s over the steps after the first, start-up seconds to the first step's end, steps)."""
+def step_rate(step_times: list[tuple[int, float]], global_batch: int, launched_at: float,
+              result: RunResult) -> None:
+    """Into `result`: samples/s over the steps after the first, the quartiles of the intervals between
+    consecutive step ends (the median is robust to the machine's slow moments; the total is not), start-up
+    seconds to the first step's end, and the steps."""
     step_times = sorted(step_times)
     if len(step_times) < 2:
         raise ValueError("fewer than two timed steps")
     (first_step, first), (last_step, last) = step_times[0], step_times[-1]
-    return (last_step - first_step) * global_batch / (last - first), first - launched_at, last_step
+    intervals = [1000 * (b - a) for (sa, a), (sb, b) in itertools.pairwise(step_times) if sb == sa + 1]
+    result.samples_per_s = (last_step - first_step) * global_batch / (last - first)
+    result.step_ms_quartiles = statistics.quantiles(intervals, n=4) if len(intervals) >= 2 else []
+    result.startup_s, result.steps = first - launched_at, last_step
+
+
+def quartiles(q: list[float]) -> str:
+    return f"{q[1]:.0f} ({q[0]:.0f}–{q[2]:.0f})" if q else "-"
 
 
 def base_env(nproc: int) -> dict[str, str]:
@@ -371,8 +383,7 @@ def run_vdep(prepared: Prepared, work: Work, out: Path, vdep_on: bool, packing: 
     metrics = [json.loads(line) for line in (folder / "run" / "finetune" / "metrics.jsonl").read_text().splitlines()]
     metrics = [m for m in metrics if "loss/text" in m]
     result.global_batch_logged = logged_global_batch(folder / "run" / "logs" / "train.log")
-    result.samples_per_s, result.startup_s, result.steps = step_rate(
-        [(m["step"], m["time"]) for m in metrics], work.global_batch, launched.started)
+    step_rate([(m["step"], m["time"]) for m in metrics], work.global_batch, launched.started, result)
     result.final_loss = statistics.fmean(m["loss/text"] for m in metrics[-LOSS_TAIL:])
     result.first_batch = "vdep's own encoding (the reference)"
     export = folder / "export"
@@ -484,8 +495,7 @@ def finish_peer_run(result: RunResult, launched: Launched, saved: Path, prepared
     steps = [json.loads(line) for line in (record / "steps.jsonl").read_text().splitlines()]
     losses = [json.loads(line)["loss"] for line in (record / "losses.jsonl").read_text().splitlines()]
     result.global_batch_logged = logged_global_batch(launched.log)
-    result.samples_per_s, result.startup_s, result.steps = step_rate(
-        [(s["step"], s["time"]) for s in steps], work.global_batch, launched.started)
+    step_rate([(s["step"], s["time"]) for s in steps], work.global_batch, launched.started, result)
     result.final_loss = statistics.fmean(losses[-LOSS_TAIL:])
     geometry = [json.loads(p.read_text()) for p in sorted(record.glob("geometry_rank*.json"))]
     used = {g["world_size"] * g["per_device_train_batch_size"] * g["gradient_accumulation_steps"] for g in geometry}
@@ -649,15 +659,16 @@ def table(results: list[RunResult], work: Work) -> str:
         (f"\n{work.steps} steps × global batch {work.global_batch} (micro-batch {work.micro_batch}, {work.nproc} CPU ranks, "
          f"accumulation {work.grad_accum}), ZeRO-{work.zero}, max_length {work.max_length}, lr {work.lr:g} cosine "
          f"({work.warmup_ratio:.0%} warmup), fp32, seed {work.seed}; held-out: {work.held_out} questions\n"),
-        ("| tool | run | packing | samples/s | start-up s | peak RSS per rank (MiB) | final loss | held-out accuracy "
+        ("| tool | run | packing | samples/s | median step ms (IQR) | start-up s | peak RSS per rank (MiB) | final loss | held-out accuracy "
          "| global batch (its log) | first batch vs vdep's tokens | its saved folder into vdep | status |"),
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         def number(value, spec):
             return "-" if value is None else format(value, spec)
         lines.append(
             f"| {r.tool} | {r.variant} | {'on' if r.packing else 'off'} | {number(r.samples_per_s, '.1f')} | "
+            f"{quartiles(r.step_ms_quartiles)} | "
             f"{number(r.startup_s, '.1f')} | {' / '.join(f'{m:.0f}' for m in r.peak_rss_mib) or '-'} | "
             f"{number(r.final_loss, '.4f')} | {number(None if r.accuracy is None else 100 * r.accuracy, '.1f')}"
             f"{'%' if r.accuracy is not None else ''} | {number(r.global_batch_logged, 'd')} | {r.first_batch} | {r.imported} "

@@ -136,6 +136,8 @@ def test_the_peers_benchmark_runs_vdep_in_smoke_mode(tmp_path):
     for row in rows:
         assert row["steps"] == 4 and row["global_batch_logged"] == 8, row
         assert row["samples_per_s"] > 0 and row["startup_s"] > 0 and len(row["peak_rss_mib"]) == 2, row
+        low, median, high = row["step_ms_quartiles"]  # of the 3 intervals between the 4 step ends
+        assert 0 < low <= median <= high, row
         assert all(100 < mib < 20_000 for mib in row["peak_rss_mib"]), row
         assert 0.0 <= row["accuracy"] <= 1.0 and set(row["by_kind"]) == {"colour", "position", "shape"}, row
     assert "| vdep | VDEP off | off |" in result.stdout
