@@ -654,6 +654,42 @@ def score(result: RunResult, saved: Path, prepared: Prepared, folder: Path) -> N
 
 
 # ----------------------------------------------------------------------------------------------- output
+def mean_sd(values: list[float], spec: str) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return format(values[0], spec)
+    return f"{format(statistics.fmean(values), spec)} ± {format(statistics.stdev(values), spec)}"
+
+
+def seed_summary(rows: list[dict]) -> str:
+    """OUT/results.jsonl's rows of the same work (all but the seed) and the same run, over their seeds: mean ±
+    sample standard deviation, and each seed's accuracy. A run's latest row for a seed counts; failed rows
+    do not."""
+    latest: dict[tuple, dict] = {}
+    for row in rows:
+        if row["status"].startswith("ok"):
+            work = tuple(sorted((k, v) for k, v in row["work"].items() if k != "seed"))
+            latest[(work, row["tool"], row["variant"], row["packing"], row["work"]["seed"])] = row
+    groups: dict[tuple, list[dict]] = {}
+    for (work, tool, variant, packing, _), row in latest.items():
+        groups.setdefault((work, tool, variant, packing), []).append(row)
+    lines = [("| tool | run | packing | seeds | samples/s | median step ms | peak RSS MiB (rank 0) | final loss "
+              "| held-out accuracy % | per seed % |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (_, tool, variant, packing), runs in groups.items():
+        runs.sort(key=lambda r: r["work"]["seed"])
+        accuracies = [100 * r["accuracy"] for r in runs if r["accuracy"] is not None]
+        lines.append(
+            f"| {tool} | {variant} | {'on' if packing else 'off'} | {','.join(str(r['work']['seed']) for r in runs)} | "
+            f"{mean_sd([r['samples_per_s'] for r in runs], '.1f')} | "
+            f"{mean_sd([r['step_ms_quartiles'][1] for r in runs if r.get('step_ms_quartiles')], '.0f')} | "
+            f"{mean_sd([r['peak_rss_mib'][0] for r in runs if r['peak_rss_mib']], '.0f')} | "
+            f"{mean_sd([r['final_loss'] for r in runs if r['final_loss'] is not None], '.4f')} | "
+            f"{mean_sd(accuracies, '.1f')} | {' / '.join(f'{a:.1f}' for a in accuracies) or '-'} |")
+    return "\n".join(lines)
+
+
 def table(results: list[RunResult], work: Work) -> str:
     lines = [
         (f"\n{work.steps} steps × global batch {work.global_batch} (micro-batch {work.micro_batch}, {work.nproc} CPU ranks, "
@@ -699,7 +735,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="every tool's run seed; one seed is an anecdote (same data)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per training run")
     parser.add_argument("--smoke", action="store_true", help="tiny data and a few steps; peers without a venv skipped")
+    parser.add_argument("--summary", action="store_true",
+                        help="train nothing: print OUT/results.jsonl's runs over their seeds (mean ± standard deviation)")
     args = parser.parse_args()
+    if args.summary:
+        print(seed_summary([json.loads(line) for line in (args.out / "results.jsonl").read_text().splitlines() if line]))
+        return
     tools = [t for t in args.tools.split(",") if t]
     unknown = [t for t in tools if t != "vdep" and t not in PEERS]
     if unknown:
@@ -750,6 +791,9 @@ def main() -> None:
             jsonl.flush()
             results.append(result)
     print(table(results, work))
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line]
+    if len({row["work"]["seed"] for row in rows}) > 1:
+        print("\nover the seeds in OUT/results.jsonl:\n" + seed_summary(rows))
     sys.exit(0 if all(r.status.startswith(("ok", "not run")) for r in results) else 1)
 
 

@@ -185,3 +185,23 @@ def test_the_peers_template_writes_vdeps_system_text():
     from vdep.data.templates import VICUNA_SYSTEM
 
     assert peer_side.VICUNA_SYSTEM == VICUNA_SYSTEM
+
+
+def test_the_peers_seed_summary_gives_each_run_its_mean_and_spread_over_seeds():
+    """--summary: rows of the same work and run over their seeds; a seed's latest row counts, failed rows and
+    other work (another step count) do not mix in."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import peers
+
+    def row(seed: int, samples_per_s: float, accuracy: float | None, status: str = "ok", steps: int = 288) -> dict:
+        return {"work": {"steps": steps, "seed": seed}, "tool": "vdep", "variant": "VDEP off", "packing": False,
+                "status": status, "samples_per_s": samples_per_s, "step_ms_quartiles": [600.0, 640.0, 700.0],
+                "peak_rss_mib": [777.0, 775.0], "final_loss": 0.25, "accuracy": accuracy}
+
+    rows = [row(0, 40.0, 0.70), row(0, 47.0, 0.77),  # seed 0 run again: the later row counts
+            row(1, 49.0, 0.81), row(2, 0.0, None, status="failed: timeout"), row(2, 45.0, 0.79),
+            row(3, 10.0, 0.10, steps=4)]  # other work: its own line
+    lines = peers.seed_summary(rows).splitlines()
+    assert lines[2] == "| vdep | VDEP off | off | 0,1,2 | 47.0 ± 2.0 | 640 ± 0 | 777 ± 0 | 0.2500 ± 0.0000 | 79.0 ± 2.0 | 77.0 / 81.0 / 79.0 |"
+    assert lines[3] == "| vdep | VDEP off | off | 3 | 10.0 | 640 | 777 | 0.2500 | 10.0 | 10.0 |"
+    assert len(lines) == 4
