@@ -255,8 +255,8 @@ def baseline_worker(spec: dict) -> None:
             ids[row, :n], labels[row, :n], mask[row, :n] = item["input_ids"], item["labels"], 1
         images = [i["pixel_values"] for i in items if i["pixel_values"] is not None]
         batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-        if images:
-            batch["pixel_values"] = torch.stack(images).to(dtype)
+        if images:  # each sample's views (n, 3, H, W): one per image under pad, LlavaForConditionalGeneration's input
+            batch["pixel_values"] = torch.cat(images).to(dtype)
         return batch
 
     step_ends: list[float] = []
