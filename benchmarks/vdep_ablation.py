@@ -18,10 +18,9 @@ text first, then frozen in align) on one fixed data set (`--data-seed`), with `r
             up their text loss (demo-tiny's settings until 2026-12-02)
     aux     the recipe's settings at mode_ratio 0.5 with text_loss_in_vdep_mode: every sample keeps its
             text loss, so the text supervision equals VDEP off's and VDEP is a true auxiliary loss
-            (demo-tiny's settings on 2026-12-02)
-    recipe  the regime recipe's own VDEP settings (demo-tiny since 2026-12-03: detach_input, layernorm
-            targets, text_loss_in_vdep_mode and mode_ratio 1, i.e. aux-ratio1; demo-tiny-paper: the
-            specification's, i.e. spec)
+            (demo-tiny's settings since 2026-12-02)
+    recipe  the regime recipe's own VDEP settings (demo-tiny: detach_input, layernorm targets,
+            text_loss_in_vdep_mode, mode_ratio 0.5, i.e. aux; demo-tiny-paper: the specification's, i.e. spec)
     alpha0  VDEP modes without the text loss in VDEP mode, and α = 0: the image term counts for nothing,
             so this is VDEP off minus the text supervision VDEP mode takes away (no-aux against alpha0
             is the image term's own effect; alpha0 against off the lost supervision's)
@@ -33,7 +32,7 @@ text first, then frozen in align) on one fixed data set (`--data-seed`), with `r
     aux-alpha0.25, aux-alpha4, aux-ratio0.25, aux-ratio1    aux-detach at two other α and mode_ratio values
 
 A variant whose settings, in a regime, equal an earlier variant's is not run twice; it says which
-(demo: aux-detach = aux, recipe = aux-ratio1; paper: no-aux = recipe = spec).
+(demo: recipe = aux-detach = aux; paper: no-aux = recipe = spec).
 
 Runs already in `--out` are reused (delete a run's folder to redo it), so the ablation can be stopped
 and continued. Prints a markdown table, mean ± std over the seeds (sample std, n-1), and writes every
@@ -60,8 +59,8 @@ from vdep.demo import REGIMES, SIZES, DemoSizes, prepare_data, prepare_text_data
 
 SPEC_DEFAULTS = ["vdep.alpha=1.0", "vdep.mode_ratio=0.5", "vdep.detach_input=false", "vdep.target_norm=none",
                  "vdep.text_loss_in_vdep_mode=false", "vdep.head=identity"]
-# The variants name their mode_ratio: the recipes' own changes over time (demo-tiny's went from 0.5 to 1 on
-# 2026-12-03) must not change what an earlier table's variant meant.
+# The variants name their mode_ratio, so that a change of a recipe's own value cannot change what an earlier
+# table's variant meant.
 AUX = ["vdep.text_loss_in_vdep_mode=true", "vdep.mode_ratio=0.5"]
 NO_AUX = ["vdep.text_loss_in_vdep_mode=false", "vdep.mode_ratio=0.5"]
 DEMO_VDEP = ["vdep.detach_input=true", "vdep.target_norm=layernorm", *AUX]  # the aux settings, in any regime

@@ -59,7 +59,7 @@ def test_export_of_a_zero3_run_loads_in_transformers_with_parity(trained_run, tm
     assert tokenizer.convert_tokens_to_ids("<image>") == config["image_token_index"] and tokenizer.pad_token == "<pad>"
     assert (tmp_path / "hf" / "preprocessor_config.json").is_file()
     card = (tmp_path / "hf" / "README.md").read_text()
-    assert "vdep 0.1.0" in card and "| finetune | vicuna_v1 |" in card and '"mode_ratio": 1.0' in card
+    assert "vdep 0.1.0" in card and "| finetune | vicuna_v1 |" in card and '"mode_ratio": 0.5' in card
 
 
 @pytest.mark.distributed
