@@ -168,7 +168,7 @@ def test_vdep_section_applies_to_both_stages_and_stages_override_single_keys(sma
         small_data.overrides(tmp_path / "r") + ["vdep.alpha=0.25", "stages.finetune.vdep.mode_ratio=1.0"],
     )
     assert config.stages["align"].vdep.alpha == 0.25 and config.stages["finetune"].vdep.alpha == 0.25
-    assert config.stages["align"].vdep.mode_ratio == 0.5
+    assert config.stages["align"].vdep.mode_ratio == 0.5  # demo-tiny's
     assert config.stages["finetune"].vdep.mode_ratio == 1.0
     # Recipe values that the override did not touch stay (demo-tiny sets these two).
     assert config.stages["finetune"].vdep.target_norm == "layernorm" and config.stages["finetune"].vdep.detach_input
@@ -232,3 +232,78 @@ def test_remote_options_take_fsspec_settings_but_never_a_secret(small_data, tmp_
         load_config("demo-tiny", base + ["data.remote.storage_options=[a]"])
     with pytest.raises(ConfigError, match="'data.remote'.*request_mb positive"):
         load_config("demo-tiny", base + ["data.remote.request_mb=0"])
+
+
+# ------------------------------------------------------------------------------------ image aspect ratio
+def test_image_aspect_ratio_and_the_older_pad_to_square_are_one_setting(small_data, tmp_path):
+    base = small_data.overrides(tmp_path / "run")
+    assert load_config("demo-tiny", base).model.image_aspect_ratio == "pad"
+    square = load_config("demo-tiny", base + ["model.image_aspect_ratio=square"])
+    assert (square.model.image_aspect_ratio, square.data.pad_to_square) == ("square", False)  # the mirror follows
+    older = load_config("demo-tiny", base + ["model.image_aspect_ratio=null", "data.pad_to_square=false"])
+    assert older.model.image_aspect_ratio == "square"  # the older key alone still decides
+    anyres = load_config("demo-tiny", base + ["model.image_aspect_ratio=anyres_max_9",
+                                              'model.image_grid_pinpoints="(1x1),...,(3x3)"',
+                                              "model.mm_patch_merge_type=spatial_unpad"])
+    assert anyres.data.pad_to_square is None
+    with pytest.raises(ConfigError) as error:
+        load_config("demo-tiny", base + ["data.pad_to_square=false"])
+    message = str(error.value)  # names both keys, where each came from, and the way out
+    assert "'model.image_aspect_ratio' in" in message and "demo-tiny.yaml is 'pad'" in message
+    assert "'data.pad_to_square' (from the command-line override 'data.pad_to_square=false')" in message
+    assert "data.pad_to_square=null" in message
+    with pytest.raises(ConfigError, match="'model.image_aspect_ratio'.*'anyres_max_0' is not an aspect ratio mode"):
+        load_config("demo-tiny", base + ["model.image_aspect_ratio=anyres_max_0"])
+
+
+def test_anyres_settings_are_checked_where_they_are_set(small_data, tmp_path):
+    base = small_data.overrides(tmp_path / "run")
+    with pytest.raises(ConfigError, match="'model.image_grid_pinpoints'.*set it, e.g. LLaVA-NeXT's"):
+        load_config("demo-tiny", base + ["model.image_aspect_ratio=anyres"])
+    with pytest.raises(ConfigError, match="'model.image_grid_pinpoints'.*are for model.image_aspect_ratio=anyres"):
+        load_config("demo-tiny", base + ["model.image_grid_pinpoints=[[64,128]]"])
+    with pytest.raises(ConfigError, match="'model.mm_patch_merge_type'.*use flat, or anyres"):
+        load_config("demo-tiny", base + ["model.mm_patch_merge_type=spatial_unpad"])
+    for bad in ("[[64,0]]", "[[64]]", '"(2x2),...,(1x1)"', '"1x1,6x6"'):
+        with pytest.raises(ConfigError, match="'model.image_grid_pinpoints'"):
+            load_config("demo-tiny", base + ["model.image_aspect_ratio=anyres", f"model.image_grid_pinpoints={bad}"])
+
+
+def test_the_range_form_expands_as_llava_next_and_onevision_do():
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    from vdep.config import grid_pinpoints
+
+    # OneVision's recipe says "(1x1),...,(6x6)" with SigLIP-384; transformers' OneVision processor holds the expansion.
+    assert grid_pinpoints("(1x1),...,(6x6)", 384) == LlavaOnevisionImageProcessorPil.image_grid_pinpoints
+    assert grid_pinpoints("(1x2), ..., (2x3)", 10) == [[10, 20], [10, 30], [20, 20], [20, 30]]
+    assert grid_pinpoints([[64, 128], [128, 64]], 64) == [[64, 128], [128, 64]]
+
+
+def test_a_run_directory_written_before_anyres_resumes_unchanged(small_data, tmp_path):
+    """config.yaml of a run written by vdep before these keys existed: no image_aspect_ratio, image_grid_pinpoints
+    or mm_patch_merge_type, and data.pad_to_square (true or false). It reads as the same config, resumes, and its
+    checkpoints' fingerprints are the ones that vdep wrote (pinned from the version before, commit ec7a26e)."""
+    from vdep.config import stage_fingerprint
+    from vdep.train.base_weights import BaseStamp
+    from vdep.train.prepare import check_resume_changes
+
+    overrides = ["model.tokenizer=/tmp/tok", "stages.align.shards=[/tmp/a]", "stages.finetune.shards=[/tmp/f]",
+                 "run.output_dir=/tmp/runs"]
+    config = load_config("demo-tiny", overrides, files=False)
+    assert {s: stage_fingerprint(config, s) for s in config.stages} == {"align": "023c8c1c97535c9c",
+                                                                          "finetune": "a35a83b634e67da5"}
+    for pad_to_square in (True, False):
+        written = yaml.safe_load(config_to_yaml(config))
+        for key in ("image_aspect_ratio", "image_grid_pinpoints", "mm_patch_merge_type"):
+            del written["model"][key]
+        written["data"]["pad_to_square"] = pad_to_square
+        run = RunDir(tmp_path / f"old-{pad_to_square}")
+        run.path.mkdir(parents=True)
+        run.config_file.write_text(yaml.safe_dump(written, sort_keys=False))
+        old = run.read_config()
+        assert old.model.image_aspect_ratio == ("pad" if pad_to_square else "square")
+        recipe = old if not pad_to_square else config
+        check_resume_changes(run, recipe)  # nothing changed
+        assert BaseStamp.of(old.model) == BaseStamp.of(config.model)  # base/ is not rebuilt, nor refused
+        assert {s: stage_fingerprint(old, s) for s in old.stages} == {s: stage_fingerprint(config, s) for s in config.stages}
