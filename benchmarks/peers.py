@@ -654,18 +654,11 @@ def score(result: RunResult, saved: Path, prepared: Prepared, folder: Path) -> N
 
 
 # ----------------------------------------------------------------------------------------------- output
-def mean_sd(values: list[float], spec: str) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return format(values[0], spec)
-    return f"{format(statistics.fmean(values), spec)} ± {format(statistics.stdev(values), spec)}"
-
-
 def seed_summary(rows: list[dict]) -> str:
     """OUT/results.jsonl's rows of the same work (all but the seed) and the same run, over their seeds: mean ±
     sample standard deviation, and each seed's accuracy. A run's latest row for a seed counts; failed rows
     do not."""
+    from vdep_ablation import mean_std  # the ablation's table format; benchmarks/ is on sys.path
     latest: dict[tuple, dict] = {}
     for row in rows:
         if row["status"].startswith("ok"):
@@ -682,11 +675,11 @@ def seed_summary(rows: list[dict]) -> str:
         accuracies = [100 * r["accuracy"] for r in runs if r["accuracy"] is not None]
         lines.append(
             f"| {tool} | {variant} | {'on' if packing else 'off'} | {','.join(str(r['work']['seed']) for r in runs)} | "
-            f"{mean_sd([r['samples_per_s'] for r in runs], '.1f')} | "
-            f"{mean_sd([r['step_ms_quartiles'][1] for r in runs if r.get('step_ms_quartiles')], '.0f')} | "
-            f"{mean_sd([r['peak_rss_mib'][0] for r in runs if r['peak_rss_mib']], '.0f')} | "
-            f"{mean_sd([r['final_loss'] for r in runs if r['final_loss'] is not None], '.4f')} | "
-            f"{mean_sd(accuracies, '.1f')} | {' / '.join(f'{a:.1f}' for a in accuracies) or '-'} |")
+            f"{mean_std([r['samples_per_s'] for r in runs])} | "
+            f"{mean_std([r['step_ms_quartiles'][1] for r in runs if r.get('step_ms_quartiles')], digits=0)} | "
+            f"{mean_std([r['peak_rss_mib'][0] for r in runs if r['peak_rss_mib']], digits=0)} | "
+            f"{mean_std([r['final_loss'] for r in runs if r['final_loss'] is not None], digits=4)} | "
+            f"{mean_std(accuracies)} | {' / '.join(f'{a:.1f}' for a in accuracies) or '-'} |")
     return "\n".join(lines)
 
 
