@@ -231,22 +231,6 @@ def test_vdep_eval_answers_an_anyres_model_with_each_images_own_token_count(anyr
     assert named["image_layout"].tolist() == [geometry().tiled(256, 256).as_row()]
 
 
-def test_export_refuses_an_anyres_model_with_the_reason_instead_of_writing_a_llava_that_cannot_tile(
-        small_data, anyres_shards, tmp_path):
-    from tests.conftest import anyres_overrides
-    from vdep.config import load_config
-    from vdep.errors import CheckpointError
-    from vdep.export.hf import export_hf
-    from vdep.rundir import RunDir
-    from vdep.train.prepare import prepare_run_dir
-
-    run_dir = tmp_path / "run"
-    prepare_run_dir(load_config("demo-tiny", anyres_overrides(small_data, anyres_shards, run_dir)), RunDir(run_dir))
-    with pytest.raises(CheckpointError, match="model.image_aspect_ratio=anyres.*LlavaNext/LlavaOnevision export is not"):
-        export_hf(run_dir, tmp_path / "export")
-    assert not (tmp_path / "export").exists()
-
-
 def test_vdep_eval_names_multi_image_and_video_records_it_does_not_answer(tmp_path):
     from tests.helpers import write_multi_image_inputs
     from vdep.eval.questions import load_questions

@@ -1,0 +1,117 @@
+"""AnyRes exports: `anyres` → LlavaNextForConditionalGeneration, `anyres_max_N` → LlavaOnevisionForConditionalGeneration,
+each with its processor, `--verify` parity on a tiled and a two-image sample, and transformers' own `generate`
+answering from the folder as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ANYRES_OVERRIDES, SmallData
+
+
+def prepared_run(small_data: SmallData, run_dir: Path, aspect: str, merge: str = "spatial_unpad") -> Path:
+    """A tiny AnyRes run directory with its base weights (image_newline included): what an export reads."""
+    from vdep.config import load_config
+    from vdep.rundir import RunDir
+    from vdep.train.prepare import prepare_run_dir
+
+    overrides = [*small_data.overrides(run_dir), *ANYRES_OVERRIDES, f"model.image_aspect_ratio={aspect}",
+                 f"model.mm_patch_merge_type={merge}"]
+    prepare_run_dir(load_config("demo-tiny", overrides), RunDir(run_dir))
+    return run_dir
+
+
+@pytest.mark.parametrize("aspect, model_type", [("anyres", "llava_next"), ("anyres_max_2", "llava_onevision")])
+def test_anyres_exports_to_its_class_with_parity_on_tiled_and_two_image_samples(small_data, tmp_path, aspect, model_type):
+    from vdep.export.hf import export_hf
+    from vdep.export.verify import verify_export
+
+    run_dir = prepared_run(small_data, tmp_path / "run", aspect)
+    result = export_hf(run_dir, tmp_path / "hf", dtype="fp32")
+    report = verify_export(result)
+    assert report.passed, report.summary()
+    assert [p.name for p in report.probes] == ["one tiled image", "two images"]
+    assert all(p.greedy_equal and len(p.vdep_tokens) > 0 for p in report.probes)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == model_type
+    assert config["image_grid_pinpoints"] == [[64, 64], [64, 128], [128, 64], [128, 128]]
+    if model_type == "llava_onevision":
+        assert config["vision_aspect_ratio"] == "anyres_max_2"
+    names = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "image_newline" in names
+    processor = json.loads((tmp_path / "hf" / "processor_config.json").read_text())
+    assert processor["processor_class"] == {"llava_next": "LlavaNextProcessor", "llava_onevision": "LlavaOnevisionProcessor"}[model_type]
+    assert processor["image_processor"]["image_grid_pinpoints"] == config["image_grid_pinpoints"]
+
+
+GENERATE = """
+import json, sys
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText
+from vdep.export.processors import load_processor
+folder, first, second = sys.argv[1:4]
+model = AutoModelForImageTextToText.from_pretrained(folder)
+processor = load_processor(__import__("pathlib").Path(folder), model.config.model_type)
+images = [Image.open(first).convert("RGB"), Image.open(second).convert("RGB")]
+conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Which is red?"}]}]
+prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+batch = [images] if model.config.model_type == "llava_onevision" else images
+inputs = processor(images=batch, text=prompt, return_tensors="pt")
+output = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+print(json.dumps({"class": type(model).__name__, "new": output[0, inputs["input_ids"].shape[1]:].tolist(),
+                  "image_tokens": int((inputs["input_ids"] == model.config.image_token_id).sum())}))
+"""
+
+
+@pytest.mark.parametrize("aspect", ["anyres", "anyres_max_2"])
+def test_transformers_generate_answers_from_an_anyres_export(small_data, tmp_path, aspect):
+    """A fresh process with transformers alone (and vdep's processor loader, which only works around
+    transformers' torchvision check for OneVision) generates from the export; its new tokens are vdep's greedy
+    answer to the same two images and question, and its image tokens the ones training counts."""
+    from PIL import Image
+
+    from vdep.data.anyres import MediaProcessor, layout_tensor
+    from vdep.data.conversation import Turn
+    from vdep.data.images import normalise_pixels
+    from vdep.data.templates import TemplateTokenizer, make_template
+    from vdep.evaluate import load_trained_model
+    from vdep.export.hf import export_hf
+    from vdep.model.generate import greedy_generate
+
+    run_dir = prepared_run(small_data, tmp_path / "run", aspect)
+    export_hf(run_dir, tmp_path / "hf", dtype="fp32")
+    pictures = sorted((small_data.raw / "images").glob("*.png"))[:2]
+    result = subprocess.run([sys.executable, "-c", GENERATE, str(tmp_path / "hf"), *map(str, pictures)],
+                            check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["class"] == ("LlavaNextForConditionalGeneration" if aspect == "anyres"
+                               else "LlavaOnevisionForConditionalGeneration")
+    trained = load_trained_model(run_dir, allow_base=True)
+    images = [Image.open(p).convert("RGB") for p in pictures]
+    views = MediaProcessor(trained.spec.geometry, trained.image_processing)(images)
+    template = make_template(trained.template, trained.tokenizer)
+    encoder = TemplateTokenizer(trained.tokenizer, trained.spec.image_token_id, trained.spec.num_image_tokens)
+    ids = encoder.encode(template.prompt_segments([Turn("user", "<image>\n<image>\nWhich is red?")], has_image=True),
+                         [i.tokens for i in views.images]).input_ids
+    ours = greedy_generate(trained.model, [ids], normalise_pixels(views.pixels, trained.image_processing.normalisation_table()),
+                           2, 6, template.stop_token_ids, trained.tokenizer.pad_token_id,
+                           image_layout=layout_tensor(views.images))[0]
+    assert answer["image_tokens"] == sum(i.tokens for i in views.images)
+    assert answer["new"][: len(ours)] == ours and len(ours) > 0
+
+
+def test_a_flat_anyres_model_is_refused_with_the_reason(small_data, tmp_path):
+    from vdep.errors import CheckpointError
+    from vdep.export.hf import export_hf
+
+    run_dir = prepared_run(small_data, tmp_path / "run", "anyres", merge="flat")
+    with pytest.raises(CheckpointError, match="mm_patch_merge_type=flat.*spatial_unpad"):
+        export_hf(run_dir, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
