@@ -10,18 +10,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import ANYRES_OVERRIDES, SmallData
 
 
-def prepared_run(small_data: SmallData, run_dir: Path, aspect: str, merge: str = "spatial_unpad") -> Path:
+def prepared_run(small_data: SmallData, run_dir: Path, aspect: str, merge: str = "spatial_unpad", seed: int = 0) -> Path:
     """A tiny AnyRes run directory with its base weights (image_newline included): what an export reads."""
     from vdep.config import load_config
     from vdep.rundir import RunDir
     from vdep.train.prepare import prepare_run_dir
 
     overrides = [*small_data.overrides(run_dir), *ANYRES_OVERRIDES, f"model.image_aspect_ratio={aspect}",
-                 f"model.mm_patch_merge_type={merge}"]
+                 f"model.mm_patch_merge_type={merge}", f"model.init_seed={seed}"]
     prepare_run_dir(load_config("demo-tiny", overrides), RunDir(run_dir))
     return run_dir
 
@@ -115,3 +116,49 @@ def test_a_flat_anyres_model_is_refused_with_the_reason(small_data, tmp_path):
     with pytest.raises(CheckpointError, match="mm_patch_merge_type=flat.*spatial_unpad"):
         export_hf(run_dir, tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+def imported_run(small_data: SmallData, folder: Path, run_dir: Path, aspect: str) -> list[str]:
+    return [*small_data.overrides(run_dir), *ANYRES_OVERRIDES, f"model.image_aspect_ratio={aspect}",
+            f"model.init_from={folder}", "model.vision_tower.tiny=null", "model.language_model.tiny=null",
+            "model.tokenizer=null"]
+
+
+@pytest.mark.parametrize("aspect", ["anyres", "anyres_max_2"])
+def test_llava_next_and_onevision_folders_import_and_export_again_exactly(small_data, tmp_path, aspect):
+    """model.init_from splits a LlavaNext/LlavaOnevision folder into base weights, image_newline included:
+    export → import → export gives back every tensor, the config and the processor."""
+    from tests.conftest import exported_tensors
+    from vdep.config import load_config
+    from vdep.export.hf import export_hf
+    from vdep.rundir import RunDir
+    from vdep.train.prepare import prepare_run_dir
+
+    # Another seed than the imported run's: its image_newline is the folder's only if the import carries it over.
+    run_dir = prepared_run(small_data, tmp_path / "run", aspect, seed=5)
+    first = export_hf(run_dir, tmp_path / "first", dtype="fp32").out
+    imported = tmp_path / "imported"
+    prepare_run_dir(load_config("demo-tiny", imported_run(small_data, first, imported, aspect)), RunDir(imported))
+    second = export_hf(imported, tmp_path / "second", dtype="fp32").out
+    a, b = exported_tensors(first), exported_tensors(second)
+    assert "image_newline" in a and a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    config_a, config_b = (json.loads((folder / "config.json").read_text()) for folder in (first, second))
+    for key in ("model_type", "text_config", "vision_config", "image_grid_pinpoints", "image_token_index"):
+        assert config_a[key] == config_b[key], key
+    assert (json.loads((first / "processor_config.json").read_text())
+            == json.loads((second / "processor_config.json").read_text()))
+
+
+def test_a_tiling_folder_imported_into_a_run_that_does_not_tile_is_refused(small_data, tmp_path):
+    """Its trained image_newline would be dropped: the error says which settings to give the run."""
+    from vdep.config import load_config
+    from vdep.errors import ConfigError
+    from vdep.export.hf import export_hf
+    from vdep.rundir import RunDir
+    from vdep.train.prepare import prepare_run_dir
+
+    first = export_hf(prepared_run(small_data, tmp_path / "run", "anyres"), tmp_path / "first", dtype="fp32").out
+    overrides = [*imported_run(small_data, first, tmp_path / "imported", "anyres"), "model.image_aspect_ratio=pad",
+                 "model.image_grid_pinpoints=null", "model.mm_patch_merge_type=flat"]
+    with pytest.raises(ConfigError, match="holds a trained image_newline.*set model.image_aspect_ratio=anyres"):
+        prepare_run_dir(load_config("demo-tiny", overrides), RunDir(tmp_path / "imported"))
