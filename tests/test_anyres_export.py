@@ -162,3 +162,24 @@ def test_a_tiling_folder_imported_into_a_run_that_does_not_tile_is_refused(small
                  "model.image_grid_pinpoints=null", "model.mm_patch_merge_type=flat"]
     with pytest.raises(ConfigError, match="holds a trained image_newline.*set model.image_aspect_ratio=anyres"):
         prepare_run_dir(load_config("demo-tiny", overrides), RunDir(tmp_path / "imported"))
+
+
+@pytest.mark.parametrize("aspect", ["anyres", "anyres_max_2"])
+def test_vdep_eval_answers_multi_image_records_alike_through_vdep_and_through_the_export(small_data, tmp_path, aspect):
+    """LLaVA records with an image list (and a single image, and none) in one batch: vdep's own model on the run
+    directory and transformers' generate on its export give the same answers."""
+    from tests.helpers import write_multi_image_inputs
+    from vdep.eval.questions import load_questions
+    from vdep.eval.run import evaluate
+    from vdep.export.hf import export_hf
+
+    run_dir = prepared_run(small_data, tmp_path / "run", aspect)
+    exported = export_hf(run_dir, tmp_path / "hf", dtype="fp32").out
+    data, images = write_multi_image_inputs(tmp_path / "questions")
+    questions = load_questions(data, images)
+    assert sorted(len(q.images) for q in questions.questions) == [0, 1, 1, 2]
+    on_run = evaluate(run_dir, questions, batch_size=4, max_new_tokens=6)
+    on_export = evaluate(exported, questions, batch_size=4, max_new_tokens=6)
+    assert on_export.model.startswith("transformers Llava" + ("Next" if aspect == "anyres" else "Onevision"))
+    answers = [a["answer"] for a in on_run.answers]
+    assert [a["answer"] for a in on_export.answers] == answers and any(answers)

@@ -200,7 +200,7 @@ def hf_forward(folder: Path, image, question: str, max_new_tokens: int, want_ans
     model = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32,
                                                           attn_implementation="eager").eval()
     processor = AutoProcessor.from_pretrained(str(folder))
-    message = chat_message(Question("q", f"{IMAGE_MARKER}\n{question}", "", image_bytes=b"image"))
+    message = chat_message(Question("q", f"{IMAGE_MARKER}\n{question}", "", images=(b"image",)))
     inputs = processor(images=image, text=processor.apply_chat_template(message, add_generation_prompt=True),
                        return_tensors="pt")
     prompt_length = inputs["input_ids"].shape[1]
