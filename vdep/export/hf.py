@@ -29,6 +29,7 @@ from transformers.models.llava_onevision.video_processing_llava_onevision import
 
 from .. import __version__
 from ..atomic import atomic_folder
+from ..config import is_anyres
 from ..data.anyres import anyres_image_processor
 from ..data.images import ImageProcessing
 from ..data.shards import SIZES_FILE
@@ -215,6 +216,13 @@ def export_hf(checkpoint: Path, out: Path, dtype: str = "bf16", max_shard_size: 
     source = resolve_model(checkpoint)
     if adapter and source.lora is None:
         raise CheckpointError(f"--adapter: {source.description} has no LoRA adapters; export it without --adapter")
+    if adapter and source.config.model.mm_patch_merge_type == "spatial_unpad" and is_anyres(
+            source.config.model.image_aspect_ratio or "pad"):
+        raise CheckpointError(
+            f"--adapter: {source.description} has a learned image_newline, a parameter that trains with the projector "
+            "and that a PEFT adapter folder (modules_to_save holds modules) cannot carry; export it merged, without "
+            "--adapter"
+        )
     log.info("export: %s from %s", source.description, source.run.path)
     trained = build_trained_model(source, DTYPES[dtype], AttentionChoice("sdpa", "export"), keep_replaced=adapter)
     model, tokenizer, image_processing, replaced = trained.model, trained.tokenizer, trained.image_processing, trained.replaced
