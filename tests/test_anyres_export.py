@@ -183,3 +183,32 @@ def test_vdep_eval_answers_multi_image_records_alike_through_vdep_and_through_th
     assert on_export.model.startswith("transformers Llava" + ("Next" if aspect == "anyres" else "Onevision"))
     answers = [a["answer"] for a in on_run.answers]
     assert [a["answer"] for a in on_export.answers] == answers and any(answers)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("aspect", ["anyres", "anyres_max_2"])
+def test_a_zero3_run_with_tiled_multi_image_and_video_samples_exports_with_verify_passed(
+        small_data, anyres_shards, tmp_path, aspect):
+    """issue 25's "done when": 2 ranks, ZeRO-3, VDEP on, tiled, multi-image and video samples; `vdep export-hf
+    --verify` (bf16, the default) of the final weights and of a mid-run DeepSpeed checkpoint passes, and the export
+    holds the trained image_newline."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import anyres_overrides, exported_tensors
+    from vdep.train.launch import launch_local
+
+    run_dir = tmp_path / "run"
+    argv = ["train", "demo-tiny", *anyres_overrides(small_data, anyres_shards, run_dir, aspect), "stage=finetune",
+            "stages.finetune.init_from=none", "stages.finetune.zero=zero3", "stages.finetune.max_steps=4",
+            "stages.finetune.save_every=2", "stages.finetune.global_batch_size=4", "stages.finetune.micro_batch_size=2",
+            "vdep.mode_ratio=0.5"]
+    assert launch_local(2, argv) == 0
+    for name, path in (("final", run_dir), ("checkpoint", run_dir / "finetune" / "checkpoints" / "step_00000002")):
+        out = tmp_path / f"hf-{name}"
+        result = subprocess.run([sys.executable, "-m", "vdep", "export-hf", "--checkpoint", str(path), "--out", str(out),
+                                 "--verify"], check=False, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0 and "parity: PASSED" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+        assert result.stdout.count("max |logit difference|") == 2  # the tiled and the two-image probes
+    final = load_file(str(run_dir / "finetune" / "final" / "trainable.safetensors"))["image_newline"]
+    assert torch.equal(exported_tensors(tmp_path / "hf-final")["image_newline"], final.to(torch.bfloat16))
