@@ -212,3 +212,26 @@ def test_a_zero3_run_with_tiled_multi_image_and_video_samples_exports_with_verif
         assert result.stdout.count("max |logit difference|") == 2  # the tiled and the two-image probes
     final = load_file(str(run_dir / "finetune" / "final" / "trainable.safetensors"))["image_newline"]
     assert torch.equal(exported_tensors(tmp_path / "hf-final")["image_newline"], final.to(torch.bfloat16))
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
+def test_an_anyres_lora_stage_exports_merged_with_parity_and_refuses_the_adapter_form(small_data, anyres_shards, tmp_path):
+    """The LoRA stage trains image_newline with the projector: merged, the export holds it and passes --verify;
+    a PEFT adapter folder could not carry that parameter, so --adapter is refused with the reason."""
+    from tests.conftest import anyres_overrides
+    from vdep.errors import CheckpointError
+    from vdep.export.hf import export_hf
+    from vdep.export.verify import verify_export
+    from vdep.train.launch import launch_local
+
+    run_dir = tmp_path / "run"
+    argv = ["train", "demo-tiny", *anyres_overrides(small_data, anyres_shards, run_dir), "stage=finetune",
+            "stages.finetune.init_from=none", "stages.finetune.zero=zero3", "stages.finetune.max_steps=2",
+            "stages.finetune.global_batch_size=4", "stages.finetune.micro_batch_size=2",
+            "stages.finetune.lora={r: 4, alpha: 8}"]
+    assert launch_local(2, argv) == 0
+    with pytest.raises(CheckpointError, match="image_newline.*without --adapter"):
+        export_hf(run_dir, tmp_path / "adapter", dtype="fp32", adapter=True)
+    report = verify_export(export_hf(run_dir, tmp_path / "merged", dtype="fp32"))
+    assert report.passed, report.summary()
