@@ -235,3 +235,16 @@ def test_an_anyres_lora_stage_exports_merged_with_parity_and_refuses_the_adapter
         export_hf(run_dir, tmp_path / "adapter", dtype="fp32", adapter=True)
     report = verify_export(export_hf(run_dir, tmp_path / "merged", dtype="fp32"))
     assert report.passed, report.summary()
+
+
+def test_attention_map_names_an_anyres_export_instead_of_loading_it_as_a_llava(small_data, tmp_path, capsys):
+    from vdep.cli import main
+    from vdep.export.hf import export_hf
+
+    run_dir = prepared_run(small_data, tmp_path / "run", "anyres")
+    exported = export_hf(run_dir, tmp_path / "hf", dtype="fp32").out
+    image = next((small_data.raw / "images").glob("*.png"))
+    code = main(["attention-map", "--model", str(run_dir), "--compare", str(exported), "--image", str(image),
+                 "--question", "What color?", "--out", str(tmp_path / "maps" / "fig.png")])
+    error = capsys.readouterr().err
+    assert code == 2 and "is a llava_next export" in error and "pass the run directory" in error, error
