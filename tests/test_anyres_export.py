@@ -48,6 +48,8 @@ def test_anyres_exports_to_its_class_with_parity_on_tiled_and_two_image_samples(
     processor = json.loads((tmp_path / "hf" / "processor_config.json").read_text())
     assert processor["processor_class"] == {"llava_next": "LlavaNextProcessor", "llava_onevision": "LlavaOnevisionProcessor"}[model_type]
     assert processor["image_processor"]["image_grid_pinpoints"] == config["image_grid_pinpoints"]
+    tokenizer_config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["processor_class"] == processor["processor_class"]  # transformers' own class name
 
 
 GENERATE = """

@@ -45,7 +45,15 @@ from ..rundir import ModelSource, resolve_model
 from ..structured import unstructure
 from .adapter import ADAPTER_FOLDER, adapter_card, saved_modules, write_adapter
 from .chat_templates import export_chat_template
-from .layout import LLAVA, LLAVA_NEXT, export_class, llava_config, num_additional_image_tokens, to_hf_name
+from .layout import (
+    LLAVA,
+    LLAVA_NEXT,
+    LLAVA_ONEVISION,
+    export_class,
+    llava_config,
+    num_additional_image_tokens,
+    to_hf_name,
+)
 from .processors import OnevisionProcessor
 from .writer import ShardedWriter, parse_size
 
@@ -170,6 +178,10 @@ def model_card(source: ModelSource, template: str, dtype: str, model_class: str 
          "square with the mean colour when the model was trained that way (LLaVA-1.5's `pad` mode)"
          + (f"; it tiles images as training did (`model.image_aspect_ratio: {config.model.image_aspect_ratio}`, grid "
             f"pinpoints {config.model.image_grid_pinpoints})." if model_class != LLAVA else ".")),
+        *(["", ("Without torchvision, transformers 5.24 cannot build a OneVision processor (it checks the video "
+                "processor against a class it exports only with torchvision): load it with "
+                "`vdep.export.processors.load_processor(PATH, 'llava_onevision')`, or install torchvision and pass "
+                "`backend='pil'` for the image processing training used.")] if model_class == LLAVA_ONEVISION else []),
         "",
         "## Model",
         "",

@@ -6,7 +6,7 @@
 `transformers.VideoProcessorMixin`, a name it exports only when torchvision is installed, so without
 torchvision the class can neither be built nor loaded (`AutoProcessor` fails in that check), although its
 image path runs on PIL. `OnevisionProcessor` is the same class with that one check made against the real
-base class; it saves under transformers' name, so a folder it writes is an ordinary OneVision folder, which
+base class; it saves under transformers' class name, so a folder it writes is an ordinary OneVision folder, which
 `AutoProcessor.from_pretrained` loads wherever torchvision is installed.
 """
 
@@ -31,10 +31,11 @@ class OnevisionProcessor(LlavaOnevisionProcessor):
             return VideoProcessorMixin
         return super().check_argument_for_proper_class(argument_name, argument)
 
-    def to_dict(self) -> dict:
-        output = super().to_dict()
-        output["processor_class"] = LlavaOnevisionProcessor.__name__  # an ordinary OneVision folder
-        return output
+
+
+# transformers writes a processor's class name into processor_config.json and tokenizer_config.json
+# (`processor_class`): under transformers' name, the folder is an ordinary OneVision folder.
+OnevisionProcessor.__name__ = LlavaOnevisionProcessor.__name__
 
 
 def load_processor(folder: Path, model_type: str):
