@@ -223,36 +223,31 @@ def test_vdep_eval_answers_an_anyres_model_with_each_images_own_token_count(anyr
     seen = []
     embed = trained.model.embed
     trained.model.embed = lambda ids, pixels, n, *rest, **named: seen.append((ids, pixels, named)) or embed(ids, pixels, n, *rest, **named)
-    question = Question("q", "<image>\nWhat color is the shape?", "red", image_bytes=b"")
-    answers = answerer.answer([Prepared(question, picture(256, 256)), Prepared(Question("t", "Say red.", "red"), None)])
+    question = Question("q", "<image>\nWhat color is the shape?", "red", images=(b"",))
+    answers = answerer.answer([Prepared(question, (picture(256, 256),)), Prepared(Question("t", "Say red.", "red"))])
     assert len(answers) == 2
     ids, pixels, named = seen[0]
     assert int((ids == anyres_model.spec.image_token_id).sum()) == 336 and pixels.shape[0] == 5
     assert named["image_layout"].tolist() == [geometry().tiled(256, 256).as_row()]
 
 
-def test_export_refuses_an_anyres_model_with_the_reason_instead_of_writing_a_llava_that_cannot_tile(
-        small_data, anyres_shards, tmp_path):
-    from tests.conftest import anyres_overrides
-    from vdep.config import load_config
-    from vdep.errors import CheckpointError
-    from vdep.export.hf import export_hf
-    from vdep.rundir import RunDir
-    from vdep.train.prepare import prepare_run_dir
-
-    run_dir = tmp_path / "run"
-    prepare_run_dir(load_config("demo-tiny", anyres_overrides(small_data, anyres_shards, run_dir)), RunDir(run_dir))
-    with pytest.raises(CheckpointError, match="model.image_aspect_ratio=anyres.*LlavaNext/LlavaOnevision export is not"):
-        export_hf(run_dir, tmp_path / "export")
-    assert not (tmp_path / "export").exists()
-
-
-def test_vdep_eval_names_multi_image_and_video_records_it_does_not_answer(tmp_path):
+def test_vdep_eval_reads_multi_image_records_and_names_videos_and_marker_mismatches(tmp_path, anyres_shards):
+    """An `image` list is asked with the images its first turn's markers stand for (record "three": 2 of its 3;
+    the third belongs to a later turn); a video is named, not read wrongly; so is a record whose markers do not
+    match its images. A shard directory's multi-image samples are read the same way."""
     from tests.helpers import write_multi_image_inputs
     from vdep.eval.questions import load_questions
 
     data, images = write_multi_image_inputs(tmp_path)
     questions = load_questions(data, images)
-    assert {q.id for q in questions.questions} == {"one", "text", "big"}
+    asked = {q.id: q for q in questions.questions}
+    assert set(asked) == {"one", "three", "text", "big"}
+    assert asked["three"].images == (images / "wide.png", images / "tall.jpg")
+    assert asked["three"].question == "Compare <image> and <image>." and asked["one"].images == (images / "wide.png",)
     reasons = {bad.record_id: bad.reason.split(":")[0] for bad in questions.bad}
-    assert reasons["three"] == reasons["video"] == reasons["frames"] == "unsupported_record"
+    assert reasons["video"] == reasons["frames"] == "unsupported_record"
+    assert reasons["fewer-markers"] == "image_marker_mismatch" and reasons["empty-list"] == "bad_record"
+    from_shards = load_questions(anyres_shards, None)
+    counts = sorted({len(q.images) for q in from_shards.questions})
+    assert counts == [0, 1, 2] and all(isinstance(i, bytes) for q in from_shards.questions for i in q.images)
+    assert {bad.reason.split(":")[0] for bad in from_shards.bad} == {"unsupported_record"}  # the videos

@@ -127,7 +127,7 @@ def test_eval_reads_a_shard_directory(untrained_run, small_data):
     questions = load_questions(small_data.finetune_shards, None)
     assert len(questions.questions) == 64 - sum(1 for q in questions.bad) and not questions.bad
     with_image = [q for q in questions.questions if q.has_image][:3]
-    assert with_image and all(q.image_bytes for q in with_image)
+    assert with_image and all(len(q.images) == 1 and isinstance(q.images[0], bytes) for q in with_image)
     from vdep.eval.questions import QuestionSet
 
     report = evaluate(untrained_run, QuestionSet(with_image), batch_size=3, max_new_tokens=2)

@@ -257,6 +257,7 @@ def test_chat_templates_render_the_training_text(tokenizer, base_llama3_tokenize
         [Turn("user", "<image>\nWhat color is the shape?"), Turn("assistant", "red")],
         [Turn("user", "<image>\nWhat color?"), Turn("assistant", "red"), Turn("user", "And the shape?"), Turn("assistant", "a circle")],
         [Turn("user", "What is two plus two?"), Turn("assistant", "four")],
+        [Turn("user", "<image>\n<image>\nWhich is red?"), Turn("assistant", "the first")],  # several images
     ]
     cases = [("vicuna_v1", tokenizer), ("plain", tokenizer), ("llama3", base_llama3_tokenizer), ("qwen2", qwen2_tokenizer),
              ("chat_template", base_llama3_tokenizer), ("chat_template", qwen2_tokenizer)]
@@ -265,12 +266,12 @@ def test_chat_templates_render_the_training_text(tokenizer, base_llama3_tokenize
         chat_template = export_chat_template(template)
         for turns in conversations:
             has_image = "<image>" in turns[0].text
-            if name == "plain" and (not has_image or len(turns) != 2):
-                continue
+            if name == "plain" and (not has_image or len(turns) != 2 or turns[0].text.count("<image>") > 1):
+                continue  # plain shows one image (training refuses more: image_marker_mismatch)
             messages = []
             for turn in turns:
                 text = turn.text.replace("<image>\n", "")
-                content = ([{"type": "image"}] if "<image>" in turn.text else []) + [{"type": "text", "text": text}]
+                content = [{"type": "image"}] * turn.text.count("<image>\n") + [{"type": "text", "text": text}]
                 messages.append({"role": turn.role, "content": content})
             full = case_tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False)
             assert full == render(template.segments(turns, has_image))[0], (name, turns)

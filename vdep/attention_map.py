@@ -21,6 +21,7 @@ the share of the attention that lands on the image). `FIG.npz` beside it holds t
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,10 +198,15 @@ def hf_forward(folder: Path, image, question: str, max_new_tokens: int, want_ans
     from .eval.answerers import chat_message
     from .eval.questions import Question
 
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    if model_type != "llava":  # a LlavaNext/LlavaOnevision export: its tiles' positions are vdep's layout, not this one's
+        raise VdepError(f"{folder} is a {model_type} export; attention-map draws an exported folder's attention for "
+                        "Llava exports only: pass the run directory it was exported from, whose tiles it lays out "
+                        "over the whole image")
     model = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32,
                                                           attn_implementation="eager").eval()
     processor = AutoProcessor.from_pretrained(str(folder))
-    message = chat_message(Question("q", f"{IMAGE_MARKER}\n{question}", "", image_bytes=b"image"))
+    message = chat_message(Question("q", f"{IMAGE_MARKER}\n{question}", "", images=(b"image",)))
     inputs = processor(images=image, text=processor.apply_chat_template(message, add_generation_prompt=True),
                        return_tensors="pt")
     prompt_length = inputs["input_ids"].shape[1]

@@ -750,6 +750,10 @@ def _names_llava_folder(init_from: str) -> bool:
     return path.is_dir() or (not path.exists() and path.suffix not in PROJECTOR_FILE_SUFFIXES)
 
 
+# The folders model.init_from splits into base weights (train/base_weights.py): Llava, LlavaNext, LlavaOnevision.
+IMPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
+
+
 def _check_init_from(model: ModelConfig, source: Source) -> None:
     path = Path(model.init_from)  # type: ignore[arg-type]
     where = source.where("model.init_from")
@@ -757,8 +761,9 @@ def _check_init_from(model: ModelConfig, source: Source) -> None:
         raise ConfigError(f"{where}: {path} does not exist")
     if path.is_dir():
         config = path / "config.json"
-        if not config.is_file() or json.loads(config.read_text()).get("model_type") != "llava":
-            raise ConfigError(f"{where}: {path} is not a Hugging Face Llava folder (config.json with model_type llava)")
+        if not config.is_file() or json.loads(config.read_text()).get("model_type") not in IMPORTED_MODEL_TYPES:
+            raise ConfigError(f"{where}: {path} is not a Hugging Face Llava folder (config.json with model_type "
+                              f"{', '.join(IMPORTED_MODEL_TYPES)})")
     elif path.suffix not in PROJECTOR_FILE_SUFFIXES:
         raise ConfigError(f"{where}: {path} is neither a Llava folder nor an mm_projector .bin/.safetensors file")
 

@@ -197,7 +197,7 @@ class MediaProcessor:
         self.processing = processing  # with the aspect ratio's padding (pad: LLaVA-1.5's square)
         self.frame_processing = replace(processing, pad_to_square=False)
         self.padded = replace(processing, pad_to_square=True)
-        self._hf = _hf_image_processor(geometry, self.frame_processing) if geometry.anyres else None
+        self._hf = anyres_image_processor(geometry, self.frame_processing, normalise=False) if geometry.anyres else None
 
     def __call__(self, media: list[Media]) -> SampleViews:
         views: list[torch.Tensor] = []
@@ -227,16 +227,21 @@ class MediaProcessor:
         return SampleViews(torch.stack(views) if views else torch.zeros((0, 3, 0, 0), dtype=torch.uint8), images)
 
 
-def _hf_image_processor(geometry: ImageGeometry, processing: ImageProcessing) -> LlavaNextImageProcessorPil:
-    """transformers' AnyRes image processor with the tower's own settings, stopping before rescale and
-    normalise: its output is the uint8 views (the loader ships uint8; the model normalises)."""
+def anyres_image_processor(geometry: ImageGeometry, processing: ImageProcessing, normalise: bool
+                           ) -> LlavaNextImageProcessorPil | LlavaOnevisionImageProcessorPil:
+    """transformers' AnyRes image processor with the tower's own settings (the OneVision one under anyres_max_N).
+
+    Training runs it with `normalise=False`, stopping before rescale and normalise: its output is the uint8
+    views (the loader ships uint8; the model normalises, bit-equal). An export carries it with `normalise=True`
+    (export/hf.py): the processor a user of the export runs is the one training ran."""
     settings = {
         "image_grid_pinpoints": geometry.pinpoints,
         "resample": processing.resample,
         "image_mean": list(processing.mean),
         "image_std": list(processing.std),
-        "do_rescale": False,
-        "do_normalize": False,
+        "rescale_factor": processing.rescale_factor,
+        "do_rescale": normalise,
+        "do_normalize": normalise,
         "do_convert_rgb": True,
         "do_center_crop": processing.crop is not None,
     }

@@ -3,8 +3,11 @@
 - `VdepAnswerer`: a run directory, a stage folder or a checkpoint, through vdep's own model
   (`evaluate.load_trained_model`: the model `rundir.resolve_model` names, the one the exporter writes from
   the same path) and `model.generate.greedy_generate`, prompted by the training template;
-- `HFAnswerer`: an exported Hugging Face folder, through transformers' `LlavaForConditionalGeneration.generate`
-  with the folder's processor and chat template, as a user of the export (and lmms-eval's `llava_hf`) runs it.
+- `HFAnswerer`: an exported Hugging Face folder (Llava, LlavaNext or LlavaOnevision), through transformers'
+  `generate` with the folder's processor and chat template, as a user of the export (and lmms-eval's `llava_hf`)
+  runs it.
+
+A question may show several images (one `<image>` marker each); both lay them out as training does.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from ..conventions import IMAGE_MARKER
 from ..data.anyres import MediaProcessor, layout_tensor
 from ..data.conversation import SampleError, Turn
 from ..data.images import decode_image, normalise_pixels
@@ -27,10 +29,10 @@ from .questions import Question
 
 @dataclass(frozen=True)
 class Prepared:
-    """A question whose image (if any) decoded."""
+    """A question whose images (if any) decoded, in marker order."""
 
     question: Question
-    image: object | None  # PIL image
+    images: tuple = ()  # PIL images
 
 
 class VdepAnswerer:
@@ -54,7 +56,7 @@ class VdepAnswerer:
 
     def answer(self, batch: list[Prepared]) -> list[str]:
         trained, template = self.trained, self.template
-        views = [self.media([item.image]) if item.image is not None else None for item in batch]
+        views = [self.media(list(item.images)) if item.images else None for item in batch]
         prompts = [self.encoder.encode(template.prompt_segments([Turn("user", item.question.question)], seen is not None),
                                        [image.tokens for image in seen.images] if seen is not None else []).input_ids
                    for item, seen in zip(batch, views)]
@@ -63,7 +65,8 @@ class VdepAnswerer:
         pixel_values = (normalise_pixels(torch.cat([seen.pixels for seen in shown]), table) if shown
                         else torch.zeros((1, 3, *trained.image_processing.output_size)))
         layout = layout_tensor([image for seen in shown for image in seen.images]).to(self.device)
-        outputs = greedy_generate(trained.model, prompts, pixel_values.to(self.device, self.dtype), len(shown),
+        images = sum(len(seen.images) for seen in shown)
+        outputs = greedy_generate(trained.model, prompts, pixel_values.to(self.device, self.dtype), images,
                                   self.max_new_tokens, template.stop_token_ids, trained.tokenizer.pad_token_id,
                                   synced=self.synced, image_layout=layout)
         answers = []
@@ -76,25 +79,26 @@ class VdepAnswerer:
 
 
 def chat_message(question: Question) -> list[dict]:
-    """The question as one chat message, the image where its `<image>` marker stands."""
-    before, marker, after = question.question.partition(IMAGE_MARKER)
-    parts = [{"type": "text", "text": before.strip()}] if before.strip() else []
-    if marker and question.has_image:
-        parts.append({"type": "image"})
-    if after.strip():
-        parts.append({"type": "text", "text": after.strip()})
-    return [{"role": "user", "content": parts}]
+    """The question as one chat message: its text as the record has it, each `<image>` marker where it stands
+    (the export's chat template renders text content as it is, and the processor expands every marker into
+    that image's tokens), so the prompt is the training template's for the same record, whatever the text
+    around the markers (content parts would put a newline after every image)."""
+    return [{"role": "user", "content": question.question}]
 
 
 class HFAnswerer:
     def __init__(self, folder: Path, device: torch.device, max_new_tokens: int):
-        from transformers import AutoProcessor, GenerationConfig, LlavaForConditionalGeneration
+        from transformers import AutoModelForImageTextToText, GenerationConfig
+
+        from ..export.processors import load_processor
 
         try:
-            self.model = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
-            self.processor = AutoProcessor.from_pretrained(str(folder))
-        except (OSError, ValueError) as exc:
+            self.model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
+            self.processor = load_processor(folder, self.model.config.model_type)
+        except (OSError, ValueError, KeyError) as exc:
             raise CheckpointError(f"--model {folder}: transformers cannot load it as a Llava folder: {exc}") from None
+        # OneVision's processor takes each sample's images as one list (a multi-image sample is not tiled).
+        self.nested_images = self.model.config.model_type == "llava_onevision"
         self.processor.tokenizer.padding_side = "left"  # generation continues each prompt from its end
         self.stop_token_ids = GenerationConfig.from_model_config(self.model.config).eos_token_id
         if self.model.generation_config.eos_token_id is not None:
@@ -103,14 +107,17 @@ class HFAnswerer:
             self.stop_token_ids = [self.stop_token_ids]
         self.device = device
         self.max_new_tokens = max_new_tokens
-        self.description = f"transformers LlavaForConditionalGeneration of {folder}"
+        self.description = f"transformers {type(self.model).__name__} of {folder}"
 
     @torch.no_grad()
     def answer(self, batch: list[Prepared]) -> list[str]:
         processor = self.processor
         prompts = [processor.apply_chat_template(chat_message(item.question), add_generation_prompt=True)
                    for item in batch]
-        images = [item.image for item in batch if item.image is not None]
+        if self.nested_images:
+            images = [list(item.images) for item in batch if item.images]
+        else:
+            images = [image for item in batch for image in item.images]
         inputs = processor(images=images or None, text=prompts, padding=True, return_tensors="pt").to(self.device)
         generated = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         new_tokens = generated[:, inputs["input_ids"].shape[1]:].tolist()
@@ -133,13 +140,15 @@ def make_answerer(path: Path, device: torch.device, max_new_tokens: int) -> Vdep
 
 
 def prepare(question: Question) -> Prepared:
-    """The question with its image decoded, in RGB as both preprocessors expect it; an image that is
+    """The question with its images decoded, in RGB as both preprocessors expect them; an image that is
     missing or does not decode raises `SampleError` (a cause in words)."""
-    if not question.has_image:
-        return Prepared(question, None)
     try:
-        data = question.read_image()
+        data = question.read_images()
     except OSError as exc:
         raise SampleError("missing_image", f"cannot read the image: {exc}") from None
-    image = decode_image(data, str(question.image_path or question.id))
-    return Prepared(question, image if image.mode == "RGB" else image.convert("RGB"))
+    images = []
+    for number, raw in enumerate(data):
+        where = str(question.images[number]) if isinstance(question.images[number], Path) else f"{question.id} image {number}"
+        image = decode_image(raw, where)
+        images.append(image if image.mode == "RGB" else image.convert("RGB"))
+    return Prepared(question, tuple(images))

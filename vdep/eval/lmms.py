@@ -78,11 +78,14 @@ def write_lmms_task(questions: QuestionSet, folder: Path, max_new_tokens: int, n
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for question in questions.questions:
-        if question.image_bytes is not None:
+        if len(question.image_files) != len(question.images):
             raise VdepError("--write-lmms-task needs a LLaVA .json/.jsonl file with image files, not a shard directory")
+        if len(question.images) > 1:
+            raise VdepError(f"--write-lmms-task: record {question.id} shows {len(question.images)} images; the task "
+                            "written here gives llava_hf one image per question")
         rows.append(json.dumps({
             "id": question.id, "question": question.text, "answer": question.reference,
-            "image": str(question.image_path.resolve()) if question.image_path else "", "category": question.category,
+            "image": str(question.images[0].resolve()) if question.images else "", "category": question.category,  # type: ignore[union-attr]
         }))
     data = folder.resolve() / f"{name}.jsonl"
     atomic_write(data, "".join(row + "\n" for row in rows))

@@ -89,8 +89,7 @@ def answer_all(answerer: Answerer, questions: QuestionSet, batch_size: int) -> E
             try:
                 batch.append(prepare(question))
             except SampleError as exc:
-                where = str(question.image_path) if question.image_path else question.id
-                report.bad.append(BadRecord(where, question.id, f"{exc.reason}: {exc}"))
+                report.bad.append(BadRecord(question.where, question.id, f"{exc.reason}: {exc}"))
         if not batch:
             continue
         for item, answer in zip(batch, answerer.answer(batch)):

@@ -1,12 +1,15 @@
-"""`vdep export-hf`: a vdep checkpoint → a Hugging Face `LlavaForConditionalGeneration` folder.
+"""`vdep export-hf`: a vdep checkpoint → a Hugging Face `LlavaForConditionalGeneration` folder, or, for a model
+that tiles its images, `LlavaNextForConditionalGeneration` (`anyres`) or `LlavaOnevisionForConditionalGeneration`
+(`anyres_max_N`): `layout.export_class`.
 
 The model is the one `rundir.resolve_model` names for the path (the rule is in docs/export.md), rebuilt
 by `evaluate.build_trained_model` as evaluation rebuilds it, in the output dtype (one copy of the model):
 the base weights, then the weight layers copied in one tensor at a time. Its parameters are written in
-shards under the llava-hf on-disk names. Beside them: `config.json` (`LlavaConfig`), the tokenizer with
-`<image>` and pad, an image processor that reproduces the training preprocessing (pad-to-square
-included; the PIL backend, whose arithmetic vdep reproduces), a processor with a chat template that
-renders the training template, `generation_config.json` and a model card. Everything is written into a
+shards under the llava-hf on-disk names. Beside them: `config.json` (`LlavaConfig`, `LlavaNextConfig` or
+`LlavaOnevisionConfig`), the tokenizer with `<image>` and pad, an image processor that reproduces the training
+preprocessing (pad-to-square included; under AnyRes the very processor training tiles with, with its grid
+pinpoints; the PIL backend, whose arithmetic vdep reproduces), a processor with a chat template that
+renders the training template (several images in one message too), `generation_config.json` and a model card. Everything is written into a
 temporary folder that is renamed into place at the end.
 """
 
@@ -16,16 +19,18 @@ import copy
 import datetime
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LlavaProcessor
+from transformers import GenerationConfig, LlavaNextProcessor, LlavaProcessor
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
 
 from .. import __version__
 from ..atomic import atomic_folder
 from ..config import is_anyres
+from ..data.anyres import anyres_image_processor
 from ..data.images import ImageProcessing
 from ..data.shards import SIZES_FILE
 from ..data.templates import make_template
@@ -40,7 +45,16 @@ from ..rundir import ModelSource, resolve_model
 from ..structured import unstructure
 from .adapter import ADAPTER_FOLDER, adapter_card, saved_modules, write_adapter
 from .chat_templates import export_chat_template
-from .layout import llava_config, num_additional_image_tokens, to_hf_name
+from .layout import (
+    LLAVA,
+    LLAVA_NEXT,
+    LLAVA_ONEVISION,
+    export_class,
+    llava_config,
+    num_additional_image_tokens,
+    to_hf_name,
+)
+from .processors import OnevisionProcessor
 from .writer import ShardedWriter, parse_size
 
 log = get_logger("export")
@@ -74,6 +88,39 @@ def image_processor_for(processing: ImageProcessing) -> LlavaImageProcessorPil:
     return LlavaImageProcessorPil(**kwargs)
 
 
+def export_processor(model: VdepLlava, processing: ImageProcessing, tokenizer, chat_template: str
+                     ) -> LlavaProcessor | LlavaNextProcessor | OnevisionProcessor:
+    """The processor of the export's class: its image processor reproduces training's views (AnyRes: the one
+    training tiles with, `data.anyres.anyres_image_processor`, here with rescale and normalise), and it expands
+    each `<image>` into the number of tokens training counted (for AnyRes by the same transformers rules)."""
+    spec = model.spec
+    kind = export_class(spec.geometry)
+    extra = num_additional_image_tokens(spec.family)  # CLIP's CLS, which "default" drops
+    if kind == LLAVA:
+        return LlavaProcessor(
+            image_processor=image_processor_for(processing), tokenizer=tokenizer,
+            patch_size=model.vision_tower.config.patch_size, vision_feature_select_strategy=spec.feature_select,
+            chat_template=chat_template, num_additional_image_tokens=extra)
+    # Tiles and a multi-image sample's padded views are the tower's own processing without LLaVA-1.5's padding.
+    image_processor = anyres_image_processor(spec.geometry, replace(processing, pad_to_square=False), normalise=True)
+    if kind == LLAVA_NEXT:
+        return LlavaNextProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=model.vision_tower.config.patch_size,
+            vision_feature_select_strategy=spec.feature_select, chat_template=chat_template,
+            num_additional_image_tokens=extra)
+    # OneVision's processor counts a view's features with the CLS token that "default" then drops. It needs a
+    # video processor (transformers refuses none): the tower's processing of a frame. Videos are not exported
+    # yet (vdep's videos take `<image>` markers; docs/export.md), so its output is not checked against training's.
+    video_processor = LlavaOnevisionVideoProcessor(
+        size={"height": spec.geometry.tile_size, "width": spec.geometry.tile_size}, resample=processing.resample,
+        image_mean=list(processing.mean), image_std=list(processing.std), rescale_factor=processing.rescale_factor)
+    return OnevisionProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+        num_image_tokens=spec.num_image_tokens + (extra if spec.feature_select == "default" else 0),
+        vision_feature_select_strategy=spec.feature_select, chat_template=chat_template,
+        vision_aspect_ratio=spec.geometry.aspect_ratio)
+
+
 def exported_parameters(model: VdepLlava, dtype: torch.dtype, replaced: dict[str, torch.Tensor] | None
                         ) -> Iterator[tuple[str, torch.Tensor]]:
     """What the export folder holds: the model's parameters, with LoRA adapters merged in (`replaced` is
@@ -100,7 +147,7 @@ def write_weights(named: Iterable[tuple[str, torch.Tensor]], out: Path, max_shar
     return len(files)
 
 
-def model_card(source: ModelSource, template: str, dtype: str) -> str:
+def model_card(source: ModelSource, template: str, dtype: str, model_class: str = LLAVA) -> str:
     config = source.config
     lines = [
         "---",
@@ -111,15 +158,15 @@ def model_card(source: ModelSource, template: str, dtype: str) -> str:
         "",
         f"# {config.run.name}",
         "",
-        ("A LLaVA-style model (`LlavaForConditionalGeneration`) trained with [vdep](https://arxiv.org/abs/2502.09093) "
+        (f"A LLaVA-style model (`{model_class}`) trained with [vdep](https://arxiv.org/abs/2502.09093) "
          f"(VDEP, vision dynamic embedding-guided pretraining). Exported by vdep {__version__} on "
          f"{datetime.date.today().isoformat()} in {dtype}; contains: {source.description}."),
         "",
         "## Use",
         "",
         "```python",
-        "from transformers import AutoProcessor, LlavaForConditionalGeneration",
-        "model = LlavaForConditionalGeneration.from_pretrained(PATH)",
+        f"from transformers import AutoProcessor, {model_class}",
+        f"model = {model_class}.from_pretrained(PATH)",
         "processor = AutoProcessor.from_pretrained(PATH)",
         'conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]',
         "prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)",
@@ -128,7 +175,13 @@ def model_card(source: ModelSource, template: str, dtype: str) -> str:
         "```",
         "",
         (f"The chat template renders vdep's `{template}` training template; the image processor pads images to a "
-         "square with the mean colour when the model was trained that way (LLaVA-1.5's `pad` mode)."),
+         "square with the mean colour when the model was trained that way (LLaVA-1.5's `pad` mode)"
+         + (f"; it tiles images as training did (`model.image_aspect_ratio: {config.model.image_aspect_ratio}`, grid "
+            f"pinpoints {config.model.image_grid_pinpoints})." if model_class != LLAVA else ".")),
+        *(["", ("Without torchvision, transformers 5.24 cannot build a OneVision processor (it checks the video "
+                "processor against a class it exports only with torchvision): load it with "
+                "`vdep.export.processors.load_processor(PATH, 'llava_onevision')`, or install torchvision and pass "
+                "`backend='pil'` for the image processing training used.")] if model_class == LLAVA_ONEVISION else []),
         "",
         "## Model",
         "",
@@ -173,15 +226,15 @@ def export_hf(checkpoint: Path, out: Path, dtype: str = "bf16", max_shard_size: 
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out} is not empty; choose a new --out folder")
     source = resolve_model(checkpoint)
-    aspect = source.config.model.image_aspect_ratio
-    if is_anyres(aspect):
-        raise CheckpointError(
-            f"{source.description} tiles its images (model.image_aspect_ratio={aspect}); vdep export-hf writes a "
-            "LlavaForConditionalGeneration folder, which cannot: the LlavaNext/LlavaOnevision export is not "
-            "implemented yet (issue 25). Evaluate it with vdep eval, which lays images out as training did"
-        )
     if adapter and source.lora is None:
         raise CheckpointError(f"--adapter: {source.description} has no LoRA adapters; export it without --adapter")
+    if adapter and source.config.model.mm_patch_merge_type == "spatial_unpad" and is_anyres(
+            source.config.model.image_aspect_ratio or "pad"):
+        raise CheckpointError(
+            f"--adapter: {source.description} has a learned image_newline, a parameter that trains with the projector "
+            "and that a PEFT adapter folder (modules_to_save holds modules) cannot carry; export it merged, without "
+            "--adapter"
+        )
     log.info("export: %s from %s", source.description, source.run.path)
     trained = build_trained_model(source, DTYPES[dtype], AttentionChoice("sdpa", "export"), keep_replaced=adapter)
     model, tokenizer, image_processing, replaced = trained.model, trained.tokenizer, trained.image_processing, trained.replaced
@@ -225,19 +278,12 @@ def write_export(tmp: Path, model: VdepLlava, weights: Iterable[tuple[str, torch
     # `verify_export` renders the training side with the training template, not with the export's.
     exported_tokenizer = copy.deepcopy(tokenizer)
     exported_tokenizer.chat_template = chat_template
-    processor = LlavaProcessor(
-        image_processor=image_processor_for(image_processing),
-        tokenizer=exported_tokenizer,
-        patch_size=model.vision_tower.config.patch_size,
-        vision_feature_select_strategy=model.spec.feature_select,
-        chat_template=chat_template,
-        num_additional_image_tokens=num_additional_image_tokens(model.spec.family),
-    )
+    processor = export_processor(model, image_processing, exported_tokenizer, chat_template)
     processor.save_pretrained(tmp)
     processor.image_processor.save_pretrained(tmp)  # preprocessor_config.json, for readers older than transformers 5
     GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=stops[0] if len(stops) == 1 else stops,
         pad_token_id=tokenizer.pad_token_id,
     ).save_pretrained(tmp)
-    (tmp / "README.md").write_text(model_card(source, template, dtype_name))
+    (tmp / "README.md").write_text(model_card(source, template, dtype_name, export_class(model.spec.geometry)))
     return shards

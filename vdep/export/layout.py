@@ -1,26 +1,40 @@
-"""vdep's parameter names and the on-disk layout of published llava-hf checkpoints.
+"""vdep's parameter names, the on-disk layout of published llava-hf checkpoints, and which class an export is.
 
 vdep's names are transformers' in-memory Llava names without the `model.` level. On disk, published
 llava-hf checkpoints (and transformers 5.x's own `save_pretrained`) use:
 
     vision_tower.vision_model.*    multi_modal_projector.*    language_model.model.*
-    language_model.lm_head.weight
+    language_model.lm_head.weight  image_newline (LLaVA-NeXT and OneVision)
 
-which transformers 4.x and 5.x both load. The VDEP head is a training device and is never exported.
+which transformers 4.x and 5.x both load, for `LlavaForConditionalGeneration`,
+`LlavaNextForConditionalGeneration` and `LlavaOnevisionForConditionalGeneration` alike (transformers maps all
+three the same way). The VDEP head is a training device and is never exported.
+
+The class follows `model.image_aspect_ratio` (`export_class`): `pad`/`square` → Llava, `anyres` → LlavaNext,
+`anyres_max_N` → LlavaOnevision (the class that does not tile a multi-image sample's images, as training does
+under that mode).
 """
 
 from __future__ import annotations
 
-from transformers import LlavaConfig, PreTrainedTokenizerBase
+from transformers import LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig, PretrainedConfig, PreTrainedTokenizerBase
 
+from ..data.anyres import ImageGeometry
 from ..errors import CheckpointError
 from ..model.llava import OBJECTIVE_ONLY_PREFIXES, VdepLlava
+
+LLAVA, LLAVA_NEXT, LLAVA_ONEVISION = (
+    "LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
+# The weight vdep and both AnyRes classes name alike, in memory and on disk (mm_patch_merge_type: spatial_unpad).
+IMAGE_NEWLINE = "image_newline"
 
 
 def to_hf_name(name: str) -> str | None:
     """The llava-hf on-disk name of a vdep parameter (None: not exported)."""
     if name.startswith(OBJECTIVE_ONLY_PREFIXES):
         return None
+    if name == IMAGE_NEWLINE:
+        return name
     if name.startswith("vision_tower."):
         rest = name[len("vision_tower."):]
         # transformers 4.x keeps a `vision_model.` level in memory, 5.x does not; on disk it is there.
@@ -46,6 +60,8 @@ def to_hf_module_name(name: str) -> str:
 
 def from_hf_name(name: str) -> str:
     """The vdep name of a parameter stored in either Llava layout (published on-disk, or in-memory 5.x)."""
+    if name in (IMAGE_NEWLINE, "model." + IMAGE_NEWLINE):
+        return IMAGE_NEWLINE
     for hf_prefix, ours in (
         ("vision_tower.vision_model.", "vision_tower."),
         ("model.vision_tower.vision_model.", "vision_tower."),
@@ -62,8 +78,23 @@ def from_hf_name(name: str) -> str:
     raise CheckpointError(f"weight {name!r} is not part of a Llava checkpoint")
 
 
-def llava_config(model: VdepLlava, tokenizer: PreTrainedTokenizerBase) -> LlavaConfig:
-    """The `LlavaConfig` that makes transformers build exactly this model."""
+def export_class(geometry: ImageGeometry) -> str:
+    """The transformers class that computes what vdep computes for images laid out by `geometry`."""
+    if not geometry.anyres:
+        return LLAVA
+    if not geometry.unpad:
+        raise CheckpointError(
+            f"model.image_aspect_ratio={geometry.aspect_ratio} with model.mm_patch_merge_type=flat: transformers' "
+            "LlavaNext and LlavaOnevision always lay the tiles out as the image with a learned image_newline "
+            "(spatial_unpad), so a flat model has no Hugging Face class; train with mm_patch_merge_type=spatial_unpad "
+            "to export, or evaluate it with vdep eval"
+        )
+    return LLAVA_ONEVISION if geometry.onevision else LLAVA_NEXT
+
+
+def llava_config(model: VdepLlava, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """The config (`LlavaConfig`, `LlavaNextConfig` or `LlavaOnevisionConfig`: `export_class`) that makes
+    transformers build exactly this model."""
     spec = model.spec
     projector = model.multi_modal_projector
     if getattr(projector, "kind", "mlp2x_gelu") != "mlp2x_gelu":
@@ -72,18 +103,31 @@ def llava_config(model: VdepLlava, tokenizer: PreTrainedTokenizerBase) -> LlavaC
             "cannot be exported to it"
         )
     text_config = model.language_model.config
-    return LlavaConfig(
-        vision_config=portable(model.vision_tower.config.to_dict()),
-        text_config=portable(text_config.to_dict()),
-        image_token_index=spec.image_token_id,
-        image_seq_length=spec.num_image_tokens,
-        vision_feature_layer=spec.feature_layer,
-        vision_feature_select_strategy=spec.feature_select,
-        projector_hidden_act="gelu",
-        multimodal_projector_bias=True,
-        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    common = {
+        "vision_config": portable(model.vision_tower.config.to_dict()),
+        "text_config": portable(text_config.to_dict()),
+        "image_token_index": spec.image_token_id,
+        "vision_feature_layer": spec.feature_layer,
+        "vision_feature_select_strategy": spec.feature_select,
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": True,
+        "tie_word_embeddings": bool(getattr(text_config, "tie_word_embeddings", False)),
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    kind = export_class(spec.geometry)
+    if kind == LLAVA:
+        return LlavaConfig(image_seq_length=spec.num_image_tokens, **common)
+    pinpoints = spec.geometry.pinpoints
+    if kind == LLAVA_NEXT:
+        return LlavaNextConfig(image_grid_pinpoints=pinpoints, image_seq_length=spec.num_image_tokens, **common)
+    # vdep's videos take `<image>` markers; the class's video token must then match nothing the tokenizer writes
+    # unless the tokenizer has one (a video is not exported yet: docs/export.md).
+    video = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN) if VIDEO_TOKEN in tokenizer.get_vocab() else -1
+    return LlavaOnevisionConfig(image_grid_pinpoints=pinpoints, vision_aspect_ratio=spec.geometry.aspect_ratio,
+                                video_token_index=video, **common)
+
+
+VIDEO_TOKEN = "<video>"
 
 
 def portable(sub_config: dict) -> dict:

@@ -170,7 +170,7 @@ def merged_parameters(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[st
             continue
         module_name, _, leaf = name.rpartition(".")
         owner = module_name.removesuffix(".base_layer")
-        plain = f"{owner}.{leaf}"
+        plain = _plain_name(module_name, leaf)
         if leaf == "weight" and owner in layers:
             layer = layers[owner]
             delta = layer.get_delta_weight(ADAPTER).float()
@@ -181,13 +181,20 @@ def merged_parameters(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[st
             yield plain, param
 
 
+def _plain_name(module_name: str, leaf: str) -> str:
+    """A parameter's name without peft's `base_layer` level; a top-level parameter (AnyRes's `image_newline`)
+    has no module name to join."""
+    owner = module_name.removesuffix(".base_layer")
+    return f"{owner}.{leaf}" if owner else leaf
+
+
 def base_parameters(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """Like `merged_parameters`, without the adapters' contribution: the model the adapters sit on."""
     for name, param in model.named_parameters():
         if is_adapter(name):
             continue
         module_name, _, leaf = name.rpartition(".")
-        plain = f"{module_name.removesuffix('.base_layer')}.{leaf}"
+        plain = _plain_name(module_name, leaf)
         if getattr(param, "quant_state", None) is not None:
             yield plain, base_weight(model.get_submodule(module_name)).to(dtype)
         else:

@@ -5,9 +5,9 @@ single-process, ZeRO-2 and ZeRO-3 runs comparable and resumes exact. What is wri
 where the model comes from:
 
 - tiny random-init towers (tests, the demo): seeded, saved as Hugging Face folders;
-- `model.init_from` = a Hugging Face Llava folder (a vdep export or a published llava-hf model): split
-  into a vision tower folder, a causal LM folder and the projector's starting weights; from there on
-  the run is like any other;
+- `model.init_from` = a Hugging Face Llava, LlavaNext or LlavaOnevision folder (a vdep export or a published
+  llava-hf model): split into a vision tower folder, a causal LM folder, the projector's starting weights and
+  (LlavaNext, LlavaOnevision) `image_newline`'s; from there on the run is like any other;
 - `model.init_from` = LLaVA-1.5's `mm_projector.bin` (keys `model.mm_projector.0.weight`, ...): the
   projector's starting weights (the towers come from `model.*.path` as usual);
 - otherwise the projector's initial weights, seeded.
@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from ..atomic import atomic_folder, atomic_path, atomic_write
-from ..config import ModelConfig, TinyLanguageModelConfig, TinyVisionTowerConfig
+from ..config import ModelConfig, TinyLanguageModelConfig, TinyVisionTowerConfig, grid_pinpoints, is_anyres
 from ..data.images import ImageProcessing
 from ..errors import CheckpointError, ConfigError
 from ..log import get_logger
@@ -115,7 +115,7 @@ def materialize_base(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, pa
         source = Path(config.init_from)
         if config.imports_llava_folder():
             if not (paths.vision_tower.is_dir() and paths.language_model.is_dir() and paths.projector_init.is_file()):
-                import_llava_folder(source, paths)
+                import_llava_folder(source, paths, config)
         elif not paths.projector_init.is_file():
             save_tensors(projector_from_llava_bin(source, config.projector), paths.projector_init)
     with torch.random.fork_rng(devices=[]):
@@ -176,13 +176,16 @@ def write_tiny_language_model(tiny: TinyLanguageModelConfig, tokenizer: PreTrain
 
 
 # ---------------------------------------------------------------------------------- from other formats
-def import_llava_folder(folder: Path, paths: BasePaths) -> None:
-    """Split a Llava checkpoint into a vision tower folder, a causal LM folder and projector weights."""
-    from transformers import LlavaForConditionalGeneration
+def import_llava_folder(folder: Path, paths: BasePaths, config: ModelConfig) -> None:
+    """Split a Llava, LlavaNext or LlavaOnevision checkpoint into a vision tower folder, a causal LM folder, the
+    projector's starting weights and (LlavaNext, LlavaOnevision) `image_newline`'s starting value."""
+    from transformers import AutoModelForImageTextToText
 
     settings = image_processor_settings(folder)
-    llava = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype="auto")
+    llava = AutoModelForImageTextToText.from_pretrained(str(folder), dtype="auto")
     inner = getattr(llava, "model", llava)  # transformers 5.x nests the parts under .model
+    image_newline = getattr(inner, "image_newline", None)
+    check_imported_layout(folder, llava.config, config)
     vision_tower = inner.vision_tower
     with atomic_folder(paths.vision_tower) as out:
         vision_tower.save_pretrained(out)
@@ -197,6 +200,31 @@ def import_llava_folder(folder: Path, paths: BasePaths) -> None:
     with atomic_folder(paths.language_model) as out:
         causal_lm.save_pretrained(out)
     save_tensors(dict(inner.multi_modal_projector.state_dict()), paths.projector_init)
+    if image_newline is not None and config.mm_patch_merge_type == "spatial_unpad":
+        save_tensors({"image_newline": image_newline.detach()}, paths.image_newline_init)
+
+
+def check_imported_layout(folder: Path, imported, config: ModelConfig) -> None:
+    """A LlavaNext/LlavaOnevision folder imported into a run whose images are not laid out its way: refused when
+    its trained `image_newline` would be dropped (a run without tiles, or a flat merge); a warning when the run
+    tiles with another rule or grid (a deliberate change, e.g. fine-tuning on another grid)."""
+    model_type = imported.model_type
+    if model_type not in ("llava_next", "llava_onevision"):
+        return
+    folder_aspect = getattr(imported, "vision_aspect_ratio", None) or "anyres"
+    if config.mm_patch_merge_type != "spatial_unpad" or not is_anyres(config.image_aspect_ratio or "pad"):
+        raise ConfigError(
+            f"model.init_from={folder}: a {type(imported).__name__.removesuffix('Config')} folder tiles its images "
+            f"and holds a trained image_newline, but the run has model.image_aspect_ratio={config.image_aspect_ratio} "
+            f"and model.mm_patch_merge_type={config.mm_patch_merge_type}; set model.image_aspect_ratio={folder_aspect}, "
+            f"model.mm_patch_merge_type=spatial_unpad and model.image_grid_pinpoints={imported.image_grid_pinpoints}"
+        )
+    tile = imported.vision_config.image_size
+    ours = grid_pinpoints(config.image_grid_pinpoints, tile)  # type: ignore[arg-type]
+    theirs = [list(p) for p in imported.image_grid_pinpoints]
+    if config.image_aspect_ratio != folder_aspect or [list(p) for p in ours] != theirs:
+        log.warning("model.init_from=%s was trained with image_aspect_ratio %s and grid pinpoints %s; this run uses %s "
+                    "and %s", folder, folder_aspect, theirs, config.image_aspect_ratio, ours)
 
 
 def image_processor_settings(folder: Path) -> dict:
