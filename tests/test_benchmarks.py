@@ -205,3 +205,44 @@ def test_the_peers_seed_summary_gives_each_run_its_mean_and_spread_over_seeds():
     assert lines[2] == "| vdep | VDEP off | off | 0,1,2 | 47.0 ± 2.0 | 640 ± 0 | 777 ± 0 | 0.2500 ± 0.0000 | 79.0 ± 2.0 | 77.0 / 81.0 / 79.0 |"
     assert lines[3] == "| vdep | VDEP off | off | 3 | 10.0 | 640 | 777 | 0.2500 | 10.0 | 10.0 |"
     assert len(lines) == 4
+
+
+def test_the_anyres_detail_patterns_differ_in_tiles_and_barely_in_the_padded_view():
+    """The detail benchmark's premise, through training's own preprocessing: one canvas drawn with each of the four
+    mark patterns gives padded 32×32 views that differ only where the resampling kernel straddles the mark's border
+    (at most 41 levels of 255 over 40 canvases) while AnyRes tiles hold the texture itself (black and white
+    against the plain mark's grey: 127 levels apart)."""
+    import random
+
+    from benchmarks.anyres_detail import PATTERNS, Mark, draw_mark
+    from vdep.config import grid_pinpoints
+    from vdep.data.anyres import ImageGeometry, MediaProcessor
+    from vdep.data.images import ImageProcessing
+
+    processing = ImageProcessing.tiny("clip", 32)
+    pinpoints = tuple(tuple(p) for p in grid_pinpoints("(1x1),...,(3x3)", 32))
+    pad = MediaProcessor(ImageGeometry("pad", 32, 4, 16), processing)
+    anyres = MediaProcessor(ImageGeometry("anyres", 32, 4, 16, pinpoints, "spatial_unpad"), processing)
+    for seed in range(4):
+        canvases = {pattern: draw_mark(Mark(pattern, "top right"), random.Random(seed)) for pattern in PATTERNS}
+        padded = {pattern: pad([image]).pixels.int() for pattern, image in canvases.items()}
+        tiled = {pattern: anyres([image]).pixels.int() for pattern, image in canvases.items()}
+        for pattern in PATTERNS[:-1]:
+            assert (padded[pattern] - padded["plain"]).abs().max() <= 48, (seed, pattern)
+            assert (tiled[pattern][1:] - tiled["plain"][1:]).abs().max() >= 127, (seed, pattern)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
+def test_the_anyres_detail_benchmark_runs_in_smoke_mode(tmp_path):
+    """Pad and AnyRes rows with their image tokens per image; a second call reuses the runs."""
+    options = ["--out", str(tmp_path), "--variants", "pad-off,anyres-vdep", "--seeds", "0", "--nproc", "1"]
+    table = smoke_table("benchmarks/anyres_detail.py", [], *options)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.splitlines() if line.startswith(("| pad-", "| anyres-"))}
+    assert set(rows) == {"pad-off", "anyres-vdep"}, table
+    assert rows["pad-off"][1] == "16" and int(rows["anyres-vdep"][1]) > 16 * 4, table  # a base view and at least 4 tiles
+    assert rows["pad-off"][2] == rows["anyres-vdep"][2] == "4", table  # the same steps: 2 a stage
+    results = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(results) == 2 and all(0.0 <= r["accuracy"] <= 1.0 for r in results)
+    again = smoke_table("benchmarks/anyres_detail.py", [], *options)
+    assert "[2/3] training" not in again and "| anyres-vdep |" in again
