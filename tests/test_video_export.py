@@ -44,6 +44,20 @@ def test_a_onevision_export_verifies_a_video_probe_exactly(small_data, tmp_path)
     assert processor["video_processor"]["video_processor_type"] == "LlavaOnevisionVideoProcessor"
 
 
+def test_video_goes_on_a_free_embedding_row_or_not_at_all(tokenizer):
+    """vdep pads the vocabulary to 64 rows: `<video>` takes the next id when it has a row; a tokenizer that fills
+    every row gets none (an id without a row could not be looked up), and stays as it was."""
+    import copy
+
+    from vdep.export.layout import VIDEO_TOKEN, with_video_token
+
+    room = copy.deepcopy(tokenizer)
+    assert with_video_token(room, len(tokenizer) + 1) and room.convert_tokens_to_ids(VIDEO_TOKEN) == len(tokenizer)
+    full = copy.deepcopy(tokenizer)
+    assert not with_video_token(full, len(tokenizer)) and len(full) == len(tokenizer)
+    assert VIDEO_TOKEN not in full.get_vocab()
+
+
 def test_the_export_chat_template_marks_a_video_part_with_video(small_data, tmp_path):
     from vdep.export.hf import export_hf
     from vdep.export.processors import load_processor

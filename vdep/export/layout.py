@@ -120,8 +120,11 @@ def llava_config(model: VdepLlava, tokenizer: PreTrainedTokenizerBase) -> Pretra
     pinpoints = spec.geometry.pinpoints
     if kind == LLAVA_NEXT:
         return LlavaNextConfig(image_grid_pinpoints=pinpoints, image_seq_length=spec.num_image_tokens, **common)
-    # The export's tokenizer holds `<video>` (`with_video_token`); -1, which matches nothing, where it could not.
+    # The export's tokenizer holds `<video>` (`with_video_token`); -1, which matches nothing, where it has none or
+    # its id has no embedding row (a video could not be looked up).
+    rows = model.language_model.get_input_embeddings().num_embeddings
     video = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN) if VIDEO_TOKEN in tokenizer.get_vocab() else -1
+    video = video if video < rows else -1
     return LlavaOnevisionConfig(image_grid_pinpoints=pinpoints, vision_aspect_ratio=spec.geometry.aspect_ratio,
                                 video_token_index=video, **common)
 
