@@ -231,23 +231,27 @@ def test_vdep_eval_answers_an_anyres_model_with_each_images_own_token_count(anyr
     assert named["image_layout"].tolist() == [geometry().tiled(256, 256).as_row()]
 
 
-def test_vdep_eval_reads_multi_image_records_and_names_videos_and_marker_mismatches(tmp_path, anyres_shards):
+def test_vdep_eval_reads_multi_image_and_video_records_and_names_marker_mismatches(tmp_path, anyres_shards):
     """An `image` list is asked with the images its first turn's markers stand for (record "three": 2 of its 3;
-    the third belongs to a later turn); a video is named, not read wrongly; so is a record whose markers do not
-    match its images. A shard directory's multi-image samples are read the same way."""
+    the third belongs to a later turn); a video file is asked as its file (decoded when answered), a list of frame
+    images as its frames; a record whose markers do not match its images is named. A shard directory's multi-image
+    and video samples are read the same way."""
     from tests.helpers import write_multi_image_inputs
     from vdep.eval.questions import load_questions
 
     data, images = write_multi_image_inputs(tmp_path)
     questions = load_questions(data, images)
     asked = {q.id: q for q in questions.questions}
-    assert set(asked) == {"one", "three", "text", "big"}
+    assert set(asked) == {"one", "three", "text", "big", "video", "frames", "undecodable"}
     assert asked["three"].images == (images / "wide.png", images / "tall.jpg")
     assert asked["three"].question == "Compare <image> and <image>." and asked["one"].images == (images / "wide.png",)
+    assert asked["video"].video.file == images / "clip.mp4" and asked["video"].images == ()
+    assert asked["frames"].video.frames == tuple(images / f"frame{i}.jpg" for i in range(5))
     reasons = {bad.record_id: bad.reason.split(":")[0] for bad in questions.bad}
-    assert reasons["video"] == reasons["frames"] == "unsupported_record"
     assert reasons["fewer-markers"] == "image_marker_mismatch" and reasons["empty-list"] == "bad_record"
+    assert reasons["both"] == "bad_record" and reasons["no-video"] == "missing_video"
     from_shards = load_questions(anyres_shards, None)
     counts = sorted({len(q.images) for q in from_shards.questions})
     assert counts == [0, 1, 2] and all(isinstance(i, bytes) for q in from_shards.questions for i in q.images)
-    assert {bad.reason.split(":")[0] for bad in from_shards.bad} == {"unsupported_record"}  # the videos
+    frames = sorted({len(q.video.frames) for q in from_shards.questions if q.video is not None})
+    assert frames == [3] and not from_shards.bad  # both videos stored as 3 frames (max_frames=3)

@@ -36,7 +36,8 @@ def test_anyres_exports_to_its_class_with_parity_on_tiled_and_two_image_samples(
     result = export_hf(run_dir, tmp_path / "hf", dtype="fp32")
     report = verify_export(result)
     assert report.passed, report.summary()
-    assert [p.name for p in report.probes] == ["one tiled image", "two images"]
+    assert [p.name for p in report.probes] == ["one tiled image", "two images",
+                                               *(["a video"] if model_type == "llava_onevision" else [])]
     assert all(p.greedy_equal and len(p.vdep_tokens) > 0 for p in report.probes)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == model_type
@@ -169,7 +170,7 @@ def test_a_tiling_folder_imported_into_a_run_that_does_not_tile_is_refused(small
 @pytest.mark.parametrize("aspect", ["anyres", "anyres_max_2"])
 def test_vdep_eval_answers_multi_image_records_alike_through_vdep_and_through_the_export(small_data, tmp_path, aspect):
     """LLaVA records with an image list (and a single image, and none) in one batch: vdep's own model on the run
-    directory and transformers' generate on its export give the same answers."""
+    directory and transformers' generate on its export give the same answers (videos: tests/test_video_export.py)."""
     from tests.helpers import write_multi_image_inputs
     from vdep.eval.questions import load_questions
     from vdep.eval.run import evaluate
@@ -179,6 +180,7 @@ def test_vdep_eval_answers_multi_image_records_alike_through_vdep_and_through_th
     exported = export_hf(run_dir, tmp_path / "hf", dtype="fp32").out
     data, images = write_multi_image_inputs(tmp_path / "questions")
     questions = load_questions(data, images)
+    questions.questions = [q for q in questions.questions if q.video is None]
     assert sorted(len(q.images) for q in questions.questions) == [0, 1, 1, 2]
     on_run = evaluate(run_dir, questions, batch_size=4, max_new_tokens=6)
     on_export = evaluate(exported, questions, batch_size=4, max_new_tokens=6)
@@ -211,7 +213,8 @@ def test_a_zero3_run_with_tiled_multi_image_and_video_samples_exports_with_verif
         result = subprocess.run([sys.executable, "-m", "vdep", "export-hf", "--checkpoint", str(path), "--out", str(out),
                                  "--verify"], check=False, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0 and "parity: PASSED" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
-        assert result.stdout.count("max |logit difference|") == 2  # the tiled and the two-image probes
+        # the tiled and the two-image probes, and for OneVision the video probe
+        assert result.stdout.count("max |logit difference|") == (3 if aspect == "anyres_max_2" else 2)
     final = load_file(str(run_dir / "finetune" / "final" / "trainable.safetensors"))["image_newline"]
     assert torch.equal(exported_tensors(tmp_path / "hf-final")["image_newline"], final.to(torch.bfloat16))
 

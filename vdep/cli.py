@@ -221,6 +221,10 @@ def _add_eval_parsers(commands, formatter) -> None:
     evaluate.add_argument("--out", type=Path, help="write every answer here (JSON lines)")
     evaluate.add_argument("--batch-size", type=int, default=16, help="questions decoded together (default: 16)")
     evaluate.add_argument("--max-new-tokens", type=int, default=16, help="longest answer in tokens (default: 16)")
+    evaluate.add_argument("--video-fps", type=float, default=1.0,
+                          help="frames kept per second of a record's video file, as build-shards keeps them (default: 1.0)")
+    evaluate.add_argument("--max-frames", type=int, default=32,
+                          help="most frames kept of a video, spread over all of it, as build-shards (default: 32)")
     evaluate.add_argument("--write-lmms-task", type=Path, metavar="DIR",
                           help="write an lmms-eval task for --data into DIR (new) and exit; needs no --model")
 
@@ -241,6 +245,8 @@ def _add_eval_parsers(commands, formatter) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from vdep.data_tools.media import VideoSampling
+
     from .eval.questions import load_questions
 
     if args.write_lmms_task is not None:
@@ -259,7 +265,8 @@ def _eval(args: argparse.Namespace) -> int:
     from .log import setup_logging
 
     setup_logging(0, 1)
-    report = run_eval(args.model, args.data, args.image_root, args.out, args.batch_size, args.max_new_tokens)
+    report = run_eval(args.model, args.data, args.image_root, args.out, args.batch_size, args.max_new_tokens,
+                      VideoSampling(args.video_fps, args.max_frames))
     print(report.summary())
     if args.out is not None:
         print(f"answers: {args.out}")

@@ -137,6 +137,13 @@ class ImageGeometry:
         assert tokens.tokens == expected, (tokens, expected)  # the processor's own count; a mismatch is a vdep bug
         return tokens
 
+    def check_video(self) -> None:
+        """A video's frames are pooled on their patch grid: refused (`unsupported_video`) for a tower whose features
+        keep a CLS token."""
+        if self.tokens_per_view != self.patch_grid ** 2:
+            raise SampleError("unsupported_video", "a video's frames are pooled on their patch grid, but this "
+                              "tower's features keep a CLS token (feature_select=full): use default or auto")
+
     def video(self, frames: int) -> ImageTokens:
         newline = (1, 0, True) if self.unpad else (0, 0, False)
         return ImageTokens(VIDEO, frames, 0, 0, frames * self.pooled_tokens_per_frame, *newline)
@@ -205,9 +212,7 @@ class MediaProcessor:
         still_images = sum(not isinstance(item, Video) for item in media)
         for item in media:
             if isinstance(item, Video):
-                if self.geometry.tokens_per_view != self.geometry.patch_grid ** 2:
-                    raise SampleError("unsupported_video", "a video's frames are pooled on their patch grid, but this "
-                                      "tower's features keep a CLS token (feature_select=full): use default or auto")
+                self.geometry.check_video()
                 views += [image_pixels(frame, self.frame_processing) for frame in item.frames]
                 images.append(self.geometry.video(len(item.frames)))
                 continue

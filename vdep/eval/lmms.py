@@ -80,6 +80,9 @@ def write_lmms_task(questions: QuestionSet, folder: Path, max_new_tokens: int, n
     for question in questions.questions:
         if len(question.image_files) != len(question.images):
             raise VdepError("--write-lmms-task needs a LLaVA .json/.jsonl file with image files, not a shard directory")
+        if question.video is not None:
+            raise VdepError(f"--write-lmms-task: record {question.id} shows a video; the task written here gives "
+                            "llava_hf one image per question (vdep eval answers it)")
         if len(question.images) > 1:
             raise VdepError(f"--write-lmms-task: record {question.id} shows {len(question.images)} images; the task "
                             "written here gives llava_hf one image per question")

@@ -1,8 +1,9 @@
 """Evaluation questions from a LLaVA-format file (JSON list or JSONL) or a shard directory.
 
 Each record gives one question: its first user turn (with one `<image>` where each image goes: a record's
-`image` is a file or a list of files, as in LLaVA-NeXT/OneVision data; a shard sample's images are its
-members, `data/media.py`) and, as the reference answer, the first assistant turn. `category` (or the demo data's `kind`) groups the accuracy.
+`image` is a file or a list of files, as in LLaVA-NeXT/OneVision data; its `video` a video file or a list of
+frame images, marked with `<image>` too; a shard sample's images and video frames are its members,
+`data/media.py`) and, as the reference answer, the first assistant turn. `category` (or the demo data's `kind`) groups the accuracy.
 A record that cannot be used (broken JSON, no conversation, missing or undecodable image, ...) is a
 `BadRecord`: counted and named in the report, never fatal.
 """
@@ -19,7 +20,25 @@ from ..data.media import media_entries
 from ..data.remote import RemoteSettings
 from ..data.shards import discover_shards
 from ..data.tar_reader import iterate_samples, open_shard
+from ..data_tools.media import MediaSource, VideoSampling, media_sources
 from ..errors import DataError
+
+# build-shards' own defaults (--video-fps 1.0, --max-frames 32): a video is asked as training would have stored it.
+BUILD_VIDEO_SAMPLING = VideoSampling()
+
+
+@dataclass(frozen=True)
+class QuestionVideo:
+    """A question's video: a video file (decoded and sampled when the question is answered, as build-shards does:
+    `data_tools.media.decode_video`) or its frames (image files, already sampled, or a shard sample's members)."""
+
+    file: Path | None = None
+    frames: tuple[Path | bytes, ...] = ()
+    sampling: VideoSampling = BUILD_VIDEO_SAMPLING  # which frames of `file` are kept (vdep eval --video-fps, --max-frames)
+
+    @property
+    def where(self) -> str:
+        return str(self.file) if self.file is not None else ", ".join(str(f) for f in self.frames if isinstance(f, Path))
 
 
 @dataclass(frozen=True)
@@ -30,10 +49,12 @@ class Question:
     category: str | None = None
     # In marker order: image files (read when answered) or a shard sample's image members.
     images: tuple[Path | bytes, ...] = ()
+    # A video, asked after the images (a record holds `image` or `video`, not both; docs/data.md).
+    video: QuestionVideo | None = None
 
     @property
     def has_image(self) -> bool:
-        return bool(self.images)
+        return bool(self.images) or self.video is not None
 
     @property
     def image_files(self) -> list[Path]:
@@ -44,8 +65,8 @@ class Question:
 
     @property
     def where(self) -> str:
-        """What a bad image is reported under: the record's image files, or its id."""
-        return ", ".join(map(str, self.image_files)) or self.id
+        """What a bad image or video is reported under: the record's files, or its id."""
+        return ", ".join(map(str, self.image_files)) or (self.video.where if self.video is not None else "") or self.id
 
     @property
     def text(self) -> str:
@@ -69,8 +90,9 @@ class QuestionSet:
     bad: list[BadRecord] = field(default_factory=list)
 
 
-def load_questions(data: Path, image_root: Path | None) -> QuestionSet:
-    """The questions of a LLaVA .json/.jsonl file (images relative to `image_root`) or a shard directory."""
+def load_questions(data: Path, image_root: Path | None, video: VideoSampling = BUILD_VIDEO_SAMPLING) -> QuestionSet:
+    """The questions of a LLaVA .json/.jsonl file (images and videos relative to `image_root`, a video's frames kept
+    as build-shards keeps them with `video`) or a shard directory (its frames were sampled when it was built)."""
     if data.is_dir():
         return _from_shards(data)
     if not data.is_file():
@@ -79,7 +101,7 @@ def load_questions(data: Path, image_root: Path | None) -> QuestionSet:
         raise DataError(f"--data {data}: give --image-root, the folder the records' 'image' paths are relative to")
     questions = QuestionSet()
     for where, record in _file_records(data, questions):
-        _add(questions, where, record, lambda names: _image_files(image_root, names))
+        _add(questions, where, record, lambda record: _record_media(image_root, record, video))
     return questions
 
 
@@ -87,7 +109,7 @@ def questions_from_records(records: list, image_root: Path, source: str = "recor
     """The questions of LLaVA records already read (the demo's held-out list)."""
     questions = QuestionSet()
     for index, record in enumerate(records):
-        _add(questions, f"{source}[{index}]", record, lambda names: _image_files(image_root, names))
+        _add(questions, f"{source}[{index}]", record, lambda record: _record_media(image_root, record))
     return questions
 
 
@@ -112,45 +134,64 @@ def _file_records(data: Path, questions: QuestionSet):
         yield f"{data}[{index}]", record
 
 
-def _image_files(image_root: Path, names: object) -> tuple[Path, ...]:
-    """A record's `image`: one file name or a list of them (LLaVA-NeXT/OneVision), relative to `image_root`."""
-    listed = names if isinstance(names, list) else [names]
-    if not listed or not all(isinstance(name, str) and name for name in listed):
-        raise SampleError("bad_record", "'image' must be a file name or a non-empty list of file names")
-    paths = tuple(image_root / name for name in listed)
-    for path in paths:
-        if not path.is_file():
-            raise SampleError("missing_image", f"image {path} does not exist")
-    return paths
+def _record_media(image_root: Path, record: dict, sampling: VideoSampling = BUILD_VIDEO_SAMPLING
+                  ) -> tuple[tuple[Path, ...], QuestionVideo | None]:
+    """A record's `image` (a file name or a list of them) and `video` (a video file or a list of frame images),
+    relative to `image_root`, read for form as build-shards reads them (`data_tools.media.media_sources`); a
+    video's frames are kept as build-shards keeps them with `sampling`."""
+    if record.get("image") == "":
+        record = {key: value for key, value in record.items() if key != "image"}  # LLaVA's text-only records
+    images: tuple[Path, ...] = ()
+    video = None
+    for source in media_sources(record):
+        paths = tuple(image_root / name for name in source.paths)
+        missing = next((path for path in paths if not path.is_file()), None)
+        if missing is not None:
+            kind = "video" if source.is_file else "image"
+            raise SampleError(f"missing_{kind}", f"{kind} {missing} does not exist")
+        if source.type == "image":
+            images += paths
+        else:
+            video = _question_video(source, paths, sampling)
+    return images, video
 
 
-def _shard_images(sample: dict) -> tuple[bytes, ...]:
-    """A shard sample's images in marker order (`data/media.py`); a video is not asked."""
+def _question_video(source: MediaSource, paths: tuple[Path, ...], sampling: VideoSampling) -> QuestionVideo:
+    if source.is_file:
+        return QuestionVideo(file=paths[0], sampling=sampling)
+    if len(paths) > sampling.max_frames:
+        paths = tuple(paths[i] for i in sampling.indices(len(paths), None))
+    return QuestionVideo(frames=paths)
+
+
+def _shard_media(sample: dict) -> tuple[tuple[bytes, ...], QuestionVideo | None]:
+    """A shard sample's images in marker order, and its video's frames (`data/media.py`)."""
     entries = media_entries(json.loads(sample["json"]), sample)
-    if any(entry.type == "video" for entry in entries):
-        raise SampleError("unsupported_record", "a video: vdep eval answers questions about images")
-    return tuple(sample[entry.members[0]] for entry in entries)
+    images = tuple(sample[entry.members[0]] for entry in entries if entry.type == "image")
+    videos = [QuestionVideo(frames=tuple(sample[name] for name in entry.members)) for entry in entries
+              if entry.type == "video"]
+    return images, (videos[0] if videos else None)
 
 
-def _add(questions: QuestionSet, where: str, record: object, image_of, shard: bool = False) -> None:
+def _add(questions: QuestionSet, where: str, record: object, media_of) -> None:
     record_id = str(record.get("id")) if isinstance(record, dict) and record.get("id") is not None else None
     try:
         if not isinstance(record, dict):
             raise SampleError("bad_record", f"a record must be a JSON object, not {type(record).__name__}")
         turns = parse_conversation(record.get("conversations"))
-        if record.get("video") is not None:
-            raise SampleError("unsupported_record", "a video: vdep eval answers questions about images")
-        images = image_of(record.get("image")) if shard or record.get("image") not in (None, "") else ()
-        check_image_markers(turns, images=len(images))  # the record as training would take it
-        # The question asked is the first turn: the images its markers stand for (the first ones, in marker order).
-        images = images[: count_image_markers(turns[:1])]
+        images, video = media_of(record)
+        check_image_markers(turns, images=len(images) + (video is not None))  # the record as training would take it
+        # The question asked is the first turn: the images its markers stand for (the first ones, in marker order;
+        # a video comes after the images).
+        asked = count_image_markers(turns[:1])
+        images, video = images[:asked], (video if asked > len(images) else None)
     except SampleError as exc:
         questions.bad.append(BadRecord(where, record_id, f"{exc.reason}: {exc}"))
         return
     category = record.get("category", record.get("kind"))
     questions.questions.append(Question(
         id=record_id if record_id is not None else where, question=turns[0].text, reference=turns[1].text,
-        category=None if category is None else str(category), images=images,
+        category=None if category is None else str(category), images=images, video=video,
     ))
 
 
@@ -166,5 +207,5 @@ def _from_shards(folder: Path) -> QuestionSet:
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     questions.bad.append(BadRecord(where, None, "bad_json: its .json member is not JSON"))
                     continue
-                _add(questions, where, record, lambda _name, sample=sample: _shard_images(sample), shard=True)
+                _add(questions, where, record, lambda _record, sample=sample: _shard_media(sample))
     return questions

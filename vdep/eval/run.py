@@ -16,10 +16,11 @@ import torch
 
 from ..atomic import atomic_write
 from ..data.conversation import SampleError
+from ..data_tools.media import VideoSampling
 from ..errors import VdepError
 from .answerers import HFAnswerer, VdepAnswerer, make_answerer, prepare
 from .normalise import answers_match
-from .questions import BadRecord, QuestionSet, load_questions
+from .questions import BUILD_VIDEO_SAMPLING, BadRecord, QuestionSet, load_questions
 
 Answerer = VdepAnswerer | HFAnswerer
 
@@ -80,14 +81,17 @@ def evaluate(model: Path, questions: QuestionSet, batch_size: int = 16, max_new_
 
 
 def answer_all(answerer: Answerer, questions: QuestionSet, batch_size: int) -> EvalReport:
-    """Every question answered in batches and scored; images that do not decode become bad records."""
+    """Every question answered in batches and scored; images or videos that do not decode, and questions the
+    model cannot be asked, become bad records."""
     report = EvalReport(answerer.description, bad=list(questions.bad))
     pending = questions.questions
     for start in range(0, len(pending), batch_size):
         batch = []
         for question in pending[start : start + batch_size]:
             try:
-                batch.append(prepare(question))
+                item = prepare(question)
+                answerer.check(item)  # e.g. a video for an export whose class takes none
+                batch.append(item)
             except SampleError as exc:
                 report.bad.append(BadRecord(question.where, question.id, f"{exc.reason}: {exc}"))
         if not batch:
@@ -109,8 +113,8 @@ def write_answers(report: EvalReport, path: Path) -> None:
 
 
 def run_eval(model: Path, data: Path, image_root: Path | None, out: Path | None, batch_size: int,
-             max_new_tokens: int) -> EvalReport:
-    report = evaluate(model, load_questions(data, image_root), batch_size, max_new_tokens)
+             max_new_tokens: int, video: VideoSampling = BUILD_VIDEO_SAMPLING) -> EvalReport:
+    report = evaluate(model, load_questions(data, image_root, video), batch_size, max_new_tokens)
     if out is not None:
         write_answers(report, out)
     return report

@@ -3,7 +3,8 @@
 Rendering a conversation with these templates gives the same string as `vdep.data.templates.render`
 for the same turns (tests compare them), so the processor's input ids equal the training ids. Images in
 a user message render as `<image>` followed by a newline, before the message text (LLaVA's data puts
-`<image>\\n` first). As in LLaVA, no BOS is written: the tokenizer adds it.
+`<image>\\n` first); a video part as `<video>` and a newline (OneVision's processor expands `<video>` into the
+video's tokens, where vdep's data marks a video with `<image>`). As in LLaVA, no BOS is written: the tokenizer adds it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ _TEXT_OF = (
     "{%- if content is string -%}{{- content -}}"
     "{%- else -%}{%- for part in content -%}"
     "{%- if part['type'] == 'image' -%}{{- '<image>\\n' -}}"
+    "{%- elif part['type'] == 'video' -%}{{- '<video>\\n' -}}"
     "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"
@@ -37,8 +39,10 @@ VICUNA_V1 = _TEXT_OF + (
 PLAIN = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}"
-    "{%- if message['content'] is string -%}{%- if '<image>' in message['content'] -%}{{- '<image>' -}}{%- endif -%}"
-    "{%- else -%}{%- for part in message['content'] if part['type'] == 'image' -%}{{- '<image>' -}}{%- endfor -%}{%- endif -%}"
+    "{%- if message['content'] is string -%}{%- if '<image>' in message['content'] -%}{{- '<image>' -}}"
+    "{%- elif '<video>' in message['content'] -%}{{- '<video>' -}}{%- endif -%}"
+    "{%- else -%}{%- for part in message['content'] if part['type'] in ('image', 'video') -%}"
+    "{{- '<' + part['type'] + '>' -}}{%- endfor -%}{%- endif -%}"
     "{%- elif message['role'] == 'assistant' -%}"
     "{%- if message['content'] is string -%}{{- message['content'] -}}"
     "{%- else -%}{%- for part in message['content'] if part['type'] == 'text' -%}{{- part['text'] -}}{%- endfor -%}{%- endif -%}"

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LlavaNextProcessor, LlavaProcessor
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
 
 from .. import __version__
 from ..atomic import atomic_folder
@@ -53,8 +52,9 @@ from .layout import (
     llava_config,
     num_additional_image_tokens,
     to_hf_name,
+    with_video_token,
 )
-from .processors import OnevisionProcessor
+from .processors import FrameVideoProcessor, OnevisionProcessor
 from .writer import ShardedWriter, parse_size
 
 log = get_logger("export")
@@ -80,12 +80,23 @@ def image_processor_for(processing: ImageProcessing) -> LlavaImageProcessorPil:
         "image_std": list(processing.std),
         "resample": processing.resample,
         "rescale_factor": processing.rescale_factor,
-        "size": ({"shortest_edge": processing.shortest_edge} if processing.shortest_edge is not None
-                 else {"height": processing.size[0], "width": processing.size[1]}),  # type: ignore[index]
+        "size": resize_setting(processing),
     }
     if processing.crop is not None:
-        kwargs["crop_size"] = {"height": processing.crop[0], "width": processing.crop[1]}
+        kwargs["crop_size"] = crop_setting(processing)
     return LlavaImageProcessorPil(**kwargs)
+
+
+def resize_setting(processing: ImageProcessing) -> dict[str, int]:
+    """transformers' `size` for the tower's resize."""
+    if processing.shortest_edge is not None:
+        return {"shortest_edge": processing.shortest_edge}
+    return {"height": processing.size[0], "width": processing.size[1]}  # type: ignore[index]
+
+
+def crop_setting(processing: ImageProcessing) -> dict[str, int] | None:
+    """transformers' `crop_size` for the tower's centre crop (None: no crop)."""
+    return None if processing.crop is None else {"height": processing.crop[0], "width": processing.crop[1]}
 
 
 def export_processor(model: VdepLlava, processing: ImageProcessing, tokenizer, chat_template: str
@@ -108,12 +119,13 @@ def export_processor(model: VdepLlava, processing: ImageProcessing, tokenizer, c
             image_processor=image_processor, tokenizer=tokenizer, patch_size=model.vision_tower.config.patch_size,
             vision_feature_select_strategy=spec.feature_select, chat_template=chat_template,
             num_additional_image_tokens=extra)
-    # OneVision's processor counts a view's features with the CLS token that "default" then drops. It needs a
-    # video processor (transformers refuses none): the tower's processing of a frame. Videos are not exported
-    # yet (vdep's videos take `<image>` markers; docs/export.md), so its output is not checked against training's.
-    video_processor = LlavaOnevisionVideoProcessor(
-        size={"height": spec.geometry.tile_size, "width": spec.geometry.tile_size}, resample=processing.resample,
-        image_mean=list(processing.mean), image_std=list(processing.std), rescale_factor=processing.rescale_factor)
+    # OneVision's processor counts a view's features with the CLS token that "default" then drops. Its video
+    # processor is a frame's processing in training: the tower's resize, crop and normalisation, no padding
+    # (data/anyres.py: MediaProcessor), through the PIL image path (processors.py: FrameVideoProcessor).
+    video_processor = FrameVideoProcessor(
+        size=resize_setting(processing), do_center_crop=processing.crop is not None, crop_size=crop_setting(processing),
+        resample=processing.resample, image_mean=list(processing.mean), image_std=list(processing.std),
+        rescale_factor=processing.rescale_factor)
     return OnevisionProcessor(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
         num_image_tokens=spec.num_image_tokens + (extra if spec.feature_select == "default" else 0),
@@ -181,7 +193,11 @@ def model_card(source: ModelSource, template: str, dtype: str, model_class: str 
         *(["", ("Without torchvision, transformers 5.24 cannot build a OneVision processor (it checks the video "
                 "processor against a class it exports only with torchvision): load it with "
                 "`vdep.export.processors.load_processor(PATH, 'llava_onevision')`, or install torchvision and pass "
-                "`backend='pil'` for the image processing training used.")] if model_class == LLAVA_ONEVISION else []),
+                "`backend='pil'` for the image processing training used."),
+               "", ("Videos: give the frames as `videos=[frames]` with a `{\"type\": \"video\"}` part (the prompt's "
+                    "`<video>`). vdep's loader processes frames as training did (PIL); transformers' own video processor "
+                    "needs torchvision and resizes with it, not with PIL: its frames are not checked against training's.")]
+             if model_class == LLAVA_ONEVISION else []),
         "",
         "## Model",
         "",
@@ -240,12 +256,19 @@ def export_hf(checkpoint: Path, out: Path, dtype: str = "bf16", max_shard_size: 
     model, tokenizer, image_processing, replaced = trained.model, trained.tokenizer, trained.image_processing, trained.replaced
     for layer in source.layers:
         log.info("export: applied %s", layer.description)
-    config = llava_config(model, tokenizer)
+    # The export's copy of the tokenizer carries the chat template (write_export) and, for OneVision, `<video>`; the
+    # training tokenizer stays as it was, so that `verify_export` encodes the training side as training does.
+    exported_tokenizer = copy.deepcopy(tokenizer)
+    if export_class(model.spec.geometry) == LLAVA_ONEVISION and not with_video_token(
+            exported_tokenizer, model.language_model.get_input_embeddings().num_embeddings):
+        log.warning("export: the tokenizer fills every embedding row, so it gets no <video> token: the export takes "
+                    "images, not videos (docs/export.md)")
+    config = llava_config(model, exported_tokenizer)
     template = source.template
     with atomic_folder(out) as tmp:
         weights = exported_parameters(model, DTYPES[dtype], replaced if adapter else None)
-        shards = write_export(tmp, model, weights, config, tokenizer, image_processing, template, source, dtype,
-                              parse_size(max_shard_size))
+        shards = write_export(tmp, model, weights, config, tokenizer, exported_tokenizer, image_processing, template,
+                              source, dtype, parse_size(max_shard_size))
         if adapter:
             write_stage_adapter(model, source, config, tmp / ADAPTER_FOLDER, DTYPES[dtype])
     log.info("export: wrote %s (%d weight shard(s), %s)%s", out, shards, config.torch_dtype,
@@ -265,18 +288,16 @@ def write_stage_adapter(model: VdepLlava, source: ModelSource, config, folder: P
 
 
 def write_export(tmp: Path, model: VdepLlava, weights: Iterable[tuple[str, torch.Tensor]], config, tokenizer,
-                 image_processing: ImageProcessing, template: str, source: ModelSource, dtype: str,
+                 exported_tokenizer, image_processing: ImageProcessing, template: str, source: ModelSource, dtype: str,
                  max_shard_bytes: int) -> int:
-    """Every file of the export into `tmp`; returns the number of weight shards."""
+    """Every file of the export into `tmp` (`exported_tokenizer`: the training `tokenizer`'s copy that the folder
+    holds); returns the number of weight shards."""
     shards = write_weights(weights, tmp, max_shard_bytes, config.tie_word_embeddings)
     config.torch_dtype = dtype_name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
     config.save_pretrained(tmp)
     training_template = make_template(template, tokenizer)
     stops = list(training_template.stop_token_ids)  # EOS and the chat format's end of turn
     chat_template = export_chat_template(training_template)
-    # The export's copy carries the new chat template; the training tokenizer stays as it was, so that
-    # `verify_export` renders the training side with the training template, not with the export's.
-    exported_tokenizer = copy.deepcopy(tokenizer)
     exported_tokenizer.chat_template = chat_template
     processor = export_processor(model, image_processing, exported_tokenizer, chat_template)
     processor.save_pretrained(tmp)

@@ -120,14 +120,29 @@ def llava_config(model: VdepLlava, tokenizer: PreTrainedTokenizerBase) -> Pretra
     pinpoints = spec.geometry.pinpoints
     if kind == LLAVA_NEXT:
         return LlavaNextConfig(image_grid_pinpoints=pinpoints, image_seq_length=spec.num_image_tokens, **common)
-    # vdep's videos take `<image>` markers; the class's video token must then match nothing the tokenizer writes
-    # unless the tokenizer has one (a video is not exported yet: docs/export.md).
+    # The export's tokenizer holds `<video>` (`with_video_token`); -1, which matches nothing, where it has none or
+    # its id has no embedding row (a video could not be looked up).
+    rows = model.language_model.get_input_embeddings().num_embeddings
     video = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN) if VIDEO_TOKEN in tokenizer.get_vocab() else -1
+    video = video if video < rows else -1
     return LlavaOnevisionConfig(image_grid_pinpoints=pinpoints, vision_aspect_ratio=spec.geometry.aspect_ratio,
                                 video_token_index=video, **common)
 
 
 VIDEO_TOKEN = "<video>"
+
+
+def with_video_token(tokenizer: PreTrainedTokenizerBase, embedding_rows: int) -> bool:
+    """Add `<video>` to an export's tokenizer (OneVision's processor marks a video with it, where vdep's data marks
+    it with `<image>`). Its id must be a row of the LLM's embedding (transformers looks every id up before it
+    puts the video's features there): vdep pads the vocabulary to a multiple of 64 rows, so one is free unless
+    the tokenizer fills them all. Returns whether the tokenizer has `<video>`; it is left unchanged when it could not."""
+    if VIDEO_TOKEN in tokenizer.get_vocab():
+        return tokenizer.convert_tokens_to_ids(VIDEO_TOKEN) < embedding_rows
+    if len(tokenizer) >= embedding_rows:
+        return False
+    tokenizer.add_tokens([VIDEO_TOKEN], special_tokens=True)
+    return True
 
 
 def portable(sub_config: dict) -> dict:

@@ -135,14 +135,15 @@ class ValidationQuestions:
         summed = all_reduce_sum(torch.tensor([correct, total], dtype=torch.long, device=device)).cpu()
         return int(summed[0]), int(summed[1])
 
-    @staticmethod
-    def _prepared(questions: list[Question]) -> list[Prepared]:
-        """Questions whose image decodes (one that does not was named when the set was loaded, or is left
-        out here: the losses' shards reject it the same way)."""
+    def _prepared(self, questions: list[Question]) -> list[Prepared]:
+        """Questions whose image decodes and that the model can be asked (one that cannot was named when the set
+        was loaded, or is left out here: the losses' shards reject it the same way, e.g. `unsupported_video`)."""
         prepared = []
         for question in questions:
             try:
-                prepared.append(prepare(question))
+                item = prepare(question)
+                self.answerer.check(item)
+                prepared.append(item)
             except SampleError:
                 continue
         return prepared
