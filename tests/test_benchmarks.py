@@ -97,6 +97,25 @@ def test_the_vdep_ablation_runs_in_smoke_mode(tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(900)
+def test_the_anyres_cost_benchmark_runs_in_smoke_mode():
+    """pad, anyres and anyres_max_4 trained in turn on the same data: a row each, with the image tokens that the
+    mode gives this data (pad: one 64-token view; anyres: tiles of up to 3×3; anyres_max_4: pooled beyond 4)."""
+    table = smoke_table("benchmarks/anyres_cost.py", ["pad", "anyres", "anyres_max_4"])
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in table.splitlines()
+            if line.startswith(("| pad ", "| anyres"))}
+
+    def mean_max(cell: str) -> tuple[int, int]:
+        mean, peak = cell.rstrip(")").split(" (")
+        return int(mean), int(peak)
+
+    image_tokens = {mode: mean_max(cells[0]) for mode, cells in rows.items()}
+    assert image_tokens["pad"] == (64, 64), table
+    assert image_tokens["anyres"][1] > image_tokens["anyres_max_4"][1] > 64, table
+    assert all(float(cells[2]) > 0 and float(cells[4].rstrip(" |")) > 0 for cells in rows.values()), table  # samples/s, RSS
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
 def test_the_gpu_run_script_runs_in_smoke_mode(tmp_path):
     """benchmarks/gpu_run.sh --smoke: every part of the GPU session on CPU (kernels in Triton's interpreter),
     each row as a JSON line, each part ending ok."""
