@@ -124,7 +124,7 @@ def test_the_gpu_run_script_runs_in_smoke_mode(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     statuses = {row["part"]: row["status"] for row in rows if "status" in row}
-    assert statuses == dict.fromkeys(("ceilings", "kernel", "attention", "training"), "ok"), statuses
+    assert statuses == dict.fromkeys(("ceilings", "kernel", "attention", "training", "anyres"), "ok"), statuses
     by_part = {part: [row for row in rows if row["part"] == part and "status" not in row] for part in statuses}
     assert [row["row"] for row in by_part["ceilings"]] == ["device-to-device copy", "float32 matmul 256³"]
     assert by_part["ceilings"][0]["gb_s"] > 0 and by_part["ceilings"][1]["tflops"] > 0
@@ -139,6 +139,12 @@ def test_the_gpu_run_script_runs_in_smoke_mode(tmp_path):
     assert all(row["samples_per_s"] > 0 for name, row in training.items() if "overhead" not in name)
     assert "% of step time (median step" in training["VDEP overhead, finetune"]["overhead"]
     assert "== training" in result.stdout and "| finetune, vdep, VDEP on, padded | sdpa |" in result.stdout
+    # AnyRes against pad: the same runs, one per mode, VDEP on; the tiles make longer samples.
+    anyres = {row["row"]: row for row in by_part["anyres"]}
+    assert set(anyres) == {"finetune, vdep, VDEP on, padded, pad", "finetune, vdep, VDEP on, padded, anyres"}, set(anyres)
+    assert all(row["samples_per_s"] > 0 for row in anyres.values())
+    tokens = {name.rsplit(", ", 1)[1]: row["tokens_per_sample"] for name, row in anyres.items()}
+    assert tokens["anyres"] > tokens["pad"], tokens
 
 
 @pytest.mark.distributed
