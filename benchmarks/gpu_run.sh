@@ -4,13 +4,15 @@
 #   bash benchmarks/gpu_run.sh OUT            # on one H100/H200, with the wheels in .whl/ beside the checkout
 #   bash benchmarks/gpu_run.sh --smoke OUT    # on a CPU: tiny shapes, the same scripts (CI runs this)
 #
-# Four parts, each capped by `timeout` so that a failure or a hang loses only its own rows:
+# Five parts, each capped by `timeout` so that a failure or a hang loses only its own rows:
 #   1. ceilings: device-to-device copy bandwidth (1 GiB) and the bf16 matmul rate (benchmarks/gpu_ceilings.py)
 #   2. the fused VDEP kernel: GB/s, % of copy, × eager, and its increment inside a step (benchmarks/kernel_bench.py)
 #   3. attention: the kernels that run for padded and packed rows (benchmarks/attention_kernels.py)
 #   4. training: a ~1B LLaVA (CLIP ViT-L/14-336 + a 1.1B Llama) at ZeRO-2: vdep with VDEP on, with VDEP off, and
 #      the HF Trainer from the same weights and config; samples/s, MFU against part 1's matmul rate, peak
 #      memory, VDEP's overhead as median and IQR of step times (benchmarks/train_throughput.py)
+#   5. anyres: the same model with VDEP on, pad against LLaVA-NeXT's AnyRes (up to 2,928 image tokens an image),
+#      at a micro-batch of 8 and 4096 tokens: samples/s, tokens/s, MFU and peak memory of each (train_throughput.py)
 # Every timing on the GPU comes from CUDA events (do_bench) or, for training, the wall clock between step
 # ends after a CUDA sync. Rows are printed as they are measured and appended, one JSON line each, to
 # OUT/results.jsonl; each part's full output is in OUT/<part>.log.
@@ -48,8 +50,11 @@ if [ $smoke -eq 1 ]; then
     echo "smoke run on the CPU with $python (tiny shapes: the numbers mean nothing)"
     smoke_flag=--smoke
     export TRITON_INTERPRET=1  # the Triton kernels in the interpreter
-    limits=(120 240 120 600)  # generous: on the loaded 2-core dev machine they took 6, 21, 22 and 284 s (with a first op build)
+    # generous: on the loaded 2-core dev machine they took 6, 21, 22 and 284 s (with a first op build); on 2026-12-03
+    # 2, 7, 11, 46 and 53 s (part 5: anyres)
+    limits=(120 240 120 600 300)
     steps=5
+    anyres_steps=5
 else
     # The device has no network: vdep's wheel and what its image lacks come in .whl/ (docs/benchmarks.md).
     if ! ls .whl/*.whl > /dev/null 2>&1; then echo "no wheels in $PWD/.whl (docs/benchmarks.md lists them)" >&2; exit 2; fi
@@ -57,8 +62,11 @@ else
         .whl/*.whl || exit 2
     export PYTHONPATH=/tmp/vdep-site
     smoke_flag=
-    limits=(40 75 60 285)  # 460 s: with the install and the version line, within 8 minutes
-    steps=36  # 33 timed step intervals after 3 warm-up steps
+    # 460 s: with the install and the version line, within 8 minutes. Not measured on a GPU yet: a split of the
+    # budget, part 4's steps cut from 36 to 28 to give part 5 its two runs.
+    limits=(35 65 50 195 115)
+    steps=28  # 25 timed step intervals after 3 warm-up steps
+    anyres_steps=15  # 12 timed
 fi
 "$python" -c "import torch, transformers, deepspeed, vdep; print('torch', torch.__version__, '| transformers', \
 transformers.__version__, '| deepspeed', deepspeed.__version__, '| device', torch.cuda.get_device_name() \
@@ -73,6 +81,11 @@ if r.get('part') == 'ceilings' and 'tflops' in r]; print(rates[-1] if rates else
 part training "${limits[3]}" "$python" benchmarks/train_throughput.py $smoke_flag --steps $steps \
     --configs finetune:on:padded,finetune:off:padded ${peak:+--peak-tflops $peak} --jsonl "$results" \
     --workdir "${TMPDIR:-/tmp}"
+
+# AnyRes against pad, the same model, data and steps: no baseline (LlavaForConditionalGeneration has no tiles).
+part anyres "${limits[4]}" "$python" benchmarks/train_throughput.py $smoke_flag --steps $anyres_steps \
+    --micro-batch-size 8 --max-length 4096 --configs finetune:on:padded --image-aspect-ratio pad,anyres --no-baseline \
+    ${peak:+--peak-tflops $peak} --jsonl "$results" --part-name anyres --workdir "${TMPDIR:-/tmp}"
 
 echo "done in $(( $(date +%s) - started )) s; rows in $results"
 exit $failed

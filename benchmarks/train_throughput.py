@@ -4,6 +4,7 @@
     python benchmarks/train_throughput.py --llm 7b --micro-batch-size 4
     python benchmarks/train_throughput.py --smoke           # CPU: tiny shapes, a few steps (checks that it runs)
     python benchmarks/train_throughput.py --lora            # finetune with LoRA (r 128; --lora-r), both sides
+    python benchmarks/train_throughput.py --image-aspect-ratio pad,anyres --no-baseline   # AnyRes against pad
 
 Both sides get the same random-init weights (vdep writes them into its run directory; the baseline
 builds `LlavaForConditionalGeneration` from the same configs), the same shards (synthetic JPEGs and
@@ -14,6 +15,11 @@ every configuration: both stages, VDEP on and off, padded and packed. Each run i
 With `--lora` only finetune runs, with LoRA adapters on every Linear of the LLM and the projector
 trained in full: vdep's `stages.finetune.lora`, and for the baseline peft's `get_peft_model` with the
 same adapters and the projector as `modules_to_save`.
+With `--image-aspect-ratio pad,anyres` every vdep configuration runs once per mode: `anyres` tiles the
+synthetic pictures (sides from half to twice the tower's image size) on LLaVA-NeXT's grid, written in
+tiles of the tower's image size ([[1,2],[2,1],[2,2],[3,1],[1,3]] × 336 for CLIP-336), with spatial_unpad;
+`anyres_max_N` is OneVision's pooling on the same grid. The baseline (LlavaForConditionalGeneration: one
+view an image) runs for `pad` only.
 
 Reported per run: samples/s and tokens/s (mean over the steps after the warm-up), MFU (vdep's FLOP
 model, against `--peak-tflops`; for the baseline the same useful FLOPs per sample at its rate) and the
@@ -111,12 +117,22 @@ def from_export(export: Path) -> list[str]:
     return ["model.vision_tower=null", "model.language_model=null", "model.tokenizer=null", f"model.init_from={export}"]
 
 
+def image_overrides(mode: str, image_size: int) -> list[str]:
+    """The image mode's settings: pad as LLaVA-1.5; AnyRes on LLaVA-NeXT's grid in tiles of `image_size`."""
+    if mode == "pad":
+        return ["model.image_aspect_ratio=pad"]
+    grid = [[image_size * h, image_size * w] for h, w in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
+    return [f"model.image_aspect_ratio={mode}", f"model.image_grid_pinpoints={json.dumps(grid).replace(' ', '')}",
+            "model.mm_patch_merge_type=spatial_unpad"]
+
+
 def vdep_overrides(args, shards: dict[str, Path], model: list[str], run_dir: Path, stage: str, vdep_on: bool,
-                   packed: bool) -> list[str]:
+                   packed: bool, mode: str = "pad") -> list[str]:
+    vision = SMOKE_VISION if args.smoke else CLIP_L_336
     trainable = "[projector]" if stage == "align" else "[projector, language_model]"
     lora = [f"stages.{stage}.lora={{r: {args.lora_r}, alpha: {2 * args.lora_r}, dropout: 0.05}}"] if args.lora else []
     return [
-        *lora, *model, f"model.attn_implementation={args.attn}",
+        *lora, *model, *image_overrides(mode, vision["image_size"]), f"model.attn_implementation={args.attn}",
         f"model.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
         f"stage={stage}", f"stages.{stage}.init_from=none", f"stages.{stage}.shards=[{shards[stage]}]",
         f"stages.{stage}.trainable={trainable}", f"stages.{stage}.max_steps={args.steps}",
@@ -151,11 +167,12 @@ class StepClock:
         return 1e3 * statistics.median(steps), 1e3 * (quartiles[2] - quartiles[0])
 
 
-def run_vdep(args, shards, model: list[str], run_dir: Path, stage: str, vdep_on: bool, packed: bool) -> dict:
+def run_vdep(args, shards, model: list[str], run_dir: Path, stage: str, vdep_on: bool, packed: bool,
+             mode: str = "pad") -> dict:
     """One vdep run in its own process, stopped once its last step is logged: the end-of-stage checkpoint
     and final weights (tens of GB at 7B) are not what is measured, and the device's disk is small."""
     command = [sys.executable, "-m", "vdep", "train", "demo-tiny",
-               *vdep_overrides(args, shards, model, run_dir, stage, vdep_on, packed)]
+               *vdep_overrides(args, shards, model, run_dir, stage, vdep_on, packed, mode)]
     metrics_file = run_dir / stage / "metrics.jsonl"
     log = run_dir.parent / f"{run_dir.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -319,7 +336,7 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--samples", type=int, default=None, help="synthetic samples (default: enough for the steps)")
-    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--max-length", type=int, help="data.max_length (default: 2048; 256 with --smoke)")
     parser.add_argument("--zero", default="zero2", choices=("zero2", "zero3"))
     parser.add_argument("--workers", type=int, default=8, help="DataLoader workers per run")
     parser.add_argument("--gradient-checkpointing", action="store_true")
@@ -330,7 +347,10 @@ def main() -> None:
     parser.add_argument("--configs", help="the vdep runs, e.g. finetune:on:padded,finetune:off:padded (default: all)")
     parser.add_argument("--no-baseline", action="store_true", help="vdep rows only")
     parser.add_argument("--peak-tflops", type=float, help="MFU against this rate (a measured bf16 matmul, TFLOP/s)")
+    parser.add_argument("--image-aspect-ratio", default="pad",
+                        help="image modes, each vdep run once per mode: pad, anyres, anyres_max_N (e.g. pad,anyres)")
     parser.add_argument("--jsonl", type=Path, help="append one JSON line per row here, as each row is measured")
+    parser.add_argument("--part-name", default="training", help="the `part` of this script's JSON lines")
     parser.add_argument("--workdir", help="where the data and runs go (a temporary folder inside it; default: /tmp)")
     parser.add_argument("--baseline-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -339,8 +359,13 @@ def main() -> None:
         return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so that a running vdep run is stopped too
     if args.smoke:
-        args.micro_batch_size, args.steps, args.max_length, args.workers = 4, 5, 256, 0
+        args.micro_batch_size, args.steps, args.workers = 4, 5, 0
         args.lora_r = min(args.lora_r, 8)
+    args.max_length = args.max_length or (256 if args.smoke else 2048)
+    modes = args.image_aspect_ratio.split(",")
+    for mode in modes:
+        if not re.fullmatch(r"pad|anyres|anyres_max_[1-9][0-9]*", mode):
+            raise SystemExit(f"--image-aspect-ratio: {mode!r} is not pad, anyres or anyres_max_N")
     samples = args.samples or args.micro_batch_size * (args.steps + 2)
     vision = SMOKE_VISION if args.smoke else CLIP_L_336
     num_image_tokens = (vision["image_size"] // vision["patch_size"]) ** 2
@@ -377,12 +402,14 @@ def main() -> None:
         print("| run | attention | samples/s | tokens/s | MFU | peak memory (GiB) | step ms, median (IQR) | vs baseline |\n"
               "| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
         baselines: dict[str, dict] = {}
-        measured: dict[tuple[str, bool, bool], dict] = {}
-        for index, (stage, vdep_on, packed) in enumerate(configs):
+        measured: dict[tuple[str, bool, bool, str], dict] = {}
+        runs = [(config, mode) for config in configs for mode in modes]  # the modes of a configuration in turn
+        for index, ((stage, vdep_on, packed), mode) in enumerate(runs):
             run_dir = root / "runs" / f"run{index}"
             label = f"{stage}{lora}, vdep, VDEP {'on' if vdep_on else 'off'}, {'packed' if packed else 'padded'}"
+            label += "" if modes == ["pad"] else f", {mode}"
             try:
-                row = run_vdep(args, shards, from_export(export), run_dir, stage, vdep_on, packed)
+                row = run_vdep(args, shards, from_export(export), run_dir, stage, vdep_on, packed, mode)
                 config = root / f"config-{stage}.yaml"
                 shutil.copy(run_dir / "config.yaml", config)
             except RuntimeError as exc:
@@ -390,7 +417,10 @@ def main() -> None:
                 continue
             finally:
                 shutil.rmtree(run_dir, ignore_errors=True)  # read: its checkpoints would fill the device's disk
-            measured[(stage, vdep_on, packed)] = row
+            measured[(stage, vdep_on, packed, mode)] = row
+            if mode != "pad":  # LlavaForConditionalGeneration takes one view an image: no AnyRes baseline
+                emit(jsonl, label, row, None, args)
+                continue
             if stage not in baselines and not args.no_baseline:
                 client = " + peft" if args.lora else ""
                 name = f"{stage}{lora}, HF Trainer + LlavaForConditionalGeneration{client} (baseline)"
@@ -407,13 +437,15 @@ def main() -> None:
                     baselines[stage] = baseline
                     emit(jsonl, name, baseline, None, args)
             emit(jsonl, label, row, baselines.get(stage) or None, args)
-        for (stage, vdep_on, packed), on in measured.items():
-            off = measured.get((stage, False, packed))
+        for (stage, vdep_on, packed, mode), on in measured.items():
+            off = measured.get((stage, False, packed, mode))
             if vdep_on and off:
                 overhead = vdep_overhead(on["step_times"], off["step_times"])
-                print(f"\nVDEP overhead, {stage}, {'packed' if packed else 'padded'}: {overhead}", flush=True)
+                where = f"{stage}" + ("" if modes == ["pad"] else f", {mode}")
+                print(f"\nVDEP overhead, {where}, {'packed' if packed else 'padded'}: {overhead}", flush=True)
                 if jsonl:
-                    jsonl.write(json.dumps({"part": "training", "row": f"VDEP overhead, {stage}", "overhead": overhead}) + "\n")
+                    jsonl.write(json.dumps({"part": args.part_name, "row": f"VDEP overhead, {where}", "overhead": overhead})
+                                + "\n")
                     jsonl.flush()
 
 
@@ -461,7 +493,7 @@ def emit(jsonl, label: str, row: dict, baseline: dict | None, args) -> None:
         print(f"| {label} | {row['attention']} | {row['samples_per_s']:.2f} | {row['tokens_per_s']:.0f} | "
               f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {memory} | {median:.1f} ({iqr:.1f}) | {ratio} |", flush=True)
     if jsonl:
-        jsonl.write(json.dumps({"part": "training", "row": label, **{k: v for k, v in row.items() if k != "step_times"}})
+        jsonl.write(json.dumps({"part": args.part_name, "row": label, **{k: v for k, v in row.items() if k != "step_times"}})
                     + "\n")
         jsonl.flush()
 

@@ -97,6 +97,25 @@ def test_the_vdep_ablation_runs_in_smoke_mode(tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(900)
+def test_the_anyres_cost_benchmark_runs_in_smoke_mode():
+    """pad, anyres and anyres_max_4 trained in turn on the same data: a row each, with the image tokens that the
+    mode gives this data (pad: one 64-token view; anyres: tiles of up to 3×3; anyres_max_4: pooled beyond 4)."""
+    table = smoke_table("benchmarks/anyres_cost.py", ["pad", "anyres", "anyres_max_4"])
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in table.splitlines()
+            if line.startswith(("| pad ", "| anyres"))}
+
+    def mean_max(cell: str) -> tuple[int, int]:
+        mean, peak = cell.rstrip(")").split(" (")
+        return int(mean), int(peak)
+
+    image_tokens = {mode: mean_max(cells[0]) for mode, cells in rows.items()}
+    assert image_tokens["pad"] == (64, 64), table
+    assert image_tokens["anyres"][1] > image_tokens["anyres_max_4"][1] > 64, table
+    assert all(float(cells[2]) > 0 and float(cells[4].rstrip(" |")) > 0 for cells in rows.values()), table  # samples/s, RSS
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
 def test_the_gpu_run_script_runs_in_smoke_mode(tmp_path):
     """benchmarks/gpu_run.sh --smoke: every part of the GPU session on CPU (kernels in Triton's interpreter),
     each row as a JSON line, each part ending ok."""
@@ -105,7 +124,7 @@ def test_the_gpu_run_script_runs_in_smoke_mode(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     statuses = {row["part"]: row["status"] for row in rows if "status" in row}
-    assert statuses == dict.fromkeys(("ceilings", "kernel", "attention", "training"), "ok"), statuses
+    assert statuses == dict.fromkeys(("ceilings", "kernel", "attention", "training", "anyres"), "ok"), statuses
     by_part = {part: [row for row in rows if row["part"] == part and "status" not in row] for part in statuses}
     assert [row["row"] for row in by_part["ceilings"]] == ["device-to-device copy", "float32 matmul 256³"]
     assert by_part["ceilings"][0]["gb_s"] > 0 and by_part["ceilings"][1]["tflops"] > 0
@@ -120,6 +139,12 @@ def test_the_gpu_run_script_runs_in_smoke_mode(tmp_path):
     assert all(row["samples_per_s"] > 0 for name, row in training.items() if "overhead" not in name)
     assert "% of step time (median step" in training["VDEP overhead, finetune"]["overhead"]
     assert "== training" in result.stdout and "| finetune, vdep, VDEP on, padded | sdpa |" in result.stdout
+    # AnyRes against pad: the same runs, one per mode, VDEP on; the tiles make longer samples.
+    anyres = {row["row"]: row for row in by_part["anyres"]}
+    assert set(anyres) == {"finetune, vdep, VDEP on, padded, pad", "finetune, vdep, VDEP on, padded, anyres"}, set(anyres)
+    assert all(row["samples_per_s"] > 0 for row in anyres.values())
+    tokens = {name.rsplit(", ", 1)[1]: row["tokens_per_sample"] for name, row in anyres.items()}
+    assert tokens["anyres"] > tokens["pad"], tokens
 
 
 @pytest.mark.distributed

@@ -58,8 +58,12 @@ def test_llava_recipe_states_the_llava15_hyperparameters(llava_paths):
 def test_recipes_are_addressable_by_name_and_path():
     assert find_recipe("demo-tiny").name == "demo-tiny.yaml"
     assert find_recipe(str(find_recipe("llava15-7b-vdep"))).is_file()
-    with pytest.raises(ConfigError, match="shipped recipes: demo-tiny, demo-tiny-paper, llava15-7b-vdep"):
+    shipped = ["demo-tiny", "demo-tiny-paper", "llava-next-vdep", "llava15-7b-vdep", "llava15-7b-vdep-lora",
+               "onevision-vdep"]
+    with pytest.raises(ConfigError, match=f"shipped recipes: {', '.join(shipped)}$"):
         find_recipe("llava-nope")
+    for name in shipped:  # every shipped recipe's values check (its weights and shards are the user's)
+        assert load_config(name, files=False).stages, name
 
 
 def test_unknown_key_names_the_closest_valid_key(small_data, tmp_path):
