@@ -76,8 +76,8 @@ VDEP_SETTINGS = ["vdep.detach_input=true", "vdep.target_norm=layernorm", "vdep.t
 
 @dataclass(frozen=True)
 class DetailSizes:
-    align: int = 2048
-    finetune: int = 3072
+    align: int = 4096
+    finetune: int = 6144
     held_out: int = 300
     align_epochs: int = 1
     finetune_epochs: int = 2
