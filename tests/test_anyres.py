@@ -255,3 +255,25 @@ def test_vdep_eval_reads_multi_image_and_video_records_and_names_marker_mismatch
     assert counts == [0, 1, 2] and all(isinstance(i, bytes) for q in from_shards.questions for i in q.images)
     frames = sorted({len(q.video.frames) for q in from_shards.questions if q.video is not None})
     assert frames == [3] and not from_shards.bad  # both videos stored as 3 frames (max_frames=3)
+
+
+def test_a_steps_flops_count_every_view_through_the_tower(anyres_run, anyres_model, tokenizer, anyres_shards):
+    """MFU's estimate runs the tower and projector once per view: an AnyRes image's base and tiles, each of a sample's
+    images, a video's frames. The step plan's view count is the micro-batches' own, and more than one per image
+    sample on these shards (tiled, three-image and video samples)."""
+    from tests.helpers import anyres_loader
+    from vdep.objectives.objective import VdepObjective
+    from vdep.train.global_batch import plan_step
+    from vdep.train.metrics import FlopModel
+
+    config, _ = anyres_run
+    spec = anyres_model.spec
+    objective = VdepObjective(config.vdep, image_token_id=spec.image_token_id, num_image_tokens=spec.num_image_tokens,
+                              seed=0, device=torch.device("cpu"))
+    batches = [batch for batch, _ in zip(anyres_loader(anyres_shards, tokenizer, 0, 1, seed=0, micro=4).micro_batches(0), range(3))]
+    plan = plan_step(batches, step=0, micro_batches_per_step=3, slots_per_rank=12, objective=objective, device=torch.device("cpu"))
+    views = sum(int(b.image_layout[:, 1].sum()) for b in batches)
+    assert plan.views == views > plan.image_samples, (plan.views, plan.image_samples)
+    flops = FlopModel(llm_params=0, llm_layers=0, llm_hidden=0, vision_params=10, vision_tokens_per_view=64,
+                      projector_params=1, llm_trainable=True)
+    assert flops.step_flops(0, 0, plan.views) == (2 * 10 + 6 * 1) * 64 * views

@@ -24,8 +24,8 @@ from .distributed import all_gather_rows, all_reduce_sum, current_rank
 from .together import raise_together
 
 # Layout of the per-rank row exchanged at the start of a step.
-_READY, _FAILED, _TOKENS, _SQUARED_LENGTHS = 0, 1, 2, 3
-_HEADER = 4  # then one has-image flag per sample slot, then one sample id per slot
+_READY, _FAILED, _TOKENS, _SQUARED_LENGTHS, _VIEWS = 0, 1, 2, 3, 4
+_HEADER = 5  # then one has-image flag per sample slot, then one sample id per slot
 
 
 @dataclass
@@ -36,7 +36,8 @@ class StepPlan:
     image_samples: int  # ... of which with an image,
     vdep_samples: int  # ... of which in VDEP mode,
     tokens: int  # ... real tokens,
-    squared_lengths: int  # ... and the sum of squared sequence lengths (attention FLOPs)
+    squared_lengths: int  # ... the sum of squared sequence lengths (attention FLOPs),
+    views: int  # ... and the views through the vision tower (an AnyRes image's base and tiles, a video's frames)
 
 
 def plan_step(
@@ -60,6 +61,7 @@ def plan_step(
         row[_READY] = 1
         row[_TOKENS] = int(lengths.sum())
         row[_SQUARED_LENGTHS] = int((lengths * lengths).sum())
+        row[_VIEWS] = sum(b.num_views for b in micro_batches)
         row[_HEADER : _HEADER + slots_per_rank] = torch.cat([b.has_image for b in micro_batches]).long()
         row[_HEADER + slots_per_rank :] = torch.cat([b.sample_ids for b in micro_batches])  # type: ignore[misc]
     table = all_gather_rows(row.to(device)).cpu()
@@ -87,4 +89,5 @@ def plan_step(
         vdep_samples=int(modes.sum()),
         tokens=int(table[:, _TOKENS].sum()),
         squared_lengths=int(table[:, _SQUARED_LENGTHS].sum()),
+        views=int(table[:, _VIEWS].sum()),
     )

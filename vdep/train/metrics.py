@@ -72,17 +72,19 @@ class FlopModel:
     llm_layers: int
     llm_hidden: int
     vision_params: int
-    vision_tokens_per_image: int
+    vision_tokens_per_view: int  # the tower's features per view, each of which the projector maps
     projector_params: int
     llm_trainable: bool
 
-    def step_flops(self, tokens: int, squared_lengths: int, images: int) -> float:
+    def step_flops(self, tokens: int, squared_lengths: int, views: int) -> float:
         # Forward 2·N per token; backward 4·N when the LLM trains, 2·N when it only passes
         # gradients through to the projector. Causal attention: 2·L·d·T² forward per sequence.
         llm_factor = 6 if self.llm_trainable else 4
         llm = llm_factor * self.llm_params * tokens + llm_factor * self.llm_layers * self.llm_hidden * squared_lengths
-        vision = 2 * self.vision_params * self.vision_tokens_per_image * images  # frozen: forward only
-        projector = 6 * self.projector_params * self.vision_tokens_per_image * images
+        # Per view, not per image: an AnyRes image is its base view and tiles, a video its frames, and a sample
+        # may hold several images. (The zero image a rank without images runs is not work, and not counted.)
+        vision = 2 * self.vision_params * self.vision_tokens_per_view * views  # frozen: forward only
+        projector = 6 * self.projector_params * self.vision_tokens_per_view * views
         return float(llm + vision + projector)
 
 

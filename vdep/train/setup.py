@@ -246,7 +246,7 @@ def flop_model(model: VdepLlava, spec: MultimodalSpec, llm_trainable: bool) -> F
         llm_layers=config.num_hidden_layers,
         llm_hidden=config.hidden_size,
         vision_params=sum(numel(p) for p in model.vision_tower.parameters()),
-        vision_tokens_per_image=spec.num_image_tokens,
+        vision_tokens_per_view=spec.num_image_tokens,
         projector_params=sum(numel(p) for p in model.multi_modal_projector.parameters()),
         llm_trainable=llm_trainable,
     )

@@ -198,7 +198,7 @@ class StageTrainer:
             self.engine.backward(loss * float("nan") if poison else loss, scale_wrt_gas=False)
             self.engine.step()
             self.interval.add_micro(sums, int(inputs.image_positions.sum()))
-        flops = self.parts.flops.step_flops(plan.tokens, plan.squared_lengths, plan.image_samples)
+        flops = self.parts.flops.step_flops(plan.tokens, plan.squared_lengths, plan.views)
         self.interval.add_step(plan, flops)
 
     def next_epoch(self, partial: list[Batch]) -> None:
