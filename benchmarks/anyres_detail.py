@@ -24,8 +24,11 @@ modes) on one data set (`--data-seed`), then the held-out questions answered by 
 `vdep demo` does.
 
 Runs already in `--out` are reused (delete a run's folder to redo it): the benchmark can be stopped and
-continued. Prints a markdown table (mean ± sample std over the seeds, and each seed) and writes every run's
-figures to OUT/results.jsonl. A run takes 2-7 minutes on 2 CPU cores: run on purpose, never in CI.
+continued, and two invocations with other `--variants` can share one `--out` side by side once the first has
+made the data (as docs/benchmarks.md ran it: one rank each, OMP_NUM_THREADS=1, on 2 cores). Prints a markdown
+table (mean ± sample std over the seeds, and each seed) and what one fixed answer per kind would score, and
+writes every run's figures to OUT/results.jsonl. A run takes about 12 minutes (anyres) or 6 (pad) on one rank
+beside another: run on purpose, never in CI.
 """
 
 from __future__ import annotations
@@ -254,6 +257,15 @@ def table(figures: list[RunFigures]) -> str:
     return "\n".join(lines)
 
 
+def majority_answer_share(paths: dict[str, Path]) -> dict[str, float]:
+    """Per question kind, the share of held-out questions whose answer is that kind's most frequent one: what
+    a model that answers without looking at the image can reach."""
+    answers: dict[str, list[str]] = {}
+    for record in json.loads(paths["held_out"].read_text()):
+        answers.setdefault(record["kind"], []).append(record["conversations"][1]["value"])
+    return {kind: max(map(values.count, set(values))) / len(values) for kind, values in answers.items()}
+
+
 def load_results(path: Path) -> dict[tuple[str, int], RunFigures]:
     if not path.is_file():
         return {}
@@ -309,8 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     figures.sort(key=lambda r: (list(VARIANTS).index(r.variant), r.seed))
     print()
     print(f"AnyRes detail benchmark: data seed {args.data_seed}, {args.nproc} rank(s){', smoke' if args.smoke else ''}; "
-          f"chance 25% for each question; mean ± std over seeds")
+          f"mean ± std over seeds")
     print(table(figures))
+    print("one answer for every question of a kind scores at most: "
+          + ", ".join(f"{kind} {100 * share:.1f}%" for kind, share in majority_answer_share(paths).items())
+          + " (the held-out questions' most frequent answer; four answers each, 25% by chance)")
     return 0
 
 
