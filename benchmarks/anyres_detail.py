@@ -47,7 +47,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.vdep_ablation import mean_std
+from benchmarks.vdep_ablation import check_out_settings, mean_std
 from vdep.demo import train_and_evaluate
 from vdep.demo_data import POSITIONS
 
@@ -275,16 +275,8 @@ def load_results(path: Path) -> dict[tuple[str, int], RunFigures]:
 
 def check_same_settings(args) -> None:
     """Finished runs are reused by (variant, seed): refuse an --out whose runs were made otherwise."""
-    settings = {"data_seed": args.data_seed, "smoke": args.smoke, "nproc": args.nproc, "sizes": asdict(DetailSizes())}
-    stamp = args.out / "settings.json"
-    if stamp.is_file():
-        before = json.loads(stamp.read_text())
-        if before != settings:
-            raise SystemExit(f"error: {args.out} holds runs made with other settings ({before}, now {settings}); "
-                             "choose another --out, or delete that folder to start again")
-    else:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps(settings, indent=1) + "\n")
+    check_out_settings(args.out, {"data_seed": args.data_seed, "smoke": args.smoke, "nproc": args.nproc,
+                                  "sizes": asdict(DetailSizes())})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

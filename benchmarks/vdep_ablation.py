@@ -171,14 +171,20 @@ def check_same_settings(args, sizes: DemoSizes) -> None:
     """Finished runs are reused by (regime, variant, seed): refuse an --out whose runs had other sizes or
     overrides, rather than put them in one table."""
     settings = {"data_seed": args.data_seed, "sizes": asdict(sizes), "epochs": args.epochs, "set": args.set, "nproc": args.nproc}
-    stamp = args.out / "settings.json"
+    check_out_settings(args.out, settings)
+
+
+def check_out_settings(out: Path, settings: dict) -> None:
+    """A benchmark folder's runs are reused by their names: the first call stamps `settings` into it, later calls
+    with other settings are refused rather than mixed into one table."""
+    stamp = out / "settings.json"
     if stamp.is_file():
         before = json.loads(stamp.read_text())
         if before != settings:
-            raise SystemExit(f"error: {args.out} holds runs made with other settings ({before}, now {settings}); "
+            raise SystemExit(f"error: {out} holds runs made with other settings ({before}, now {settings}); "
                              "choose another --out, or delete that folder to start again")
     else:
-        args.out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         stamp.write_text(json.dumps(settings, indent=1) + "\n")
 
 
